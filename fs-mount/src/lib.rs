@@ -1,0 +1,1 @@
+//! fs-mount adapter (not yet implemented).

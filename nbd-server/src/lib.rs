@@ -1,0 +1,1 @@
+//! nbd-server adapter (not yet implemented).
