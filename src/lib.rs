@@ -1,1 +1,21 @@
-//! BlockFrame core.
+//! BlockFrame core: an encrypted, erasure-coded, Merkle-verified stripe store.
+//!
+//! Pipeline for a file: encrypt each segment (AES-256-GCM, [`crypto`]) → cut into k data shards and compute m
+//! parity shards ([`erasure`]) → hash every shard into a Merkle tree ([`merkle`]) → write each shard with a
+//! self-describing header ([`shard`]) to its location ([`location`]) → publish a manifest ([`manifest`]) on
+//! several locations. [`commit`], [`read`] and [`catalog`] put the pieces together over a [`store::Store`].
+
+pub mod catalog;
+pub mod commit;
+pub mod crypto;
+pub mod erasure;
+pub mod error;
+pub mod format;
+pub mod location;
+pub mod manifest;
+pub mod merkle;
+pub mod read;
+pub mod shard;
+pub mod store;
+
+pub use error::{Error, Result};

@@ -1,0 +1,268 @@
+//! The catalog of committed files. There is no local index to lose: the truth is the manifest copies on the
+//! locations, found by listing `manifests/` (object names carry the name tag and file id, so finding a name
+//! reads no manifest it does not need).
+
+use std::collections::BTreeMap;
+
+use crate::commit::remove_shards;
+use crate::error::{Error, Result};
+use crate::location::LocationExt;
+use crate::manifest::{manifest_key, parse_manifest_name, FileMeta, Manifest};
+use crate::merkle::Hash;
+use crate::store::Store;
+
+/// A file known from manifest object names (nothing read yet).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileRef {
+    /// Keyed hash of the name.
+    pub name_tag: Hash,
+    /// File id.
+    pub file_id: [u8; 16],
+    /// Indexes of the locations listing a copy.
+    pub copies: Vec<usize>,
+}
+
+/// A committed file with its manifest.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    /// Where its copies are.
+    pub file: FileRef,
+    /// The first valid manifest copy.
+    pub manifest: Manifest,
+    /// Decrypted metadata when the key is loaded.
+    pub meta: Option<FileMeta>,
+    /// Copies that exist but failed to decode: (location index, reason).
+    pub bad_copies: Vec<(usize, String)>,
+}
+
+impl Entry {
+    /// Name when known, else `root:<hex>`.
+    pub fn label(&self) -> String {
+        match &self.meta {
+            Some(m) => m.name.clone(),
+            None => format!("root:{}", self.manifest.body.root_hex()),
+        }
+    }
+}
+
+/// Lists every file on every reachable location. Unreachable locations are logged and skipped; when no location
+/// answers, that is an error.
+pub fn scan(store: &Store) -> Result<Vec<FileRef>> {
+    let mut files: BTreeMap<(Hash, [u8; 16]), Vec<usize>> = BTreeMap::new();
+    let mut answered = 0;
+    let mut last_err = None;
+    for (i, loc) in store.locations().iter().enumerate() {
+        match loc.list("manifests") {
+            Ok(names) => {
+                answered += 1;
+                for n in names {
+                    if let Some(key) = parse_manifest_name(&n) {
+                        files.entry(key).or_default().push(i);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(location = loc.name(), error = %e, "location unavailable");
+                last_err = Some(e);
+            }
+        }
+    }
+    if answered == 0 {
+        return Err(last_err.unwrap_or_else(|| Error::Config("store has no locations".into())));
+    }
+    Ok(files
+        .into_iter()
+        .map(|((name_tag, file_id), copies)| FileRef {
+            name_tag,
+            file_id,
+            copies,
+        })
+        .collect())
+}
+
+/// True when some manifest carries this name tag.
+pub fn name_is_taken(store: &Store, name_tag: &Hash) -> Result<bool> {
+    Ok(scan(store)?.iter().any(|f| &f.name_tag == name_tag))
+}
+
+/// Reads the first valid manifest copy of `file` (checking the MAC and decrypting metadata when keyed).
+pub fn load(store: &Store, file: &FileRef) -> Result<Entry> {
+    let key = store.key_opt();
+    let mkey = manifest_key(&file.name_tag, &file.file_id);
+    let mut bad_copies = Vec::new();
+    for &i in &file.copies {
+        let loc = &store.locations()[i];
+        let what = format!("manifest {mkey} on {}", loc.name());
+        let decoded = loc
+            .get(&mkey)
+            .and_then(|b| Manifest::decode(&b, key, &what))
+            .and_then(|m| {
+                if m.body.file_id != file.file_id || m.body.name_tag != file.name_tag {
+                    return Err(Error::corrupt(
+                        &what,
+                        "object name does not match its content",
+                    ));
+                }
+                if m.body.store_id != store.descriptor().store_id {
+                    return Err(Error::corrupt(&what, "belongs to another store"));
+                }
+                let meta = key.map(|k| m.meta(k)).transpose()?;
+                Ok((m, meta))
+            });
+        match decoded {
+            Ok((manifest, meta)) => {
+                return Ok(Entry {
+                    file: file.clone(),
+                    manifest,
+                    meta,
+                    bad_copies,
+                })
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "skipping bad manifest copy");
+                bad_copies.push((i, e.to_string()));
+            }
+        }
+    }
+    Err(Error::corrupt(
+        format!("manifest of file {}", hex::encode(file.file_id)),
+        format!(
+            "no valid copy among {} ({})",
+            file.copies.len(),
+            bad_copies
+                .iter()
+                .map(|(_, r)| r.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+    ))
+}
+
+/// Every file whose manifest can be read, plus the errors of those that cannot.
+pub fn list(store: &Store) -> Result<(Vec<Entry>, Vec<Error>)> {
+    let mut ok = Vec::new();
+    let mut bad = Vec::new();
+    for f in scan(store)? {
+        match load(store, &f) {
+            Ok(e) => ok.push(e),
+            Err(e) => bad.push(e),
+        }
+    }
+    ok.sort_by(|a, b| a.label().cmp(&b.label()));
+    Ok((ok, bad))
+}
+
+/// Finds a file by name (needs the key) or by its root as 64 hex digits. When several versions of a name exist
+/// (an interrupted replace), the newest is returned.
+pub fn find(store: &Store, spec: &str) -> Result<Entry> {
+    let files = scan(store)?;
+    if let Some(key) = store.key_opt() {
+        let tag = key.name_tag(spec);
+        let mut best: Option<Entry> = None;
+        for f in files.iter().filter(|f| f.name_tag == tag) {
+            let e = load(store, f)?;
+            if best.as_ref().is_none_or(|b| {
+                e.manifest.body.committed_unix_ns > b.manifest.body.committed_unix_ns
+            }) {
+                best = Some(e);
+            }
+        }
+        if let Some(b) = best {
+            return Ok(b);
+        }
+    }
+    if spec.len() == 64 && spec.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let want = spec.to_ascii_lowercase();
+        for f in &files {
+            if let Ok(e) = load(store, f) {
+                if e.manifest.body.root_hex() == want {
+                    return Ok(e);
+                }
+            }
+        }
+    }
+    Err(Error::NotFound(spec.to_string()))
+}
+
+/// Publishes a manifest on every location (at least m+1 must accept it), under the catalog lock. Refuses when
+/// the name exists unless `replace`, in which case older versions are removed afterwards. Returns whether an
+/// older version was replaced.
+pub fn publish(store: &Store, manifest: &Manifest, name: &str, replace: bool) -> Result<bool> {
+    let _lock = store.lock_catalog()?;
+    let body = &manifest.body;
+    let older: Vec<FileRef> = scan(store)?
+        .into_iter()
+        .filter(|f| f.name_tag == body.name_tag)
+        .collect();
+    if !older.is_empty() && !replace {
+        return Err(Error::AlreadyExists(name.to_string()));
+    }
+    let mkey = manifest_key(&body.name_tag, &body.file_id);
+    let bytes = manifest.encode();
+    let locations = store.locations();
+    let outcomes: Vec<Result<()>> = std::thread::scope(|s| {
+        let handles: Vec<_> = locations
+            .iter()
+            .map(|loc| {
+                let (mkey, bytes) = (&mkey, &bytes);
+                s.spawn(move || loc.put(mkey, &[bytes]).and_then(|_| loc.sync()))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::Config("panic".into())))
+            })
+            .collect()
+    });
+    let ok = outcomes.iter().filter(|o| o.is_ok()).count();
+    let need = (store.descriptor().m as usize + 1).min(locations.len());
+    if ok < need {
+        for loc in locations {
+            let _ = loc.delete(&mkey).and_then(|_| loc.sync());
+        }
+        let detail = outcomes
+            .iter()
+            .zip(locations)
+            .filter_map(|(o, l)| o.as_ref().err().map(|e| format!("{}: {e}", l.name())))
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Err(Error::WriteQuorum {
+            what: format!("the manifest of {name:?}"),
+            ok,
+            need,
+            detail,
+        });
+    }
+    for o in &older {
+        remove_ref(store, o)?;
+    }
+    Ok(!older.is_empty())
+}
+
+/// Removes a file: first every manifest copy (so it disappears from listings), then its shards.
+pub fn remove(store: &Store, entry: &Entry) -> Result<()> {
+    let _lock = store.lock_catalog()?;
+    remove_ref(store, &entry.file)
+}
+
+fn remove_ref(store: &Store, file: &FileRef) -> Result<()> {
+    let mkey = manifest_key(&file.name_tag, &file.file_id);
+    let mut failures = Vec::new();
+    for loc in store.locations() {
+        if let Err(e) = loc.delete(&mkey).and_then(|_| loc.sync()) {
+            failures.push(format!("{}: {e}", loc.name()));
+        }
+    }
+    if !failures.is_empty() {
+        return Err(Error::WriteQuorum {
+            what: "removal of every manifest copy".into(),
+            ok: store.locations().len() - failures.len(),
+            need: store.locations().len(),
+            detail: failures.join("; "),
+        });
+    }
+    remove_shards(store, &file.file_id);
+    Ok(())
+}

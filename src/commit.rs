@@ -1,0 +1,416 @@
+//! The commit pipeline: stream a file through encrypt → erasure-code → hash → place, then publish its
+//! manifest. Memory is bounded by `workers + 2` segment buffers whatever the input size.
+//!
+//! Threads: the caller reads the input sequentially into pooled buffers (so pipes work too); `workers` threads
+//! each take a whole segment, encrypt it in place, compute parity, and write its k+m shards concurrently. The
+//! commit is all-or-nothing: on any failure the shards written so far are deleted and no manifest is published.
+
+use std::io::Read;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+
+use crate::catalog;
+use crate::crypto::{random_bytes, SegmentCipher, TAG_LEN};
+use crate::erasure::{self, Codec};
+use crate::error::{Error, IoContext, Result};
+use crate::location::Location;
+use crate::manifest::{FileMeta, Manifest, ManifestBody, SegmentEntry};
+use crate::merkle::{self, leaf_hash, Hash};
+use crate::shard::ShardHeader;
+use crate::store::{placement, shard_key, shard_prefix, Store};
+
+/// What to commit and how.
+#[derive(Clone, Debug)]
+pub struct CommitRequest {
+    /// Name in the store (relative path, `/`-separated).
+    pub name: String,
+    /// Source modification time, nanoseconds since the epoch.
+    pub mtime_unix_ns: i64,
+    /// Source permission bits.
+    pub mode: u32,
+    /// Replace an existing file of the same name instead of refusing.
+    pub replace: bool,
+    /// Segments processed in parallel (each holds about 1.5 segment sizes of memory).
+    pub workers: usize,
+}
+
+/// Outcome of a commit.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CommitReport {
+    /// Name in the store.
+    pub name: String,
+    /// Merkle root (hex): the file's identity.
+    pub root: String,
+    /// Plaintext bytes.
+    pub size: u64,
+    /// Segment count.
+    pub segments: u64,
+    /// Whether an older version was replaced.
+    pub replaced: bool,
+}
+
+/// Checks that a store name is a clean relative path.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 4096
+        && !name.starts_with('/')
+        && !name.contains('\0')
+        && name
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..");
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "invalid name {name:?}: use a relative path without '.', '..' or empty parts"
+        )))
+    }
+}
+
+struct Job {
+    segment: u64,
+    buf: Vec<u8>,
+    len: usize,
+    last: bool,
+}
+
+struct Done {
+    segment: u64,
+    entry: SegmentEntry,
+    leaves: Vec<Hash>,
+}
+
+/// Shared state of one commit's worker threads.
+struct Pipeline<'a> {
+    store: &'a Store,
+    cipher: SegmentCipher,
+    file_id: [u8; 16],
+    placement_start: u32,
+    failure: Mutex<Option<Error>>,
+    abort: AtomicBool,
+    done_bytes: AtomicU64,
+    results: Mutex<Vec<Done>>,
+}
+
+impl Pipeline<'_> {
+    fn fail(&self, e: Error) {
+        self.abort.store(true, Ordering::SeqCst);
+        if let Ok(mut f) = self.failure.lock() {
+            f.get_or_insert(e);
+        }
+    }
+
+    fn worker(
+        &self,
+        jobs: &Mutex<Receiver<Job>>,
+        free: &SyncSender<Vec<u8>>,
+        progress: &(dyn Fn(u64) + Sync),
+    ) {
+        let d = self.store.descriptor();
+        let mut codec = match Codec::new(d.k as usize, d.m as usize) {
+            Ok(c) => c,
+            Err(e) => return self.fail(e),
+        };
+        let mut parity = Vec::new();
+        loop {
+            let job = match jobs.lock() {
+                Ok(rx) => match rx.recv() {
+                    Ok(j) => j,
+                    Err(_) => return,
+                },
+                Err(_) => return,
+            };
+            let Job {
+                segment,
+                mut buf,
+                len,
+                last,
+            } = job;
+            if !self.abort.load(Ordering::SeqCst) {
+                match self.encode_segment(&mut codec, &mut parity, segment, &mut buf, len, last) {
+                    Ok(done) => {
+                        if let Ok(mut r) = self.results.lock() {
+                            r.push(done);
+                        }
+                        progress(
+                            self.done_bytes.fetch_add(len as u64, Ordering::Relaxed) + len as u64,
+                        );
+                    }
+                    Err(e) => self.fail(e),
+                }
+            }
+            // The pool channel has room for every buffer, so this never blocks.
+            let _ = free.try_send(buf);
+        }
+    }
+
+    fn encode_segment(
+        &self,
+        codec: &mut Codec,
+        parity: &mut Vec<u8>,
+        segment: u64,
+        buf: &mut [u8],
+        len: usize,
+        last: bool,
+    ) -> Result<Done> {
+        let d = self.store.descriptor();
+        let k = d.k as usize;
+        let stored = len + TAG_LEN;
+        let sl = erasure::shard_len(stored as u64, k);
+        self.cipher.seal_segment(segment, last, buf, len)?;
+        buf[stored..k * sl].fill(0);
+        codec.encode(&buf[..k * sl], sl, parity)?;
+        let shards: Vec<&[u8]> = buf[..k * sl]
+            .chunks_exact(sl)
+            .chain(parity.chunks_exact(sl))
+            .collect();
+        let locations = self.store.locations();
+        // Hash and write the k+m shards concurrently: hashing is CPU work and each write ends in an fsync.
+        let outcomes: Vec<Result<Hash>> = std::thread::scope(|s| {
+            let handles: Vec<_> = shards
+                .iter()
+                .enumerate()
+                .map(|(i, shard)| {
+                    let loc: &Arc<dyn Location> =
+                        &locations[placement(self.placement_start, segment, i, locations.len())];
+                    s.spawn(move || self.write_shard(loc.as_ref(), segment, i, shard))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(Error::Config("shard writer panicked".into())))
+                })
+                .collect()
+        });
+        let leaves = outcomes.into_iter().collect::<Result<Vec<Hash>>>()?;
+        Ok(Done {
+            segment,
+            entry: SegmentEntry {
+                plain_len: len as u64,
+                shard_len: sl as u32,
+            },
+            leaves,
+        })
+    }
+
+    fn write_shard(
+        &self,
+        loc: &dyn Location,
+        segment: u64,
+        shard: usize,
+        payload: &[u8],
+    ) -> Result<Hash> {
+        let d = self.store.descriptor();
+        let header = ShardHeader {
+            store_id: d.store_id,
+            file_id: self.file_id,
+            segment,
+            shard: shard as u16,
+            k: d.k,
+            m: d.m,
+            payload_len: payload.len() as u32,
+            payload_hash: *blake3::hash(payload).as_bytes(),
+        };
+        loc.put(
+            &shard_key(&self.file_id, segment, shard),
+            &[&header.encode(), payload],
+        )?;
+        Ok(header.leaf())
+    }
+}
+
+/// Fills `buf` from `input` until full or end of input; returns the bytes read.
+fn read_full(input: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match input.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(r) => n += r,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Deletes every shard of `file_id` (best effort: used to undo a failed commit).
+pub(crate) fn remove_shards(store: &Store, file_id: &[u8; 16]) {
+    for loc in store.locations() {
+        if let Err(e) = loc
+            .delete_prefix(&shard_prefix(file_id))
+            .and_then(|_| loc.sync())
+        {
+            tracing::warn!(location = loc.name(), error = %e, "could not remove shards of an unfinished commit");
+        }
+    }
+}
+
+fn now_unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Commits `input` under `req.name`. `progress` receives the plaintext bytes stored so far.
+pub fn commit(
+    store: &Store,
+    input: &mut dyn Read,
+    req: &CommitRequest,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<CommitReport> {
+    let key = store.key()?;
+    validate_name(&req.name)?;
+    let name_tag = key.name_tag(&req.name);
+    if !req.replace && catalog::name_is_taken(store, &name_tag)? {
+        return Err(Error::AlreadyExists(req.name.clone()));
+    }
+    let d = store.descriptor();
+    let file_id: [u8; 16] = random_bytes()?;
+    let n = store.locations().len();
+    let pipeline = Pipeline {
+        store,
+        cipher: key.segment_cipher(&file_id),
+        file_id,
+        placement_start: (u32::from_le_bytes([file_id[0], file_id[1], file_id[2], file_id[3]])
+            as usize
+            % n) as u32,
+        failure: Mutex::new(None),
+        abort: AtomicBool::new(false),
+        done_bytes: AtomicU64::new(0),
+        results: Mutex::new(Vec::new()),
+    };
+    let span = tracing::info_span!("commit", name = %req.name);
+    let _enter = span.enter();
+    let seg_size = d.segment_size as usize;
+    let buf_cap = d.k as usize * erasure::shard_len((seg_size + TAG_LEN) as u64, d.k as usize);
+    let workers = req.workers.clamp(1, 64);
+    let pool = workers + 2;
+    let (free_tx, free_rx) = sync_channel::<Vec<u8>>(pool);
+    for _ in 0..pool {
+        let _ = free_tx.try_send(Vec::new());
+    }
+    let (job_tx, job_rx) = sync_channel::<Job>(workers);
+    let job_rx = Mutex::new(job_rx);
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| pipeline.worker(&job_rx, &free_tx, progress));
+        }
+        let mut segment = 0u64;
+        let mut pending: Option<(Vec<u8>, usize)> = None;
+        let mut send = |buf: Vec<u8>, len: usize, last: bool| {
+            let ok = job_tx
+                .send(Job {
+                    segment,
+                    buf,
+                    len,
+                    last,
+                })
+                .is_ok();
+            segment += 1;
+            ok
+        };
+        while !pipeline.abort.load(Ordering::SeqCst) {
+            let Ok(mut buf) = free_rx.recv() else { break };
+            buf.resize(buf_cap, 0);
+            let len =
+                match read_full(input, &mut buf[..seg_size]).ctx(|| "reading the input".into()) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        pipeline.fail(e);
+                        break;
+                    }
+                };
+            if let Some((pbuf, plen)) = pending.take() {
+                if !send(pbuf, plen, len == 0) || len == 0 {
+                    break;
+                }
+            }
+            if len < seg_size {
+                send(buf, len, true);
+                break;
+            }
+            pending = Some((buf, len));
+        }
+        drop(job_tx);
+    });
+    if let Some(e) = pipeline.failure.lock().ok().and_then(|mut f| f.take()) {
+        remove_shards(store, &file_id);
+        return Err(e);
+    }
+    let mut results = pipeline.results.into_inner().unwrap_or_default();
+    results.sort_by_key(|r| r.segment);
+    let finish = || -> Result<CommitReport> {
+        if results.is_empty()
+            || results
+                .iter()
+                .enumerate()
+                .any(|(i, r)| r.segment != i as u64)
+        {
+            return Err(Error::Config(
+                "internal: segments missing from the commit pipeline".into(),
+            ));
+        }
+        for loc in store.locations() {
+            loc.sync()?;
+        }
+        let segments: Vec<SegmentEntry> = results.iter().map(|r| r.entry).collect();
+        let leaves: Vec<Hash> = results
+            .iter()
+            .flat_map(|r| r.leaves.iter().copied())
+            .collect();
+        let size: u64 = segments.iter().map(|s| s.plain_len).sum();
+        let meta = FileMeta {
+            name: req.name.clone(),
+            size,
+            mtime_unix_ns: req.mtime_unix_ns,
+            mode: req.mode,
+        };
+        let meta_bytes = postcard::to_allocvec(&meta).map_err(|e| Error::Config(e.to_string()))?;
+        let (sealed_meta, meta_nonce) = key.seal_metadata(&file_id, &meta_bytes)?;
+        let body = ManifestBody {
+            store_id: d.store_id,
+            file_id,
+            name_tag,
+            committed_unix_ns: now_unix_ns(),
+            k: d.k,
+            m: d.m,
+            segment_size: d.segment_size,
+            placement_start: pipeline.placement_start,
+            root: merkle::root(&leaves),
+            segments,
+            leaves,
+            meta_nonce,
+            sealed_meta,
+        };
+        body.validate("new manifest")?;
+        let manifest = Manifest::new(body, key);
+        let replaced = catalog::publish(store, &manifest, &req.name, req.replace)?;
+        Ok(CommitReport {
+            name: req.name.clone(),
+            root: manifest.body.root_hex(),
+            size,
+            segments: manifest.body.segments.len() as u64,
+            replaced,
+        })
+    };
+    let report = finish();
+    if report.is_err() {
+        remove_shards(store, &file_id);
+    }
+    report
+}
+
+/// Leaf of a shard as the commit computes it (exposed for tests that forge shards).
+pub fn shard_leaf(file_id: &[u8; 16], segment: u64, shard: u16, payload: &[u8]) -> Hash {
+    leaf_hash(
+        file_id,
+        segment,
+        shard,
+        payload.len() as u32,
+        blake3::hash(payload).as_bytes(),
+    )
+}

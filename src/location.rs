@@ -1,0 +1,316 @@
+//! Shard locations: the small storage trait every backend implements, and the local-directory backend.
+//!
+//! A location stores opaque objects under `/`-separated keys. `put` is atomic (readers see the old object or the
+//! new one, never a mix) and the object's bytes are durable when it returns; the *name* becomes durable after
+//! [`Location::sync`], which batches the directory fsyncs of many puts.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::error::{Error, IoContext, Result};
+
+/// One place shards and manifest copies are kept (a disk, a node, an object store).
+pub trait Location: Send + Sync + std::fmt::Debug {
+    /// Human-readable name used in messages (a path or URL, never credentials).
+    fn name(&self) -> &str;
+    /// Atomically stores `parts` concatenated under `key`, replacing any previous object.
+    fn put(&self, key: &str, parts: &[&[u8]]) -> Result<()>;
+    /// Reads the whole object into `buf` (cleared first).
+    fn get_into(&self, key: &str, buf: &mut Vec<u8>) -> Result<()>;
+    /// Reads `len` bytes at `offset` (fewer at the end of the object).
+    fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>>;
+    /// Names (not full keys) of the objects directly under the `prefix` directory; empty when it does not exist.
+    fn list(&self, prefix: &str) -> Result<Vec<String>>;
+    /// Deletes one object; deleting a missing object succeeds.
+    fn delete(&self, key: &str) -> Result<()>;
+    /// Deletes every object under the `prefix` directory.
+    fn delete_prefix(&self, prefix: &str) -> Result<()>;
+    /// Makes the names of all completed puts and deletes durable.
+    fn sync(&self) -> Result<()>;
+    /// Checks that the location is present and holds the expected marker; returns a reason when unusable.
+    fn probe(&self) -> Result<()>;
+}
+
+/// Convenience wrappers over [`Location`].
+pub trait LocationExt: Location {
+    /// Reads a whole object.
+    fn get(&self, key: &str) -> Result<Vec<u8>> {
+        let mut v = Vec::new();
+        self.get_into(key, &mut v)?;
+        Ok(v)
+    }
+}
+impl<T: Location + ?Sized> LocationExt for T {}
+
+/// A directory on a local disk.
+#[derive(Debug)]
+pub struct LocalDir {
+    root: PathBuf,
+    name: String,
+    dirty_dirs: Mutex<HashSet<PathBuf>>,
+    tmp_counter: AtomicU64,
+}
+
+impl LocalDir {
+    /// A location rooted at `root`. The directory itself is never created by puts: a missing root means the
+    /// disk is not mounted, and writing into an empty mount point would be wrong.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        let root = root.into();
+        LocalDir {
+            name: root.display().to_string(),
+            root,
+            dirty_dirs: Mutex::new(HashSet::new()),
+            tmp_counter: AtomicU64::new(0),
+        }
+    }
+
+    /// Root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf> {
+        if key.is_empty()
+            || key
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
+        {
+            return Err(Error::Config(format!("invalid object key {key:?}")));
+        }
+        Ok(self.root.join(key))
+    }
+
+    fn mark_dirty(&self, dir: PathBuf) {
+        if let Ok(mut d) = self.dirty_dirs.lock() {
+            d.insert(dir);
+        }
+    }
+
+    fn ensure_parent(&self, path: &Path) -> Result<()> {
+        if !self.root.is_dir() {
+            return Err(Error::io(
+                format!("location {}", self.name),
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "location directory is missing",
+                ),
+            ));
+        }
+        let Some(parent) = path.parent() else {
+            return Ok(());
+        };
+        if parent.is_dir() {
+            return Ok(());
+        }
+        // Create missing ancestors one by one so that each new directory's parent is fsynced on sync().
+        let mut missing = Vec::new();
+        let mut p = parent;
+        while !p.is_dir() && p != self.root {
+            missing.push(p.to_path_buf());
+            match p.parent() {
+                Some(pp) => p = pp,
+                None => break,
+            }
+        }
+        for dir in missing.into_iter().rev() {
+            match fs::create_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::io(format!("creating {}", dir.display()), e)),
+            }
+            if let Some(pp) = dir.parent() {
+                self.mark_dirty(pp.to_path_buf());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// fsyncs a directory so that entries created, renamed or removed in it are durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .ctx(|| format!("syncing directory {}", dir.display()))
+}
+
+impl Location for LocalDir {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn put(&self, key: &str, parts: &[&[u8]]) -> Result<()> {
+        let path = self.path(key)?;
+        self.ensure_parent(&path)?;
+        let parent = path.parent().unwrap_or(&self.root).to_path_buf();
+        let file_name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("object");
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let tmp = parent.join(format!(".{file_name}.{}.{n}.tmp", std::process::id()));
+        let result = (|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .ctx(|| format!("creating {}", tmp.display()))?;
+            for p in parts {
+                f.write_all(p)
+                    .ctx(|| format!("writing {}", tmp.display()))?;
+            }
+            f.sync_data().ctx(|| format!("syncing {}", tmp.display()))?;
+            fs::rename(&tmp, &path).ctx(|| format!("renaming into {}", path.display()))
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        } else {
+            self.mark_dirty(parent);
+        }
+        result
+    }
+
+    fn get_into(&self, key: &str, buf: &mut Vec<u8>) -> Result<()> {
+        let path = self.path(key)?;
+        buf.clear();
+        let mut f = File::open(&path).ctx(|| format!("opening {}", path.display()))?;
+        f.read_to_end(buf)
+            .ctx(|| format!("reading {}", path.display()))?;
+        Ok(())
+    }
+
+    fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let path = self.path(key)?;
+        let mut f = File::open(&path).ctx(|| format!("opening {}", path.display()))?;
+        f.seek(SeekFrom::Start(offset))
+            .ctx(|| format!("seeking {}", path.display()))?;
+        let mut v = Vec::with_capacity(len);
+        f.take(len as u64)
+            .read_to_end(&mut v)
+            .ctx(|| format!("reading {}", path.display()))?;
+        Ok(v)
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        let dir = self.path(prefix)?;
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.root.is_dir() => {
+                return Ok(Vec::new())
+            }
+            Err(e) => return Err(Error::io(format!("listing {}", dir.display()), e)),
+        };
+        let mut names = Vec::new();
+        for entry in rd {
+            let entry = entry.ctx(|| format!("listing {}", dir.display()))?;
+            if let Some(name) = entry.file_name().to_str() {
+                if !name.starts_with('.') {
+                    names.push(name.to_string());
+                }
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        let path = self.path(key)?;
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                if let Some(p) = path.parent() {
+                    self.mark_dirty(p.to_path_buf());
+                }
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(format!("deleting {}", path.display()), e)),
+        }
+    }
+
+    fn delete_prefix(&self, prefix: &str) -> Result<()> {
+        let path = self.path(prefix)?;
+        match fs::remove_dir_all(&path) {
+            Ok(()) => {
+                if let Some(p) = path.parent() {
+                    self.mark_dirty(p.to_path_buf());
+                }
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(format!("deleting {}", path.display()), e)),
+        }
+    }
+
+    fn sync(&self) -> Result<()> {
+        let dirs: Vec<PathBuf> = match self.dirty_dirs.lock() {
+            Ok(mut d) => d.drain().collect(),
+            Err(_) => return Err(Error::Config("location state poisoned".into())),
+        };
+        // Deepest first, so that a new directory's own entries are durable before its name is.
+        let mut dirs = dirs;
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+        for d in dirs {
+            match sync_dir(&d) {
+                Ok(()) => {}
+                // The directory was removed meanwhile (rm of the file): nothing left to make durable.
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn probe(&self) -> Result<()> {
+        fs::metadata(&self.root)
+            .ctx(|| format!("location {}", self.name))
+            .and_then(|m| {
+                if m.is_dir() {
+                    Ok(())
+                } else {
+                    Err(Error::Config(format!(
+                        "location {} is not a directory",
+                        self.name
+                    )))
+                }
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_get_list_delete() {
+        let d = tempfile::tempdir().unwrap();
+        let loc = LocalDir::new(d.path());
+        loc.put("a/b/c", &[b"hello ", b"world"]).unwrap();
+        loc.sync().unwrap();
+        assert_eq!(loc.get("a/b/c").unwrap(), b"hello world");
+        assert_eq!(loc.get_range("a/b/c", 6, 100).unwrap(), b"world");
+        assert_eq!(loc.list("a/b").unwrap(), vec!["c".to_string()]);
+        assert!(loc.list("nope").unwrap().is_empty());
+        loc.put("a/b/c", &[b"new"]).unwrap();
+        assert_eq!(loc.get("a/b/c").unwrap(), b"new");
+        loc.delete("a/b/c").unwrap();
+        loc.delete("a/b/c").unwrap();
+        assert!(loc.get("a/b/c").unwrap_err().is_not_found());
+        loc.delete_prefix("a").unwrap();
+        assert!(!d.path().join("a").exists());
+    }
+
+    #[test]
+    fn rejects_escaping_keys_and_missing_root() {
+        let d = tempfile::tempdir().unwrap();
+        let loc = LocalDir::new(d.path());
+        assert!(loc.put("../x", &[b"x"]).is_err());
+        assert!(loc.put("a//b", &[b"x"]).is_err());
+        let gone = LocalDir::new(d.path().join("missing"));
+        assert!(gone.put("x", &[b"x"]).is_err());
+        assert!(!d.path().join("missing").exists());
+        assert!(gone.probe().is_err());
+    }
+}

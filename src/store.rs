@@ -1,0 +1,472 @@
+//! A store: its descriptor (`store.bf`), its locations, its key, and the lock that serialises catalog updates.
+//!
+//! Directory layout: `<store>/store.bf` (descriptor), `<store>/catalog.lock`, `<store>/master.key` (default key
+//! file), and for the embedded default `<store>/locations/loc-NN/` (one directory per shard location). Each
+//! location holds a `BLOCKFRAME-LOCATION` marker naming the store and its index, `shards/` and `manifests/`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::{random_bytes, KdfParams, MasterKey};
+use crate::erasure;
+use crate::error::{Error, IoContext, Result};
+use crate::format::{self, MAGIC_KEY, MAGIC_LOCATION, MAGIC_STORE};
+use crate::location::{sync_dir, LocalDir, Location, LocationExt};
+
+/// Default data shards per segment.
+pub const DEFAULT_DATA_SHARDS: u16 = 4;
+/// Default parity shards per segment.
+pub const DEFAULT_PARITY_SHARDS: u16 = 2;
+/// Default segment size: 32 MiB.
+pub const DEFAULT_SEGMENT_SIZE: u64 = 32 << 20;
+/// Smallest allowed segment size: 64 KiB.
+pub const MIN_SEGMENT_SIZE: u64 = 64 << 10;
+/// Largest allowed segment size: 1 GiB (memory use is a few segments per worker).
+pub const MAX_SEGMENT_SIZE: u64 = 1 << 30;
+/// Name of the marker object at the root of each location.
+pub const LOCATION_MARKER: &str = "BLOCKFRAME-LOCATION";
+const DESCRIPTOR: &str = "store.bf";
+
+/// The store descriptor, written once by `bf init`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreDescriptor {
+    /// Random store id; every shard header names it.
+    pub store_id: [u8; 16],
+    /// Data shards per segment.
+    pub k: u16,
+    /// Parity shards per segment.
+    pub m: u16,
+    /// Segment size for new files.
+    pub segment_size: u64,
+    /// Location paths; relative ones are inside the store directory.
+    pub locations: Vec<String>,
+    /// Key check value (see [`MasterKey::check_value`]).
+    pub key_check: [u8; 32],
+    /// Present when the key is derived from a passphrase.
+    pub kdf: Option<KdfParams>,
+    /// Creation time, seconds since the epoch.
+    pub created_unix: u64,
+}
+
+/// Marker stored at the root of each location.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocationMarker {
+    /// Store the location belongs to.
+    pub store_id: [u8; 16],
+    /// Its index in the descriptor's list.
+    pub index: u32,
+}
+
+/// How `bf init` obtains the master key.
+pub enum KeySource {
+    /// Generate a random key and write it to this file (mode 0600, must not exist).
+    NewKeyFile(PathBuf),
+    /// Derive the key from a passphrase with Argon2id.
+    Passphrase(Vec<u8>),
+}
+
+/// Settings for a new store.
+pub struct InitOptions {
+    /// Data shards.
+    pub k: u16,
+    /// Parity shards.
+    pub m: u16,
+    /// Segment size in bytes.
+    pub segment_size: u64,
+    /// Location directories; empty means k+m directories inside the store.
+    pub locations: Vec<PathBuf>,
+    /// Key source.
+    pub key: KeySource,
+}
+
+/// An open store.
+pub struct Store {
+    dir: PathBuf,
+    desc: StoreDescriptor,
+    locations: Vec<Arc<dyn Location>>,
+    key: Option<MasterKey>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.dir)
+            .field("locations", &self.desc.locations)
+            .finish()
+    }
+}
+
+/// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync of the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    let r = (|| {
+        let mut opts = OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, mode);
+        #[cfg(not(unix))]
+        let _ = mode;
+        let mut f = opts
+            .open(&tmp)
+            .ctx(|| format!("creating {}", tmp.display()))?;
+        f.write_all(bytes)
+            .ctx(|| format!("writing {}", tmp.display()))?;
+        f.sync_all().ctx(|| format!("syncing {}", tmp.display()))?;
+        fs::rename(&tmp, path).ctx(|| format!("renaming into {}", path.display()))?;
+        sync_dir(dir)
+    })();
+    if r.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    r
+}
+
+/// Writes a new key file (refuses to overwrite one: that would orphan every file encrypted with it).
+pub fn write_key_file(path: &Path, key: &MasterKey) -> Result<()> {
+    if path.exists() {
+        return Err(Error::Config(format!(
+            "key file {} already exists; refusing to overwrite it",
+            path.display()
+        )));
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
+    }
+    write_atomic(path, &format::seal_bytes(MAGIC_KEY, key.as_bytes()), 0o600)
+}
+
+/// Reads a key file written by [`write_key_file`].
+pub fn read_key_file(path: &Path) -> Result<MasterKey> {
+    let bytes = fs::read(path).ctx(|| format!("reading key file {}", path.display()))?;
+    let payload = format::open_bytes(MAGIC_KEY, &format!("key file {}", path.display()), &bytes)?;
+    let raw: [u8; 32] = payload
+        .try_into()
+        .map_err(|_| Error::corrupt(format!("key file {}", path.display()), "not 32 bytes"))?;
+    Ok(MasterKey::from_bytes(raw))
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Default key file path of a store directory.
+    pub fn default_key_path(dir: &Path) -> PathBuf {
+        dir.join("master.key")
+    }
+
+    /// True when `dir` holds a store descriptor.
+    pub fn exists(dir: &Path) -> bool {
+        dir.join(DESCRIPTOR).is_file()
+    }
+
+    /// Creates a new store in `dir` (created if missing) and returns it unlocked.
+    pub fn init(dir: &Path, opts: InitOptions) -> Result<Store> {
+        erasure::validate(opts.k as usize, opts.m as usize)?;
+        if !(MIN_SEGMENT_SIZE..=MAX_SEGMENT_SIZE).contains(&opts.segment_size) {
+            return Err(Error::Config(format!(
+                "segment size {} is outside {MIN_SEGMENT_SIZE}..={MAX_SEGMENT_SIZE} bytes",
+                opts.segment_size
+            )));
+        }
+        if Store::exists(dir) {
+            return Err(Error::StoreExists(dir.to_path_buf()));
+        }
+        fs::create_dir_all(dir).ctx(|| format!("creating store directory {}", dir.display()))?;
+        let width = opts.k as usize + opts.m as usize;
+        let locations: Vec<String> = if opts.locations.is_empty() {
+            (0..width)
+                .map(|i| format!("locations/loc-{i:02}"))
+                .collect()
+        } else {
+            let mut v = Vec::new();
+            for l in &opts.locations {
+                let abs = if l.is_absolute() {
+                    l.clone()
+                } else {
+                    std::env::current_dir()
+                        .ctx(|| "reading the current directory".into())?
+                        .join(l)
+                };
+                v.push(abs.display().to_string());
+            }
+            v
+        };
+        let (key, kdf) = match &opts.key {
+            KeySource::NewKeyFile(_) => (MasterKey::generate()?, None),
+            KeySource::Passphrase(p) => {
+                let params = KdfParams::generate()?;
+                (MasterKey::from_passphrase(p, &params)?, Some(params))
+            }
+        };
+        let desc = StoreDescriptor {
+            store_id: random_bytes()?,
+            k: opts.k,
+            m: opts.m,
+            segment_size: opts.segment_size,
+            locations,
+            key_check: key.check_value(),
+            kdf,
+            created_unix: now_unix(),
+        };
+        // Locations first (each with its marker), then the key, then the descriptor: a store is only seen as
+        // existing once everything it needs is in place.
+        for (i, l) in desc.locations.iter().enumerate() {
+            let path = resolve(dir, l);
+            fs::create_dir_all(&path).ctx(|| format!("creating location {}", path.display()))?;
+            let loc = LocalDir::new(&path);
+            if !loc.list("manifests")?.is_empty() {
+                return Err(Error::Config(format!(
+                    "location {} already holds a store's data",
+                    path.display()
+                )));
+            }
+            let marker = LocationMarker {
+                store_id: desc.store_id,
+                index: i as u32,
+            };
+            loc.put(LOCATION_MARKER, &[&format::seal(MAGIC_LOCATION, &marker)])?;
+            loc.sync()?;
+            sync_dir(&path)?;
+        }
+        if let KeySource::NewKeyFile(path) = &opts.key {
+            write_key_file(path, &key)?;
+        }
+        write_atomic(
+            &dir.join(DESCRIPTOR),
+            &format::seal(MAGIC_STORE, &desc),
+            0o644,
+        )?;
+        let mut store = Store::open(dir)?;
+        store.key = Some(key);
+        Ok(store)
+    }
+
+    /// Opens an existing store without a key (enough for scrub and verify).
+    pub fn open(dir: &Path) -> Result<Store> {
+        let path = dir.join(DESCRIPTOR);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NoStore {
+                    path: dir.to_path_buf(),
+                })
+            }
+            Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+        };
+        let desc: StoreDescriptor = format::open(
+            MAGIC_STORE,
+            &format!("store descriptor {}", path.display()),
+            &bytes,
+        )?;
+        erasure::validate(desc.k as usize, desc.m as usize)?;
+        if desc.locations.is_empty() {
+            return Err(Error::corrupt("store descriptor", "no locations"));
+        }
+        let locations = desc
+            .locations
+            .iter()
+            .map(|l| Arc::new(LocalDir::new(resolve(dir, l))) as Arc<dyn Location>)
+            .collect();
+        Ok(Store {
+            dir: dir.to_path_buf(),
+            desc,
+            locations,
+            key: None,
+        })
+    }
+
+    /// Verifies and installs the key.
+    pub fn unlock(&mut self, key: MasterKey) -> Result<()> {
+        key.verify_check_value(&self.desc.key_check)?;
+        self.key = Some(key);
+        Ok(())
+    }
+
+    /// Unlocks with a passphrase (for stores created with one).
+    pub fn unlock_with_passphrase(&mut self, passphrase: &[u8]) -> Result<()> {
+        let params =
+            self.desc.kdf.clone().ok_or_else(|| {
+                Error::Config("this store uses a key file, not a passphrase".into())
+            })?;
+        self.unlock(MasterKey::from_passphrase(passphrase, &params)?)
+    }
+
+    /// The key, or an error naming what needs it.
+    pub fn key(&self) -> Result<&MasterKey> {
+        self.key
+            .as_ref()
+            .ok_or_else(|| Error::KeyRequired("no key loaded".into()))
+    }
+
+    /// The key when loaded.
+    pub fn key_opt(&self) -> Option<&MasterKey> {
+        self.key.as_ref()
+    }
+
+    /// Store directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Descriptor.
+    pub fn descriptor(&self) -> &StoreDescriptor {
+        &self.desc
+    }
+
+    /// Locations in descriptor order.
+    pub fn locations(&self) -> &[Arc<dyn Location>] {
+        &self.locations
+    }
+
+    /// Replaces the location backends (tests use this to inject faulty locations).
+    pub fn set_locations(&mut self, locations: Vec<Arc<dyn Location>>) -> Result<()> {
+        if locations.len() != self.desc.locations.len() {
+            return Err(Error::Config(
+                "location count differs from the descriptor".into(),
+            ));
+        }
+        self.locations = locations;
+        Ok(())
+    }
+
+    /// Checks each location's presence and marker; returns one entry per location, `Err` with the reason when
+    /// unusable.
+    pub fn probe_locations(&self) -> Vec<Result<()>> {
+        self.locations
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                l.probe()?;
+                let what = format!("location marker of {}", l.name());
+                let marker: LocationMarker =
+                    format::open(MAGIC_LOCATION, &what, &l.get(LOCATION_MARKER)?)?;
+                if marker.store_id != self.desc.store_id || marker.index as usize != i {
+                    return Err(Error::corrupt(
+                        what,
+                        "belongs to another store or position (swapped disks?)",
+                    ));
+                }
+                Ok(())
+            })
+            .collect()
+    }
+
+    /// Takes the catalog lock (exclusive) for the life of the returned guard. Commits, removals and repairs of
+    /// manifests hold it, so concurrent processes never interleave name checks and publications.
+    pub fn lock_catalog(&self) -> Result<CatalogLock> {
+        let path = self.dir.join("catalog.lock");
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .ctx(|| format!("opening {}", path.display()))?;
+        f.lock().ctx(|| format!("locking {}", path.display()))?;
+        Ok(CatalogLock { _file: f })
+    }
+}
+
+/// Held catalog lock; released on drop.
+pub struct CatalogLock {
+    _file: File,
+}
+
+fn resolve(dir: &Path, location: &str) -> PathBuf {
+    let p = Path::new(location);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        dir.join(p)
+    }
+}
+
+/// Location index of shard `shard` of segment `segment` for a file whose placement starts at `start`, over
+/// `n` locations: consecutive shards of a segment go to consecutive locations (distinct when n >= k+m), and
+/// the starting location rotates with the segment so load spreads.
+pub fn placement(start: u32, segment: u64, shard: usize, n: usize) -> usize {
+    ((start as u64 + segment + shard as u64) % n as u64) as usize
+}
+
+/// Object key of a shard.
+pub fn shard_key(file_id: &[u8; 16], segment: u64, shard: usize) -> String {
+    format!("shards/{}/{segment:010}.{shard:03}", hex::encode(file_id))
+}
+
+/// Object key prefix of all shards of a file.
+pub fn shard_prefix(file_id: &[u8; 16]) -> String {
+    format!("shards/{}", hex::encode(file_id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placement_is_distinct_within_a_segment() {
+        for n in 6..10 {
+            for seg in 0..20u64 {
+                let mut seen: Vec<usize> = (0..6).map(|i| placement(3, seg, i, n)).collect();
+                seen.sort();
+                seen.dedup();
+                assert_eq!(seen.len(), 6);
+            }
+        }
+    }
+
+    #[test]
+    fn init_open_unlock() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("s");
+        let key_path = dir.join("master.key");
+        let opts = InitOptions {
+            k: 2,
+            m: 1,
+            segment_size: MIN_SEGMENT_SIZE,
+            locations: vec![],
+            key: KeySource::NewKeyFile(key_path.clone()),
+        };
+        let s = Store::init(&dir, opts).unwrap();
+        assert_eq!(s.locations().len(), 3);
+        assert!(s.probe_locations().iter().all(|r| r.is_ok()));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(
+                fs::metadata(&key_path).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
+        }
+        let mut s2 = Store::open(&dir).unwrap();
+        s2.unlock(read_key_file(&key_path).unwrap()).unwrap();
+        assert!(matches!(
+            s2.unlock(MasterKey::from_bytes([0; 32])),
+            Err(Error::WrongKey)
+        ));
+        assert!(matches!(
+            Store::init(
+                &dir,
+                InitOptions {
+                    k: 2,
+                    m: 1,
+                    segment_size: MIN_SEGMENT_SIZE,
+                    locations: vec![],
+                    key: KeySource::Passphrase(b"x".to_vec())
+                }
+            ),
+            Err(Error::StoreExists(_))
+        ));
+    }
+}
