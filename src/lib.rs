@@ -19,3 +19,6 @@ pub mod shard;
 pub mod store;
 
 pub use error::{Error, Result};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,157 @@
+//! Whole-store tests of the library: commit and read back through real local locations.
+
+use std::io::Cursor;
+
+use crate::catalog;
+use crate::commit::{commit, CommitRequest};
+use crate::error::Error;
+use crate::read::{read_to, verify_file, OpenFile};
+use crate::store::{InitOptions, KeySource, Store, MIN_SEGMENT_SIZE};
+
+pub(crate) fn new_store(dir: &std::path::Path, k: u16, m: u16) -> Store {
+    Store::init(
+        &dir.join("store"),
+        InitOptions {
+            k,
+            m,
+            segment_size: MIN_SEGMENT_SIZE,
+            locations: vec![],
+            key: KeySource::NewKeyFile(dir.join("store/master.key")),
+        },
+    )
+    .unwrap()
+}
+
+pub(crate) fn data(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn req(name: &str) -> CommitRequest {
+    CommitRequest { name: name.into(), mtime_unix_ns: 0, mode: 0o644, replace: false, workers: 2 }
+}
+
+fn get(store: &Store, name: &str) -> crate::Result<Vec<u8>> {
+    let e = catalog::find(store, name)?;
+    let f = OpenFile::new(store, &e)?;
+    let mut out = Vec::new();
+    read_to(store, &f, &mut out, 2, &|_| {})?;
+    Ok(out)
+}
+
+#[test]
+fn round_trips_edge_sizes() {
+    let d = tempfile::tempdir().unwrap();
+    let store = new_store(d.path(), 4, 2);
+    let seg = MIN_SEGMENT_SIZE as usize;
+    for (i, len) in [0, 1, seg - 1, seg, seg + 1, 3 * seg + 12345].into_iter().enumerate() {
+        let bytes = data(len, i as u64 + 1);
+        let name = format!("dir/file{i}");
+        let r = commit(&store, &mut Cursor::new(&bytes), &req(&name), &|_| {}).unwrap();
+        assert_eq!(r.size, len as u64);
+        assert_eq!(r.segments, (len as u64).div_ceil(seg as u64).max(1));
+        assert_eq!(get(&store, &name).unwrap(), bytes, "len {len}");
+        // Also found by root.
+        assert_eq!(catalog::find(&store, &r.root).unwrap().meta.unwrap().name, name);
+    }
+    let (entries, bad) = catalog::list(&store).unwrap();
+    assert_eq!(entries.len(), 6);
+    assert!(bad.is_empty());
+}
+
+#[test]
+fn survives_losing_m_locations_and_reports_m_plus_one() {
+    let d = tempfile::tempdir().unwrap();
+    let store = new_store(d.path(), 3, 2);
+    let bytes = data(5 * MIN_SEGMENT_SIZE as usize + 77, 9);
+    commit(&store, &mut Cursor::new(&bytes), &req("f"), &|_| {}).unwrap();
+    let loc_dir = |i: usize| d.path().join(format!("store/locations/loc-{i:02}"));
+    std::fs::remove_dir_all(loc_dir(1)).unwrap();
+    std::fs::remove_dir_all(loc_dir(4)).unwrap();
+    assert_eq!(get(&store, "f").unwrap(), bytes);
+    std::fs::remove_dir_all(loc_dir(2)).unwrap();
+    match get(&store, "f") {
+        Err(Error::TooManyLost { file, have, need, .. }) => {
+            assert_eq!(file, "f");
+            assert_eq!(need, 3);
+            assert!(have < 3);
+        }
+        other => panic!("expected TooManyLost, got {other:?}"),
+    }
+}
+
+#[test]
+fn corrupt_shards_are_rebuilt_and_verify_reports_them() {
+    let d = tempfile::tempdir().unwrap();
+    let store = new_store(d.path(), 4, 2);
+    let bytes = data(2 * MIN_SEGMENT_SIZE as usize, 3);
+    commit(&store, &mut Cursor::new(&bytes), &req("f"), &|_| {}).unwrap();
+    // Flip one byte in the middle of every shard file of one location.
+    let loc = d.path().join("store/locations/loc-00/shards");
+    let mut flipped = 0;
+    for dir in std::fs::read_dir(&loc).unwrap() {
+        for f in std::fs::read_dir(dir.unwrap().path()).unwrap() {
+            let p = f.unwrap().path();
+            let mut b = std::fs::read(&p).unwrap();
+            let mid = b.len() / 2;
+            b[mid] ^= 0x40;
+            std::fs::write(&p, b).unwrap();
+            flipped += 1;
+        }
+    }
+    assert!(flipped > 0);
+    assert_eq!(get(&store, "f").unwrap(), bytes);
+    let e = catalog::find(&store, "f").unwrap();
+    let bad: usize = verify_file(&store, &e.manifest.body).iter().flatten().filter(|c| c.outcome.is_err()).count();
+    assert_eq!(bad, flipped);
+}
+
+#[test]
+fn duplicate_names_are_refused_unless_replaced() {
+    let d = tempfile::tempdir().unwrap();
+    let store = new_store(d.path(), 2, 1);
+    commit(&store, &mut Cursor::new(b"one"), &req("n"), &|_| {}).unwrap();
+    assert!(matches!(commit(&store, &mut Cursor::new(b"two"), &req("n"), &|_| {}), Err(Error::AlreadyExists(_))));
+    let mut r = req("n");
+    r.replace = true;
+    assert!(commit(&store, &mut Cursor::new(b"two"), &r, &|_| {}).unwrap().replaced);
+    assert_eq!(get(&store, "n").unwrap(), b"two");
+    assert_eq!(catalog::scan(&store).unwrap().len(), 1);
+}
+
+#[test]
+fn failed_commit_leaves_nothing_behind() {
+    let d = tempfile::tempdir().unwrap();
+    let store = new_store(d.path(), 2, 1);
+    // A location that vanished mid-life makes shard writes fail.
+    std::fs::remove_dir_all(d.path().join("store/locations/loc-01")).unwrap();
+    let bytes = data(3 * MIN_SEGMENT_SIZE as usize, 5);
+    assert!(commit(&store, &mut Cursor::new(&bytes), &req("f"), &|_| {}).is_err());
+    assert!(catalog::scan(&store).unwrap().is_empty());
+    for i in [0, 2] {
+        let shards = d.path().join(format!("store/locations/loc-{i:02}/shards"));
+        let left = std::fs::read_dir(&shards).map(|r| r.count()).unwrap_or(0);
+        assert_eq!(left, 0, "shards left on loc {i}");
+    }
+}
+
+#[test]
+fn removal_deletes_manifests_and_shards() {
+    let d = tempfile::tempdir().unwrap();
+    let store = new_store(d.path(), 2, 1);
+    commit(&store, &mut Cursor::new(data(100_000, 1)), &req("f"), &|_| {}).unwrap();
+    let e = catalog::find(&store, "f").unwrap();
+    catalog::remove(&store, &e).unwrap();
+    assert!(matches!(catalog::find(&store, "f"), Err(Error::NotFound(_))));
+    for i in 0..3 {
+        let shards = d.path().join(format!("store/locations/loc-{i:02}/shards"));
+        assert_eq!(std::fs::read_dir(&shards).map(|r| r.count()).unwrap_or(0), 0);
+    }
+}
