@@ -26,6 +26,12 @@ pub struct ServerConfig {
     /// Maximum concurrent connections (default 1024); further connections
     /// are accepted and immediately closed.
     pub max_connections: usize,
+    /// After shutdown is signalled, how long a connection may take to finish
+    /// its in-flight requests and deliver their replies (default 30 s; a
+    /// client that stops reading could otherwise stall shutdown forever).
+    /// Connections still busy after that are dropped without waiting for
+    /// their outstanding backend calls.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ServerConfig {
@@ -34,6 +40,7 @@ impl Default for ServerConfig {
             max_inflight_requests: 64,
             max_inflight_bytes: 128 * 1024 * 1024,
             max_connections: 1024,
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -129,6 +136,7 @@ pub async fn serve_with_config(
 ) -> io::Result<()> {
     let config = Arc::new(config);
     let sessions = TaskTracker::new();
+    let mut next_id: u64 = 0;
     // Sessions watch a child token so a fatal accept error can stop them
     // without cancelling the caller's token.
     let stop = shutdown.child_token();
@@ -162,6 +170,8 @@ pub async fn serve_with_config(
             drop(stream);
             continue;
         }
+        next_id += 1;
+        let peer = format!("{peer}#{next_id}");
         debug!(%peer, "accepted connection");
         let registry = Arc::clone(&registry);
         let config = Arc::clone(&config);

@@ -71,7 +71,13 @@ pub(crate) async fn run_session<S>(
     let (rd, wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(64 * 1024, rd);
     let mut wr = BufWriter::with_capacity(64 * 1024, wr);
-    let negotiated = match handshake(&mut rd, &mut wr, &registry, &shutdown).await {
+    let hs = tokio::select! {
+        biased;
+        r = handshake(&mut rd, &mut wr, &registry, &shutdown) => r,
+        // Only reachable if the peer stops reading our option replies.
+        _ = grace_expired(&shutdown, config.shutdown_grace) => Err(End::Shutdown),
+    };
+    let negotiated = match hs {
         Ok(Some(n)) => n,
         Ok(None) => {
             debug!(%peer, "client ended negotiation");
@@ -681,11 +687,31 @@ async fn transmission<S>(
         }
         Err(e) => warn!(%peer, reason = %e, "dropping connection"),
     }
-    // Finish every in-flight request and send its reply, then close.
+    // Finish every in-flight request and send its reply, then close. Once
+    // the server is shutting down this is bounded by the grace period.
     tasks.close();
-    tasks.wait().await;
     drop(tx);
-    if let Err(e) = writer.await {
-        warn!(%peer, error = %e, "reply writer panicked");
+    let writer_abort = writer.abort_handle();
+    let finish = async {
+        tasks.wait().await;
+        if let Err(e) = writer.await {
+            if !e.is_cancelled() {
+                warn!(%peer, error = %e, "reply writer panicked");
+            }
+        }
+    };
+    tokio::select! {
+        biased;
+        _ = finish => {}
+        _ = grace_expired(shutdown, config.shutdown_grace) => {
+            warn!(%peer, "shutdown grace period expired; dropping connection with requests in flight");
+            writer_abort.abort();
+        }
     }
+}
+
+/// Completes `grace` after `shutdown` is cancelled.
+pub(crate) async fn grace_expired(shutdown: &CancellationToken, grace: std::time::Duration) {
+    shutdown.cancelled().await;
+    tokio::time::sleep(grace).await;
 }
