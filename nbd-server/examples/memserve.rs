@@ -13,6 +13,8 @@
 //! * `--name NAME` export name (default `mem`; it is also the default export `""`)
 //! * `--description TEXT` export description
 //! * `--read-only` serve a read-only export
+//! * `--min-block N` advertised minimum block size (default 512; 1 suits
+//!   byte-granular clients such as `nbdfuse`)
 //! * `--extra NAME:SIZE[:ro]` additional exports (repeatable)
 //!
 //! Stops gracefully on SIGINT or SIGTERM. Logs go to stderr (`RUST_LOG`).
@@ -49,6 +51,7 @@ struct Args {
     name: String,
     description: String,
     read_only: bool,
+    min_block: u32,
     extra: Vec<(String, u64, bool)>,
 }
 
@@ -60,6 +63,7 @@ fn parse_args() -> Result<Args, String> {
         name: "mem".into(),
         description: "in-memory sparse export".into(),
         read_only: false,
+        min_block: 512,
         extra: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
@@ -72,6 +76,10 @@ fn parse_args() -> Result<Args, String> {
             "--name" => a.name = val()?,
             "--description" => a.description = val()?,
             "--read-only" => a.read_only = true,
+            "--min-block" => {
+                let v = val()?;
+                a.min_block = v.parse().map_err(|_| format!("bad --min-block {v:?}"))?;
+            }
             "--extra" => {
                 let v = val()?;
                 let parts: Vec<&str> = v.split(':').collect();
@@ -84,7 +92,7 @@ fn parse_args() -> Result<Args, String> {
             "-h" | "--help" => {
                 return Err(
                     "usage: memserve (--unix PATH | --tcp ADDR) [--size N] [--name NAME] \
-                     [--description TEXT] [--read-only] [--extra NAME:SIZE[:ro]]..."
+                     [--description TEXT] [--read-only] [--min-block N] [--extra NAME:SIZE[:ro]]..."
                         .into(),
                 )
             }
@@ -97,12 +105,13 @@ fn parse_args() -> Result<Args, String> {
     Ok(a)
 }
 
-fn mem(size: u64, ro: bool) -> Arc<dyn BlockBackend> {
-    if ro {
-        Arc::new(MemBackend::new_read_only(size))
+fn mem(size: u64, ro: bool, min_block: u32) -> Arc<dyn BlockBackend> {
+    let m = if ro {
+        MemBackend::new_read_only(size)
     } else {
-        Arc::new(MemBackend::new(size))
-    }
+        MemBackend::new(size)
+    };
+    Arc::new(m.with_block_sizes(min_block, 4096))
 }
 
 #[tokio::main]
@@ -124,13 +133,13 @@ async fn main() {
     let mut registry = SimpleRegistry::new().with_export(
         args.name.clone(),
         args.description.clone(),
-        mem(args.size, args.read_only),
+        mem(args.size, args.read_only, args.min_block),
     );
     for (name, size, ro) in &args.extra {
         registry = registry.with_export(
             name.clone(),
             format!("extra export {name}"),
-            mem(*size, *ro),
+            mem(*size, *ro, args.min_block),
         );
     }
     let listener = match (&args.unix, &args.tcp) {

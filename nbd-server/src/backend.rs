@@ -102,6 +102,24 @@ pub trait BlockBackend: Send + Sync + 'static {
     fn can_multi_conn(&self) -> bool {
         true
     }
+
+    /// Minimum block size advertised with `NBD_INFO_BLOCK_SIZE` (default
+    /// 512). Must be a power of two from 1 to 65536 (invalid values fall
+    /// back to the default). Clients that agree to it send aligned requests
+    /// only (the server rejects others with `NBD_EINVAL`); clients that do
+    /// not negotiate block sizes may still send unaligned requests. Some
+    /// clients that do not read-modify-write themselves (e.g. `nbdfuse`)
+    /// need 1 for byte-granular access.
+    fn min_block_size(&self) -> u32 {
+        crate::proto::MIN_BLOCK_SIZE
+    }
+
+    /// Preferred block size advertised with `NBD_INFO_BLOCK_SIZE` (default
+    /// 4096): a power of two, at least 512 and at least the minimum (invalid
+    /// values fall back to the default).
+    fn preferred_block_size(&self) -> u32 {
+        crate::proto::PREFERRED_BLOCK_SIZE
+    }
 }
 
 /// The set of exports offered by a server.

@@ -23,6 +23,7 @@ pub struct MemBackend {
     read_only: bool,
     chunks: RwLock<BTreeMap<u64, Box<[u8]>>>,
     flushes: AtomicU64,
+    block_sizes: (u32, u32),
 }
 
 impl MemBackend {
@@ -33,7 +34,18 @@ impl MemBackend {
             read_only: false,
             chunks: RwLock::new(BTreeMap::new()),
             flushes: AtomicU64::new(0),
+            block_sizes: (
+                crate::proto::MIN_BLOCK_SIZE,
+                crate::proto::PREFERRED_BLOCK_SIZE,
+            ),
         }
+    }
+
+    /// Advertise these (minimum, preferred) block sizes instead of the
+    /// default (512, 4096); e.g. `(1, 4096)` for byte-granular clients.
+    pub fn with_block_sizes(mut self, min: u32, preferred: u32) -> Self {
+        self.block_sizes = (min, preferred);
+        self
     }
 
     /// A read-only device of `size` bytes.
@@ -230,6 +242,14 @@ impl BlockBackend for MemBackend {
 
     fn can_fast_zero(&self) -> bool {
         true
+    }
+
+    fn min_block_size(&self) -> u32 {
+        self.block_sizes.0
+    }
+
+    fn preferred_block_size(&self) -> u32 {
+        self.block_sizes.1
     }
 }
 

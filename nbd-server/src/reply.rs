@@ -4,10 +4,10 @@
 use crate::backend::Extent;
 use crate::proto::*;
 
-/// Largest descriptor length that is a multiple of the minimum block size
-/// and fits the 32-bit descriptor length field.
-pub const MAX_DESCRIPTOR_LEN: u64 =
-    (u32::MAX as u64 / MIN_BLOCK_SIZE as u64) * MIN_BLOCK_SIZE as u64;
+/// Largest descriptor length used when splitting long extents: fits the
+/// 32-bit descriptor length field and is a multiple of every allowed minimum
+/// block size (powers of two up to 64 KiB).
+pub const MAX_DESCRIPTOR_LEN: u64 = (u32::MAX as u64 / 65536) * 65536;
 
 /// Maximum number of descriptors sent in one block status chunk.
 pub const MAX_DESCRIPTORS: usize = 1024;

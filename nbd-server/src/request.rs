@@ -94,6 +94,27 @@ pub struct TransmissionParams {
     /// The client requested `NBD_INFO_BLOCK_SIZE` with `NBD_OPT_GO` and so
     /// promised to honour the advertised minimum block size.
     pub strict_alignment: bool,
+    /// Advertised minimum block size (a power of two, 1..=65536).
+    pub min_block: u32,
+}
+
+/// Validate a backend's (minimum, preferred) block sizes, falling back to
+/// the defaults (512, 4096) for values the spec does not allow.
+pub fn sanitize_block_sizes(min: u32, preferred: u32) -> (u32, u32) {
+    let min = if min.is_power_of_two() && min <= 65536 {
+        min
+    } else {
+        MIN_BLOCK_SIZE
+    };
+    let preferred = if preferred.is_power_of_two()
+        && preferred >= min.max(512)
+        && preferred <= MAX_BLOCK_SIZE
+    {
+        preferred
+    } else {
+        PREFERRED_BLOCK_SIZE.max(min)
+    };
+    (min, preferred)
 }
 
 impl TransmissionParams {
@@ -204,7 +225,7 @@ fn reject(errno: u32, message: &'static str) -> RequestError {
 /// overflowing (`EINVAL`) or beyond the export size (`ENOSPC` for
 /// WRITE/WRITE_ZEROES and `EINVAL` otherwise, per the spec's error section);
 /// zero-length BLOCK_STATUS (`EINVAL`); and, for clients that agreed to the
-/// block size constraints, alignment to 512 bytes (`EINVAL`).
+/// block size constraints, alignment to the minimum block size (`EINVAL`).
 ///
 /// `NBD_CMD_DISC` is always accepted (it has no reply), and the reserved
 /// offset/length of `NBD_CMD_FLUSH` are ignored for compatibility.
@@ -258,7 +279,7 @@ pub fn validate_request(
         return Err(reject(NBD_EINVAL, "zero-length block status request"));
     }
     if p.strict_alignment {
-        let min = u64::from(MIN_BLOCK_SIZE);
+        let min = u64::from(p.min_block.max(1));
         // The export tail may be shorter than a block if the size is not a
         // multiple of it; allow requests ending exactly at the export end.
         if !hdr.offset.is_multiple_of(min) || (!len.is_multiple_of(min) && end != p.size) {
@@ -310,6 +331,7 @@ mod tests {
             structured: true,
             base_allocation: true,
             strict_alignment: false,
+            min_block: 512,
         }
     }
 
@@ -485,6 +507,27 @@ mod tests {
     }
 
     #[test]
+    fn block_sizes() {
+        assert_eq!(sanitize_block_sizes(512, 4096), (512, 4096));
+        assert_eq!(sanitize_block_sizes(1, 512), (1, 512));
+        assert_eq!(sanitize_block_sizes(4096, 65536), (4096, 65536));
+        assert_eq!(sanitize_block_sizes(0, 4096), (512, 4096));
+        assert_eq!(sanitize_block_sizes(3, 4096), (512, 4096));
+        assert_eq!(sanitize_block_sizes(1 << 17, 4096), (512, 4096));
+        assert_eq!(sanitize_block_sizes(8192, 4096), (8192, 8192));
+        assert_eq!(sanitize_block_sizes(1, 256), (1, 4096));
+        let strict1 = TransmissionParams {
+            strict_alignment: true,
+            min_block: 1,
+            ..params()
+        };
+        assert_eq!(
+            errno(validate_request(&hdr(NBD_CMD_READ, 0, 3, 7), &strict1)),
+            0
+        );
+    }
+
+    #[test]
     fn flags() {
         let p = params();
         let f = p.transmission_flags(true);
@@ -515,7 +558,7 @@ mod tests {
             typ in 0u16..10, flags in any::<u16>(), offset in any::<u64>(), length in any::<u32>(),
             size in 0u64..(1 << 42), ro in any::<bool>(), structured in any::<bool>(), strict in any::<bool>(),
         ) {
-            let p = TransmissionParams { size, read_only: ro, structured, base_allocation: structured, strict_alignment: strict };
+            let p = TransmissionParams { size, read_only: ro, structured, base_allocation: structured, strict_alignment: strict, min_block: 512 };
             let h = RequestHeader { flags, typ, cookie: 1, offset, length };
             match validate_request(&h, &p) {
                 Ok(Command::Disconnect) | Ok(Command::Flush) => {}

@@ -190,12 +190,15 @@ fn params_for(
     backend: &dyn BlockBackend,
     strict: bool,
 ) -> TransmissionParams {
+    let (min_block, _) =
+        sanitize_block_sizes(backend.min_block_size(), backend.preferred_block_size());
     TransmissionParams {
         size: backend.size(),
         read_only: backend.is_read_only(),
         structured: st.structured,
         base_allocation: st.structured && st.meta_export.as_deref() == Some(name),
         strict_alignment: strict,
+        min_block,
     }
 }
 
@@ -352,12 +355,15 @@ where
                         .await?;
                     }
                 }
-                // Always advertised: our minimum (512) is above the default.
+                // Always advertised (the default minimum, 512, is above the
+                // protocol's default of 1).
+                let (min, preferred) =
+                    sanitize_block_sizes(backend.min_block_size(), backend.preferred_block_size());
                 send_option_reply(
                     wr,
                     opt,
                     NBD_REP_INFO,
-                    &encode_info_block_size(MIN_BLOCK_SIZE, PREFERRED_BLOCK_SIZE, MAX_BLOCK_SIZE),
+                    &encode_info_block_size(min, preferred, MAX_BLOCK_SIZE),
                 )
                 .await?;
                 send_option_reply(wr, opt, NBD_REP_ACK, &[]).await?;
