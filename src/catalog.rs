@@ -62,7 +62,7 @@ pub fn scan(store: &Store) -> Result<Vec<FileRef>> {
                 }
             }
             Err(e) => {
-                tracing::warn!(location = loc.name(), error = %e, "location unavailable");
+                tracing::debug!(location = loc.name(), error = %e, "location unavailable");
                 last_err = Some(e);
             }
         }
@@ -148,7 +148,7 @@ pub fn list(store: &Store) -> Result<(Vec<Entry>, Vec<Error>)> {
             Err(e) => bad.push(e),
         }
     }
-    ok.sort_by(|a, b| a.label().cmp(&b.label()));
+    ok.sort_by_key(|e| e.label());
     Ok((ok, bad))
 }
 

@@ -188,7 +188,7 @@ mod tests {
         for len in 0..200u64 {
             for k in 1..7 {
                 let s = shard_len(len, k);
-                assert!(s % 2 == 0 && s >= 2 && (s * k) as u64 >= len);
+                assert!(s.is_multiple_of(2) && s >= 2 && (s * k) as u64 >= len);
             }
         }
     }

@@ -1,1 +1,65 @@
-fn main() {}
+//! `bf`: the BlockFrame command-line tool.
+
+mod cli;
+mod files;
+mod settings;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use blockframe::Error;
+
+/// Exit status when every checked file is fully healthy.
+pub const EXIT_OK: u8 = 0;
+/// Exit status for an error that is not about the data (bad arguments, wrong key, missing file, I/O).
+pub const EXIT_ERROR: u8 = 1;
+/// Exit status when data is intact but redundancy is reduced (some shards missing or corrupt).
+pub const EXIT_DEGRADED: u8 = 3;
+/// Exit status when some data cannot be rebuilt.
+pub const EXIT_LOST: u8 = 4;
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    let settings = match settings::Settings::resolve(&cli.global) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("bf: {e:#}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    init_logging(&settings.log_level);
+    match files::run(cli.command, &settings) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            // A closed pipe (`bf get x -o - | head`) is not an error.
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                if io.kind() == std::io::ErrorKind::BrokenPipe {
+                    return ExitCode::from(EXIT_OK);
+                }
+            }
+            if let Some(Error::Io { source, .. }) = e.downcast_ref::<Error>() {
+                if source.kind() == std::io::ErrorKind::BrokenPipe {
+                    return ExitCode::from(EXIT_OK);
+                }
+            }
+            eprintln!("bf: {e:#}");
+            let code = match e.downcast_ref::<Error>() {
+                Some(Error::TooManyLost { .. }) | Some(Error::Authentication { .. }) => EXIT_LOST,
+                _ => EXIT_ERROR,
+            };
+            ExitCode::from(code)
+        }
+    }
+}

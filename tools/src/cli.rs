@@ -1,0 +1,139 @@
+//! Command-line definitions.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// BlockFrame: keeps files safe on disks it does not trust. Files are encrypted (AES-256-GCM), cut into
+/// segments, erasure-coded into k data + m parity shards spread over several locations, and every shard is
+/// hashed into a BLAKE3 Merkle tree, so any m lost or corrupted locations lose nothing.
+#[derive(Parser, Debug)]
+#[command(name = "bf", version, propagate_version = true)]
+pub struct Cli {
+    /// Global options.
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command accepts.
+#[derive(Args, Debug)]
+pub struct GlobalArgs {
+    /// Store directory [env: BF_STORE; config: archive_directory; default: $XDG_DATA_HOME/blockframe or
+    /// ~/.local/share/blockframe]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub store: Option<PathBuf>,
+    /// Configuration file [env: BF_CONFIG; default: $XDG_CONFIG_HOME/blockframe/config.toml if it exists]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Master key file [env: BF_KEY_FILE; config: encryption_key_path; default: <store>/master.key]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Log level: error, warn, info, debug, trace [env: BF_LOG or RUST_LOG; config: log_level; default: warn]
+    #[arg(long, global = true, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+    /// Worker threads for commit and get [config: workers; default: number of CPUs, at most 4]
+    #[arg(long, global = true, value_name = "N")]
+    pub workers: Option<usize>,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a new store with its locations and key.
+    Init(InitArgs),
+    /// Store files (encrypt, erasure-code, distribute). Prints each file's Merkle root.
+    Commit(CommitArgs),
+    /// Rebuild a committed file byte-exact, repairing around missing or corrupt shards.
+    Get(GetArgs),
+    /// List committed files with size, segments, root and health.
+    Ls(LsArgs),
+    /// Remove committed files (manifest copies first, then shards).
+    Rm(RmArgs),
+    /// Check every shard of files against their Merkle roots without writing output. Needs no key when
+    /// files are named by root.
+    Verify(VerifyArgs),
+}
+
+/// `bf init`.
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    /// Data shards per segment (k) [config: data_shards; default 4]
+    #[arg(long, short = 'k')]
+    pub data_shards: Option<u16>,
+    /// Parity shards per segment (m): how many locations may be lost [config: parity_shards; default 2]
+    #[arg(long, short = 'm')]
+    pub parity_shards: Option<u16>,
+    /// Segment size in MiB (fractions allowed, at least 0.0625 = 64 KiB) [config: segment_size_mb; default 32]
+    #[arg(long)]
+    pub segment_size_mb: Option<f64>,
+    /// A location directory (repeat for each disk; at least k+m for full protection) [config: locations;
+    /// default: k+m directories inside the store]
+    #[arg(long = "location", value_name = "DIR")]
+    pub locations: Vec<PathBuf>,
+    /// Derive the key from a passphrase (Argon2id) instead of writing a key file; read from BF_PASSPHRASE or
+    /// asked for on the terminal.
+    #[arg(long)]
+    pub passphrase: bool,
+}
+
+/// `bf commit`.
+#[derive(Args, Debug)]
+pub struct CommitArgs {
+    /// Files to store (`-` reads standard input and needs --name). With -r, directories are walked.
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+    /// Name in the store (only with a single input) [default: the path as given, or its file name if absolute]
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Commit directories recursively, keeping relative paths as names.
+    #[arg(short = 'r', long)]
+    pub recursive: bool,
+    /// Replace an existing file of the same name (the old version is removed after the new one is stored).
+    #[arg(long)]
+    pub replace: bool,
+    /// Print a JSON report.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `bf get`.
+#[derive(Args, Debug)]
+pub struct GetArgs {
+    /// Name or Merkle root (64 hex digits) of the file.
+    pub name: String,
+    /// Output path (`-` for standard output) [default: the file name in the current directory]
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// Overwrite the output if it exists.
+    #[arg(short, long)]
+    pub force: bool,
+}
+
+/// `bf ls`.
+#[derive(Args, Debug)]
+pub struct LsArgs {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `bf rm`.
+#[derive(Args, Debug)]
+pub struct RmArgs {
+    /// Names or roots to remove.
+    #[arg(required = true)]
+    pub names: Vec<String>,
+}
+
+/// `bf verify`.
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// Names or roots to check [default: every file]
+    pub names: Vec<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}

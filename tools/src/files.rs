@@ -1,0 +1,586 @@
+//! The file commands: init, commit, get, ls, rm, verify.
+
+use std::fs::File;
+use std::io::{IsTerminal, Write};
+use std::path::{Component, Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use blockframe::catalog::{self, Entry};
+use blockframe::commit::{commit, CommitReport, CommitRequest};
+use blockframe::read::{read_to, verify_file, OpenFile};
+use blockframe::store::{self, InitOptions, KeySource, Store};
+use blockframe::Error;
+
+use crate::cli::{Command, CommitArgs, GetArgs, InitArgs, LsArgs, RmArgs, VerifyArgs};
+use crate::settings::Settings;
+use crate::{EXIT_DEGRADED, EXIT_LOST, EXIT_OK};
+
+/// Runs one command; returns the exit status.
+pub fn run(cmd: Command, s: &Settings) -> Result<u8> {
+    match cmd {
+        Command::Init(a) => init(&a, s).map(|_| EXIT_OK),
+        Command::Commit(a) => cmd_commit(&a, s),
+        Command::Get(a) => get(&a, s),
+        Command::Ls(a) => ls(&a, s),
+        Command::Rm(a) => rm(&a, s),
+        Command::Verify(a) => verify(&a, s),
+    }
+}
+
+fn passphrase(prompt: &str) -> Result<Vec<u8>> {
+    if let Ok(p) = std::env::var("BF_PASSPHRASE") {
+        return Ok(p.into_bytes());
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!("this needs a passphrase: set BF_PASSPHRASE or run on a terminal");
+    }
+    Ok(rpassword::prompt_password(prompt)
+        .context("reading the passphrase")?
+        .into_bytes())
+}
+
+fn init(a: &InitArgs, s: &Settings) -> Result<Store> {
+    let f = &s.file;
+    let k = a
+        .data_shards
+        .or(f.data_shards)
+        .unwrap_or(store::DEFAULT_DATA_SHARDS);
+    let m = a
+        .parity_shards
+        .or(f.parity_shards)
+        .unwrap_or(store::DEFAULT_PARITY_SHARDS);
+    let segment_size = match a.segment_size_mb.or(f.segment_size_mb) {
+        Some(mb) if mb.is_finite() && mb > 0.0 => (mb * 1048576.0).round() as u64,
+        Some(mb) => bail!("invalid segment size {mb} MiB"),
+        None => store::DEFAULT_SEGMENT_SIZE,
+    };
+    let locations = if a.locations.is_empty() {
+        f.locations.clone().unwrap_or_default()
+    } else {
+        a.locations.clone()
+    };
+    let width = k as usize + m as usize;
+    if !locations.is_empty() && locations.len() < width {
+        tracing::warn!(
+            "{} locations for {width} shards per segment: some locations hold several shards of a segment, \
+             so losing one of them costs more than one shard",
+            locations.len()
+        );
+    }
+    let key = if a.passphrase {
+        let p = passphrase("New passphrase: ")?;
+        if std::env::var("BF_PASSPHRASE").is_err() && passphrase("Repeat passphrase: ")? != p {
+            bail!("the passphrases differ");
+        }
+        KeySource::Passphrase(p)
+    } else {
+        KeySource::NewKeyFile(s.key_path())
+    };
+    let st = Store::init(
+        &s.store,
+        InitOptions {
+            k,
+            m,
+            segment_size,
+            locations,
+            key,
+        },
+    )?;
+    let d = st.descriptor();
+    eprintln!(
+        "bf: created store {} (k={}, m={}, segment {} KiB, {} locations)",
+        s.store.display(),
+        d.k,
+        d.m,
+        d.segment_size >> 10,
+        d.locations.len()
+    );
+    if !a.passphrase {
+        eprintln!(
+            "bf: master key written to {} — back it up: without it the data cannot be read",
+            s.key_path().display()
+        );
+    }
+    Ok(st)
+}
+
+/// Opens the store without a key.
+fn open_keyless(s: &Settings) -> Result<Store> {
+    Ok(Store::open(&s.store)?)
+}
+
+/// Opens the store and loads its key.
+fn open_keyed(s: &Settings) -> Result<Store> {
+    let mut st = open_keyless(s)?;
+    unlock(&mut st, s)?;
+    Ok(st)
+}
+
+fn unlock(st: &mut Store, s: &Settings) -> Result<()> {
+    if st.descriptor().kdf.is_some() && s.key_file.is_none() {
+        let p = passphrase("Passphrase: ")?;
+        st.unlock_with_passphrase(&p)?;
+    } else {
+        let path = s.key_path();
+        if !path.exists() {
+            bail!(
+                "key file {} not found (set --key-file, BF_KEY_FILE or encryption_key_path)",
+                path.display()
+            );
+        }
+        st.unlock(store::read_key_file(&path)?)?;
+    }
+    Ok(())
+}
+
+fn progress_bar(total: u64) -> Option<ProgressBar> {
+    if !std::io::stderr().is_terminal() || total < (64 << 20) {
+        return None;
+    }
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template("{bytes}/{total_bytes} {wide_bar} {bytes_per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    Some(pb)
+}
+
+/// Store name for a path given on the command line: relative paths keep their (normalised) form, absolute
+/// ones their file name.
+fn name_for(path: &Path) -> Result<String> {
+    let parts: Vec<String> = if path.is_absolute() {
+        path.file_name()
+            .map(|n| vec![n.to_string_lossy().into_owned()])
+            .unwrap_or_default()
+    } else {
+        let mut v: Vec<String> = Vec::new();
+        for c in path.components() {
+            match c {
+                Component::Normal(p) => v.push(p.to_string_lossy().into_owned()),
+                Component::CurDir => {}
+                _ => bail!(
+                    "cannot derive a store name from {}; pass --name",
+                    path.display()
+                ),
+            }
+        }
+        v
+    };
+    if parts.is_empty() {
+        bail!(
+            "cannot derive a store name from {}; pass --name",
+            path.display()
+        );
+    }
+    Ok(parts.join("/"))
+}
+
+/// Expands the command line into (source path, store name) pairs.
+fn inputs(a: &CommitArgs) -> Result<Vec<(PathBuf, String)>> {
+    if a.name.is_some() && a.paths.len() != 1 {
+        bail!("--name needs exactly one input");
+    }
+    let mut out = Vec::new();
+    for p in &a.paths {
+        if p.as_os_str() == "-" {
+            let name = a
+                .name
+                .clone()
+                .context("committing standard input needs --name")?;
+            out.push((p.clone(), name));
+        } else if p.is_dir() {
+            if !a.recursive {
+                bail!("{} is a directory (use -r to commit a tree)", p.display());
+            }
+            let base = a.name.clone().map(Ok).unwrap_or_else(|| name_for(p))?;
+            walk(p, &base, &mut out)?;
+        } else {
+            let name = a.name.clone().map(Ok).unwrap_or_else(|| name_for(p))?;
+            out.push((p.clone(), name));
+        }
+    }
+    Ok(out)
+}
+
+fn walk(dir: &Path, prefix: &str, out: &mut Vec<(PathBuf, String)>) -> Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .collect::<std::io::Result<_>>()
+        .with_context(|| format!("reading {}", dir.display()))?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let name = format!("{prefix}/{}", e.file_name().to_string_lossy());
+        let ft = e
+            .file_type()
+            .with_context(|| format!("reading {}", e.path().display()))?;
+        if ft.is_dir() {
+            walk(&e.path(), &name, out)?;
+        } else if ft.is_file() {
+            out.push((e.path(), name));
+        }
+    }
+    Ok(())
+}
+
+fn cmd_commit(a: &CommitArgs, s: &Settings) -> Result<u8> {
+    let st = if s.store_is_default && !Store::exists(&s.store) {
+        eprintln!(
+            "bf: no store yet at {}; creating the default one",
+            s.store.display()
+        );
+        let defaults = InitArgs {
+            data_shards: None,
+            parity_shards: None,
+            segment_size_mb: None,
+            locations: vec![],
+            passphrase: false,
+        };
+        init(&defaults, s)?
+    } else {
+        open_keyed(s)?
+    };
+    let mut reports: Vec<CommitReport> = Vec::new();
+    for (path, name) in inputs(a)? {
+        let start = Instant::now();
+        let (mut input, size, mtime_unix_ns, mode): (Box<dyn std::io::Read>, u64, i64, u32) =
+            if path.as_os_str() == "-" {
+                (Box::new(std::io::stdin().lock()), 0, now_ns(), 0o644)
+            } else {
+                let f = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+                let md = f
+                    .metadata()
+                    .with_context(|| format!("reading {}", path.display()))?;
+                (Box::new(f), md.len(), mtime_ns(&md), mode_of(&md))
+            };
+        let pb = progress_bar(size);
+        let req = CommitRequest {
+            name: name.clone(),
+            mtime_unix_ns,
+            mode,
+            replace: a.replace,
+            workers: s.workers,
+        };
+        let report = commit(&st, &mut input, &req, &|done| {
+            if let Some(pb) = &pb {
+                pb.set_position(done)
+            }
+        })
+        .with_context(|| format!("committing {}", path.display()))?;
+        if let Some(pb) = pb {
+            pb.finish_and_clear();
+        }
+        let secs = start.elapsed().as_secs_f64();
+        tracing::info!(name = %report.name, bytes = report.size, secs, mb_per_s = report.size as f64 / secs / 1e6, "committed");
+        if !a.json {
+            println!("{}  {}  {} bytes", report.root, report.name, report.size);
+        }
+        reports.push(report);
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    }
+    Ok(EXIT_OK)
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+fn mtime_ns(md: &std::fs::Metadata) -> i64 {
+    md.modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(unix)]
+fn mode_of(md: &std::fs::Metadata) -> u32 {
+    std::os::unix::fs::PermissionsExt::mode(&md.permissions()) & 0o7777
+}
+
+#[cfg(not(unix))]
+fn mode_of(_: &std::fs::Metadata) -> u32 {
+    0o644
+}
+
+fn get(a: &GetArgs, s: &Settings) -> Result<u8> {
+    let st = open_keyed(s)?;
+    let entry = catalog::find(&st, &a.name)?;
+    let file = OpenFile::new(&st, &entry)?;
+    let pb = progress_bar(file.meta.size);
+    let progress = |n: u64| {
+        if let Some(pb) = &pb {
+            pb.set_position(n)
+        }
+    };
+    let target = match &a.output {
+        Some(p) if p.as_os_str() == "-" => None,
+        Some(p) => Some(p.clone()),
+        None => Some(PathBuf::from(
+            file.meta.name.rsplit('/').next().unwrap_or("out"),
+        )),
+    };
+    match target {
+        None => {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
+            read_to(&st, &file, &mut out, s.workers, &progress)?;
+            out.flush()?;
+        }
+        Some(path) => {
+            if path.exists() && !a.force {
+                bail!("{} exists (use --force to overwrite)", path.display());
+            }
+            // Rebuild into a temporary file beside the target and rename at the end, so a failure never leaves
+            // a truncated file under the target name.
+            let dir = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let tmp = dir.join(format!(
+                ".{}.bf-partial",
+                path.file_name().and_then(|n| n.to_str()).unwrap_or("out")
+            ));
+            let res = (|| -> Result<()> {
+                let f =
+                    File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+                let mut out = std::io::BufWriter::with_capacity(1 << 20, f);
+                read_to(&st, &file, &mut out, s.workers, &progress)?;
+                let f = out
+                    .into_inner()
+                    .map_err(|e| e.into_error())
+                    .context("writing output")?;
+                f.sync_all().context("syncing output")?;
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::PermissionsExt;
+                    let _ = std::fs::set_permissions(
+                        &tmp,
+                        std::fs::Permissions::from_mode(file.meta.mode & 0o777),
+                    );
+                }
+                std::fs::rename(&tmp, &path)
+                    .with_context(|| format!("renaming into {}", path.display()))?;
+                Ok(())
+            })();
+            if res.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            res?;
+        }
+    }
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    Ok(EXIT_OK)
+}
+
+/// Health of a file from the presence of its shards (cheap: no payload is read).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Health {
+    Ok,
+    Degraded,
+    Lost,
+}
+
+#[derive(serde::Serialize)]
+struct LsRow {
+    name: String,
+    size: u64,
+    segments: u64,
+    root: String,
+    health: Health,
+    manifest_copies: usize,
+}
+
+fn quick_health(st: &Store, e: &Entry) -> Health {
+    let body = &e.manifest.body;
+    let n = st.locations().len();
+    let mut worst = Health::Ok;
+    let listed: Vec<Option<std::collections::HashSet<String>>> = st
+        .locations()
+        .iter()
+        .map(|l| {
+            l.list(&store::shard_prefix(&body.file_id))
+                .ok()
+                .map(|v| v.into_iter().collect())
+        })
+        .collect();
+    for seg in 0..body.segments.len() as u64 {
+        let present = (0..body.width())
+            .filter(|&i| {
+                let key = store::shard_key(&body.file_id, seg, i);
+                let name = key.rsplit('/').next().unwrap_or("");
+                let home = store::placement(body.placement_start, seg, i, n);
+                listed[home].as_ref().is_some_and(|set| set.contains(name))
+            })
+            .count();
+        if present < body.k as usize {
+            return Health::Lost;
+        }
+        if present < body.width() {
+            worst = Health::Degraded;
+        }
+    }
+    worst
+}
+
+fn ls(a: &LsArgs, s: &Settings) -> Result<u8> {
+    let st = open_keyed(s)?;
+    let (entries, bad) = catalog::list(&st)?;
+    let rows: Vec<LsRow> = entries
+        .iter()
+        .map(|e| LsRow {
+            name: e.label(),
+            size: e
+                .meta
+                .as_ref()
+                .map(|m| m.size)
+                .unwrap_or_else(|| e.manifest.body.plain_size()),
+            segments: e.manifest.body.segments.len() as u64,
+            root: e.manifest.body.root_hex(),
+            health: quick_health(&st, e),
+            manifest_copies: e.file.copies.len() - e.bad_copies.len(),
+        })
+        .collect();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        for r in &rows {
+            let h = format!("{:?}", r.health).to_lowercase();
+            println!(
+                "{:>14}  {:>6}  {:<8}  {}  {}",
+                r.size,
+                r.segments,
+                h,
+                &r.root[..16],
+                r.name
+            );
+        }
+    }
+    for e in &bad {
+        eprintln!("bf: unreadable manifest: {e}");
+    }
+    let code = if !bad.is_empty() || rows.iter().any(|r| r.health == Health::Lost) {
+        EXIT_LOST
+    } else if rows.iter().any(|r| r.health == Health::Degraded) {
+        EXIT_DEGRADED
+    } else {
+        EXIT_OK
+    };
+    Ok(code)
+}
+
+fn rm(a: &RmArgs, s: &Settings) -> Result<u8> {
+    let st = open_keyed(s)?;
+    for name in &a.names {
+        let entry = catalog::find(&st, name)?;
+        catalog::remove(&st, &entry).with_context(|| format!("removing {name}"))?;
+        eprintln!("bf: removed {}", entry.label());
+    }
+    Ok(EXIT_OK)
+}
+
+#[derive(serde::Serialize)]
+struct VerifyRow {
+    name: String,
+    root: String,
+    segments: u64,
+    shards_ok: usize,
+    shards_bad: usize,
+    segments_degraded: u64,
+    segments_lost: Vec<u64>,
+    problems: Vec<String>,
+}
+
+fn verify(a: &VerifyArgs, s: &Settings) -> Result<u8> {
+    let mut st = open_keyless(s)?;
+    // The key is optional here: without it files are named by root and manifests are checked structurally.
+    let key_path = s.key_path();
+    if st.descriptor().kdf.is_none() && key_path.exists() || std::env::var("BF_PASSPHRASE").is_ok()
+    {
+        unlock(&mut st, s)?;
+    }
+    let entries: Vec<Entry> = if a.names.is_empty() {
+        let (ok, bad) = catalog::list(&st)?;
+        for e in &bad {
+            eprintln!("bf: unreadable manifest: {e}");
+        }
+        ok
+    } else {
+        a.names
+            .iter()
+            .map(|n| catalog::find(&st, n))
+            .collect::<Result<_, Error>>()?
+    };
+    let mut rows = Vec::new();
+    for e in &entries {
+        let body = &e.manifest.body;
+        let checks = verify_file(&st, body);
+        let mut row = VerifyRow {
+            name: e.label(),
+            root: body.root_hex(),
+            segments: body.segments.len() as u64,
+            shards_ok: 0,
+            shards_bad: 0,
+            segments_degraded: 0,
+            segments_lost: vec![],
+            problems: vec![],
+        };
+        for (seg, shards) in checks.iter().enumerate() {
+            let good = shards.iter().filter(|c| c.outcome.is_ok()).count();
+            row.shards_ok += good;
+            row.shards_bad += shards.len() - good;
+            if good < body.k as usize {
+                row.segments_lost.push(seg as u64);
+            } else if good < shards.len() {
+                row.segments_degraded += 1;
+            }
+            for c in shards {
+                if let Err(p) = &c.outcome {
+                    row.problems.push(format!(
+                        "segment {seg} shard {} on {}: {p}",
+                        c.shard,
+                        st.locations()[c.location].name()
+                    ));
+                }
+            }
+        }
+        rows.push(row);
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        for r in &rows {
+            let state = if !r.segments_lost.is_empty() {
+                format!("LOST segments {:?}", r.segments_lost)
+            } else if r.shards_bad > 0 {
+                format!(
+                    "degraded ({} bad shards in {} segments, repairable)",
+                    r.shards_bad, r.segments_degraded
+                )
+            } else {
+                "ok".into()
+            };
+            println!("{}: {state} ({} shards ok)", r.name, r.shards_ok);
+            for p in &r.problems {
+                println!("  {p}");
+            }
+        }
+    }
+    Ok(if rows.iter().any(|r| !r.segments_lost.is_empty()) {
+        EXIT_LOST
+    } else if rows.iter().any(|r| r.shards_bad > 0) {
+        EXIT_DEGRADED
+    } else {
+        EXIT_OK
+    })
+}

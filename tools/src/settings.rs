@@ -1,0 +1,153 @@
+//! Settings: `config.toml`, environment and flags, merged with precedence flags > env > config > defaults.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+
+use crate::cli::GlobalArgs;
+
+/// Keys of `config.toml` (see `config.example.toml`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Store directory.
+    pub archive_directory: Option<PathBuf>,
+    /// Log level.
+    pub log_level: Option<String>,
+    /// Master key file.
+    pub encryption_key_path: Option<PathBuf>,
+    /// Segment size for new stores, MiB.
+    pub segment_size_mb: Option<f64>,
+    /// Data shards for new stores.
+    pub data_shards: Option<u16>,
+    /// Parity shards for new stores.
+    pub parity_shards: Option<u16>,
+    /// Location directories for new stores.
+    pub locations: Option<Vec<PathBuf>>,
+    /// Worker threads for commit and get.
+    pub workers: Option<usize>,
+}
+
+/// Resolved settings.
+#[derive(Debug)]
+pub struct Settings {
+    /// Store directory.
+    pub store: PathBuf,
+    /// Whether the store path is the built-in default (which is created on first use).
+    pub store_is_default: bool,
+    /// Explicit key file, if any (else the store's default).
+    pub key_file: Option<PathBuf>,
+    /// Log filter.
+    pub log_level: String,
+    /// Worker threads.
+    pub workers: usize,
+    /// The parsed config file.
+    pub file: ConfigFile,
+}
+
+fn env_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os(name)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+fn xdg_dir(var: &str, fallback: &str) -> Option<PathBuf> {
+    env_path(var).or_else(|| env_path("HOME").map(|h| h.join(fallback)))
+}
+
+/// Default store directory: `$XDG_DATA_HOME/blockframe`, else `~/.local/share/blockframe`, else `./bf-data`.
+pub fn default_store() -> PathBuf {
+    xdg_dir("XDG_DATA_HOME", ".local/share")
+        .map(|d| d.join("blockframe"))
+        .unwrap_or_else(|| "bf-data".into())
+}
+
+fn load_config(path: &Path) -> Result<ConfigFile> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+}
+
+impl Settings {
+    /// Merges flags, environment, config file and defaults.
+    pub fn resolve(g: &GlobalArgs) -> Result<Settings> {
+        let config_path = g.config.clone().or_else(|| env_path("BF_CONFIG"));
+        let file = match config_path {
+            Some(p) => load_config(&p)?,
+            None => match xdg_dir("XDG_CONFIG_HOME", ".config")
+                .map(|d| d.join("blockframe/config.toml"))
+            {
+                Some(p) if p.is_file() => load_config(&p)?,
+                _ => ConfigFile::default(),
+            },
+        };
+        let explicit_store = g
+            .store
+            .clone()
+            .or_else(|| env_path("BF_STORE"))
+            .or_else(|| file.archive_directory.clone());
+        let store_is_default = explicit_store.is_none();
+        let store = explicit_store.unwrap_or_else(default_store);
+        let key_file = g
+            .key_file
+            .clone()
+            .or_else(|| env_path("BF_KEY_FILE"))
+            .or_else(|| file.encryption_key_path.clone());
+        let log_level = g
+            .log_level
+            .clone()
+            .or_else(|| std::env::var("BF_LOG").ok())
+            .or_else(|| std::env::var("RUST_LOG").ok())
+            .or_else(|| file.log_level.clone())
+            .unwrap_or_else(|| "warn".into());
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        let workers = g.workers.or(file.workers).unwrap_or(cpus.min(4)).max(1);
+        Ok(Settings {
+            store,
+            store_is_default,
+            key_file,
+            log_level,
+            workers,
+            file,
+        })
+    }
+
+    /// The key file to use for this store.
+    pub fn key_path(&self) -> PathBuf {
+        self.key_file
+            .clone()
+            .unwrap_or_else(|| blockframe::store::Store::default_key_path(&self.store))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_with_every_key() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../config.example.toml"
+        ))
+        .unwrap();
+        let c: ConfigFile = toml::from_str(&text).unwrap();
+        assert!(
+            c.archive_directory.is_some()
+                && c.log_level.is_some()
+                && c.encryption_key_path.is_some()
+        );
+        assert!(
+            c.segment_size_mb.is_some() && c.data_shards.is_some() && c.parity_shards.is_some()
+        );
+        assert!(c.locations.is_some() && c.workers.is_some());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        assert!(toml::from_str::<ConfigFile>("segment_size = 3").is_err());
+    }
+}
