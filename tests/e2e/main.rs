@@ -1,1 +1,4 @@
-//! End-to-end tests of the `bf` binary.
+//! End-to-end tests of the `bf` binary: real processes, real directories.
+
+mod files;
+mod util;

@@ -1,0 +1,126 @@
+//! Helpers for driving the real `bf` binary in temporary directories.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A scratch area with its own store; every command runs with a clean environment.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn new() -> Self {
+        Env { dir: tempfile::tempdir().expect("tempdir") }
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    pub fn store(&self) -> PathBuf {
+        self.path("store")
+    }
+
+    /// `bf` with BF_STORE pointing at this env's store and no user config or data dirs.
+    pub fn bf(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_bf"));
+        c.current_dir(self.dir.path())
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", self.dir.path())
+            .env("BF_STORE", self.store())
+            .env("BF_LOG", "error");
+        c
+    }
+
+    /// Runs `bf args...` and returns its output.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.bf().args(args).output().expect("running bf")
+    }
+
+    /// Runs and asserts success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(o.status.success(), "bf {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Runs and asserts failure with the given exit code; returns stderr.
+    pub fn fails(&self, args: &[&str], code: i32) -> String {
+        let o = self.run(args);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(code), "bf {args:?}: stdout {} stderr {err}", String::from_utf8_lossy(&o.stdout));
+        assert!(!err.contains("panicked"), "panic: {err}");
+        err
+    }
+
+    /// Initialises a store with 64 KiB segments.
+    pub fn init(&self, k: u16, m: u16) {
+        self.ok(&["init", "-k", &k.to_string(), "-m", &m.to_string(), "--segment-size-mb", "0.0625"]);
+    }
+
+    pub fn location(&self, i: usize) -> PathBuf {
+        self.store().join(format!("locations/loc-{i:02}"))
+    }
+
+    pub fn write(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = self.path(name);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).unwrap();
+        }
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn data(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Every regular file under `dir`.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+pub fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false)
+}
+
+/// Mounts a tmpfs of `size` at `dir` (root only); returns false when that is impossible here.
+pub fn mount_tmpfs(dir: &Path, size: &str) -> bool {
+    std::fs::create_dir_all(dir).unwrap();
+    is_root()
+        && Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+}
+
+pub fn umount(dir: &Path) {
+    let _ = Command::new("umount").arg("-l").arg(dir).status();
+}
