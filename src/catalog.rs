@@ -70,14 +70,7 @@ pub fn scan(store: &Store) -> Result<Vec<FileRef>> {
     if answered == 0 {
         return Err(last_err.unwrap_or_else(|| Error::Config("store has no locations".into())));
     }
-    Ok(files
-        .into_iter()
-        .map(|((name_tag, file_id), copies)| FileRef {
-            name_tag,
-            file_id,
-            copies,
-        })
-        .collect())
+    Ok(files.into_iter().map(|((name_tag, file_id), copies)| FileRef { name_tag, file_id, copies }).collect())
 }
 
 /// True when some manifest carries this name tag.
@@ -93,31 +86,18 @@ pub fn load(store: &Store, file: &FileRef) -> Result<Entry> {
     for &i in &file.copies {
         let loc = &store.locations()[i];
         let what = format!("manifest {mkey} on {}", loc.name());
-        let decoded = loc
-            .get(&mkey)
-            .and_then(|b| Manifest::decode(&b, key, &what))
-            .and_then(|m| {
-                if m.body.file_id != file.file_id || m.body.name_tag != file.name_tag {
-                    return Err(Error::corrupt(
-                        &what,
-                        "object name does not match its content",
-                    ));
-                }
-                if m.body.store_id != store.descriptor().store_id {
-                    return Err(Error::corrupt(&what, "belongs to another store"));
-                }
-                let meta = key.map(|k| m.meta(k)).transpose()?;
-                Ok((m, meta))
-            });
-        match decoded {
-            Ok((manifest, meta)) => {
-                return Ok(Entry {
-                    file: file.clone(),
-                    manifest,
-                    meta,
-                    bad_copies,
-                })
+        let decoded = loc.get(&mkey).and_then(|b| Manifest::decode(&b, key, &what)).and_then(|m| {
+            if m.body.file_id != file.file_id || m.body.name_tag != file.name_tag {
+                return Err(Error::corrupt(&what, "object name does not match its content"));
             }
+            if m.body.store_id != store.descriptor().store_id {
+                return Err(Error::corrupt(&what, "belongs to another store"));
+            }
+            let meta = key.map(|k| m.meta(k)).transpose()?;
+            Ok((m, meta))
+        });
+        match decoded {
+            Ok((manifest, meta)) => return Ok(Entry { file: file.clone(), manifest, meta, bad_copies }),
             Err(e) => {
                 tracing::warn!(error = %e, "skipping bad manifest copy");
                 bad_copies.push((i, e.to_string()));
@@ -129,11 +109,7 @@ pub fn load(store: &Store, file: &FileRef) -> Result<Entry> {
         format!(
             "no valid copy among {} ({})",
             file.copies.len(),
-            bad_copies
-                .iter()
-                .map(|(_, r)| r.as_str())
-                .collect::<Vec<_>>()
-                .join("; ")
+            bad_copies.iter().map(|(_, r)| r.as_str()).collect::<Vec<_>>().join("; ")
         ),
     ))
 }
@@ -161,9 +137,7 @@ pub fn find(store: &Store, spec: &str) -> Result<Entry> {
         let mut best: Option<Entry> = None;
         for f in files.iter().filter(|f| f.name_tag == tag) {
             let e = load(store, f)?;
-            if best.as_ref().is_none_or(|b| {
-                e.manifest.body.committed_unix_ns > b.manifest.body.committed_unix_ns
-            }) {
+            if best.as_ref().is_none_or(|b| e.manifest.body.committed_unix_ns > b.manifest.body.committed_unix_ns) {
                 best = Some(e);
             }
         }
@@ -190,10 +164,7 @@ pub fn find(store: &Store, spec: &str) -> Result<Entry> {
 pub fn publish(store: &Store, manifest: &Manifest, name: &str, replace: bool) -> Result<bool> {
     let _lock = store.lock_catalog()?;
     let body = &manifest.body;
-    let older: Vec<FileRef> = scan(store)?
-        .into_iter()
-        .filter(|f| f.name_tag == body.name_tag)
-        .collect();
+    let older: Vec<FileRef> = scan(store)?.into_iter().filter(|f| f.name_tag == body.name_tag).collect();
     if !older.is_empty() && !replace {
         return Err(Error::AlreadyExists(name.to_string()));
     }
@@ -208,13 +179,7 @@ pub fn publish(store: &Store, manifest: &Manifest, name: &str, replace: bool) ->
                 s.spawn(move || loc.put(mkey, &[bytes]).and_then(|_| loc.sync()))
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(Error::Config("panic".into())))
-            })
-            .collect()
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::Config("panic".into())))).collect()
     });
     let ok = outcomes.iter().filter(|o| o.is_ok()).count();
     let need = (store.descriptor().m as usize + 1).min(locations.len());
@@ -228,12 +193,7 @@ pub fn publish(store: &Store, manifest: &Manifest, name: &str, replace: bool) ->
             .filter_map(|(o, l)| o.as_ref().err().map(|e| format!("{}: {e}", l.name())))
             .collect::<Vec<_>>()
             .join("; ");
-        return Err(Error::WriteQuorum {
-            what: format!("the manifest of {name:?}"),
-            ok,
-            need,
-            detail,
-        });
+        return Err(Error::WriteQuorum { what: format!("the manifest of {name:?}"), ok, need, detail });
     }
     for o in &older {
         remove_ref(store, o)?;

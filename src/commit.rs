@@ -33,6 +33,9 @@ pub struct CommitRequest {
     pub replace: bool,
     /// Segments processed in parallel (each holds about 1.5 segment sizes of memory).
     pub workers: usize,
+    /// Input size when known in advance (a regular file): saves one segment buffer of look-ahead, and a file
+    /// that grows or shrinks during the commit is detected and the commit refused.
+    pub size: Option<u64>,
 }
 
 /// Outcome of a commit.
@@ -56,15 +59,11 @@ pub fn validate_name(name: &str) -> Result<()> {
         && name.len() <= 4096
         && !name.starts_with('/')
         && !name.contains('\0')
-        && name
-            .split('/')
-            .all(|c| !c.is_empty() && c != "." && c != "..");
+        && name.split('/').all(|c| !c.is_empty() && c != "." && c != "..");
     if ok {
         Ok(())
     } else {
-        Err(Error::Config(format!(
-            "invalid name {name:?}: use a relative path without '.', '..' or empty parts"
-        )))
+        Err(Error::Config(format!("invalid name {name:?}: use a relative path without '.', '..' or empty parts")))
     }
 }
 
@@ -101,18 +100,12 @@ impl Pipeline<'_> {
         }
     }
 
-    fn worker(
-        &self,
-        jobs: &Mutex<Receiver<Job>>,
-        free: &SyncSender<Vec<u8>>,
-        progress: &(dyn Fn(u64) + Sync),
-    ) {
+    fn worker(&self, jobs: &Mutex<Receiver<Job>>, free: &SyncSender<Vec<u8>>, progress: &(dyn Fn(u64) + Sync)) {
         let d = self.store.descriptor();
         let mut codec = match Codec::new(d.k as usize, d.m as usize) {
             Ok(c) => c,
             Err(e) => return self.fail(e),
         };
-        let mut parity = Vec::new();
         loop {
             let job = match jobs.lock() {
                 Ok(rx) => match rx.recv() {
@@ -121,21 +114,14 @@ impl Pipeline<'_> {
                 },
                 Err(_) => return,
             };
-            let Job {
-                segment,
-                mut buf,
-                len,
-                last,
-            } = job;
+            let Job { segment, mut buf, len, last } = job;
             if !self.abort.load(Ordering::SeqCst) {
-                match self.encode_segment(&mut codec, &mut parity, segment, &mut buf, len, last) {
+                match self.encode_segment(&mut codec, segment, &mut buf, len, last) {
                     Ok(done) => {
                         if let Ok(mut r) = self.results.lock() {
                             r.push(done);
                         }
-                        progress(
-                            self.done_bytes.fetch_add(len as u64, Ordering::Relaxed) + len as u64,
-                        );
+                        progress(self.done_bytes.fetch_add(len as u64, Ordering::Relaxed) + len as u64);
                     }
                     Err(e) => self.fail(e),
                 }
@@ -145,29 +131,27 @@ impl Pipeline<'_> {
         }
     }
 
-    fn encode_segment(
-        &self,
-        codec: &mut Codec,
-        parity: &mut Vec<u8>,
-        segment: u64,
-        buf: &mut [u8],
-        len: usize,
-        last: bool,
-    ) -> Result<Done> {
+    fn encode_segment(&self, codec: &mut Codec, segment: u64, buf: &mut [u8], len: usize, last: bool) -> Result<Done> {
         let d = self.store.descriptor();
         let k = d.k as usize;
         let stored = len + TAG_LEN;
         let sl = erasure::shard_len(stored as u64, k);
         self.cipher.seal_segment(segment, last, buf, len)?;
         buf[stored..k * sl].fill(0);
-        codec.encode(&buf[..k * sl], sl, parity)?;
-        let shards: Vec<&[u8]> = buf[..k * sl]
-            .chunks_exact(sl)
-            .chain(parity.chunks_exact(sl))
-            .collect();
+        let data = &buf[..k * sl];
+        let outcomes = codec.encode_with(data, sl, |parity| {
+            let shards: Vec<&[u8]> = data.chunks_exact(sl).chain(parity.iter().copied()).collect();
+            self.write_shards(segment, &shards)
+        })?;
+        let leaves = outcomes.into_iter().collect::<Result<Vec<Hash>>>()?;
+        Ok(Done { segment, entry: SegmentEntry { plain_len: len as u64, shard_len: sl as u32 }, leaves })
+    }
+
+    /// Hashes and writes the k+m shards of a segment concurrently: hashing is CPU work and each write ends in
+    /// an fsync.
+    fn write_shards(&self, segment: u64, shards: &[&[u8]]) -> Vec<Result<Hash>> {
         let locations = self.store.locations();
-        // Hash and write the k+m shards concurrently: hashing is CPU work and each write ends in an fsync.
-        let outcomes: Vec<Result<Hash>> = std::thread::scope(|s| {
+        std::thread::scope(|s| {
             let handles: Vec<_> = shards
                 .iter()
                 .enumerate()
@@ -179,30 +163,12 @@ impl Pipeline<'_> {
                 .collect();
             handles
                 .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(Error::Config("shard writer panicked".into())))
-                })
+                .map(|h| h.join().unwrap_or_else(|_| Err(Error::Config("shard writer panicked".into()))))
                 .collect()
-        });
-        let leaves = outcomes.into_iter().collect::<Result<Vec<Hash>>>()?;
-        Ok(Done {
-            segment,
-            entry: SegmentEntry {
-                plain_len: len as u64,
-                shard_len: sl as u32,
-            },
-            leaves,
         })
     }
 
-    fn write_shard(
-        &self,
-        loc: &dyn Location,
-        segment: u64,
-        shard: usize,
-        payload: &[u8],
-    ) -> Result<Hash> {
+    fn write_shard(&self, loc: &dyn Location, segment: u64, shard: usize, payload: &[u8]) -> Result<Hash> {
         let d = self.store.descriptor();
         let header = ShardHeader {
             store_id: d.store_id,
@@ -214,10 +180,7 @@ impl Pipeline<'_> {
             payload_len: payload.len() as u32,
             payload_hash: *blake3::hash(payload).as_bytes(),
         };
-        loc.put(
-            &shard_key(&self.file_id, segment, shard),
-            &[&header.encode(), payload],
-        )?;
+        loc.put(&shard_key(&self.file_id, segment, shard), &[&header.encode(), payload])?;
         Ok(header.leaf())
     }
 }
@@ -239,20 +202,14 @@ fn read_full(input: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
 /// Deletes every shard of `file_id` (best effort: used to undo a failed commit).
 pub(crate) fn remove_shards(store: &Store, file_id: &[u8; 16]) {
     for loc in store.locations() {
-        if let Err(e) = loc
-            .delete_prefix(&shard_prefix(file_id))
-            .and_then(|_| loc.sync())
-        {
+        if let Err(e) = loc.delete_prefix(&shard_prefix(file_id)).and_then(|_| loc.sync()) {
             tracing::warn!(location = loc.name(), error = %e, "could not remove shards of an unfinished commit");
         }
     }
 }
 
 fn now_unix_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
 /// Commits `input` under `req.name`. `progress` receives the plaintext bytes stored so far.
@@ -275,9 +232,7 @@ pub fn commit(
         store,
         cipher: key.segment_cipher(&file_id),
         file_id,
-        placement_start: (u32::from_le_bytes([file_id[0], file_id[1], file_id[2], file_id[3]])
-            as usize
-            % n) as u32,
+        placement_start: (u32::from_le_bytes([file_id[0], file_id[1], file_id[2], file_id[3]]) as usize % n) as u32,
         failure: Mutex::new(None),
         abort: AtomicBool::new(false),
         done_bytes: AtomicU64::new(0),
@@ -288,7 +243,7 @@ pub fn commit(
     let seg_size = d.segment_size as usize;
     let buf_cap = d.k as usize * erasure::shard_len((seg_size + TAG_LEN) as u64, d.k as usize);
     let workers = req.workers.clamp(1, 64);
-    let pool = workers + 2;
+    let pool = workers + if req.size.is_some() { 1 } else { 2 };
     let (free_tx, free_rx) = sync_channel::<Vec<u8>>(pool);
     for _ in 0..pool {
         let _ = free_tx.try_send(Vec::new());
@@ -300,40 +255,72 @@ pub fn commit(
             s.spawn(|| pipeline.worker(&job_rx, &free_tx, progress));
         }
         let mut segment = 0u64;
-        let mut pending: Option<(Vec<u8>, usize)> = None;
         let mut send = |buf: Vec<u8>, len: usize, last: bool| {
-            let ok = job_tx
-                .send(Job {
-                    segment,
-                    buf,
-                    len,
-                    last,
-                })
-                .is_ok();
+            let ok = job_tx.send(Job { segment, buf, len, last }).is_ok();
             segment += 1;
             ok
         };
-        while !pipeline.abort.load(Ordering::SeqCst) {
-            let Ok(mut buf) = free_rx.recv() else { break };
+        let mut next_chunk = || -> Option<(Vec<u8>, usize)> {
+            let mut buf = free_rx.recv().ok()?;
             buf.resize(buf_cap, 0);
-            let len =
-                match read_full(input, &mut buf[..seg_size]).ctx(|| "reading the input".into()) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        pipeline.fail(e);
-                        break;
-                    }
-                };
-            if let Some((pbuf, plen)) = pending.take() {
-                if !send(pbuf, plen, len == 0) || len == 0 {
-                    break;
+            match read_full(input, &mut buf[..seg_size]).ctx(|| "reading the input".into()) {
+                Ok(len) => Some((buf, len)),
+                Err(e) => {
+                    pipeline.fail(e);
+                    None
                 }
             }
-            if len < seg_size {
-                send(buf, len, true);
-                break;
+        };
+        match req.size {
+            // Known size: a segment is last when it reaches the size; one more read confirms the end.
+            Some(size) => {
+                let mut offset = 0u64;
+                let mut sent_last = false;
+                while !pipeline.abort.load(Ordering::SeqCst) {
+                    let Some((buf, len)) = next_chunk() else {
+                        break;
+                    };
+                    if sent_last {
+                        if len > 0 {
+                            pipeline.fail(Error::Config("the input grew while it was being committed".into()));
+                        }
+                        break;
+                    }
+                    let end = offset + len as u64;
+                    if end > size {
+                        pipeline.fail(Error::Config("the input grew while it was being committed".into()));
+                        break;
+                    }
+                    if len < seg_size && end < size {
+                        pipeline.fail(Error::Config("the input shrank while it was being committed".into()));
+                        break;
+                    }
+                    sent_last = len < seg_size || end >= size;
+                    if !send(buf, len, sent_last) {
+                        break;
+                    }
+                    offset = end;
+                }
             }
-            pending = Some((buf, len));
+            // Unknown size (a pipe): hold one segment back until the next read shows whether it is the last.
+            None => {
+                let mut pending: Option<(Vec<u8>, usize)> = None;
+                while !pipeline.abort.load(Ordering::SeqCst) {
+                    let Some((buf, len)) = next_chunk() else {
+                        break;
+                    };
+                    if let Some((pbuf, plen)) = pending.take() {
+                        if !send(pbuf, plen, len == 0) || len == 0 {
+                            break;
+                        }
+                    }
+                    if len < seg_size {
+                        send(buf, len, true);
+                        break;
+                    }
+                    pending = Some((buf, len));
+                }
+            }
         }
         drop(job_tx);
     });
@@ -344,31 +331,16 @@ pub fn commit(
     let mut results = pipeline.results.into_inner().unwrap_or_default();
     results.sort_by_key(|r| r.segment);
     let finish = || -> Result<CommitReport> {
-        if results.is_empty()
-            || results
-                .iter()
-                .enumerate()
-                .any(|(i, r)| r.segment != i as u64)
-        {
-            return Err(Error::Config(
-                "internal: segments missing from the commit pipeline".into(),
-            ));
+        if results.is_empty() || results.iter().enumerate().any(|(i, r)| r.segment != i as u64) {
+            return Err(Error::Config("internal: segments missing from the commit pipeline".into()));
         }
         for loc in store.locations() {
             loc.sync()?;
         }
         let segments: Vec<SegmentEntry> = results.iter().map(|r| r.entry).collect();
-        let leaves: Vec<Hash> = results
-            .iter()
-            .flat_map(|r| r.leaves.iter().copied())
-            .collect();
+        let leaves: Vec<Hash> = results.iter().flat_map(|r| r.leaves.iter().copied()).collect();
         let size: u64 = segments.iter().map(|s| s.plain_len).sum();
-        let meta = FileMeta {
-            name: req.name.clone(),
-            size,
-            mtime_unix_ns: req.mtime_unix_ns,
-            mode: req.mode,
-        };
+        let meta = FileMeta { name: req.name.clone(), size, mtime_unix_ns: req.mtime_unix_ns, mode: req.mode };
         let meta_bytes = postcard::to_allocvec(&meta).map_err(|e| Error::Config(e.to_string()))?;
         let (sealed_meta, meta_nonce) = key.seal_metadata(&file_id, &meta_bytes)?;
         let body = ManifestBody {
@@ -406,11 +378,5 @@ pub fn commit(
 
 /// Leaf of a shard as the commit computes it (exposed for tests that forge shards).
 pub fn shard_leaf(file_id: &[u8; 16], segment: u64, shard: u16, payload: &[u8]) -> Hash {
-    leaf_hash(
-        file_id,
-        segment,
-        shard,
-        payload.len() as u32,
-        blake3::hash(payload).as_bytes(),
-    )
+    leaf_hash(file_id, segment, shard, payload.len() as u32, blake3::hash(payload).as_bytes())
 }

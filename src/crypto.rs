@@ -45,12 +45,7 @@ pub struct KdfParams {
 impl KdfParams {
     /// Fresh parameters with a random salt (64 MiB, 3 passes: the Argon2 RFC's second recommendation).
     pub fn generate() -> Result<Self> {
-        Ok(KdfParams {
-            salt: random_bytes()?,
-            m_cost_kib: 64 * 1024,
-            t_cost: 3,
-            p_cost: 1,
-        })
+        Ok(KdfParams { salt: random_bytes()?, m_cost_kib: 64 * 1024, t_cost: 3, p_cost: 1 })
     }
 }
 
@@ -71,8 +66,7 @@ impl MasterKey {
             .map_err(|e| Error::Config(format!("argon2 parameters: {e}")))?;
         let a = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, p);
         let mut out = [0u8; 32];
-        a.hash_password_into(passphrase, &params.salt, &mut out)
-            .map_err(|e| Error::Config(format!("argon2: {e}")))?;
+        a.hash_password_into(passphrase, &params.salt, &mut out).map_err(|e| Error::Config(format!("argon2: {e}")))?;
         Ok(MasterKey(out))
     }
 
@@ -117,10 +111,7 @@ impl MasterKey {
     /// The cipher for the segments of one file.
     pub fn segment_cipher(&self, file_id: &[u8; 16]) -> SegmentCipher {
         let mut k = self.derive(CTX_FILE_KEY, file_id);
-        let c = SegmentCipher {
-            aead: Aes256Gcm::new((&k).into()),
-            file_id: *file_id,
-        };
+        let c = SegmentCipher { aead: Aes256Gcm::new((&k).into()), file_id: *file_id };
         k.zeroize();
         c
     }
@@ -140,12 +131,7 @@ impl MasterKey {
     }
 
     /// Decrypts metadata sealed by [`MasterKey::seal_metadata`].
-    pub fn open_metadata(
-        &self,
-        file_id: &[u8; 16],
-        nonce: &[u8; 12],
-        sealed: &[u8],
-    ) -> Result<Vec<u8>> {
+    pub fn open_metadata(&self, file_id: &[u8; 16], nonce: &[u8; 12], sealed: &[u8]) -> Result<Vec<u8>> {
         if sealed.len() < TAG_LEN {
             return Err(Error::corrupt("file metadata", "truncated"));
         }
@@ -154,13 +140,8 @@ impl MasterKey {
         k.zeroize();
         let (body, tag) = sealed.split_at(sealed.len() - TAG_LEN);
         let mut buf = body.to_vec();
-        aead.decrypt_in_place_detached(
-            Nonce::from_slice(nonce),
-            file_id,
-            &mut buf,
-            Tag::from_slice(tag),
-        )
-        .map_err(|_| Error::corrupt("file metadata", "authentication failed"))?;
+        aead.decrypt_in_place_detached(Nonce::from_slice(nonce), file_id, &mut buf, Tag::from_slice(tag))
+            .map_err(|_| Error::corrupt("file metadata", "authentication failed"))?;
         Ok(buf)
     }
 }
@@ -186,13 +167,7 @@ impl SegmentCipher {
     }
 
     /// Encrypts `buf[..plain_len]` in place and writes the tag to `buf[plain_len..plain_len + 16]`.
-    pub fn seal_segment(
-        &self,
-        segment: u64,
-        last: bool,
-        buf: &mut [u8],
-        plain_len: usize,
-    ) -> Result<()> {
+    pub fn seal_segment(&self, segment: u64, last: bool, buf: &mut [u8], plain_len: usize) -> Result<()> {
         if buf.len() < plain_len + TAG_LEN {
             return Err(Error::Config("segment buffer too small for the tag".into()));
         }
@@ -214,21 +189,15 @@ impl SegmentCipher {
         let (nonce, aad) = self.nonce_and_aad(segment, plain_len as u64, last);
         let (body, rest) = buf.split_at_mut(plain_len);
         let tag = *Tag::from_slice(&rest[..TAG_LEN]);
-        self.aead
-            .decrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, body, &tag)
-            .is_ok()
+        self.aead.decrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, body, &tag).is_ok()
     }
 }
 
 /// Random bytes from the OS.
 pub fn random_bytes<const N: usize>() -> Result<[u8; N]> {
     let mut b = [0u8; N];
-    getrandom::getrandom(&mut b).map_err(|e| {
-        Error::io(
-            "reading the OS random generator",
-            std::io::Error::other(e.to_string()),
-        )
-    })?;
+    getrandom::getrandom(&mut b)
+        .map_err(|e| Error::io("reading the OS random generator", std::io::Error::other(e.to_string())))?;
     Ok(b)
 }
 
@@ -249,20 +218,12 @@ mod tests {
     fn wrong_key_is_detected() {
         let check = key(1).check_value();
         assert!(key(1).verify_check_value(&check).is_ok());
-        assert!(matches!(
-            key(2).verify_check_value(&check),
-            Err(Error::WrongKey)
-        ));
+        assert!(matches!(key(2).verify_check_value(&check), Err(Error::WrongKey)));
     }
 
     #[test]
     fn passphrase_derivation_is_deterministic_and_salted() {
-        let mut p = KdfParams {
-            salt: [5; 16],
-            m_cost_kib: 64,
-            t_cost: 1,
-            p_cost: 1,
-        };
+        let mut p = KdfParams { salt: [5; 16], m_cost_kib: 64, t_cost: 1, p_cost: 1 };
         let a = MasterKey::from_passphrase(b"pw", &p).unwrap();
         let b = MasterKey::from_passphrase(b"pw", &p).unwrap();
         assert_eq!(a.as_bytes(), b.as_bytes());
@@ -275,10 +236,7 @@ mod tests {
     fn metadata_round_trip_and_tamper() {
         let k = key(3);
         let (sealed, nonce) = k.seal_metadata(&[1; 16], b"hello").unwrap();
-        assert_eq!(
-            k.open_metadata(&[1; 16], &nonce, &sealed).unwrap(),
-            b"hello"
-        );
+        assert_eq!(k.open_metadata(&[1; 16], &nonce, &sealed).unwrap(), b"hello");
         assert!(k.open_metadata(&[2; 16], &nonce, &sealed).is_err());
         assert!(key(4).open_metadata(&[1; 16], &nonce, &sealed).is_err());
     }

@@ -40,12 +40,7 @@ impl Codec {
     /// A codec for `k` data and `m` parity shards.
     pub fn new(k: usize, m: usize) -> Result<Self> {
         validate(k, m)?;
-        Ok(Codec {
-            k,
-            m,
-            encoder: None,
-            decoder: None,
-        })
+        Ok(Codec { k, m, encoder: None, decoder: None })
     }
 
     /// Data shard count.
@@ -58,33 +53,40 @@ impl Codec {
         self.m
     }
 
-    /// Computes the m parity shards of `data` (`k * shard_len` bytes) into `parity` (resized to
-    /// `m * shard_len`).
-    pub fn encode(&mut self, data: &[u8], shard_len: usize, parity: &mut Vec<u8>) -> Result<()> {
+    /// Computes the m parity shards of `data` (`k * shard_len` bytes) and hands them to `use_parity` while they
+    /// still live in the codec's working memory (no copy).
+    pub fn encode_with<R>(
+        &mut self,
+        data: &[u8],
+        shard_len: usize,
+        use_parity: impl FnOnce(&[&[u8]]) -> R,
+    ) -> Result<R> {
         if data.len() != self.k * shard_len {
-            return Err(Error::Config(
-                "segment buffer does not match k * shard_len".into(),
-            ));
+            return Err(Error::Config("segment buffer does not match k * shard_len".into()));
         }
         let enc = match &mut self.encoder {
             Some(e) => {
                 e.reset(self.k, self.m, shard_len).map_err(rs_err)?;
                 e
             }
-            None => self
-                .encoder
-                .insert(ReedSolomonEncoder::new(self.k, self.m, shard_len).map_err(rs_err)?),
+            None => self.encoder.insert(ReedSolomonEncoder::new(self.k, self.m, shard_len).map_err(rs_err)?),
         };
         for shard in data.chunks_exact(shard_len) {
             enc.add_original_shard(shard).map_err(rs_err)?;
         }
         let result = enc.encode().map_err(rs_err)?;
-        parity.clear();
-        parity.reserve(self.m * shard_len);
-        for p in result.recovery_iter() {
-            parity.extend_from_slice(p);
-        }
-        Ok(())
+        let parity: Vec<&[u8]> = result.recovery_iter().collect();
+        Ok(use_parity(&parity))
+    }
+
+    /// Computes the m parity shards of `data` into `parity` (resized to `m * shard_len`).
+    pub fn encode(&mut self, data: &[u8], shard_len: usize, parity: &mut Vec<u8>) -> Result<()> {
+        self.encode_with(data, shard_len, |p| {
+            parity.clear();
+            for shard in p {
+                parity.extend_from_slice(shard);
+            }
+        })
     }
 
     /// Rebuilds missing data shards in place. `data` is `k * shard_len` bytes where `have_data[i]` says whether
@@ -105,9 +107,7 @@ impl Codec {
                 d.reset(self.k, self.m, shard_len).map_err(rs_err)?;
                 d
             }
-            None => self
-                .decoder
-                .insert(ReedSolomonDecoder::new(self.k, self.m, shard_len).map_err(rs_err)?),
+            None => self.decoder.insert(ReedSolomonDecoder::new(self.k, self.m, shard_len).map_err(rs_err)?),
         };
         for (i, shard) in data.chunks_exact(shard_len).enumerate() {
             if have_data[i] {
@@ -143,13 +143,9 @@ mod tests {
             have[l] = false;
             damaged[l * sl..(l + 1) * sl].fill(0xEE);
         }
-        let good_parity: Vec<(usize, &[u8])> = (0..m)
-            .filter(|j| !lost.contains(&(k + j)))
-            .map(|j| (j, &parity[j * sl..(j + 1) * sl]))
-            .collect();
-        codec
-            .reconstruct(&mut damaged, sl, &have, good_parity)
-            .unwrap();
+        let good_parity: Vec<(usize, &[u8])> =
+            (0..m).filter(|j| !lost.contains(&(k + j))).map(|j| (j, &parity[j * sl..(j + 1) * sl])).collect();
+        codec.reconstruct(&mut damaged, sl, &have, good_parity).unwrap();
         assert_eq!(damaged, buf, "k={k} m={m} lost={lost:?}");
     }
 

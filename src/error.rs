@@ -94,18 +94,12 @@ pub enum Error {
 impl Error {
     /// Wraps an [`std::io::Error`] with context.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        Error::Io {
-            context: context.into(),
-            source,
-        }
+        Error::Io { context: context.into(), source }
     }
 
     /// Builds a [`Error::Corrupt`].
     pub fn corrupt(what: impl Into<String>, detail: impl Into<String>) -> Self {
-        Error::Corrupt {
-            what: what.into(),
-            detail: detail.into(),
-        }
+        Error::Corrupt { what: what.into(), detail: detail.into() }
     }
 
     /// True when the error means "the object does not exist" (as opposed to "is damaged").

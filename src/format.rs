@@ -55,10 +55,7 @@ pub fn open_bytes<'a>(magic: [u8; 8], what: &str, bytes: &'a [u8]) -> Result<&'a
     }
     let len = u32::from_le_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]) as usize;
     if len > MAX_PAYLOAD_LEN || bytes.len() != ENVELOPE_HEADER_LEN + len + ENVELOPE_TRAILER_LEN {
-        return Err(bad(format!(
-            "length mismatch: header says {len}, record has {}",
-            bytes.len()
-        )));
+        return Err(bad(format!("length mismatch: header says {len}, record has {}", bytes.len())));
     }
     let body_end = ENVELOPE_HEADER_LEN + len;
     if blake3::hash(&bytes[..body_end]).as_bytes() != &bytes[body_end..] {
@@ -77,8 +74,7 @@ pub fn seal<T: Serialize>(magic: [u8; 8], value: &T) -> Vec<u8> {
 /// Opens an envelope and decodes its payload.
 pub fn open<T: DeserializeOwned>(magic: [u8; 8], what: &str, bytes: &[u8]) -> Result<T> {
     let payload = open_bytes(magic, what, bytes)?;
-    postcard::from_bytes(payload)
-        .map_err(|e| Error::corrupt(what, format!("undecodable payload: {e}")))
+    postcard::from_bytes(payload).map_err(|e| Error::corrupt(what, format!("undecodable payload: {e}")))
 }
 
 #[cfg(test)]
@@ -100,10 +96,7 @@ mod tests {
         for bit in 0..sealed.len() * 8 {
             let mut b = sealed.clone();
             b[bit / 8] ^= 1 << (bit % 8);
-            assert!(
-                open::<u64>(MAGIC_STORE, "t", &b).is_err(),
-                "bit {bit} flip undetected"
-            );
+            assert!(open::<u64>(MAGIC_STORE, "t", &b).is_err(), "bit {bit} flip undetected");
         }
         assert!(open::<u64>(MAGIC_STORE, "t", &sealed[..sealed.len() - 1]).is_err());
     }

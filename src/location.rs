@@ -74,11 +74,7 @@ impl LocalDir {
     }
 
     fn path(&self, key: &str) -> Result<PathBuf> {
-        if key.is_empty()
-            || key
-                .split('/')
-                .any(|c| c.is_empty() || c == "." || c == "..")
-        {
+        if key.is_empty() || key.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
             return Err(Error::Config(format!("invalid object key {key:?}")));
         }
         Ok(self.root.join(key))
@@ -94,10 +90,7 @@ impl LocalDir {
         if !self.root.is_dir() {
             return Err(Error::io(
                 format!("location {}", self.name),
-                std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "location directory is missing",
-                ),
+                std::io::Error::new(std::io::ErrorKind::NotFound, "location directory is missing"),
             ));
         }
         let Some(parent) = path.parent() else {
@@ -132,9 +125,7 @@ impl LocalDir {
 
 /// fsyncs a directory so that entries created, renamed or removed in it are durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|f| f.sync_all())
-        .ctx(|| format!("syncing directory {}", dir.display()))
+    File::open(dir).and_then(|f| f.sync_all()).ctx(|| format!("syncing directory {}", dir.display()))
 }
 
 impl Location for LocalDir {
@@ -146,10 +137,7 @@ impl Location for LocalDir {
         let path = self.path(key)?;
         self.ensure_parent(&path)?;
         let parent = path.parent().unwrap_or(&self.root).to_path_buf();
-        let file_name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("object");
+        let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("object");
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
         let tmp = parent.join(format!(".{file_name}.{}.{n}.tmp", std::process::id()));
         let result = (|| {
@@ -159,8 +147,7 @@ impl Location for LocalDir {
                 .open(&tmp)
                 .ctx(|| format!("creating {}", tmp.display()))?;
             for p in parts {
-                f.write_all(p)
-                    .ctx(|| format!("writing {}", tmp.display()))?;
+                f.write_all(p).ctx(|| format!("writing {}", tmp.display()))?;
             }
             f.sync_data().ctx(|| format!("syncing {}", tmp.display()))?;
             fs::rename(&tmp, &path).ctx(|| format!("renaming into {}", path.display()))
@@ -177,20 +164,16 @@ impl Location for LocalDir {
         let path = self.path(key)?;
         buf.clear();
         let mut f = File::open(&path).ctx(|| format!("opening {}", path.display()))?;
-        f.read_to_end(buf)
-            .ctx(|| format!("reading {}", path.display()))?;
+        f.read_to_end(buf).ctx(|| format!("reading {}", path.display()))?;
         Ok(())
     }
 
     fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
         let path = self.path(key)?;
         let mut f = File::open(&path).ctx(|| format!("opening {}", path.display()))?;
-        f.seek(SeekFrom::Start(offset))
-            .ctx(|| format!("seeking {}", path.display()))?;
+        f.seek(SeekFrom::Start(offset)).ctx(|| format!("seeking {}", path.display()))?;
         let mut v = Vec::with_capacity(len);
-        f.take(len as u64)
-            .read_to_end(&mut v)
-            .ctx(|| format!("reading {}", path.display()))?;
+        f.take(len as u64).read_to_end(&mut v).ctx(|| format!("reading {}", path.display()))?;
         Ok(v)
     }
 
@@ -198,9 +181,7 @@ impl Location for LocalDir {
         let dir = self.path(prefix)?;
         let rd = match fs::read_dir(&dir) {
             Ok(rd) => rd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.root.is_dir() => {
-                return Ok(Vec::new())
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.root.is_dir() => return Ok(Vec::new()),
             Err(e) => return Err(Error::io(format!("listing {}", dir.display()), e)),
         };
         let mut names = Vec::new();
@@ -264,18 +245,13 @@ impl Location for LocalDir {
     }
 
     fn probe(&self) -> Result<()> {
-        fs::metadata(&self.root)
-            .ctx(|| format!("location {}", self.name))
-            .and_then(|m| {
-                if m.is_dir() {
-                    Ok(())
-                } else {
-                    Err(Error::Config(format!(
-                        "location {} is not a directory",
-                        self.name
-                    )))
-                }
-            })
+        fs::metadata(&self.root).ctx(|| format!("location {}", self.name)).and_then(|m| {
+            if m.is_dir() {
+                Ok(())
+            } else {
+                Err(Error::Config(format!("location {} is not a directory", self.name)))
+            }
+        })
     }
 }
 

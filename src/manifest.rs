@@ -108,11 +108,7 @@ impl ManifestBody {
             return bad("zero segment size".into());
         }
         if self.leaves.len() != self.segments.len() * self.width() {
-            return bad(format!(
-                "{} leaves for {} segments",
-                self.leaves.len(),
-                self.segments.len()
-            ));
+            return bad(format!("{} leaves for {} segments", self.leaves.len(), self.segments.len()));
         }
         let last = self.segments.len() - 1;
         for (i, s) in self.segments.iter().enumerate() {
@@ -122,10 +118,7 @@ impl ManifestBody {
             }
             let expect = erasure::shard_len(s.plain_len + TAG_LEN as u64, self.k as usize);
             if s.shard_len as usize != expect {
-                return bad(format!(
-                    "segment {i} shard length {} != {expect}",
-                    s.shard_len
-                ));
+                return bad(format!("segment {i} shard length {} != {expect}", s.shard_len));
             }
         }
         if merkle::root(&self.leaves) != self.root {
@@ -140,11 +133,7 @@ impl Manifest {
     pub fn new(body: ManifestBody, key: &MasterKey) -> Self {
         let body_bytes = postcard::to_allocvec(&body).expect("manifest body is serialisable");
         let mac = key.manifest_mac(&body_bytes);
-        Manifest {
-            body,
-            body_bytes,
-            mac,
-        }
+        Manifest { body, body_bytes, mac }
     }
 
     /// The bytes of one manifest copy.
@@ -157,40 +146,25 @@ impl Manifest {
         let (body_bytes, mac): (Vec<u8>, Hash) = format::open(MAGIC_MANIFEST, what, bytes)?;
         if let Some(key) = key {
             if key.manifest_mac(&body_bytes) != mac {
-                return Err(Error::corrupt(
-                    what,
-                    "MAC mismatch (tampered, or written with another key)",
-                ));
+                return Err(Error::corrupt(what, "MAC mismatch (tampered, or written with another key)"));
             }
         }
-        let body: ManifestBody = postcard::from_bytes(&body_bytes)
-            .map_err(|e| Error::corrupt(what, format!("undecodable body: {e}")))?;
+        let body: ManifestBody =
+            postcard::from_bytes(&body_bytes).map_err(|e| Error::corrupt(what, format!("undecodable body: {e}")))?;
         body.validate(what)?;
-        Ok(Manifest {
-            body,
-            body_bytes,
-            mac,
-        })
+        Ok(Manifest { body, body_bytes, mac })
     }
 
     /// Decrypts the private metadata.
     pub fn meta(&self, key: &MasterKey) -> Result<FileMeta> {
-        let plain = key.open_metadata(
-            &self.body.file_id,
-            &self.body.meta_nonce,
-            &self.body.sealed_meta,
-        )?;
+        let plain = key.open_metadata(&self.body.file_id, &self.body.meta_nonce, &self.body.sealed_meta)?;
         postcard::from_bytes(&plain).map_err(|e| Error::corrupt("file metadata", e.to_string()))
     }
 }
 
 /// Object key of a manifest copy on a location.
 pub fn manifest_key(name_tag: &Hash, file_id: &[u8; 16]) -> String {
-    format!(
-        "manifests/{}-{}.bfm",
-        hex::encode(name_tag),
-        hex::encode(file_id)
-    )
+    format!("manifests/{}-{}.bfm", hex::encode(name_tag), hex::encode(file_id))
 }
 
 /// Parses a manifest object name back into (name tag, file id).
@@ -211,21 +185,13 @@ mod tests {
 
     pub(crate) fn sample_body(key: &MasterKey) -> ManifestBody {
         let (k, m) = (2u16, 1u16);
-        let segments = vec![SegmentEntry {
-            plain_len: 10,
-            shard_len: erasure::shard_len(26, 2) as u32,
-        }];
+        let segments = vec![SegmentEntry { plain_len: 10, shard_len: erasure::shard_len(26, 2) as u32 }];
         let leaves: Vec<Hash> = (0..3u8).map(|i| [i; 32]).collect();
         let (sealed_meta, meta_nonce) = key
             .seal_metadata(
                 &[4; 16],
-                &postcard::to_allocvec(&FileMeta {
-                    name: "a".into(),
-                    size: 10,
-                    mtime_unix_ns: 0,
-                    mode: 0o644,
-                })
-                .unwrap(),
+                &postcard::to_allocvec(&FileMeta { name: "a".into(), size: 10, mtime_unix_ns: 0, mode: 0o644 })
+                    .unwrap(),
             )
             .unwrap();
         ManifestBody {

@@ -9,13 +9,7 @@
 pub type Hash = [u8; 32];
 
 /// Hash of one shard as a leaf of its file's tree.
-pub fn leaf_hash(
-    file_id: &[u8; 16],
-    segment: u64,
-    shard: u16,
-    len: u32,
-    payload_hash: &Hash,
-) -> Hash {
+pub fn leaf_hash(file_id: &[u8; 16], segment: u64, shard: u16, len: u32, payload_hash: &Hash) -> Hash {
     let mut h = blake3::Hasher::new();
     h.update(&[0u8]);
     h.update(file_id);
@@ -69,11 +63,7 @@ pub fn proof(leaves: &[Hash], index: usize) -> Option<Proof> {
     }
     let mut siblings = Vec::new();
     collect_path(leaves, index, &mut siblings);
-    Some(Proof {
-        index: index as u64,
-        leaf_count: leaves.len() as u64,
-        siblings,
-    })
+    Some(Proof { index: index as u64, leaf_count: leaves.len() as u64, siblings })
 }
 
 fn collect_path(leaves: &[Hash], index: usize, out: &mut Vec<Hash>) {
@@ -115,11 +105,7 @@ pub fn verify(expected_root: &Hash, leaf: &Hash, proof: &Proof) -> bool {
     }
     let mut acc = *leaf;
     for (left, sib) in goes_left.iter().rev().zip(&proof.siblings) {
-        acc = if *left {
-            node_hash(&acc, sib)
-        } else {
-            node_hash(sib, &acc)
-        };
+        acc = if *left { node_hash(&acc, sib) } else { node_hash(sib, &acc) };
     }
     acc == *expected_root
 }
@@ -130,9 +116,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn leaves(n: usize) -> Vec<Hash> {
-        (0..n)
-            .map(|i| *blake3::hash(&(i as u64).to_le_bytes()).as_bytes())
-            .collect()
+        (0..n).map(|i| *blake3::hash(&(i as u64).to_le_bytes()).as_bytes()).collect()
     }
 
     #[test]

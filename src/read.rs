@@ -55,10 +55,7 @@ pub fn fetch_shard(
     segment: u64,
     shard: usize,
     io: &mut Vec<u8>,
-) -> (
-    std::result::Result<(Range<usize>, usize), ShardProblem>,
-    usize,
-) {
+) -> (std::result::Result<(Range<usize>, usize), ShardProblem>, usize) {
     let locations = store.locations();
     let n = locations.len();
     let home = placement(body.placement_start, segment, shard, n);
@@ -66,19 +63,8 @@ pub fn fetch_shard(
     let Some(leaf) = body.leaf(segment, shard) else {
         return (Err(ShardProblem::Missing), home);
     };
-    let len = body
-        .segments
-        .get(segment as usize)
-        .map(|s| s.shard_len)
-        .unwrap_or(0);
-    let want = Expected {
-        store_id: &body.store_id,
-        file_id: &body.file_id,
-        segment,
-        shard: shard as u16,
-        len,
-        leaf,
-    };
+    let len = body.segments.get(segment as usize).map(|s| s.shard_len).unwrap_or(0);
+    let want = Expected { store_id: &body.store_id, file_id: &body.file_id, segment, shard: shard as u16, len, leaf };
     let mut first_problem = None;
     for i in (0..n).map(|j| (home + j) % n) {
         match locations[i].get_into(&key, io) {
@@ -148,14 +134,7 @@ impl<'a> SegmentReader<'a> {
     /// A reader for `file`.
     pub fn new(store: &'a Store, file: &'a OpenFile) -> Result<Self> {
         let codec = Codec::new(file.body.k as usize, file.body.m as usize)?;
-        Ok(SegmentReader {
-            store,
-            file,
-            codec,
-            buf: Vec::new(),
-            io: Vec::new(),
-            parity: Vec::new(),
-        })
+        Ok(SegmentReader { store, file, codec, buf: Vec::new(), io: Vec::new(), parity: Vec::new() })
     }
 
     /// Returns the verified plaintext of `segment`.
@@ -177,9 +156,7 @@ impl<'a> SegmentReader<'a> {
                     self.buf[i * sl..(i + 1) * sl].copy_from_slice(&self.io[r]);
                     *slot = true;
                 }
-                (Err(p), home) => {
-                    bad.push(format!("{i}@{}: {p}", self.store.locations()[home].name()))
-                }
+                (Err(p), home) => bad.push(format!("{i}@{}: {p}", self.store.locations()[home].name())),
             }
         }
         let mut good = have.iter().filter(|h| **h).count();
@@ -196,11 +173,7 @@ impl<'a> SegmentReader<'a> {
                         parity_ok.push(j);
                         good += 1;
                     }
-                    (Err(p), home) => bad.push(format!(
-                        "{}@{}: {p}",
-                        k + j,
-                        self.store.locations()[home].name()
-                    )),
+                    (Err(p), home) => bad.push(format!("{}@{}: {p}", k + j, self.store.locations()[home].name())),
                 }
             }
             if good < k {
@@ -218,36 +191,19 @@ impl<'a> SegmentReader<'a> {
                 &mut self.buf,
                 sl,
                 &have,
-                parity_ok
-                    .iter()
-                    .map(|&j| (j, &parity[j * sl..(j + 1) * sl])),
+                parity_ok.iter().map(|&j| (j, &parity[j * sl..(j + 1) * sl])),
             )?;
             // Pair assertion: every rebuilt shard must match its Merkle leaf before it is trusted.
             for (i, h) in have.iter().enumerate() {
-                let leaf = crate::commit::shard_leaf(
-                    &body.file_id,
-                    segment,
-                    i as u16,
-                    &self.buf[i * sl..(i + 1) * sl],
-                );
+                let leaf = crate::commit::shard_leaf(&body.file_id, segment, i as u16, &self.buf[i * sl..(i + 1) * sl]);
                 if !*h && Some(&leaf) != body.leaf(segment, i) {
-                    return Err(Error::Authentication {
-                        file: self.file.meta.name.clone(),
-                        segment,
-                    });
+                    return Err(Error::Authentication { file: self.file.meta.name.clone(), segment });
                 }
             }
         }
         let last = segment + 1 == self.file.segments();
-        if !self
-            .file
-            .cipher
-            .open_segment(segment, last, &mut self.buf[..plain + TAG_LEN], plain)
-        {
-            return Err(Error::Authentication {
-                file: self.file.meta.name.clone(),
-                segment,
-            });
+        if !self.file.cipher.open_segment(segment, last, &mut self.buf[..plain + TAG_LEN], plain) {
+            return Err(Error::Authentication { file: self.file.meta.name.clone(), segment });
         }
         Ok(&self.buf[..plain])
     }
@@ -297,11 +253,8 @@ pub fn read_to(
         let mut written = 0u64;
         for seg in 0..segments {
             let (rx, back) = &lanes[(seg % workers as u64) as usize];
-            let plain = rx
-                .recv()
-                .map_err(|_| Error::Config("reader thread ended early".into()))??;
-            out.write_all(&plain)
-                .map_err(|e| Error::io("writing output", e))?;
+            let plain = rx.recv().map_err(|_| Error::Config("reader thread ended early".into()))??;
+            out.write_all(&plain).map_err(|e| Error::io("writing output", e))?;
             written += plain.len() as u64;
             progress(written);
             let _ = back.try_send(plain);
@@ -320,11 +273,7 @@ pub fn verify_file(store: &Store, body: &ManifestBody) -> Vec<Vec<ShardCheck>> {
             (0..body.width())
                 .map(|i| {
                     let (res, home) = fetch_shard(store, body, seg, i, &mut io);
-                    ShardCheck {
-                        shard: i,
-                        location: home,
-                        outcome: res.map(|(_, loc)| loc),
-                    }
+                    ShardCheck { shard: i, location: home, outcome: res.map(|(_, loc)| loc) }
                 })
                 .collect()
         })

@@ -91,13 +91,7 @@ impl ShardHeader {
 
     /// The Merkle leaf this header claims.
     pub fn leaf(&self) -> Hash {
-        leaf_hash(
-            &self.file_id,
-            self.segment,
-            self.shard,
-            self.payload_len,
-            &self.payload_hash,
-        )
+        leaf_hash(&self.file_id, self.segment, self.shard, self.payload_len, &self.payload_hash)
     }
 }
 
@@ -144,30 +138,20 @@ pub struct Expected<'a> {
 
 /// Checks a whole shard file (header + payload) against what the manifest expects; returns the payload.
 /// Needs no key: this is what scrub runs on untrusted nodes.
-pub fn verify<'b>(
-    bytes: &'b [u8],
-    want: &Expected<'_>,
-) -> std::result::Result<&'b [u8], ShardFault> {
+pub fn verify<'b>(bytes: &'b [u8], want: &Expected<'_>) -> std::result::Result<&'b [u8], ShardFault> {
     let h = ShardHeader::decode(bytes).map_err(|e| ShardFault::BadHeader(e.to_string()))?;
     if &h.store_id != want.store_id || &h.file_id != want.file_id {
-        return Err(ShardFault::Misplaced(
-            "belongs to another store or file".into(),
-        ));
+        return Err(ShardFault::Misplaced("belongs to another store or file".into()));
     }
     if h.segment != want.segment || h.shard != want.shard {
-        return Err(ShardFault::Misplaced(format!(
-            "holds segment {} shard {}",
-            h.segment, h.shard
-        )));
+        return Err(ShardFault::Misplaced(format!("holds segment {} shard {}", h.segment, h.shard)));
     }
     let payload = &bytes[HEADER_LEN..];
     if h.payload_len != want.len || payload.len() != want.len as usize {
         return Err(ShardFault::BadLength);
     }
     let actual = *blake3::hash(payload).as_bytes();
-    if actual != h.payload_hash
-        || leaf_hash(want.file_id, want.segment, want.shard, want.len, &actual) != *want.leaf
-    {
+    if actual != h.payload_hash || leaf_hash(want.file_id, want.segment, want.shard, want.len, &actual) != *want.leaf {
         return Err(ShardFault::BadPayload);
     }
     Ok(payload)
@@ -198,14 +182,7 @@ mod tests {
     fn verifies_good_and_rejects_every_flipped_bit() {
         let (h, bytes) = sample(b"some shard payload");
         let leaf = h.leaf();
-        let want = Expected {
-            store_id: &[1; 16],
-            file_id: &[2; 16],
-            segment: 3,
-            shard: 4,
-            len: 18,
-            leaf: &leaf,
-        };
+        let want = Expected { store_id: &[1; 16], file_id: &[2; 16], segment: 3, shard: 4, len: 18, leaf: &leaf };
         assert_eq!(verify(&bytes, &want).unwrap(), b"some shard payload");
         for bit in 0..bytes.len() * 8 {
             let mut b = bytes.clone();
@@ -215,10 +192,7 @@ mod tests {
         }
         assert!(verify(&bytes[..bytes.len() - 1], &want).is_err());
         let other = Expected { shard: 5, ..want };
-        assert!(matches!(
-            verify(&bytes, &other),
-            Err(ShardFault::Misplaced(_))
-        ));
+        assert!(matches!(verify(&bytes, &other), Err(ShardFault::Misplaced(_))));
     }
 
     proptest! {

@@ -93,10 +93,7 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store")
-            .field("dir", &self.dir)
-            .field("locations", &self.desc.locations)
-            .finish()
+        f.debug_struct("Store").field("dir", &self.dir).field("locations", &self.desc.locations).finish()
     }
 }
 
@@ -115,11 +112,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
         std::os::unix::fs::OpenOptionsExt::mode(&mut opts, mode);
         #[cfg(not(unix))]
         let _ = mode;
-        let mut f = opts
-            .open(&tmp)
-            .ctx(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes)
-            .ctx(|| format!("writing {}", tmp.display()))?;
+        let mut f = opts.open(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
+        f.write_all(bytes).ctx(|| format!("writing {}", tmp.display()))?;
         f.sync_all().ctx(|| format!("syncing {}", tmp.display()))?;
         fs::rename(&tmp, path).ctx(|| format!("renaming into {}", path.display()))?;
         sync_dir(dir)
@@ -133,10 +127,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
 /// Writes a new key file (refuses to overwrite one: that would orphan every file encrypted with it).
 pub fn write_key_file(path: &Path, key: &MasterKey) -> Result<()> {
     if path.exists() {
-        return Err(Error::Config(format!(
-            "key file {} already exists; refusing to overwrite it",
-            path.display()
-        )));
+        return Err(Error::Config(format!("key file {} already exists; refusing to overwrite it", path.display())));
     }
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
@@ -148,17 +139,13 @@ pub fn write_key_file(path: &Path, key: &MasterKey) -> Result<()> {
 pub fn read_key_file(path: &Path) -> Result<MasterKey> {
     let bytes = fs::read(path).ctx(|| format!("reading key file {}", path.display()))?;
     let payload = format::open_bytes(MAGIC_KEY, &format!("key file {}", path.display()), &bytes)?;
-    let raw: [u8; 32] = payload
-        .try_into()
-        .map_err(|_| Error::corrupt(format!("key file {}", path.display()), "not 32 bytes"))?;
+    let raw: [u8; 32] =
+        payload.try_into().map_err(|_| Error::corrupt(format!("key file {}", path.display()), "not 32 bytes"))?;
     Ok(MasterKey::from_bytes(raw))
 }
 
 fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 impl Store {
@@ -187,18 +174,14 @@ impl Store {
         fs::create_dir_all(dir).ctx(|| format!("creating store directory {}", dir.display()))?;
         let width = opts.k as usize + opts.m as usize;
         let locations: Vec<String> = if opts.locations.is_empty() {
-            (0..width)
-                .map(|i| format!("locations/loc-{i:02}"))
-                .collect()
+            (0..width).map(|i| format!("locations/loc-{i:02}")).collect()
         } else {
             let mut v = Vec::new();
             for l in &opts.locations {
                 let abs = if l.is_absolute() {
                     l.clone()
                 } else {
-                    std::env::current_dir()
-                        .ctx(|| "reading the current directory".into())?
-                        .join(l)
+                    std::env::current_dir().ctx(|| "reading the current directory".into())?.join(l)
                 };
                 v.push(abs.display().to_string());
             }
@@ -228,15 +211,9 @@ impl Store {
             fs::create_dir_all(&path).ctx(|| format!("creating location {}", path.display()))?;
             let loc = LocalDir::new(&path);
             if !loc.list("manifests")?.is_empty() {
-                return Err(Error::Config(format!(
-                    "location {} already holds a store's data",
-                    path.display()
-                )));
+                return Err(Error::Config(format!("location {} already holds a store's data", path.display())));
             }
-            let marker = LocationMarker {
-                store_id: desc.store_id,
-                index: i as u32,
-            };
+            let marker = LocationMarker { store_id: desc.store_id, index: i as u32 };
             loc.put(LOCATION_MARKER, &[&format::seal(MAGIC_LOCATION, &marker)])?;
             loc.sync()?;
             sync_dir(&path)?;
@@ -244,11 +221,7 @@ impl Store {
         if let KeySource::NewKeyFile(path) = &opts.key {
             write_key_file(path, &key)?;
         }
-        write_atomic(
-            &dir.join(DESCRIPTOR),
-            &format::seal(MAGIC_STORE, &desc),
-            0o644,
-        )?;
+        write_atomic(&dir.join(DESCRIPTOR), &format::seal(MAGIC_STORE, &desc), 0o644)?;
         let mut store = Store::open(dir)?;
         store.key = Some(key);
         Ok(store)
@@ -260,32 +233,18 @@ impl Store {
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::NoStore {
-                    path: dir.to_path_buf(),
-                })
+                return Err(Error::NoStore { path: dir.to_path_buf() })
             }
             Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
         };
-        let desc: StoreDescriptor = format::open(
-            MAGIC_STORE,
-            &format!("store descriptor {}", path.display()),
-            &bytes,
-        )?;
+        let desc: StoreDescriptor = format::open(MAGIC_STORE, &format!("store descriptor {}", path.display()), &bytes)?;
         erasure::validate(desc.k as usize, desc.m as usize)?;
         if desc.locations.is_empty() {
             return Err(Error::corrupt("store descriptor", "no locations"));
         }
-        let locations = desc
-            .locations
-            .iter()
-            .map(|l| Arc::new(LocalDir::new(resolve(dir, l))) as Arc<dyn Location>)
-            .collect();
-        Ok(Store {
-            dir: dir.to_path_buf(),
-            desc,
-            locations,
-            key: None,
-        })
+        let locations =
+            desc.locations.iter().map(|l| Arc::new(LocalDir::new(resolve(dir, l))) as Arc<dyn Location>).collect();
+        Ok(Store { dir: dir.to_path_buf(), desc, locations, key: None })
     }
 
     /// Verifies and installs the key.
@@ -297,18 +256,17 @@ impl Store {
 
     /// Unlocks with a passphrase (for stores created with one).
     pub fn unlock_with_passphrase(&mut self, passphrase: &[u8]) -> Result<()> {
-        let params =
-            self.desc.kdf.clone().ok_or_else(|| {
-                Error::Config("this store uses a key file, not a passphrase".into())
-            })?;
+        let params = self
+            .desc
+            .kdf
+            .clone()
+            .ok_or_else(|| Error::Config("this store uses a key file, not a passphrase".into()))?;
         self.unlock(MasterKey::from_passphrase(passphrase, &params)?)
     }
 
     /// The key, or an error naming what needs it.
     pub fn key(&self) -> Result<&MasterKey> {
-        self.key
-            .as_ref()
-            .ok_or_else(|| Error::KeyRequired("no key loaded".into()))
+        self.key.as_ref().ok_or_else(|| Error::KeyRequired("no key loaded".into()))
     }
 
     /// The key when loaded.
@@ -334,9 +292,7 @@ impl Store {
     /// Replaces the location backends (tests use this to inject faulty locations).
     pub fn set_locations(&mut self, locations: Vec<Arc<dyn Location>>) -> Result<()> {
         if locations.len() != self.desc.locations.len() {
-            return Err(Error::Config(
-                "location count differs from the descriptor".into(),
-            ));
+            return Err(Error::Config("location count differs from the descriptor".into()));
         }
         self.locations = locations;
         Ok(())
@@ -351,13 +307,9 @@ impl Store {
             .map(|(i, l)| {
                 l.probe()?;
                 let what = format!("location marker of {}", l.name());
-                let marker: LocationMarker =
-                    format::open(MAGIC_LOCATION, &what, &l.get(LOCATION_MARKER)?)?;
+                let marker: LocationMarker = format::open(MAGIC_LOCATION, &what, &l.get(LOCATION_MARKER)?)?;
                 if marker.store_id != self.desc.store_id || marker.index as usize != i {
-                    return Err(Error::corrupt(
-                        what,
-                        "belongs to another store or position (swapped disks?)",
-                    ));
+                    return Err(Error::corrupt(what, "belongs to another store or position (swapped disks?)"));
                 }
                 Ok(())
             })
@@ -444,17 +396,11 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            assert_eq!(
-                fs::metadata(&key_path).unwrap().permissions().mode() & 0o777,
-                0o600
-            );
+            assert_eq!(fs::metadata(&key_path).unwrap().permissions().mode() & 0o777, 0o600);
         }
         let mut s2 = Store::open(&dir).unwrap();
         s2.unlock(read_key_file(&key_path).unwrap()).unwrap();
-        assert!(matches!(
-            s2.unlock(MasterKey::from_bytes([0; 32])),
-            Err(Error::WrongKey)
-        ));
+        assert!(matches!(s2.unlock(MasterKey::from_bytes([0; 32])), Err(Error::WrongKey)));
         assert!(matches!(
             Store::init(
                 &dir,

@@ -35,13 +35,7 @@ pub(crate) fn data(len: usize, seed: u64) -> Vec<u8> {
 }
 
 fn req(name: &str) -> CommitRequest {
-    CommitRequest {
-        name: name.into(),
-        mtime_unix_ns: 0,
-        mode: 0o644,
-        replace: false,
-        workers: 2,
-    }
+    CommitRequest { name: name.into(), mtime_unix_ns: 0, mode: 0o644, replace: false, workers: 2, size: None }
 }
 
 fn get(store: &Store, name: &str) -> crate::Result<Vec<u8>> {
@@ -57,21 +51,18 @@ fn round_trips_edge_sizes() {
     let d = tempfile::tempdir().unwrap();
     let store = new_store(d.path(), 4, 2);
     let seg = MIN_SEGMENT_SIZE as usize;
-    for (i, len) in [0, 1, seg - 1, seg, seg + 1, 3 * seg + 12345]
-        .into_iter()
-        .enumerate()
-    {
+    for (i, len) in [0, 1, seg - 1, seg, seg + 1, 3 * seg + 12345].into_iter().enumerate() {
         let bytes = data(len, i as u64 + 1);
         let name = format!("dir/file{i}");
-        let r = commit(&store, &mut Cursor::new(&bytes), &req(&name), &|_| {}).unwrap();
+        // Alternate between known and unknown input sizes: both reader paths must agree.
+        let mut rq = req(&name);
+        rq.size = (i % 2 == 0).then_some(len as u64);
+        let r = commit(&store, &mut Cursor::new(&bytes), &rq, &|_| {}).unwrap();
         assert_eq!(r.size, len as u64);
         assert_eq!(r.segments, (len as u64).div_ceil(seg as u64).max(1));
         assert_eq!(get(&store, &name).unwrap(), bytes, "len {len}");
         // Also found by root.
-        assert_eq!(
-            catalog::find(&store, &r.root).unwrap().meta.unwrap().name,
-            name
-        );
+        assert_eq!(catalog::find(&store, &r.root).unwrap().meta.unwrap().name, name);
     }
     let (entries, bad) = catalog::list(&store).unwrap();
     assert_eq!(entries.len(), 6);
@@ -90,9 +81,7 @@ fn survives_losing_m_locations_and_reports_m_plus_one() {
     assert_eq!(get(&store, "f").unwrap(), bytes);
     std::fs::remove_dir_all(loc_dir(2)).unwrap();
     match get(&store, "f") {
-        Err(Error::TooManyLost {
-            file, have, need, ..
-        }) => {
+        Err(Error::TooManyLost { file, have, need, .. }) => {
             assert_eq!(file, "f");
             assert_eq!(need, 3);
             assert!(have < 3);
@@ -123,12 +112,22 @@ fn corrupt_shards_are_rebuilt_and_verify_reports_them() {
     assert!(flipped > 0);
     assert_eq!(get(&store, "f").unwrap(), bytes);
     let e = catalog::find(&store, "f").unwrap();
-    let bad: usize = verify_file(&store, &e.manifest.body)
-        .iter()
-        .flatten()
-        .filter(|c| c.outcome.is_err())
-        .count();
+    let bad: usize = verify_file(&store, &e.manifest.body).iter().flatten().filter(|c| c.outcome.is_err()).count();
     assert_eq!(bad, flipped);
+}
+
+#[test]
+fn input_changing_size_during_commit_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let store = new_store(d.path(), 2, 1);
+    let seg = MIN_SEGMENT_SIZE as usize;
+    for (actual, claimed) in [(3 * seg, 2 * seg), (3 * seg, 4 * seg), (10, 5)] {
+        let mut rq = req("changing");
+        rq.size = Some(claimed as u64);
+        let e = commit(&store, &mut Cursor::new(data(actual, 1)), &rq, &|_| {}).unwrap_err();
+        assert!(e.to_string().contains("while it was being committed"), "{e}");
+        assert!(catalog::scan(&store).unwrap().is_empty());
+    }
 }
 
 #[test]
@@ -136,17 +135,10 @@ fn duplicate_names_are_refused_unless_replaced() {
     let d = tempfile::tempdir().unwrap();
     let store = new_store(d.path(), 2, 1);
     commit(&store, &mut Cursor::new(b"one"), &req("n"), &|_| {}).unwrap();
-    assert!(matches!(
-        commit(&store, &mut Cursor::new(b"two"), &req("n"), &|_| {}),
-        Err(Error::AlreadyExists(_))
-    ));
+    assert!(matches!(commit(&store, &mut Cursor::new(b"two"), &req("n"), &|_| {}), Err(Error::AlreadyExists(_))));
     let mut r = req("n");
     r.replace = true;
-    assert!(
-        commit(&store, &mut Cursor::new(b"two"), &r, &|_| {})
-            .unwrap()
-            .replaced
-    );
+    assert!(commit(&store, &mut Cursor::new(b"two"), &r, &|_| {}).unwrap().replaced);
     assert_eq!(get(&store, "n").unwrap(), b"two");
     assert_eq!(catalog::scan(&store).unwrap().len(), 1);
 }
@@ -171,24 +163,12 @@ fn failed_commit_leaves_nothing_behind() {
 fn removal_deletes_manifests_and_shards() {
     let d = tempfile::tempdir().unwrap();
     let store = new_store(d.path(), 2, 1);
-    commit(
-        &store,
-        &mut Cursor::new(data(100_000, 1)),
-        &req("f"),
-        &|_| {},
-    )
-    .unwrap();
+    commit(&store, &mut Cursor::new(data(100_000, 1)), &req("f"), &|_| {}).unwrap();
     let e = catalog::find(&store, "f").unwrap();
     catalog::remove(&store, &e).unwrap();
-    assert!(matches!(
-        catalog::find(&store, "f"),
-        Err(Error::NotFound(_))
-    ));
+    assert!(matches!(catalog::find(&store, "f"), Err(Error::NotFound(_))));
     for i in 0..3 {
         let shards = d.path().join(format!("store/locations/loc-{i:02}/shards"));
-        assert_eq!(
-            std::fs::read_dir(&shards).map(|r| r.count()).unwrap_or(0),
-            0
-        );
+        assert_eq!(std::fs::read_dir(&shards).map(|r| r.count()).unwrap_or(0), 0);
     }
 }

@@ -76,7 +76,12 @@ fn wrong_key_and_wrong_passphrase_are_refused() {
     assert!(err.contains("key file"), "{err}");
     // Passphrase stores.
     let p = Env::new();
-    let o = p.bf().env("BF_PASSPHRASE", "correct horse").args(["init", "--passphrase", "-k", "2", "-m", "1"]).output().unwrap();
+    let o = p
+        .bf()
+        .env("BF_PASSPHRASE", "correct horse")
+        .args(["init", "--passphrase", "-k", "2", "-m", "1"])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(!p.store().join("master.key").exists());
     p.write("b", b"bytes");
@@ -156,11 +161,17 @@ fn duplicate_names_missing_inputs_and_missing_store() {
         assert!(files_under(&env.location(i).join("manifests")).is_empty());
     }
     // Standard input with --name; get by root.
-    let o = env.bf().args(["commit", "-", "--name", "piped", "--json"]).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().and_then(|mut c| {
-        use std::io::Write;
-        c.stdin.take().unwrap().write_all(&data(3 * SEG + 5, 4))?;
-        c.wait_with_output()
-    });
+    let o = env
+        .bf()
+        .args(["commit", "-", "--name", "piped", "--json"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(&data(3 * SEG + 5, 4))?;
+            c.wait_with_output()
+        });
     let o = o.unwrap();
     assert!(o.status.success());
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -220,8 +231,19 @@ fn disk_full_and_read_only_locations_commit_nothing() {
     }
     let small_s = small.display().to_string();
     let r = env.run(&[
-        "init", "-k", "2", "-m", "1", "--segment-size-mb", "0.0625", "--location", &locs[0], "--location", &locs[1],
-        "--location", &small_s,
+        "init",
+        "-k",
+        "2",
+        "-m",
+        "1",
+        "--segment-size-mb",
+        "0.0625",
+        "--location",
+        &locs[0],
+        "--location",
+        &locs[1],
+        "--location",
+        &small_s,
     ]);
     assert!(r.status.success());
     env.write("big", &data(4 << 20, 3));

@@ -49,7 +49,12 @@ impl Env {
     pub fn fails(&self, args: &[&str], code: i32) -> String {
         let o = self.run(args);
         let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        assert_eq!(o.status.code(), Some(code), "bf {args:?}: stdout {} stderr {err}", String::from_utf8_lossy(&o.stdout));
+        assert_eq!(
+            o.status.code(),
+            Some(code),
+            "bf {args:?}: stdout {} stderr {err}",
+            String::from_utf8_lossy(&o.stdout)
+        );
         assert!(!err.contains("panicked"), "panic: {err}");
         err
     }
@@ -91,7 +96,9 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             let p = e.path();
             if p.is_dir() {

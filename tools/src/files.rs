@@ -37,31 +37,19 @@ fn passphrase(prompt: &str) -> Result<Vec<u8>> {
     if !std::io::stdin().is_terminal() {
         bail!("this needs a passphrase: set BF_PASSPHRASE or run on a terminal");
     }
-    Ok(rpassword::prompt_password(prompt)
-        .context("reading the passphrase")?
-        .into_bytes())
+    Ok(rpassword::prompt_password(prompt).context("reading the passphrase")?.into_bytes())
 }
 
 fn init(a: &InitArgs, s: &Settings) -> Result<Store> {
     let f = &s.file;
-    let k = a
-        .data_shards
-        .or(f.data_shards)
-        .unwrap_or(store::DEFAULT_DATA_SHARDS);
-    let m = a
-        .parity_shards
-        .or(f.parity_shards)
-        .unwrap_or(store::DEFAULT_PARITY_SHARDS);
+    let k = a.data_shards.or(f.data_shards).unwrap_or(store::DEFAULT_DATA_SHARDS);
+    let m = a.parity_shards.or(f.parity_shards).unwrap_or(store::DEFAULT_PARITY_SHARDS);
     let segment_size = match a.segment_size_mb.or(f.segment_size_mb) {
         Some(mb) if mb.is_finite() && mb > 0.0 => (mb * 1048576.0).round() as u64,
         Some(mb) => bail!("invalid segment size {mb} MiB"),
         None => store::DEFAULT_SEGMENT_SIZE,
     };
-    let locations = if a.locations.is_empty() {
-        f.locations.clone().unwrap_or_default()
-    } else {
-        a.locations.clone()
-    };
+    let locations = if a.locations.is_empty() { f.locations.clone().unwrap_or_default() } else { a.locations.clone() };
     let width = k as usize + m as usize;
     if !locations.is_empty() && locations.len() < width {
         tracing::warn!(
@@ -79,16 +67,7 @@ fn init(a: &InitArgs, s: &Settings) -> Result<Store> {
     } else {
         KeySource::NewKeyFile(s.key_path())
     };
-    let st = Store::init(
-        &s.store,
-        InitOptions {
-            k,
-            m,
-            segment_size,
-            locations,
-            key,
-        },
-    )?;
+    let st = Store::init(&s.store, InitOptions { k, m, segment_size, locations, key })?;
     let d = st.descriptor();
     eprintln!(
         "bf: created store {} (k={}, m={}, segment {} KiB, {} locations)",
@@ -126,10 +105,7 @@ fn unlock(st: &mut Store, s: &Settings) -> Result<()> {
     } else {
         let path = s.key_path();
         if !path.exists() {
-            bail!(
-                "key file {} not found (set --key-file, BF_KEY_FILE or encryption_key_path)",
-                path.display()
-            );
+            bail!("key file {} not found (set --key-file, BF_KEY_FILE or encryption_key_path)", path.display());
         }
         st.unlock(store::read_key_file(&path)?)?;
     }
@@ -152,28 +128,20 @@ fn progress_bar(total: u64) -> Option<ProgressBar> {
 /// ones their file name.
 fn name_for(path: &Path) -> Result<String> {
     let parts: Vec<String> = if path.is_absolute() {
-        path.file_name()
-            .map(|n| vec![n.to_string_lossy().into_owned()])
-            .unwrap_or_default()
+        path.file_name().map(|n| vec![n.to_string_lossy().into_owned()]).unwrap_or_default()
     } else {
         let mut v: Vec<String> = Vec::new();
         for c in path.components() {
             match c {
                 Component::Normal(p) => v.push(p.to_string_lossy().into_owned()),
                 Component::CurDir => {}
-                _ => bail!(
-                    "cannot derive a store name from {}; pass --name",
-                    path.display()
-                ),
+                _ => bail!("cannot derive a store name from {}; pass --name", path.display()),
             }
         }
         v
     };
     if parts.is_empty() {
-        bail!(
-            "cannot derive a store name from {}; pass --name",
-            path.display()
-        );
+        bail!("cannot derive a store name from {}; pass --name", path.display());
     }
     Ok(parts.join("/"))
 }
@@ -186,10 +154,7 @@ fn inputs(a: &CommitArgs) -> Result<Vec<(PathBuf, String)>> {
     let mut out = Vec::new();
     for p in &a.paths {
         if p.as_os_str() == "-" {
-            let name = a
-                .name
-                .clone()
-                .context("committing standard input needs --name")?;
+            let name = a.name.clone().context("committing standard input needs --name")?;
             out.push((p.clone(), name));
         } else if p.is_dir() {
             if !a.recursive {
@@ -213,9 +178,7 @@ fn walk(dir: &Path, prefix: &str, out: &mut Vec<(PathBuf, String)>) -> Result<()
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
         let name = format!("{prefix}/{}", e.file_name().to_string_lossy());
-        let ft = e
-            .file_type()
-            .with_context(|| format!("reading {}", e.path().display()))?;
+        let ft = e.file_type().with_context(|| format!("reading {}", e.path().display()))?;
         if ft.is_dir() {
             walk(&e.path(), &name, out)?;
         } else if ft.is_file() {
@@ -227,10 +190,7 @@ fn walk(dir: &Path, prefix: &str, out: &mut Vec<(PathBuf, String)>) -> Result<()
 
 fn cmd_commit(a: &CommitArgs, s: &Settings) -> Result<u8> {
     let st = if s.store_is_default && !Store::exists(&s.store) {
-        eprintln!(
-            "bf: no store yet at {}; creating the default one",
-            s.store.display()
-        );
+        eprintln!("bf: no store yet at {}; creating the default one", s.store.display());
         let defaults = InitArgs {
             data_shards: None,
             parity_shards: None,
@@ -245,23 +205,23 @@ fn cmd_commit(a: &CommitArgs, s: &Settings) -> Result<u8> {
     let mut reports: Vec<CommitReport> = Vec::new();
     for (path, name) in inputs(a)? {
         let start = Instant::now();
-        let (mut input, size, mtime_unix_ns, mode): (Box<dyn std::io::Read>, u64, i64, u32) =
-            if path.as_os_str() == "-" {
-                (Box::new(std::io::stdin().lock()), 0, now_ns(), 0o644)
-            } else {
-                let f = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-                let md = f
-                    .metadata()
-                    .with_context(|| format!("reading {}", path.display()))?;
-                (Box::new(f), md.len(), mtime_ns(&md), mode_of(&md))
-            };
+        let (mut input, size, mtime_unix_ns, mode): (Box<dyn std::io::Read>, u64, i64, u32) = if path.as_os_str() == "-"
+        {
+            (Box::new(std::io::stdin().lock()), 0, now_ns(), 0o644)
+        } else {
+            let f = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+            let md = f.metadata().with_context(|| format!("reading {}", path.display()))?;
+            (Box::new(f), md.len(), mtime_ns(&md), mode_of(&md))
+        };
         let pb = progress_bar(size);
+        let known_size = (path.as_os_str() != "-").then_some(size);
         let req = CommitRequest {
             name: name.clone(),
             mtime_unix_ns,
             mode,
             replace: a.replace,
             workers: s.workers,
+            size: known_size,
         };
         let report = commit(&st, &mut input, &req, &|done| {
             if let Some(pb) = &pb {
@@ -286,10 +246,7 @@ fn cmd_commit(a: &CommitArgs, s: &Settings) -> Result<u8> {
 }
 
 fn now_ns() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
 }
 
 fn mtime_ns(md: &std::fs::Metadata) -> i64 {
@@ -323,9 +280,7 @@ fn get(a: &GetArgs, s: &Settings) -> Result<u8> {
     let target = match &a.output {
         Some(p) if p.as_os_str() == "-" => None,
         Some(p) => Some(p.clone()),
-        None => Some(PathBuf::from(
-            file.meta.name.rsplit('/').next().unwrap_or("out"),
-        )),
+        None => Some(PathBuf::from(file.meta.name.rsplit('/').next().unwrap_or("out"))),
     };
     match target {
         None => {
@@ -340,34 +295,20 @@ fn get(a: &GetArgs, s: &Settings) -> Result<u8> {
             }
             // Rebuild into a temporary file beside the target and rename at the end, so a failure never leaves
             // a truncated file under the target name.
-            let dir = path
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
-            let tmp = dir.join(format!(
-                ".{}.bf-partial",
-                path.file_name().and_then(|n| n.to_str()).unwrap_or("out")
-            ));
+            let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let tmp = dir.join(format!(".{}.bf-partial", path.file_name().and_then(|n| n.to_str()).unwrap_or("out")));
             let res = (|| -> Result<()> {
-                let f =
-                    File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+                let f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
                 let mut out = std::io::BufWriter::with_capacity(1 << 20, f);
                 read_to(&st, &file, &mut out, s.workers, &progress)?;
-                let f = out
-                    .into_inner()
-                    .map_err(|e| e.into_error())
-                    .context("writing output")?;
+                let f = out.into_inner().map_err(|e| e.into_error()).context("writing output")?;
                 f.sync_all().context("syncing output")?;
                 #[cfg(unix)]
                 {
                     use std::os::unix::fs::PermissionsExt;
-                    let _ = std::fs::set_permissions(
-                        &tmp,
-                        std::fs::Permissions::from_mode(file.meta.mode & 0o777),
-                    );
+                    let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(file.meta.mode & 0o777));
                 }
-                std::fs::rename(&tmp, &path)
-                    .with_context(|| format!("renaming into {}", path.display()))?;
+                std::fs::rename(&tmp, &path).with_context(|| format!("renaming into {}", path.display()))?;
                 Ok(())
             })();
             if res.is_err() {
@@ -408,11 +349,7 @@ fn quick_health(st: &Store, e: &Entry) -> Health {
     let listed: Vec<Option<std::collections::HashSet<String>>> = st
         .locations()
         .iter()
-        .map(|l| {
-            l.list(&store::shard_prefix(&body.file_id))
-                .ok()
-                .map(|v| v.into_iter().collect())
-        })
+        .map(|l| l.list(&store::shard_prefix(&body.file_id)).ok().map(|v| v.into_iter().collect()))
         .collect();
     for seg in 0..body.segments.len() as u64 {
         let present = (0..body.width())
@@ -440,11 +377,7 @@ fn ls(a: &LsArgs, s: &Settings) -> Result<u8> {
         .iter()
         .map(|e| LsRow {
             name: e.label(),
-            size: e
-                .meta
-                .as_ref()
-                .map(|m| m.size)
-                .unwrap_or_else(|| e.manifest.body.plain_size()),
+            size: e.meta.as_ref().map(|m| m.size).unwrap_or_else(|| e.manifest.body.plain_size()),
             segments: e.manifest.body.segments.len() as u64,
             root: e.manifest.body.root_hex(),
             health: quick_health(&st, e),
@@ -456,14 +389,7 @@ fn ls(a: &LsArgs, s: &Settings) -> Result<u8> {
     } else {
         for r in &rows {
             let h = format!("{:?}", r.health).to_lowercase();
-            println!(
-                "{:>14}  {:>6}  {:<8}  {}  {}",
-                r.size,
-                r.segments,
-                h,
-                &r.root[..16],
-                r.name
-            );
+            println!("{:>14}  {:>6}  {:<8}  {}  {}", r.size, r.segments, h, &r.root[..16], r.name);
         }
     }
     for e in &bad {
@@ -505,8 +431,7 @@ fn verify(a: &VerifyArgs, s: &Settings) -> Result<u8> {
     let mut st = open_keyless(s)?;
     // The key is optional here: without it files are named by root and manifests are checked structurally.
     let key_path = s.key_path();
-    if st.descriptor().kdf.is_none() && key_path.exists() || std::env::var("BF_PASSPHRASE").is_ok()
-    {
+    if st.descriptor().kdf.is_none() && key_path.exists() || std::env::var("BF_PASSPHRASE").is_ok() {
         unlock(&mut st, s)?;
     }
     let entries: Vec<Entry> = if a.names.is_empty() {
@@ -516,10 +441,7 @@ fn verify(a: &VerifyArgs, s: &Settings) -> Result<u8> {
         }
         ok
     } else {
-        a.names
-            .iter()
-            .map(|n| catalog::find(&st, n))
-            .collect::<Result<_, Error>>()?
+        a.names.iter().map(|n| catalog::find(&st, n)).collect::<Result<_, Error>>()?
     };
     let mut rows = Vec::new();
     for e in &entries {
@@ -563,10 +485,7 @@ fn verify(a: &VerifyArgs, s: &Settings) -> Result<u8> {
             let state = if !r.segments_lost.is_empty() {
                 format!("LOST segments {:?}", r.segments_lost)
             } else if r.shards_bad > 0 {
-                format!(
-                    "degraded ({} bad shards in {} segments, repairable)",
-                    r.shards_bad, r.segments_degraded
-                )
+                format!("degraded ({} bad shards in {} segments, repairable)", r.shards_bad, r.segments_degraded)
             } else {
                 "ok".into()
             };

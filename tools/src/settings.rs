@@ -47,9 +47,7 @@ pub struct Settings {
 }
 
 fn env_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os(name)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
+    std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from)
 }
 
 fn xdg_dir(var: &str, fallback: &str) -> Option<PathBuf> {
@@ -58,14 +56,11 @@ fn xdg_dir(var: &str, fallback: &str) -> Option<PathBuf> {
 
 /// Default store directory: `$XDG_DATA_HOME/blockframe`, else `~/.local/share/blockframe`, else `./bf-data`.
 pub fn default_store() -> PathBuf {
-    xdg_dir("XDG_DATA_HOME", ".local/share")
-        .map(|d| d.join("blockframe"))
-        .unwrap_or_else(|| "bf-data".into())
+    xdg_dir("XDG_DATA_HOME", ".local/share").map(|d| d.join("blockframe")).unwrap_or_else(|| "bf-data".into())
 }
 
 fn load_config(path: &Path) -> Result<ConfigFile> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading config {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
 }
 
@@ -75,25 +70,17 @@ impl Settings {
         let config_path = g.config.clone().or_else(|| env_path("BF_CONFIG"));
         let file = match config_path {
             Some(p) => load_config(&p)?,
-            None => match xdg_dir("XDG_CONFIG_HOME", ".config")
-                .map(|d| d.join("blockframe/config.toml"))
-            {
+            None => match xdg_dir("XDG_CONFIG_HOME", ".config").map(|d| d.join("blockframe/config.toml")) {
                 Some(p) if p.is_file() => load_config(&p)?,
                 _ => ConfigFile::default(),
             },
         };
-        let explicit_store = g
-            .store
-            .clone()
-            .or_else(|| env_path("BF_STORE"))
-            .or_else(|| file.archive_directory.clone());
+        let explicit_store =
+            g.store.clone().or_else(|| env_path("BF_STORE")).or_else(|| file.archive_directory.clone());
         let store_is_default = explicit_store.is_none();
         let store = explicit_store.unwrap_or_else(default_store);
-        let key_file = g
-            .key_file
-            .clone()
-            .or_else(|| env_path("BF_KEY_FILE"))
-            .or_else(|| file.encryption_key_path.clone());
+        let key_file =
+            g.key_file.clone().or_else(|| env_path("BF_KEY_FILE")).or_else(|| file.encryption_key_path.clone());
         let log_level = g
             .log_level
             .clone()
@@ -101,25 +88,14 @@ impl Settings {
             .or_else(|| std::env::var("RUST_LOG").ok())
             .or_else(|| file.log_level.clone())
             .unwrap_or_else(|| "warn".into());
-        let cpus = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2);
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
         let workers = g.workers.or(file.workers).unwrap_or(cpus.min(4)).max(1);
-        Ok(Settings {
-            store,
-            store_is_default,
-            key_file,
-            log_level,
-            workers,
-            file,
-        })
+        Ok(Settings { store, store_is_default, key_file, log_level, workers, file })
     }
 
     /// The key file to use for this store.
     pub fn key_path(&self) -> PathBuf {
-        self.key_file
-            .clone()
-            .unwrap_or_else(|| blockframe::store::Store::default_key_path(&self.store))
+        self.key_file.clone().unwrap_or_else(|| blockframe::store::Store::default_key_path(&self.store))
     }
 }
 
@@ -129,20 +105,10 @@ mod tests {
 
     #[test]
     fn example_config_parses_with_every_key() {
-        let text = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../config.example.toml"
-        ))
-        .unwrap();
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../config.example.toml")).unwrap();
         let c: ConfigFile = toml::from_str(&text).unwrap();
-        assert!(
-            c.archive_directory.is_some()
-                && c.log_level.is_some()
-                && c.encryption_key_path.is_some()
-        );
-        assert!(
-            c.segment_size_mb.is_some() && c.data_shards.is_some() && c.parity_shards.is_some()
-        );
+        assert!(c.archive_directory.is_some() && c.log_level.is_some() && c.encryption_key_path.is_some());
+        assert!(c.segment_size_mb.is_some() && c.data_shards.is_some() && c.parity_shards.is_some());
         assert!(c.locations.is_some() && c.workers.is_some());
     }
 
