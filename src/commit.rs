@@ -8,17 +8,16 @@
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use crate::catalog;
 use crate::crypto::{random_bytes, SegmentCipher, TAG_LEN};
 use crate::erasure::{self, Codec};
 use crate::error::{Error, IoContext, Result};
-use crate::location::Location;
 use crate::manifest::{FileMeta, Manifest, ManifestBody, SegmentEntry};
 use crate::merkle::{self, leaf_hash, Hash};
-use crate::shard::ShardHeader;
-use crate::store::{placement, shard_key, shard_prefix, Store};
+use crate::store::{shard_key, shard_prefix, Store};
+use crate::stripe::{write_stripe, StripeAddr};
 
 /// What to commit and how.
 #[derive(Clone, Debug)]
@@ -138,50 +137,16 @@ impl Pipeline<'_> {
         let sl = erasure::shard_len(stored as u64, k);
         self.cipher.seal_segment(segment, last, buf, len)?;
         buf[stored..k * sl].fill(0);
-        let data = &buf[..k * sl];
-        let outcomes = codec.encode_with(data, sl, |parity| {
-            let shards: Vec<&[u8]> = data.chunks_exact(sl).chain(parity.iter().copied()).collect();
-            self.write_shards(segment, &shards)
-        })?;
-        let leaves = outcomes.into_iter().collect::<Result<Vec<Hash>>>()?;
-        Ok(Done { segment, entry: SegmentEntry { plain_len: len as u64, shard_len: sl as u32 }, leaves })
-    }
-
-    /// Hashes and writes the k+m shards of a segment concurrently: hashing is CPU work and each write ends in
-    /// an fsync.
-    fn write_shards(&self, segment: u64, shards: &[&[u8]]) -> Vec<Result<Hash>> {
-        let locations = self.store.locations();
-        std::thread::scope(|s| {
-            let handles: Vec<_> = shards
-                .iter()
-                .enumerate()
-                .map(|(i, shard)| {
-                    let loc: &Arc<dyn Location> =
-                        &locations[placement(self.placement_start, segment, i, locations.len())];
-                    s.spawn(move || self.write_shard(loc.as_ref(), segment, i, shard))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(Error::Config("shard writer panicked".into()))))
-                .collect()
-        })
-    }
-
-    fn write_shard(&self, loc: &dyn Location, segment: u64, shard: usize, payload: &[u8]) -> Result<Hash> {
-        let d = self.store.descriptor();
-        let header = ShardHeader {
-            store_id: d.store_id,
-            file_id: self.file_id,
+        let key_of = |i: usize| shard_key(&self.file_id, segment, i);
+        let addr = StripeAddr {
+            file_id: &self.file_id,
             segment,
-            shard: shard as u16,
-            k: d.k,
-            m: d.m,
-            payload_len: payload.len() as u32,
-            payload_hash: *blake3::hash(payload).as_bytes(),
+            placement_start: self.placement_start,
+            shard_len: sl,
+            key_of: &key_of,
         };
-        loc.put(&shard_key(&self.file_id, segment, shard), &[&header.encode(), payload])?;
-        Ok(header.leaf())
+        let leaves = write_stripe(self.store, codec, &addr, &buf[..k * sl])?;
+        Ok(Done { segment, entry: SegmentEntry { plain_len: len as u64, shard_len: sl as u32 }, leaves })
     }
 }
 

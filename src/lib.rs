@@ -17,6 +17,7 @@ pub mod merkle;
 pub mod read;
 pub mod shard;
 pub mod store;
+pub mod stripe;
 pub mod xts;
 
 pub use error::{Error, Result};

@@ -11,8 +11,9 @@ use crate::crypto::{SegmentCipher, TAG_LEN};
 use crate::erasure::Codec;
 use crate::error::{Error, Result};
 use crate::manifest::{FileMeta, ManifestBody};
-use crate::shard::{self, Expected, ShardFault};
+use crate::shard::ShardFault;
 use crate::store::{placement, shard_key, Store};
+use crate::stripe::{self, read_stripe, StripeAddr, StripeBuffers, StripeError};
 
 /// Why a shard could not be used.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,9 +47,8 @@ pub struct ShardCheck {
     pub outcome: std::result::Result<usize, ShardProblem>,
 }
 
-/// Reads shard `shard` of `segment` into `io` and verifies it; returns the payload range within `io` and the
-/// location that served it. Looks on the expected location first, then (if it is missing there) on the others,
-/// where a repair may have moved it.
+/// Reads shard `shard` of `segment` of a file into `io` and verifies it; returns the payload range within `io`
+/// and the location that served it, plus the shard's home location (see [`stripe::fetch_shard`]).
 pub fn fetch_shard(
     store: &Store,
     body: &ManifestBody,
@@ -56,38 +56,22 @@ pub fn fetch_shard(
     shard: usize,
     io: &mut Vec<u8>,
 ) -> (std::result::Result<(Range<usize>, usize), ShardProblem>, usize) {
-    let locations = store.locations();
-    let n = locations.len();
-    let home = placement(body.placement_start, segment, shard, n);
-    let key = shard_key(&body.file_id, segment, shard);
-    let Some(leaf) = body.leaf(segment, shard) else {
+    let home = placement(body.placement_start, segment, shard, store.locations().len());
+    let (Some(leaf), Some(entry)) = (body.leaf(segment, shard), body.segments.get(segment as usize)) else {
         return (Err(ShardProblem::Missing), home);
     };
-    let len = body.segments.get(segment as usize).map(|s| s.shard_len).unwrap_or(0);
-    let want = Expected { store_id: &body.store_id, file_id: &body.file_id, segment, shard: shard as u16, len, leaf };
-    let mut first_problem = None;
-    for i in (0..n).map(|j| (home + j) % n) {
-        match locations[i].get_into(&key, io) {
-            Ok(()) => match shard::verify(io, &want) {
-                Ok(p) => {
-                    let start = p.as_ptr() as usize - io.as_ptr() as usize;
-                    return (Ok((start..start + p.len(), i)), home);
-                }
-                Err(f) => {
-                    first_problem.get_or_insert(ShardProblem::Fault(f));
-                }
-            },
-            Err(e) if e.is_not_found() => {}
-            Err(e) => {
-                first_problem.get_or_insert(ShardProblem::Unreadable(e.to_string()));
-            }
-        }
-        // Only search elsewhere when the home copy is simply absent.
-        if i == home && first_problem.is_some() {
-            break;
-        }
-    }
-    (Err(first_problem.unwrap_or(ShardProblem::Missing)), home)
+    let key_of = |i: usize| shard_key(&body.file_id, segment, i);
+    let addr = segment_addr(body, segment, entry.shard_len as usize, &key_of);
+    stripe::fetch_shard(store, &addr, shard, leaf, io)
+}
+
+fn segment_addr<'a>(
+    body: &'a ManifestBody,
+    segment: u64,
+    shard_len: usize,
+    key_of: &'a (dyn Fn(usize) -> String + Sync),
+) -> StripeAddr<'a> {
+    StripeAddr { file_id: &body.file_id, segment, placement_start: body.placement_start, shard_len, key_of }
 }
 
 /// A committed file opened for reading.
@@ -125,16 +109,14 @@ pub struct SegmentReader<'a> {
     store: &'a Store,
     file: &'a OpenFile,
     codec: Codec,
-    buf: Vec<u8>,
-    io: Vec<u8>,
-    parity: Vec<u8>,
+    bufs: StripeBuffers,
 }
 
 impl<'a> SegmentReader<'a> {
     /// A reader for `file`.
     pub fn new(store: &'a Store, file: &'a OpenFile) -> Result<Self> {
         let codec = Codec::new(file.body.k as usize, file.body.m as usize)?;
-        Ok(SegmentReader { store, file, codec, buf: Vec::new(), io: Vec::new(), parity: Vec::new() })
+        Ok(SegmentReader { store, file, codec, bufs: StripeBuffers::default() })
     }
 
     /// Returns the verified plaintext of `segment`.
@@ -144,68 +126,31 @@ impl<'a> SegmentReader<'a> {
             .segments
             .get(segment as usize)
             .ok_or_else(|| Error::Config(format!("segment {segment} out of range")))?;
-        let (k, m) = (body.k as usize, body.m as usize);
-        let sl = entry.shard_len as usize;
-        let plain = entry.plain_len as usize;
-        self.buf.resize(k * sl, 0);
-        let mut have = vec![false; k];
-        let mut bad = Vec::new();
-        for (i, slot) in have.iter_mut().enumerate() {
-            match fetch_shard(self.store, body, segment, i, &mut self.io) {
-                (Ok((r, _)), _) => {
-                    self.buf[i * sl..(i + 1) * sl].copy_from_slice(&self.io[r]);
-                    *slot = true;
-                }
-                (Err(p), home) => bad.push(format!("{i}@{}: {p}", self.store.locations()[home].name())),
-            }
-        }
-        let mut good = have.iter().filter(|h| **h).count();
-        if good < k {
-            self.parity.resize(m * sl, 0);
-            let mut parity_ok = Vec::new();
-            for j in 0..m {
-                if good == k {
-                    break;
-                }
-                match fetch_shard(self.store, body, segment, k + j, &mut self.io) {
-                    (Ok((r, _)), _) => {
-                        self.parity[j * sl..(j + 1) * sl].copy_from_slice(&self.io[r]);
-                        parity_ok.push(j);
-                        good += 1;
-                    }
-                    (Err(p), home) => bad.push(format!("{}@{}: {p}", k + j, self.store.locations()[home].name())),
-                }
-            }
-            if good < k {
+        let width = body.width();
+        let leaves = &body.leaves[segment as usize * width..(segment as usize + 1) * width];
+        let key_of = |i: usize| shard_key(&body.file_id, segment, i);
+        let addr = segment_addr(body, segment, entry.shard_len as usize, &key_of);
+        let name = || self.file.meta.name.clone();
+        match read_stripe(self.store, &mut self.codec, &addr, leaves, &mut self.bufs) {
+            Ok(()) => {}
+            Err(StripeError::Lost { have, bad }) => {
                 return Err(Error::TooManyLost {
-                    file: self.file.meta.name.clone(),
+                    file: name(),
                     segment,
-                    have: good,
-                    need: k,
+                    have,
+                    need: body.k as usize,
                     bad: bad.join(", "),
-                });
+                })
             }
-            tracing::debug!(segment, missing = %bad.join(", "), "rebuilding segment from parity");
-            let parity = &self.parity;
-            self.codec.reconstruct(
-                &mut self.buf,
-                sl,
-                &have,
-                parity_ok.iter().map(|&j| (j, &parity[j * sl..(j + 1) * sl])),
-            )?;
-            // Pair assertion: every rebuilt shard must match its Merkle leaf before it is trusted.
-            for (i, h) in have.iter().enumerate() {
-                let leaf = crate::commit::shard_leaf(&body.file_id, segment, i as u16, &self.buf[i * sl..(i + 1) * sl]);
-                if !*h && Some(&leaf) != body.leaf(segment, i) {
-                    return Err(Error::Authentication { file: self.file.meta.name.clone(), segment });
-                }
-            }
+            Err(StripeError::Mismatch) => return Err(Error::Authentication { file: name(), segment }),
+            Err(StripeError::Other(e)) => return Err(e),
         }
+        let plain = entry.plain_len as usize;
         let last = segment + 1 == self.file.segments();
-        if !self.file.cipher.open_segment(segment, last, &mut self.buf[..plain + TAG_LEN], plain) {
-            return Err(Error::Authentication { file: self.file.meta.name.clone(), segment });
+        if !self.file.cipher.open_segment(segment, last, &mut self.bufs.data[..plain + TAG_LEN], plain) {
+            return Err(Error::Authentication { file: name(), segment });
         }
-        Ok(&self.buf[..plain])
+        Ok(&self.bufs.data[..plain])
     }
 }
 

@@ -1,0 +1,208 @@
+//! Writing and reading one erasure-coded stripe (a file segment or a volume stripe) on the store's locations:
+//! shard headers, placement, verification against Merkle leaves and reconstruction from parity. Files and
+//! volumes differ only in how they name shards and where their leaves are kept.
+
+use std::ops::Range;
+
+use crate::erasure::Codec;
+use crate::error::{Error, Result};
+use crate::merkle::Hash;
+use crate::read::ShardProblem;
+use crate::shard::{self, Expected, ShardHeader};
+use crate::store::{placement, Store};
+
+/// Where a stripe's shards live and how they are named.
+pub struct StripeAddr<'a> {
+    /// File or volume id (in every shard header).
+    pub file_id: &'a [u8; 16],
+    /// Segment or stripe index.
+    pub segment: u64,
+    /// Placement rotation start of the file or volume.
+    pub placement_start: u32,
+    /// Bytes per shard.
+    pub shard_len: usize,
+    /// Object key of shard `i`.
+    pub key_of: &'a (dyn Fn(usize) -> String + Sync),
+}
+
+impl StripeAddr<'_> {
+    /// Home location index of shard `i`.
+    pub fn home(&self, store: &Store, i: usize) -> usize {
+        placement(self.placement_start, self.segment, i, store.locations().len())
+    }
+}
+
+/// Encodes parity for `data` (k data shards of `shard_len`), then hashes and writes all k+m shards concurrently
+/// (hashing is CPU work and each write ends in an fsync). Returns the k+m Merkle leaves.
+pub fn write_stripe(store: &Store, codec: &mut Codec, addr: &StripeAddr<'_>, data: &[u8]) -> Result<Vec<Hash>> {
+    let sl = addr.shard_len;
+    let outcomes = codec.encode_with(data, sl, |parity| {
+        let shards: Vec<&[u8]> = data.chunks_exact(sl).chain(parity.iter().copied()).collect();
+        std::thread::scope(|s| {
+            let handles: Vec<_> = shards
+                .iter()
+                .enumerate()
+                .map(|(i, payload)| s.spawn(move || write_shard(store, addr, i, payload)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(Error::Config("shard writer panicked".into()))))
+                .collect::<Vec<Result<Hash>>>()
+        })
+    })?;
+    outcomes.into_iter().collect()
+}
+
+/// Writes one shard (header + payload) to its home location; returns its leaf.
+pub fn write_shard(store: &Store, addr: &StripeAddr<'_>, i: usize, payload: &[u8]) -> Result<Hash> {
+    let d = store.descriptor();
+    let header = ShardHeader {
+        store_id: d.store_id,
+        file_id: *addr.file_id,
+        segment: addr.segment,
+        shard: i as u16,
+        k: d.k,
+        m: d.m,
+        payload_len: payload.len() as u32,
+        payload_hash: *blake3::hash(payload).as_bytes(),
+    };
+    store.locations()[addr.home(store, i)].put(&(addr.key_of)(i), &[&header.encode(), payload])?;
+    Ok(header.leaf())
+}
+
+/// Reads shard `i` into `io` and verifies it against `leaf`; returns the payload range within `io` and the
+/// location that served it, plus the home location. Looks on the home location first, then (only if it is
+/// absent there) on the others, where a repair may have moved it.
+pub fn fetch_shard(
+    store: &Store,
+    addr: &StripeAddr<'_>,
+    i: usize,
+    leaf: &Hash,
+    io: &mut Vec<u8>,
+) -> (std::result::Result<(Range<usize>, usize), ShardProblem>, usize) {
+    let locations = store.locations();
+    let n = locations.len();
+    let home = addr.home(store, i);
+    let key = (addr.key_of)(i);
+    let want = Expected {
+        store_id: &store.descriptor().store_id,
+        file_id: addr.file_id,
+        segment: addr.segment,
+        shard: i as u16,
+        len: addr.shard_len as u32,
+        leaf,
+    };
+    let mut first_problem = None;
+    for loc in (0..n).map(|j| (home + j) % n) {
+        match locations[loc].get_into(&key, io) {
+            Ok(()) => match shard::verify(io, &want) {
+                Ok(p) => {
+                    let start = p.as_ptr() as usize - io.as_ptr() as usize;
+                    return (Ok((start..start + p.len(), loc)), home);
+                }
+                Err(f) => {
+                    first_problem.get_or_insert(ShardProblem::Fault(f));
+                }
+            },
+            Err(e) if e.is_not_found() => {}
+            Err(e) => {
+                first_problem.get_or_insert(ShardProblem::Unreadable(e.to_string()));
+            }
+        }
+        if loc == home && first_problem.is_some() {
+            break;
+        }
+    }
+    (Err(first_problem.unwrap_or(ShardProblem::Missing)), home)
+}
+
+/// Reusable buffers for [`read_stripe`].
+#[derive(Default)]
+pub struct StripeBuffers {
+    /// The k data shards, back to back, after a successful read.
+    pub data: Vec<u8>,
+    io: Vec<u8>,
+    parity: Vec<u8>,
+}
+
+/// Why a stripe could not be read.
+#[derive(Debug)]
+pub enum StripeError {
+    /// Fewer than k verified shards: `bad` lists `shard@location: problem`.
+    Lost {
+        /// Good shards found.
+        have: usize,
+        /// Missing or corrupt shards.
+        bad: Vec<String>,
+    },
+    /// A rebuilt shard did not match its leaf (should be impossible: inputs were verified).
+    Mismatch,
+    /// Any other failure.
+    Other(Error),
+}
+
+/// Fills `bufs.data` with the k verified data shards of a stripe, rebuilding missing ones from parity.
+/// `leaves` are the stripe's k+m Merkle leaves.
+pub fn read_stripe(
+    store: &Store,
+    codec: &mut Codec,
+    addr: &StripeAddr<'_>,
+    leaves: &[Hash],
+    bufs: &mut StripeBuffers,
+) -> std::result::Result<(), StripeError> {
+    let (k, m) = (codec.k(), codec.m());
+    let sl = addr.shard_len;
+    if leaves.len() != k + m {
+        return Err(StripeError::Other(Error::corrupt("stripe", "leaf count differs from k+m")));
+    }
+    bufs.data.resize(k * sl, 0);
+    let mut have = vec![false; k];
+    let mut bad = Vec::new();
+    let name = |i: usize| store.locations()[addr.home(store, i)].name().to_string();
+    for (i, slot) in have.iter_mut().enumerate() {
+        match fetch_shard(store, addr, i, &leaves[i], &mut bufs.io) {
+            (Ok((r, _)), _) => {
+                bufs.data[i * sl..(i + 1) * sl].copy_from_slice(&bufs.io[r]);
+                *slot = true;
+            }
+            (Err(p), _) => bad.push(format!("{i}@{}: {p}", name(i))),
+        }
+    }
+    let mut good = have.iter().filter(|h| **h).count();
+    if good == k {
+        return Ok(());
+    }
+    bufs.parity.resize(m * sl, 0);
+    let mut parity_ok = Vec::new();
+    for j in 0..m {
+        if good == k {
+            break;
+        }
+        match fetch_shard(store, addr, k + j, &leaves[k + j], &mut bufs.io) {
+            (Ok((r, _)), _) => {
+                bufs.parity[j * sl..(j + 1) * sl].copy_from_slice(&bufs.io[r]);
+                parity_ok.push(j);
+                good += 1;
+            }
+            (Err(p), _) => bad.push(format!("{}@{}: {p}", k + j, name(k + j))),
+        }
+    }
+    if good < k {
+        return Err(StripeError::Lost { have: good, bad });
+    }
+    tracing::debug!(segment = addr.segment, missing = %bad.join(", "), "rebuilding stripe from parity");
+    let parity = &bufs.parity;
+    codec
+        .reconstruct(&mut bufs.data, sl, &have, parity_ok.iter().map(|&j| (j, &parity[j * sl..(j + 1) * sl])))
+        .map_err(StripeError::Other)?;
+    // Pair assertion: every rebuilt shard must match its Merkle leaf before it is trusted.
+    for (i, h) in have.iter().enumerate() {
+        let payload = &bufs.data[i * sl..(i + 1) * sl];
+        let leaf =
+            crate::merkle::leaf_hash(addr.file_id, addr.segment, i as u16, sl as u32, blake3::hash(payload).as_bytes());
+        if !*h && leaf != leaves[i] {
+            return Err(StripeError::Mismatch);
+        }
+    }
+    Ok(())
+}
