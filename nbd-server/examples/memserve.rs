@@ -38,10 +38,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
         }
         _ => (s, 1),
     };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("bad size {s:?}"))
+    num.parse::<u64>().ok().and_then(|n| n.checked_mul(mult)).ok_or_else(|| format!("bad size {s:?}"))
 }
 
 struct Args {
@@ -90,11 +87,9 @@ fn parse_args() -> Result<Args, String> {
                 }
             }
             "-h" | "--help" => {
-                return Err(
-                    "usage: memserve (--unix PATH | --tcp ADDR) [--size N] [--name NAME] \
+                return Err("usage: memserve (--unix PATH | --tcp ADDR) [--size N] [--name NAME] \
                      [--description TEXT] [--read-only] [--min-block N] [--extra NAME:SIZE[:ro]]..."
-                        .into(),
-                )
+                    .into())
             }
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -106,11 +101,7 @@ fn parse_args() -> Result<Args, String> {
 }
 
 fn mem(size: u64, ro: bool, min_block: u32) -> Arc<dyn BlockBackend> {
-    let m = if ro {
-        MemBackend::new_read_only(size)
-    } else {
-        MemBackend::new(size)
-    };
+    let m = if ro { MemBackend::new_read_only(size) } else { MemBackend::new(size) };
     Arc::new(m.with_block_sizes(min_block, 4096))
 }
 
@@ -136,11 +127,7 @@ async fn main() {
         mem(args.size, args.read_only, args.min_block),
     );
     for (name, size, ro) in &args.extra {
-        registry = registry.with_export(
-            name.clone(),
-            format!("extra export {name}"),
-            mem(*size, *ro, args.min_block),
-        );
+        registry = registry.with_export(name.clone(), format!("extra export {name}"), mem(*size, *ro, args.min_block));
     }
     let listener = match (&args.unix, &args.tcp) {
         (Some(path), _) => {
@@ -160,15 +147,14 @@ async fn main() {
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
     tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    token.cancel();
-                    return;
-                }
-            };
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                token.cancel();
+                return;
+            }
+        };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}

@@ -136,10 +136,7 @@ pub trait ExportRegistry: Send + Sync + 'static {
     /// Description of the export `name`, used for `NBD_INFO_DESCRIPTION`.
     /// The default looks the name up in [`list`](Self::list).
     fn description(&self, name: &str) -> Option<String> {
-        self.list()
-            .into_iter()
-            .find(|e| e.name == name)
-            .map(|e| e.description)
+        self.list().into_iter().find(|e| e.name == name).map(|e| e.description)
     }
 }
 
@@ -204,10 +201,7 @@ impl ExportRegistry for SimpleRegistry {
     fn list(&self) -> Vec<ExportInfo> {
         self.exports
             .iter()
-            .map(|(name, (description, _))| ExportInfo {
-                name: name.clone(),
-                description: description.clone(),
-            })
+            .map(|(name, (description, _))| ExportInfo { name: name.clone(), description: description.clone() })
             .collect()
     }
 
@@ -246,9 +240,7 @@ pub fn errno_for(err: &io::Error) -> u32 {
         io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => NBD_EPERM,
         io::ErrorKind::OutOfMemory => NBD_ENOMEM,
         io::ErrorKind::InvalidInput => NBD_EINVAL,
-        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded | io::ErrorKind::FileTooLarge => {
-            NBD_ENOSPC
-        }
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded | io::ErrorKind::FileTooLarge => NBD_ENOSPC,
         io::ErrorKind::Unsupported => NBD_ENOTSUP,
         _ => NBD_EIO,
     }
@@ -273,13 +265,7 @@ mod tests {
         assert_eq!(e(libc::ESHUTDOWN), NBD_ESHUTDOWN);
         assert_eq!(e(libc::ENOENT), NBD_EIO);
         assert_eq!(errno_for(&io::Error::other("x")), NBD_EIO);
-        assert_eq!(
-            errno_for(&io::Error::new(io::ErrorKind::InvalidData, "bad mac")),
-            NBD_EIO
-        );
-        assert_eq!(
-            errno_for(&io::Error::new(io::ErrorKind::InvalidInput, "x")),
-            NBD_EINVAL
-        );
+        assert_eq!(errno_for(&io::Error::new(io::ErrorKind::InvalidData, "bad mac")), NBD_EIO);
+        assert_eq!(errno_for(&io::Error::new(io::ErrorKind::InvalidInput, "x")), NBD_EINVAL);
     }
 }

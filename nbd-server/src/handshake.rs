@@ -55,10 +55,7 @@ pub fn parse_client_flags(raw: u32) -> Result<ClientFlags, HandshakeError> {
     if raw & !known != 0 {
         return Err(HandshakeError::UnknownClientFlags(raw));
     }
-    Ok(ClientFlags {
-        fixed_newstyle: raw & NBD_FLAG_C_FIXED_NEWSTYLE != 0,
-        no_zeroes: raw & NBD_FLAG_C_NO_ZEROES != 0,
-    })
+    Ok(ClientFlags { fixed_newstyle: raw & NBD_FLAG_C_FIXED_NEWSTYLE != 0, no_zeroes: raw & NBD_FLAG_C_NO_ZEROES != 0 })
 }
 
 /// Header of one client option: `IHAVEOPT`, option number, data length.
@@ -79,10 +76,7 @@ pub fn parse_option_header(buf: &[u8]) -> Result<OptionHeader, HandshakeError> {
     if magic != IHAVEOPT {
         return Err(HandshakeError::BadOptionMagic(magic));
     }
-    Ok(OptionHeader {
-        option: be_u32(&buf[8..12]),
-        length: be_u32(&buf[12..16]),
-    })
+    Ok(OptionHeader { option: be_u32(&buf[8..12]), length: be_u32(&buf[12..16]) })
 }
 
 /// Data of `NBD_OPT_INFO` / `NBD_OPT_GO`.
@@ -148,10 +142,7 @@ pub struct OptionError {
 
 impl OptionError {
     fn invalid(message: impl Into<String>) -> Self {
-        Self {
-            reply: NBD_REP_ERR_INVALID,
-            message: message.into(),
-        }
+        Self { reply: NBD_REP_ERR_INVALID, message: message.into() }
     }
 }
 
@@ -218,16 +209,12 @@ fn parse_info_request(data: &[u8]) -> Result<InfoRequest, OptionError> {
     let name_len = c.u32("export name length")? as usize;
     // "MUST be no larger than the option data length - 6".
     if name_len > data.len().saturating_sub(6) {
-        return Err(OptionError::invalid(
-            "export name length exceeds option length",
-        ));
+        return Err(OptionError::invalid("export name length exceeds option length"));
     }
     let name = parse_string(c.take(name_len, "export name")?)?;
     let count = c.u16("information request count")? as usize;
     if c.remaining() != count * 2 {
-        return Err(OptionError::invalid(
-            "information request count does not match option length",
-        ));
+        return Err(OptionError::invalid("information request count does not match option length"));
     }
     let mut requests = Vec::with_capacity(count);
     for _ in 0..count {
@@ -416,13 +403,7 @@ mod tests {
 
     #[test]
     fn client_flags() {
-        assert_eq!(
-            parse_client_flags(3),
-            Ok(ClientFlags {
-                fixed_newstyle: true,
-                no_zeroes: true
-            })
-        );
+        assert_eq!(parse_client_flags(3), Ok(ClientFlags { fixed_newstyle: true, no_zeroes: true }));
         assert_eq!(parse_client_flags(0), Ok(ClientFlags::default()));
         assert!(parse_client_flags(4).is_err());
         assert!(parse_client_flags(0x8000_0001).is_err());
@@ -433,18 +414,9 @@ mod tests {
         let mut b = IHAVEOPT.to_be_bytes().to_vec();
         b.extend_from_slice(&7u32.to_be_bytes());
         b.extend_from_slice(&9u32.to_be_bytes());
-        assert_eq!(
-            parse_option_header(&b),
-            Ok(OptionHeader {
-                option: 7,
-                length: 9
-            })
-        );
+        assert_eq!(parse_option_header(&b), Ok(OptionHeader { option: 7, length: 9 }));
         b[0] ^= 1;
-        assert!(matches!(
-            parse_option_header(&b),
-            Err(HandshakeError::BadOptionMagic(_))
-        ));
+        assert!(matches!(parse_option_header(&b), Err(HandshakeError::BadOptionMagic(_))));
         assert_eq!(parse_option_header(&b[..3]), Err(HandshakeError::Truncated));
     }
 
@@ -463,17 +435,11 @@ mod tests {
         let mut bad = info_data(b"disk", &[1, 2]);
         let n = bad.len();
         bad[n - 6..n - 4].copy_from_slice(&3u16.to_be_bytes());
-        assert_eq!(
-            parse_option(NBD_OPT_INFO, &bad).unwrap_err().reply,
-            NBD_REP_ERR_INVALID
-        );
+        assert_eq!(parse_option(NBD_OPT_INFO, &bad).unwrap_err().reply, NBD_REP_ERR_INVALID);
         // Name length too large.
         let mut bad = info_data(b"disk", &[]);
         bad[..4].copy_from_slice(&100u32.to_be_bytes());
-        assert_eq!(
-            parse_option(NBD_OPT_GO, &bad).unwrap_err().reply,
-            NBD_REP_ERR_INVALID
-        );
+        assert_eq!(parse_option(NBD_OPT_GO, &bad).unwrap_err().reply, NBD_REP_ERR_INVALID);
         // Trailing byte.
         let mut bad = info_data(b"", &[]);
         bad.push(0);
@@ -486,24 +452,12 @@ mod tests {
     #[test]
     fn simple_options() {
         assert_eq!(parse_option(NBD_OPT_LIST, &[]), Ok(ClientOption::List));
-        assert_eq!(
-            parse_option(NBD_OPT_LIST, &[1]).unwrap_err().reply,
-            NBD_REP_ERR_INVALID
-        );
-        assert_eq!(
-            parse_option(NBD_OPT_ABORT, &[1, 2]),
-            Ok(ClientOption::Abort)
-        );
-        assert_eq!(
-            parse_option(NBD_OPT_STRUCTURED_REPLY, &[]),
-            Ok(ClientOption::StructuredReply)
-        );
+        assert_eq!(parse_option(NBD_OPT_LIST, &[1]).unwrap_err().reply, NBD_REP_ERR_INVALID);
+        assert_eq!(parse_option(NBD_OPT_ABORT, &[1, 2]), Ok(ClientOption::Abort));
+        assert_eq!(parse_option(NBD_OPT_STRUCTURED_REPLY, &[]), Ok(ClientOption::StructuredReply));
         assert!(parse_option(NBD_OPT_STRUCTURED_REPLY, &[0]).is_err());
         assert_eq!(parse_option(77, &[1, 2, 3]), Ok(ClientOption::Unknown(77)));
-        assert_eq!(
-            parse_option(NBD_OPT_EXPORT_NAME, b"x"),
-            Ok(ClientOption::ExportName("x".into()))
-        );
+        assert_eq!(parse_option(NBD_OPT_EXPORT_NAME, b"x"), Ok(ClientOption::ExportName("x".into())));
         assert!(parse_option(NBD_OPT_EXPORT_NAME, &vec![b'a'; 4097]).is_err());
     }
 
@@ -516,10 +470,7 @@ mod tests {
         };
         assert_eq!(r.export, "e");
         assert_eq!(r.queries.len(), 2);
-        assert_eq!(
-            match_meta_contexts(&r.queries, false),
-            vec![(1, "base:allocation")]
-        );
+        assert_eq!(match_meta_contexts(&r.queries, false), vec![(1, "base:allocation")]);
         assert_eq!(match_meta_contexts(&[], true), vec![(1, "base:allocation")]);
         assert!(match_meta_contexts(&[], false).is_empty());
         assert_eq!(match_meta_contexts(&["base:".into()], true).len(), 1);
@@ -545,10 +496,7 @@ mod tests {
         assert_eq!(encode_export_name_reply(1, 1, true).len(), 10);
         assert_eq!(encode_info_export(5, 1).len(), 12);
         assert_eq!(encode_info_block_size(512, 4096, 1 << 25).len(), 14);
-        assert_eq!(
-            encode_rep_server("ab", "cd"),
-            vec![0, 0, 0, 2, b'a', b'b', b'c', b'd']
-        );
+        assert_eq!(encode_rep_server("ab", "cd"), vec![0, 0, 0, 2, b'a', b'b', b'c', b'd']);
     }
 
     proptest! {

@@ -48,9 +48,7 @@ mod session;
 
 pub use backend::{errno_for, BlockBackend, ExportInfo, ExportRegistry, Extent, SimpleRegistry};
 pub use mem::{MemBackend, MEM_CHUNK_SIZE};
-pub use server::{
-    serve, serve_blocking, serve_connection, serve_with_config, ListenAddr, Listener, ServerConfig,
-};
+pub use server::{serve, serve_blocking, serve_connection, serve_with_config, ListenAddr, Listener, ServerConfig};
 pub use session::MAX_OPTION_LEN;
 /// Re-export of the cancellation token type used for shutdown.
 pub use tokio_util::sync::CancellationToken;

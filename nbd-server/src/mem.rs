@@ -34,10 +34,7 @@ impl MemBackend {
             read_only: false,
             chunks: RwLock::new(BTreeMap::new()),
             flushes: AtomicU64::new(0),
-            block_sizes: (
-                crate::proto::MIN_BLOCK_SIZE,
-                crate::proto::PREFERRED_BLOCK_SIZE,
-            ),
+            block_sizes: (crate::proto::MIN_BLOCK_SIZE, crate::proto::PREFERRED_BLOCK_SIZE),
         }
     }
 
@@ -50,10 +47,7 @@ impl MemBackend {
 
     /// A read-only device of `size` bytes.
     pub fn new_read_only(size: u64) -> Self {
-        Self {
-            read_only: true,
-            ..Self::new(size)
-        }
+        Self { read_only: true, ..Self::new(size) }
     }
 
     /// A device with initial contents `data` (size = `data.len()`); read-only
@@ -170,9 +164,7 @@ impl BlockBackend for MemBackend {
             let idx = pos / MEM_CHUNK_SIZE;
             let start_in = (pos % MEM_CHUNK_SIZE) as usize;
             let n = (MEM_CHUNK_SIZE as usize - start_in).min(data.len() - done);
-            let chunk = chunks
-                .entry(idx)
-                .or_insert_with(|| vec![0u8; MEM_CHUNK_SIZE as usize].into_boxed_slice());
+            let chunk = chunks.entry(idx).or_insert_with(|| vec![0u8; MEM_CHUNK_SIZE as usize].into_boxed_slice());
             chunk[start_in..start_in + n].copy_from_slice(&data[done..done + n]);
             done += n;
         }
@@ -218,12 +210,7 @@ impl BlockBackend for MemBackend {
                     return;
                 }
             }
-            out.push(Extent {
-                offset: start,
-                length: end - start,
-                hole: !allocated,
-                zero: !allocated,
-            });
+            out.push(Extent { offset: start, length: end - start, hole: !allocated, zero: !allocated });
         };
         let chunks = self.lock_read();
         let mut next = first;
@@ -281,24 +268,9 @@ mod tests {
         assert_eq!(
             ext,
             vec![
-                Extent {
-                    offset: 0,
-                    length: 3 * MEM_CHUNK_SIZE,
-                    hole: true,
-                    zero: true
-                },
-                Extent {
-                    offset: 3 * MEM_CHUNK_SIZE,
-                    length: MEM_CHUNK_SIZE,
-                    hole: false,
-                    zero: false
-                },
-                Extent {
-                    offset: 4 * MEM_CHUNK_SIZE,
-                    length: 6 * MEM_CHUNK_SIZE + 512,
-                    hole: true,
-                    zero: true
-                },
+                Extent { offset: 0, length: 3 * MEM_CHUNK_SIZE, hole: true, zero: true },
+                Extent { offset: 3 * MEM_CHUNK_SIZE, length: MEM_CHUNK_SIZE, hole: false, zero: false },
+                Extent { offset: 4 * MEM_CHUNK_SIZE, length: 6 * MEM_CHUNK_SIZE + 512, hole: true, zero: true },
             ]
         );
         m.trim(3 * MEM_CHUNK_SIZE, MEM_CHUNK_SIZE, false).unwrap();
@@ -312,10 +284,7 @@ mod tests {
     #[test]
     fn read_only_rejects_writes() {
         let m = MemBackend::new_read_only(4096);
-        assert_eq!(
-            m.write(0, &[1], false).unwrap_err().raw_os_error(),
-            Some(libc::EPERM)
-        );
+        assert_eq!(m.write(0, &[1], false).unwrap_err().raw_os_error(), Some(libc::EPERM));
         let m = MemBackend::from_bytes(&[0, 0, 3], true);
         let mut b = [0u8; 3];
         m.read(0, &mut b).unwrap();

@@ -43,24 +43,14 @@ pub fn none_chunk(cookie: u64) -> [u8; 20] {
 /// Header of an `NBD_REPLY_TYPE_OFFSET_DATA` chunk (chunk header + 64-bit
 /// offset); `data_len` (1..=2^32-9) data bytes follow. Returns `None` if
 /// `data_len` cannot be described by one chunk.
-pub fn offset_data_header(
-    cookie: u64,
-    offset: u64,
-    data_len: usize,
-    done: bool,
-) -> Option<[u8; 28]> {
+pub fn offset_data_header(cookie: u64, offset: u64, data_len: usize, done: bool) -> Option<[u8; 28]> {
     if data_len == 0 {
         return None;
     }
     let len = u32::try_from(data_len.checked_add(8)?).ok()?;
     let flags = if done { NBD_REPLY_FLAG_DONE } else { 0 };
     let mut out = [0u8; 28];
-    out[..20].copy_from_slice(&structured_header(
-        flags,
-        NBD_REPLY_TYPE_OFFSET_DATA,
-        cookie,
-        len,
-    ));
+    out[..20].copy_from_slice(&structured_header(flags, NBD_REPLY_TYPE_OFFSET_DATA, cookie, len));
     out[20..28].copy_from_slice(&offset.to_be_bytes());
     Some(out)
 }
@@ -77,12 +67,7 @@ pub fn error_chunk(cookie: u64, error: u32, message: &str) -> Vec<u8> {
     let msg = &message.as_bytes()[..cut];
     let payload_len = 6 + msg.len();
     let mut out = Vec::with_capacity(20 + payload_len);
-    out.extend_from_slice(&structured_header(
-        NBD_REPLY_FLAG_DONE,
-        NBD_REPLY_TYPE_ERROR,
-        cookie,
-        payload_len as u32,
-    ));
+    out.extend_from_slice(&structured_header(NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, cookie, payload_len as u32));
     out.extend_from_slice(&error.to_be_bytes());
     out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
     out.extend_from_slice(msg);
@@ -133,13 +118,7 @@ fn state_flags(e: &Extent) -> u32 {
 /// unsorted data) ends the list. If nothing usable covers `offset`, the whole
 /// request is reported with status 0 (allocated, contents unknown), which is
 /// always safe.
-pub fn encode_extents(
-    extents: &[Extent],
-    offset: u64,
-    len: u32,
-    size: u64,
-    req_one: bool,
-) -> Vec<(u32, u32)> {
+pub fn encode_extents(extents: &[Extent], offset: u64, len: u32, size: u64, req_one: bool) -> Vec<(u32, u32)> {
     let req_end = offset.saturating_add(u64::from(len)).min(size);
     // With REQ_ONE the descriptor may not exceed the request; otherwise the
     // last one may extend past the request but not past the export.
@@ -194,12 +173,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn ext(offset: u64, length: u64, hole: bool) -> Extent {
-        Extent {
-            offset,
-            length,
-            hole,
-            zero: hole,
-        }
+        Extent { offset, length, hole, zero: hole }
     }
 
     #[test]
@@ -224,38 +198,16 @@ mod tests {
 
     #[test]
     fn extents() {
-        let exts = [
-            ext(0, 4096, false),
-            ext(4096, 4096, false),
-            ext(8192, 4096, true),
-        ];
-        assert_eq!(
-            encode_extents(&exts, 0, 12288, 1 << 20, false),
-            vec![(8192, 0), (4096, 3)]
-        );
-        assert_eq!(
-            encode_extents(&exts, 1024, 1024, 1 << 20, true),
-            vec![(1024, 0)]
-        );
+        let exts = [ext(0, 4096, false), ext(4096, 4096, false), ext(8192, 4096, true)];
+        assert_eq!(encode_extents(&exts, 0, 12288, 1 << 20, false), vec![(8192, 0), (4096, 3)]);
+        assert_eq!(encode_extents(&exts, 1024, 1024, 1 << 20, true), vec![(1024, 0)]);
         // Last extent may run past the request, not past the export.
-        assert_eq!(
-            encode_extents(&exts, 0, 512, 1 << 20, false),
-            vec![(4096, 0)]
-        );
-        assert_eq!(
-            encode_extents(&exts, 8192, 512, 10000, false),
-            vec![(1808, 3)]
-        );
+        assert_eq!(encode_extents(&exts, 0, 512, 1 << 20, false), vec![(4096, 0)]);
+        assert_eq!(encode_extents(&exts, 8192, 512, 10000, false), vec![(1808, 3)]);
         // Stops once the request is covered.
-        assert_eq!(
-            encode_extents(&exts, 0, 8192, 1 << 20, false),
-            vec![(8192, 0)]
-        );
+        assert_eq!(encode_extents(&exts, 0, 8192, 1 << 20, false), vec![(8192, 0)]);
         // Gap / nothing covering the offset.
-        assert_eq!(
-            encode_extents(&[ext(4096, 10, true)], 0, 100, 1 << 20, false),
-            vec![(100, 0)]
-        );
+        assert_eq!(encode_extents(&[ext(4096, 10, true)], 0, 100, 1 << 20, false), vec![(100, 0)]);
         assert_eq!(encode_extents(&[], 0, 100, 1 << 20, false), vec![(100, 0)]);
         // Huge extent gets split into 32-bit descriptors.
         let d = encode_extents(&[ext(0, 1 << 40, true)], 0, u32::MAX, 1 << 40, false);

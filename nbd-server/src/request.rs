@@ -101,15 +101,8 @@ pub struct TransmissionParams {
 /// Validate a backend's (minimum, preferred) block sizes, falling back to
 /// the defaults (512, 4096) for values the spec does not allow.
 pub fn sanitize_block_sizes(min: u32, preferred: u32) -> (u32, u32) {
-    let min = if min.is_power_of_two() && min <= 65536 {
-        min
-    } else {
-        MIN_BLOCK_SIZE
-    };
-    let preferred = if preferred.is_power_of_two()
-        && preferred >= min.max(512)
-        && preferred <= MAX_BLOCK_SIZE
-    {
+    let min = if min.is_power_of_two() && min <= 65536 { min } else { MIN_BLOCK_SIZE };
+    let preferred = if preferred.is_power_of_two() && preferred >= min.max(512) && preferred <= MAX_BLOCK_SIZE {
         preferred
     } else {
         PREFERRED_BLOCK_SIZE.max(min)
@@ -121,8 +114,7 @@ impl TransmissionParams {
     /// Transmission flags advertised for these parameters. `multi_conn` is
     /// the backend's [`can_multi_conn`](crate::BlockBackend::can_multi_conn).
     pub fn transmission_flags(&self, multi_conn: bool) -> u16 {
-        let mut f =
-            NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA | NBD_FLAG_SEND_CACHE;
+        let mut f = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA | NBD_FLAG_SEND_CACHE;
         if self.read_only {
             f |= NBD_FLAG_READ_ONLY;
         } else {
@@ -229,16 +221,11 @@ fn reject(errno: u32, message: &'static str) -> RequestError {
 ///
 /// `NBD_CMD_DISC` is always accepted (it has no reply), and the reserved
 /// offset/length of `NBD_CMD_FLUSH` are ignored for compatibility.
-pub fn validate_request(
-    hdr: &RequestHeader,
-    p: &TransmissionParams,
-) -> Result<Command, RequestError> {
+pub fn validate_request(hdr: &RequestHeader, p: &TransmissionParams) -> Result<Command, RequestError> {
     let allowed_flags = match hdr.typ {
         NBD_CMD_DISC => return Ok(Command::Disconnect),
         NBD_CMD_READ if p.structured => NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_DF,
-        NBD_CMD_READ | NBD_CMD_WRITE | NBD_CMD_FLUSH | NBD_CMD_TRIM | NBD_CMD_CACHE => {
-            NBD_CMD_FLAG_FUA
-        }
+        NBD_CMD_READ | NBD_CMD_WRITE | NBD_CMD_FLUSH | NBD_CMD_TRIM | NBD_CMD_CACHE => NBD_CMD_FLAG_FUA,
         NBD_CMD_WRITE_ZEROES => NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO,
         NBD_CMD_BLOCK_STATUS => NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_REQ_ONE,
         _ => return Err(reject(NBD_EINVAL, "unknown command")),
@@ -251,10 +238,7 @@ pub fn validate_request(
         return Ok(Command::Flush);
     }
     if hdr.typ == NBD_CMD_BLOCK_STATUS && !(p.structured && p.base_allocation) {
-        return Err(reject(
-            NBD_EINVAL,
-            "block status requires structured replies and base:allocation",
-        ));
+        return Err(reject(NBD_EINVAL, "block status requires structured replies and base:allocation"));
     }
     let writes = matches!(hdr.typ, NBD_CMD_WRITE | NBD_CMD_TRIM | NBD_CMD_WRITE_ZEROES);
     if writes && p.read_only {
@@ -264,10 +248,7 @@ pub fn validate_request(
         return Err(reject(NBD_EINVAL, "request exceeds the maximum block size"));
     }
     let len = u64::from(hdr.length);
-    let end = hdr
-        .offset
-        .checked_add(len)
-        .ok_or_else(|| reject(NBD_EINVAL, "offset + length overflows"))?;
+    let end = hdr.offset.checked_add(len).ok_or_else(|| reject(NBD_EINVAL, "offset + length overflows"))?;
     if end > p.size {
         return Err(if matches!(hdr.typ, NBD_CMD_WRITE | NBD_CMD_WRITE_ZEROES) {
             reject(NBD_ENOSPC, "write beyond the end of the export")
@@ -283,26 +264,15 @@ pub fn validate_request(
         // The export tail may be shorter than a block if the size is not a
         // multiple of it; allow requests ending exactly at the export end.
         if !hdr.offset.is_multiple_of(min) || (!len.is_multiple_of(min) && end != p.size) {
-            return Err(reject(
-                NBD_EINVAL,
-                "request not aligned to the minimum block size",
-            ));
+            return Err(reject(NBD_EINVAL, "request not aligned to the minimum block size"));
         }
     }
     let offset = hdr.offset;
     let l = hdr.length;
     Ok(match hdr.typ {
         NBD_CMD_READ => Command::Read { offset, len: l },
-        NBD_CMD_WRITE => Command::Write {
-            offset,
-            len: l,
-            fua,
-        },
-        NBD_CMD_TRIM => Command::Trim {
-            offset,
-            len: l,
-            fua,
-        },
+        NBD_CMD_WRITE => Command::Write { offset, len: l, fua },
+        NBD_CMD_TRIM => Command::Trim { offset, len: l, fua },
         NBD_CMD_CACHE => Command::Cache { offset, len: l },
         NBD_CMD_WRITE_ZEROES => Command::WriteZeroes {
             offset,
@@ -311,11 +281,7 @@ pub fn validate_request(
             fua,
             fast: hdr.flags & NBD_CMD_FLAG_FAST_ZERO != 0,
         },
-        _ => Command::BlockStatus {
-            offset,
-            len: l,
-            req_one: hdr.flags & NBD_CMD_FLAG_REQ_ONE != 0,
-        },
+        _ => Command::BlockStatus { offset, len: l, req_one: hdr.flags & NBD_CMD_FLAG_REQ_ONE != 0 },
     })
 }
 
@@ -336,13 +302,7 @@ mod tests {
     }
 
     fn hdr(typ: u16, flags: u16, offset: u64, length: u32) -> RequestHeader {
-        RequestHeader {
-            flags,
-            typ,
-            cookie: 42,
-            offset,
-            length,
-        }
+        RequestHeader { flags, typ, cookie: 42, offset, length }
     }
 
     fn errno(r: Result<Command, RequestError>) -> u32 {
@@ -355,155 +315,46 @@ mod tests {
         assert_eq!(parse_request_header(&h.encode()), Ok(h));
         let mut b = h.encode();
         b[0] = 0;
-        assert!(matches!(
-            parse_request_header(&b),
-            Err(HeaderError::BadMagic(_))
-        ));
+        assert!(matches!(parse_request_header(&b), Err(HeaderError::BadMagic(_))));
         assert_eq!(parse_request_header(&b[..27]), Err(HeaderError::Truncated));
     }
 
     #[test]
     fn validation() {
         let p = params();
-        assert_eq!(
-            validate_request(&hdr(NBD_CMD_READ, 0, 0, 512), &p),
-            Ok(Command::Read {
-                offset: 0,
-                len: 512
-            })
-        );
+        assert_eq!(validate_request(&hdr(NBD_CMD_READ, 0, 0, 512), &p), Ok(Command::Read { offset: 0, len: 512 }));
         assert_eq!(errno(validate_request(&hdr(99, 0, 0, 0), &p)), NBD_EINVAL);
-        assert_eq!(
-            errno(validate_request(&hdr(NBD_CMD_READ, 1 << 9, 0, 1), &p)),
-            NBD_EINVAL
-        );
-        assert_eq!(
-            errno(validate_request(
-                &hdr(NBD_CMD_READ, NBD_CMD_FLAG_NO_HOLE, 0, 1),
-                &p
-            )),
-            NBD_EINVAL
-        );
-        assert_eq!(
-            errno(validate_request(
-                &hdr(NBD_CMD_READ, NBD_CMD_FLAG_DF, 0, 1),
-                &p
-            )),
-            0
-        );
-        let simple = TransmissionParams {
-            structured: false,
-            base_allocation: false,
-            ..p
-        };
-        assert_eq!(
-            errno(validate_request(
-                &hdr(NBD_CMD_READ, NBD_CMD_FLAG_DF, 0, 1),
-                &simple
-            )),
-            NBD_EINVAL
-        );
-        assert_eq!(
-            errno(validate_request(
-                &hdr(NBD_CMD_BLOCK_STATUS, 0, 0, 1),
-                &simple
-            )),
-            NBD_EINVAL
-        );
-        assert_eq!(
-            errno(validate_request(
-                &hdr(NBD_CMD_READ, 0, (1 << 20) - 1, 2),
-                &p
-            )),
-            NBD_EINVAL
-        );
-        assert_eq!(
-            errno(validate_request(
-                &hdr(NBD_CMD_WRITE, 0, (1 << 20) - 1, 2),
-                &p
-            )),
-            NBD_ENOSPC
-        );
-        assert_eq!(
-            errno(validate_request(&hdr(NBD_CMD_TRIM, 0, u64::MAX, 2), &p)),
-            NBD_EINVAL
-        );
-        assert_eq!(
-            errno(validate_request(
-                &hdr(NBD_CMD_READ, 0, 0, MAX_BLOCK_SIZE + 1),
-                &p
-            )),
-            NBD_EINVAL
-        );
-        let ro = TransmissionParams {
-            read_only: true,
-            ..p
-        };
+        assert_eq!(errno(validate_request(&hdr(NBD_CMD_READ, 1 << 9, 0, 1), &p)), NBD_EINVAL);
+        assert_eq!(errno(validate_request(&hdr(NBD_CMD_READ, NBD_CMD_FLAG_NO_HOLE, 0, 1), &p)), NBD_EINVAL);
+        assert_eq!(errno(validate_request(&hdr(NBD_CMD_READ, NBD_CMD_FLAG_DF, 0, 1), &p)), 0);
+        let simple = TransmissionParams { structured: false, base_allocation: false, ..p };
+        assert_eq!(errno(validate_request(&hdr(NBD_CMD_READ, NBD_CMD_FLAG_DF, 0, 1), &simple)), NBD_EINVAL);
+        assert_eq!(errno(validate_request(&hdr(NBD_CMD_BLOCK_STATUS, 0, 0, 1), &simple)), NBD_EINVAL);
+        assert_eq!(errno(validate_request(&hdr(NBD_CMD_READ, 0, (1 << 20) - 1, 2), &p)), NBD_EINVAL);
+        assert_eq!(errno(validate_request(&hdr(NBD_CMD_WRITE, 0, (1 << 20) - 1, 2), &p)), NBD_ENOSPC);
+        assert_eq!(errno(validate_request(&hdr(NBD_CMD_TRIM, 0, u64::MAX, 2), &p)), NBD_EINVAL);
+        assert_eq!(errno(validate_request(&hdr(NBD_CMD_READ, 0, 0, MAX_BLOCK_SIZE + 1), &p)), NBD_EINVAL);
+        let ro = TransmissionParams { read_only: true, ..p };
         for t in [NBD_CMD_WRITE, NBD_CMD_TRIM, NBD_CMD_WRITE_ZEROES] {
             assert_eq!(errno(validate_request(&hdr(t, 0, 0, 1), &ro)), NBD_EPERM);
         }
         assert_eq!(errno(validate_request(&hdr(NBD_CMD_READ, 0, 0, 1), &ro)), 0);
+        assert_eq!(errno(validate_request(&hdr(NBD_CMD_BLOCK_STATUS, 0, 0, 0), &p)), NBD_EINVAL);
+        assert_eq!(validate_request(&hdr(NBD_CMD_DISC, 0xffff, 1, 1), &p), Ok(Command::Disconnect));
+        assert_eq!(validate_request(&hdr(NBD_CMD_FLUSH, 0, 5, 5), &p), Ok(Command::Flush));
         assert_eq!(
-            errno(validate_request(&hdr(NBD_CMD_BLOCK_STATUS, 0, 0, 0), &p)),
-            NBD_EINVAL
-        );
-        assert_eq!(
-            validate_request(&hdr(NBD_CMD_DISC, 0xffff, 1, 1), &p),
-            Ok(Command::Disconnect)
-        );
-        assert_eq!(
-            validate_request(&hdr(NBD_CMD_FLUSH, 0, 5, 5), &p),
-            Ok(Command::Flush)
-        );
-        assert_eq!(
-            validate_request(
-                &hdr(
-                    NBD_CMD_WRITE_ZEROES,
-                    NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO,
-                    0,
-                    9
-                ),
-                &p
-            ),
-            Ok(Command::WriteZeroes {
-                offset: 0,
-                len: 9,
-                may_trim: false,
-                fua: false,
-                fast: true
-            })
+            validate_request(&hdr(NBD_CMD_WRITE_ZEROES, NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO, 0, 9), &p),
+            Ok(Command::WriteZeroes { offset: 0, len: 9, may_trim: false, fua: false, fast: true })
         );
         // Large zero/trim requests are allowed (no payload).
         let big = TransmissionParams { size: 1 << 40, ..p };
-        assert_eq!(
-            errno(validate_request(
-                &hdr(NBD_CMD_WRITE_ZEROES, 0, 0, u32::MAX),
-                &big
-            )),
-            0
-        );
+        assert_eq!(errno(validate_request(&hdr(NBD_CMD_WRITE_ZEROES, 0, 0, u32::MAX), &big)), 0);
         // Alignment is only enforced once the client agreed to it.
-        let strict = TransmissionParams {
-            strict_alignment: true,
-            size: 1000,
-            ..p
-        };
-        assert_eq!(
-            errno(validate_request(&hdr(NBD_CMD_READ, 0, 1, 512), &strict)),
-            NBD_EINVAL
-        );
-        assert_eq!(
-            errno(validate_request(&hdr(NBD_CMD_READ, 0, 0, 100), &strict)),
-            NBD_EINVAL
-        );
-        assert_eq!(
-            errno(validate_request(&hdr(NBD_CMD_READ, 0, 512, 488), &strict)),
-            0
-        );
-        assert_eq!(
-            errno(validate_request(&hdr(NBD_CMD_READ, 0, 1, 512), &p)),
-            0
-        );
+        let strict = TransmissionParams { strict_alignment: true, size: 1000, ..p };
+        assert_eq!(errno(validate_request(&hdr(NBD_CMD_READ, 0, 1, 512), &strict)), NBD_EINVAL);
+        assert_eq!(errno(validate_request(&hdr(NBD_CMD_READ, 0, 0, 100), &strict)), NBD_EINVAL);
+        assert_eq!(errno(validate_request(&hdr(NBD_CMD_READ, 0, 512, 488), &strict)), 0);
+        assert_eq!(errno(validate_request(&hdr(NBD_CMD_READ, 0, 1, 512), &p)), 0);
     }
 
     #[test]
@@ -516,15 +367,8 @@ mod tests {
         assert_eq!(sanitize_block_sizes(1 << 17, 4096), (512, 4096));
         assert_eq!(sanitize_block_sizes(8192, 4096), (8192, 8192));
         assert_eq!(sanitize_block_sizes(1, 256), (1, 4096));
-        let strict1 = TransmissionParams {
-            strict_alignment: true,
-            min_block: 1,
-            ..params()
-        };
-        assert_eq!(
-            errno(validate_request(&hdr(NBD_CMD_READ, 0, 3, 7), &strict1)),
-            0
-        );
+        let strict1 = TransmissionParams { strict_alignment: true, min_block: 1, ..params() };
+        assert_eq!(errno(validate_request(&hdr(NBD_CMD_READ, 0, 3, 7), &strict1)), 0);
     }
 
     #[test]
@@ -534,17 +378,10 @@ mod tests {
         assert_eq!(f & NBD_FLAG_READ_ONLY, 0);
         assert_ne!(f & NBD_FLAG_SEND_DF, 0);
         assert_ne!(f & NBD_FLAG_CAN_MULTI_CONN, 0);
-        let ro = TransmissionParams {
-            read_only: true,
-            structured: false,
-            ..p
-        };
+        let ro = TransmissionParams { read_only: true, structured: false, ..p };
         let f = ro.transmission_flags(false);
         assert_ne!(f & NBD_FLAG_READ_ONLY, 0);
-        assert_eq!(
-            f & (NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_DF | NBD_FLAG_CAN_MULTI_CONN),
-            0
-        );
+        assert_eq!(f & (NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_DF | NBD_FLAG_CAN_MULTI_CONN), 0);
     }
 
     proptest! {

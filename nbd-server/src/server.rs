@@ -99,11 +99,9 @@ impl Listener {
     pub fn local_addr_string(&self) -> String {
         match self {
             Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-            Listener::Unix(l) => l
-                .local_addr()
-                .ok()
-                .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
-                .unwrap_or_default(),
+            Listener::Unix(l) => {
+                l.local_addr().ok().and_then(|a| a.as_pathname().map(|p| p.display().to_string())).unwrap_or_default()
+            }
         }
     }
 }
@@ -202,9 +200,7 @@ pub fn serve_blocking(
     registry: Arc<dyn ExportRegistry>,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         let listener = Listener::bind(&addr).await?;
         serve(listener, registry, shutdown).await
@@ -259,12 +255,5 @@ pub async fn serve_connection<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    run_session(
-        stream,
-        registry,
-        Arc::new(config),
-        shutdown,
-        "stream".to_owned(),
-    )
-    .await
+    run_session(stream, registry, Arc::new(config), shutdown, "stream".to_owned()).await
 }

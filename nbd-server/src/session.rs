@@ -143,14 +143,8 @@ async fn read_exact_or_shutdown<R: AsyncRead + Unpin>(
     }
 }
 
-async fn send_option_reply<W: AsyncWrite + Unpin>(
-    wr: &mut W,
-    option: u32,
-    reply: u32,
-    data: &[u8],
-) -> io::Result<()> {
-    wr.write_all(&encode_option_reply(option, reply, data))
-        .await
+async fn send_option_reply<W: AsyncWrite + Unpin>(wr: &mut W, option: u32, reply: u32, data: &[u8]) -> io::Result<()> {
+    wr.write_all(&encode_option_reply(option, reply, data)).await
 }
 
 async fn open_export(
@@ -172,10 +166,7 @@ async fn open_export(
         None => Err((NBD_REP_ERR_UNKNOWN, format!("export '{name}' not found"))),
         Some(Err(e)) => {
             warn!(export = name, error = %e, "failed to open export");
-            Err((
-                NBD_REP_ERR_UNKNOWN,
-                format!("export '{name}' is not available: {e}"),
-            ))
+            Err((NBD_REP_ERR_UNKNOWN, format!("export '{name}' is not available: {e}")))
         }
         Some(Ok(b)) => {
             st.cached = Some((name.to_owned(), Arc::clone(&b)));
@@ -184,14 +175,8 @@ async fn open_export(
     }
 }
 
-fn params_for(
-    st: &HandshakeState,
-    name: &str,
-    backend: &dyn BlockBackend,
-    strict: bool,
-) -> TransmissionParams {
-    let (min_block, _) =
-        sanitize_block_sizes(backend.min_block_size(), backend.preferred_block_size());
+fn params_for(st: &HandshakeState, name: &str, backend: &dyn BlockBackend, strict: bool) -> TransmissionParams {
+    let (min_block, _) = sanitize_block_sizes(backend.min_block_size(), backend.preferred_block_size());
     TransmissionParams {
         size: backend.size(),
         read_only: backend.is_read_only(),
@@ -217,14 +202,8 @@ where
     wr.flush().await?;
     let mut flags = [0u8; 4];
     read_exact_or_shutdown(rd, &mut flags, shutdown).await?;
-    let cflags =
-        parse_client_flags(u32::from_be_bytes(flags)).map_err(|e| End::Protocol(e.to_string()))?;
-    let mut st = HandshakeState {
-        no_zeroes: cflags.no_zeroes,
-        structured: false,
-        meta_export: None,
-        cached: None,
-    };
+    let cflags = parse_client_flags(u32::from_be_bytes(flags)).map_err(|e| End::Protocol(e.to_string()))?;
+    let mut st = HandshakeState { no_zeroes: cflags.no_zeroes, structured: false, meta_export: None, cached: None };
     loop {
         let mut hdr = [0u8; OPTION_HEADER_LEN];
         read_exact_or_shutdown(rd, &mut hdr, shutdown).await?;
@@ -251,10 +230,7 @@ where
             Ok(p) => p,
             Err(e) => {
                 if opt == NBD_OPT_EXPORT_NAME {
-                    return Err(End::Protocol(format!(
-                        "bad NBD_OPT_EXPORT_NAME: {}",
-                        e.message
-                    )));
+                    return Err(End::Protocol(format!("bad NBD_OPT_EXPORT_NAME: {}", e.message)));
                 }
                 send_option_reply(wr, opt, e.reply, e.message.as_bytes()).await?;
                 wr.flush().await?;
@@ -276,28 +252,15 @@ where
                 };
                 let params = params_for(&st, &name, backend.as_ref(), false);
                 let flags = params.transmission_flags(backend.can_multi_conn());
-                wr.write_all(&encode_export_name_reply(params.size, flags, st.no_zeroes))
-                    .await?;
+                wr.write_all(&encode_export_name_reply(params.size, flags, st.no_zeroes)).await?;
                 wr.flush().await?;
-                return Ok(Some(Negotiated {
-                    name,
-                    backend,
-                    params,
-                }));
+                return Ok(Some(Negotiated { name, backend, params }));
             }
             ClientOption::List => {
                 let reg = Arc::clone(registry);
-                let exports = tokio::task::spawn_blocking(move || reg.list())
-                    .await
-                    .unwrap_or_default();
+                let exports = tokio::task::spawn_blocking(move || reg.list()).await.unwrap_or_default();
                 for e in exports {
-                    send_option_reply(
-                        wr,
-                        opt,
-                        NBD_REP_SERVER,
-                        &encode_rep_server(&e.name, &e.description),
-                    )
-                    .await?;
+                    send_option_reply(wr, opt, NBD_REP_SERVER, &encode_rep_server(&e.name, &e.description)).await?;
                 }
                 send_option_reply(wr, opt, NBD_REP_ACK, &[]).await?;
             }
@@ -321,21 +284,9 @@ where
                 let strict = go && req.wants(NBD_INFO_BLOCK_SIZE);
                 let params = params_for(&st, &req.name, backend.as_ref(), strict);
                 let flags = params.transmission_flags(backend.can_multi_conn());
-                send_option_reply(
-                    wr,
-                    opt,
-                    NBD_REP_INFO,
-                    &encode_info_export(params.size, flags),
-                )
-                .await?;
+                send_option_reply(wr, opt, NBD_REP_INFO, &encode_info_export(params.size, flags)).await?;
                 if req.wants(NBD_INFO_NAME) {
-                    send_option_reply(
-                        wr,
-                        opt,
-                        NBD_REP_INFO,
-                        &encode_info_string(NBD_INFO_NAME, &req.name),
-                    )
-                    .await?;
+                    send_option_reply(wr, opt, NBD_REP_INFO, &encode_info_string(NBD_INFO_NAME, &req.name)).await?;
                 }
                 if req.wants(NBD_INFO_DESCRIPTION) {
                     let reg = Arc::clone(registry);
@@ -346,34 +297,19 @@ where
                         .flatten()
                         .unwrap_or_default();
                     if !desc.is_empty() && desc.len() <= MAX_STRING_LEN {
-                        send_option_reply(
-                            wr,
-                            opt,
-                            NBD_REP_INFO,
-                            &encode_info_string(NBD_INFO_DESCRIPTION, &desc),
-                        )
-                        .await?;
+                        send_option_reply(wr, opt, NBD_REP_INFO, &encode_info_string(NBD_INFO_DESCRIPTION, &desc))
+                            .await?;
                     }
                 }
                 // Always advertised (the default minimum, 512, is above the
                 // protocol's default of 1).
-                let (min, preferred) =
-                    sanitize_block_sizes(backend.min_block_size(), backend.preferred_block_size());
-                send_option_reply(
-                    wr,
-                    opt,
-                    NBD_REP_INFO,
-                    &encode_info_block_size(min, preferred, MAX_BLOCK_SIZE),
-                )
-                .await?;
+                let (min, preferred) = sanitize_block_sizes(backend.min_block_size(), backend.preferred_block_size());
+                send_option_reply(wr, opt, NBD_REP_INFO, &encode_info_block_size(min, preferred, MAX_BLOCK_SIZE))
+                    .await?;
                 send_option_reply(wr, opt, NBD_REP_ACK, &[]).await?;
                 wr.flush().await?;
                 if go {
-                    return Ok(Some(Negotiated {
-                        name: req.name,
-                        backend,
-                        params,
-                    }));
+                    return Ok(Some(Negotiated { name: req.name, backend, params }));
                 }
             }
             ClientOption::ListMetaContext(req) | ClientOption::SetMetaContext(req) => {
@@ -382,13 +318,8 @@ where
                     // Replaces the previous selection even if this one fails.
                     st.meta_export = None;
                     if !st.structured {
-                        send_option_reply(
-                            wr,
-                            opt,
-                            NBD_REP_ERR_INVALID,
-                            b"structured replies must be negotiated first",
-                        )
-                        .await?;
+                        send_option_reply(wr, opt, NBD_REP_ERR_INVALID, b"structured replies must be negotiated first")
+                            .await?;
                         wr.flush().await?;
                         continue;
                     }
@@ -400,13 +331,7 @@ where
                 }
                 let contexts = match_meta_contexts(&req.queries, !set);
                 for (id, name) in &contexts {
-                    send_option_reply(
-                        wr,
-                        opt,
-                        NBD_REP_META_CONTEXT,
-                        &encode_meta_context(*id, name),
-                    )
-                    .await?;
+                    send_option_reply(wr, opt, NBD_REP_META_CONTEXT, &encode_meta_context(*id, name)).await?;
                 }
                 if set && !contexts.is_empty() {
                     st.meta_export = Some(req.export.clone());
@@ -435,11 +360,7 @@ enum Output {
     Extents(Vec<Extent>),
 }
 
-fn execute(
-    backend: &dyn BlockBackend,
-    cmd: Command,
-    payload: Option<Vec<u8>>,
-) -> io::Result<Output> {
+fn execute(backend: &dyn BlockBackend, cmd: Command, payload: Option<Vec<u8>>) -> io::Result<Output> {
     match cmd {
         Command::Read { offset, len } => {
             let mut buf = vec![0u8; len as usize];
@@ -452,29 +373,15 @@ fn execute(
             Ok(Output::Done)
         }
         Command::Flush => backend.flush().map(|_| Output::Done),
-        Command::Trim { offset, len, fua } => backend
-            .trim(offset, u64::from(len), fua)
-            .map(|_| Output::Done),
-        Command::Cache { offset, len } => {
-            backend.cache(offset, u64::from(len)).map(|_| Output::Done)
-        }
-        Command::WriteZeroes {
-            offset,
-            len,
-            may_trim,
-            fua,
-            fast,
-        } => {
+        Command::Trim { offset, len, fua } => backend.trim(offset, u64::from(len), fua).map(|_| Output::Done),
+        Command::Cache { offset, len } => backend.cache(offset, u64::from(len)).map(|_| Output::Done),
+        Command::WriteZeroes { offset, len, may_trim, fua, fast } => {
             if fast && !backend.can_fast_zero() {
                 return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
             }
-            backend
-                .write_zeroes(offset, u64::from(len), may_trim, fua)
-                .map(|_| Output::Done)
+            backend.write_zeroes(offset, u64::from(len), may_trim, fua).map(|_| Output::Done)
         }
-        Command::BlockStatus { offset, len, .. } => backend
-            .block_status(offset, u64::from(len))
-            .map(Output::Extents),
+        Command::BlockStatus { offset, len, .. } => backend.block_status(offset, u64::from(len)).map(Output::Extents),
         Command::Disconnect => Ok(Output::Done),
     }
 }
@@ -504,11 +411,7 @@ fn encode_result(
             }
         }
         Ok(Output::Extents(extents)) => match cmd {
-            Command::BlockStatus {
-                offset,
-                len,
-                req_one,
-            } => {
+            Command::BlockStatus { offset, len, req_one } => {
                 let d = encode_extents(&extents, *offset, *len, size, *req_one);
                 (block_status_chunk(cookie, BASE_ALLOCATION_ID, &d), None)
             }
@@ -532,19 +435,12 @@ fn error_reply(cookie: u64, structured: bool, errno: u32, msg: &str) -> (Vec<u8>
 async fn discard<R: AsyncRead + Unpin>(rd: &mut R, len: u64) -> io::Result<()> {
     let copied = tokio::io::copy(&mut rd.take(len), &mut tokio::io::sink()).await?;
     if copied != len {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "payload truncated",
-        ));
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "payload truncated"));
     }
     Ok(())
 }
 
-async fn writer_task<W: AsyncWrite + Unpin>(
-    mut wr: W,
-    mut rx: mpsc::Receiver<Outgoing>,
-    dead: CancellationToken,
-) {
+async fn writer_task<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Outgoing>, dead: CancellationToken) {
     let res: io::Result<()> = async {
         while let Some(msg) = rx.recv().await {
             wr.write_all(&msg.head).await?;
@@ -684,9 +580,7 @@ async fn transmission<S>(
         Err(End::Io(e))
             if matches!(
                 e.kind(),
-                io::ErrorKind::UnexpectedEof
-                    | io::ErrorKind::ConnectionReset
-                    | io::ErrorKind::BrokenPipe
+                io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
             ) =>
         {
             info!(%peer, error = %e, "client went away mid-request")

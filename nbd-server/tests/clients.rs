@@ -18,20 +18,14 @@ fn two_exports() -> (TestServer, Arc<MemBackend>, Arc<MemBackend>) {
     let disk = Arc::new(MemBackend::new(8 * MIB));
     let ro = Arc::new(MemBackend::from_bytes(&vec![0x5a; MIB as usize], true));
     let s = TestServer::start(vec![
-        (
-            "disk",
-            "Primary disk",
-            disk.clone() as Arc<dyn BlockBackend>,
-        ),
+        ("disk", "Primary disk", disk.clone() as Arc<dyn BlockBackend>),
         ("ro", "Read-only image", ro.clone() as Arc<dyn BlockBackend>),
     ]);
     (s, disk, ro)
 }
 
 fn json_bool(v: &serde_json::Value, key: &str) -> bool {
-    v[key]
-        .as_bool()
-        .unwrap_or_else(|| panic!("missing boolean {key} in {v}"))
+    v[key].as_bool().unwrap_or_else(|| panic!("missing boolean {key} in {v}"))
 }
 
 #[test]
@@ -52,14 +46,8 @@ fn nbdinfo_list_and_json() {
     assert_eq!(v["structured"], true);
     let exports = v["exports"].as_array().expect("exports array");
     assert_eq!(exports.len(), 2, "{out}");
-    let disk = exports
-        .iter()
-        .find(|e| e["export-name"] == "disk")
-        .expect("disk listed");
-    let ro = exports
-        .iter()
-        .find(|e| e["export-name"] == "ro")
-        .expect("ro listed");
+    let disk = exports.iter().find(|e| e["export-name"] == "disk").expect("disk listed");
+    let ro = exports.iter().find(|e| e["export-name"] == "ro").expect("ro listed");
     assert_eq!(disk["description"], "Primary disk");
     assert_eq!(ro["description"], "Read-only image");
     assert_eq!(disk["export-size"], 8 * MIB);
@@ -139,10 +127,7 @@ fn qemu_io_patterns_discard_and_zero() {
         ],
         false,
     );
-    assert!(
-        out.contains("wrote 5000/5000 bytes at offset 1000"),
-        "{out}"
-    );
+    assert!(out.contains("wrote 5000/5000 bytes at offset 1000"), "{out}");
     assert!(out.contains("read 5000/5000 bytes at offset 1000"), "{out}");
     // Check through the backend too.
     let mut buf = vec![0u8; 7000];
@@ -176,13 +161,8 @@ fn qemu_io_patterns_discard_and_zero() {
 
     // Read-only export: reads work, writes are refused.
     qemu_io(&s.uri("ro"), &["read -P 0x5a 0 1M"], true);
-    let out =
-        run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 1 0 512", &s.uri("ro")]));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 1 0 512", &s.uri("ro")]));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(
         !out.status.success() || text.contains("failed") || text.contains("read-only"),
         "write to read-only export did not fail: {text}"
@@ -197,13 +177,7 @@ fn qemu_img_map_sees_holes() {
     }
     let (s, disk, _ro) = two_exports();
     disk.write(2 * MIB, &[1u8; 4096], false).expect("write");
-    let out = run_ok(Command::new("qemu-img").args([
-        "map",
-        "--output=json",
-        "-f",
-        "raw",
-        &s.uri("disk"),
-    ]));
+    let out = run_ok(Command::new("qemu-img").args(["map", "--output=json", "-f", "raw", &s.uri("disk")]));
     let v: serde_json::Value = serde_json::from_str(&out).expect("qemu-img map json");
     let mut data = Vec::new();
     for e in v.as_array().expect("array") {
@@ -434,20 +408,15 @@ fn fio_random_rw_verify() {
         "--randrepeat=0".to_owned(),
     ];
     // Random writes with variable block sizes, verified by reading back.
-    let out = run_ok(
-        Command::new("fio")
-            .arg("--name=randwrite")
-            .args(&common)
-            .args(["--rw=randwrite", "--bsrange=512-64k"]),
-    );
+    let out =
+        run_ok(Command::new("fio").arg("--name=randwrite").args(&common).args(["--rw=randwrite", "--bsrange=512-64k"]));
     assert!(out.contains("err= 0"), "{out}");
     // Mixed random read/write with verification of what was written.
-    let out = run_ok(
-        Command::new("fio")
-            .arg("--name=randrw")
-            .args(&common)
-            .args(["--rw=randrw", "--bs=4k", "--rwmixread=50"]),
-    );
+    let out = run_ok(Command::new("fio").arg("--name=randrw").args(&common).args([
+        "--rw=randrw",
+        "--bs=4k",
+        "--rwmixread=50",
+    ]));
     assert!(out.contains("err= 0"), "{out}");
     s.stop().expect("clean shutdown");
 }
@@ -496,31 +465,21 @@ fn nbdfuse_byte_granular_file_io() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("spawn nbdfuse");
-    let mut guard = FuseMount {
-        dir: mnt.clone(),
-        child,
-    };
+    let mut guard = FuseMount { dir: mnt.clone(), child };
     let file = mnt.join("nbd");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     while !file.exists() {
         if let Ok(Some(st)) = guard.child.try_wait() {
             panic!("nbdfuse exited early with {st}");
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "nbdfuse did not mount"
-        );
+        assert!(std::time::Instant::now() < deadline, "nbdfuse did not mount");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     assert_eq!(std::fs::metadata(&file).expect("stat").len(), 4 * MIB);
     let mut data = vec![0u8; 70_000];
     rand::thread_rng().fill_bytes(&mut data);
     {
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&file)
-            .expect("open");
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&file).expect("open");
         f.seek(SeekFrom::Start(1000)).expect("seek");
         f.write_all(b"hello").expect("write");
         f.seek(SeekFrom::Start(65_530)).expect("seek");
@@ -536,10 +495,7 @@ fn nbdfuse_byte_granular_file_io() {
     assert_eq!(&b, b"hello");
     let mut back = vec![0u8; 70_000];
     m.read(65_530, &mut back).expect("backend read");
-    assert!(
-        back == data,
-        "bytes written through FUSE reached the backend"
-    );
+    assert!(back == data, "bytes written through FUSE reached the backend");
     drop(guard);
     s.stop().expect("clean shutdown");
 }

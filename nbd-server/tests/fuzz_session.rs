@@ -7,9 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
-use nbd_server::{
-    serve_connection, BlockBackend, CancellationToken, MemBackend, ServerConfig, SimpleRegistry,
-};
+use nbd_server::{serve_connection, BlockBackend, CancellationToken, MemBackend, ServerConfig, SimpleRegistry};
 use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -67,29 +65,10 @@ const SIZE: u64 = 1 << 20;
 
 /// One request with a valid magic and random-ish fields.
 fn request() -> impl Strategy<Value = Vec<u8>> {
-    let offsets = prop_oneof![
-        Just(0u64),
-        Just(SIZE - 512),
-        Just(SIZE),
-        Just(u64::MAX),
-        0u64..2 * SIZE,
-    ];
-    let lens = prop_oneof![
-        Just(0u32),
-        Just(512u32),
-        Just(u32::MAX),
-        Just(33 << 20),
-        0u32..70_000
-    ];
-    (
-        any::<u16>(),
-        0u16..10,
-        any::<u64>(),
-        offsets,
-        lens,
-        0usize..5000,
-    )
-        .prop_map(|(flags, typ, cookie, offset, len, payload)| {
+    let offsets = prop_oneof![Just(0u64), Just(SIZE - 512), Just(SIZE), Just(u64::MAX), 0u64..2 * SIZE,];
+    let lens = prop_oneof![Just(0u32), Just(512u32), Just(u32::MAX), Just(33 << 20), 0u32..70_000];
+    (any::<u16>(), 0u16..10, any::<u64>(), offsets, lens, 0usize..5000).prop_map(
+        |(flags, typ, cookie, offset, len, payload)| {
             // Mostly plausible flags, sometimes anything.
             let flags = if cookie % 3 == 0 { flags } else { flags & 0x1f };
             let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
@@ -103,7 +82,8 @@ fn request() -> impl Strategy<Value = Vec<u8>> {
                 b.extend(std::iter::repeat_n(0xa5u8, n));
             }
             b
-        })
+        },
+    )
 }
 
 fn run_session(input: Vec<u8>) -> Result<(), TestCaseError> {
@@ -116,23 +96,11 @@ fn run_session(input: Vec<u8>) -> Result<(), TestCaseError> {
         .map_err(|e| TestCaseError::fail(e.to_string()))?;
     let res: Result<(), String> = rt.block_on(async move {
         let reg = SimpleRegistry::new()
-            .with_export(
-                "disk",
-                "",
-                Arc::new(MemBackend::new(SIZE)) as Arc<dyn BlockBackend>,
-            )
-            .with_export(
-                "ro",
-                "",
-                Arc::new(MemBackend::new_read_only(SIZE)) as Arc<dyn BlockBackend>,
-            );
+            .with_export("disk", "", Arc::new(MemBackend::new(SIZE)) as Arc<dyn BlockBackend>)
+            .with_export("ro", "", Arc::new(MemBackend::new_read_only(SIZE)) as Arc<dyn BlockBackend>);
         let (client, server) = tokio::io::duplex(256 * 1024);
-        let session = tokio::spawn(serve_connection(
-            server,
-            Arc::new(reg),
-            ServerConfig::default(),
-            CancellationToken::new(),
-        ));
+        let session =
+            tokio::spawn(serve_connection(server, Arc::new(reg), ServerConfig::default(), CancellationToken::new()));
         let (mut cr, mut cw) = tokio::io::split(client);
         let drain = tokio::spawn(async move {
             let mut sink = Vec::new();
@@ -154,11 +122,7 @@ fn run_session(input: Vec<u8>) -> Result<(), TestCaseError> {
     });
     rt.shutdown_timeout(Duration::from_secs(5));
     res.map_err(TestCaseError::fail)?;
-    prop_assert_eq!(
-        PANICS.load(Ordering::SeqCst),
-        before,
-        "a server task panicked"
-    );
+    prop_assert_eq!(PANICS.load(Ordering::SeqCst), before, "a server task panicked");
     Ok(())
 }
 

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use nbd_server::{
-    serve, serve_blocking, BlockBackend, CancellationToken, ListenAddr, Listener, MemBackend,
-    ServerConfig, SimpleRegistry,
+    serve, serve_blocking, BlockBackend, CancellationToken, ListenAddr, Listener, MemBackend, ServerConfig,
+    SimpleRegistry,
 };
 
 fn registry(m: Arc<MemBackend>) -> Arc<SimpleRegistry> {
@@ -27,10 +27,7 @@ fn tcp_listener_with_qemu_io_and_nbdinfo() {
     let t2 = token.clone();
     let reg = registry(m.clone());
     let th = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         rt.block_on(async move {
             let l = Listener::bind_tcp("127.0.0.1:0").await?;
             let _ = tx.send(l.local_addr_string());
@@ -86,8 +83,7 @@ fn serve_blocking_stops_on_cancel() {
     token.cancel();
     th.join().expect("thread").expect("serve_blocking ok");
     // The negotiating connection was closed by the shutdown.
-    c.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
+    c.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
     let mut b = [0u8; 1];
     assert!(matches!(c.read(&mut b), Ok(0) | Err(_)));
 }
@@ -95,10 +91,7 @@ fn serve_blocking_stops_on_cancel() {
 #[test]
 fn shutdown_grace_bounds_stuck_clients() {
     let m = Arc::new(MemBackend::new(64 << 20));
-    let config = ServerConfig {
-        shutdown_grace: Duration::from_millis(500),
-        ..ServerConfig::default()
-    };
+    let config = ServerConfig { shutdown_grace: Duration::from_millis(500), ..ServerConfig::default() };
     let s = TestServer::start_with_config(vec![("d", "", m as Arc<dyn BlockBackend>)], config);
     let mut c = UnixStream::connect(&s.sock).expect("connect");
     let mut g = [0u8; 18];
@@ -124,11 +117,7 @@ fn shutdown_grace_bounds_stuck_clients() {
     std::thread::sleep(Duration::from_millis(300));
     let t = Instant::now();
     s.stop().expect("serve ok");
-    assert!(
-        t.elapsed() < Duration::from_secs(10),
-        "shutdown took {:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(10), "shutdown took {:?}", t.elapsed());
 }
 
 /// Path of the `memserve` example, which `cargo test` builds alongside the
@@ -166,20 +155,14 @@ fn memserve_example_serves_and_stops_on_sigterm() {
         .spawn()
         .expect("spawn memserve");
     let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("ready line");
+    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("ready line");
     assert!(line.starts_with("ready "), "{line}");
     if have_tool("nbdinfo", "libnbd-bin") {
         let uri = format!("nbd+unix:///?socket={}", sock.display());
         let out = run_ok(Command::new("nbdinfo").args(["--list", "--json", &uri]));
         let v: serde_json::Value = serde_json::from_str(&out).expect("json");
-        let names: Vec<&str> = v["exports"]
-            .as_array()
-            .expect("exports")
-            .iter()
-            .filter_map(|e| e["export-name"].as_str())
-            .collect();
+        let names: Vec<&str> =
+            v["exports"].as_array().expect("exports").iter().filter_map(|e| e["export-name"].as_str()).collect();
         assert_eq!(names, vec!["demo", "other"]);
         assert_eq!(v["exports"][0]["description"], "demo export");
         assert_eq!(v["exports"][0]["export-size"], 2 << 20);
@@ -193,10 +176,7 @@ fn memserve_example_serves_and_stops_on_sigterm() {
         if let Some(st) = child.try_wait().expect("wait") {
             break st;
         }
-        assert!(
-            Instant::now() < deadline,
-            "memserve did not exit on SIGTERM"
-        );
+        assert!(Instant::now() < deadline, "memserve did not exit on SIGTERM");
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "memserve exit status {status}");
@@ -204,9 +184,5 @@ fn memserve_example_serves_and_stops_on_sigterm() {
 }
 
 fn send_sigterm(pid: u32) -> bool {
-    Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
+    Command::new("kill").args(["-TERM", &pid.to_string()]).status().map(|s| s.success()).unwrap_or(false)
 }

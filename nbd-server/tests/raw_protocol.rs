@@ -45,17 +45,12 @@ impl Raw {
     /// Connect and read the server greeting.
     fn connect(sock: &Path) -> Raw {
         let s = UnixStream::connect(sock).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
         let mut r = Raw { s };
         let g = r.read_n(18);
         assert_eq!(&g[..8], b"NBDMAGIC");
         assert_eq!(&g[8..16], IHAVEOPT);
-        assert_eq!(
-            u16::from_be_bytes([g[16], g[17]]),
-            3,
-            "FIXED_NEWSTYLE|NO_ZEROES"
-        );
+        assert_eq!(u16::from_be_bytes([g[16], g[17]]), 3, "FIXED_NEWSTYLE|NO_ZEROES");
         r
     }
 
@@ -135,10 +130,7 @@ impl Raw {
                     }
                 }
                 1 => return export.expect("NBD_INFO_EXPORT before ACK"),
-                other => panic!(
-                    "GO failed with reply {other:#x}: {:?}",
-                    String::from_utf8_lossy(&data)
-                ),
+                other => panic!("GO failed with reply {other:#x}: {:?}", String::from_utf8_lossy(&data)),
             }
         }
     }
@@ -173,12 +165,7 @@ impl Raw {
         let typ = self.u16();
         let cookie = self.u64();
         let len = self.u32() as usize;
-        Chunk {
-            flags,
-            typ,
-            cookie,
-            payload: self.read_n(len),
-        }
+        Chunk { flags, typ, cookie, payload: self.read_n(len) }
     }
 
     /// Whether the server closed the connection (EOF or reset) within 10 s.
@@ -190,12 +177,7 @@ impl Raw {
                 Ok(0) => return true,
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return true,
-                Err(e)
-                    if e.kind() == io::ErrorKind::WouldBlock
-                        || e.kind() == io::ErrorKind::TimedOut =>
-                {
-                    return false
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut => return false,
                 Err(_) => return true,
             }
             if Instant::now() > deadline {
@@ -501,10 +483,7 @@ fn structured_replies_and_error_chunks() {
     // Zero-length READ: NONE chunk.
     c.req(0, 0, 4, 0, 0, &[]);
     let ch = c.chunk();
-    assert_eq!(
-        (ch.typ, ch.cookie, ch.flags, ch.payload.len()),
-        (0, 4, 1, 0)
-    );
+    assert_eq!((ch.typ, ch.cookie, ch.flags, ch.payload.len()), (0, 4, 1, 0));
     // Non-read error: structured error chunk.
     c.req(0, 99, 5, 0, 0, &[]);
     let ch = c.chunk();
@@ -523,40 +502,58 @@ fn garbage_closes_only_that_connection() {
     good.go("disk", &[]);
     good.roundtrip(100, 0, &[1u8; 4096]);
 
-    // Garbage instead of a request header.
-    let mut bad = Raw::start(&s.sock);
-    bad.go("disk", &[]);
-    let garbage: Vec<u8> = (0..200u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8)
-        .collect();
-    bad.send(&garbage);
-    // Requests before the garbage still get their replies; then the server
-    // drops this connection.
-    assert!(
-        bad.closed(),
-        "server must drop a connection sending garbage"
-    );
+    // The good session keeps doing I/O in another thread while the bad
+    // sessions misbehave.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let worker = std::thread::spawn(move || {
+        let mut i = 0u64;
+        while !stop2.load(Ordering::SeqCst) || i < 20 {
+            let slot = i % 64;
+            good.roundtrip(1000 + 2 * i, slot * 8192, &[slot as u8; 8192]);
+            i += 1;
+        }
+        i
+    });
 
-    // Garbage during the handshake.
-    let mut bad2 = Raw::connect(&s.sock);
-    bad2.send(&garbage);
-    assert!(bad2.closed());
+    let garbage: Vec<u8> = (0..200u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8).collect();
+    for _ in 0..5 {
+        // Garbage instead of a request header: the server drops only this
+        // connection.
+        let mut bad = Raw::start(&s.sock);
+        bad.go("disk", &[]);
+        bad.send(&garbage);
+        assert!(bad.closed(), "server must drop a connection sending garbage");
 
-    // A header claiming a write payload and then the client vanishing.
-    let mut bad3 = Raw::start(&s.sock);
-    bad3.go("disk", &[]);
-    bad3.req(0, 1, 1, 0, 1 << 20, &[0xff; 1000]);
-    drop(bad3);
+        // Garbage during the handshake.
+        let mut bad2 = Raw::connect(&s.sock);
+        bad2.send(&garbage);
+        assert!(bad2.closed());
 
-    // The good session is unaffected, concurrently and afterwards.
-    for i in 0..20u64 {
-        good.roundtrip(200 + 2 * i, i * 8192, &[i as u8; 8192]);
+        // A header claiming a write payload, then the client vanishing.
+        let mut bad3 = Raw::start(&s.sock);
+        bad3.go("disk", &[]);
+        bad3.req(0, 1, 1, 2 << 20, 1 << 20, &[0xff; 1000]);
+        drop(bad3);
+
+        // A valid request followed by garbage: the valid one is answered.
+        let mut bad4 = Raw::start(&s.sock);
+        bad4.go("disk", &[]);
+        bad4.req(0, 0, 5, 0, 512, &[]);
+        bad4.send(&garbage);
+        assert_eq!(bad4.simple(), (0, 5));
+        bad4.read_n(512);
+        assert!(bad4.closed());
     }
+
+    stop.store(true, Ordering::SeqCst);
+    let rounds = worker.join().expect("good session failed while others misbehaved");
+    assert!(rounds >= 20);
     let mut b = vec![0u8; 8192];
     disk.read(19 * 8192, &mut b).expect("read");
     assert!(b.iter().all(|&x| x == 19));
-    // The half-written request from bad3 did not reach the backend.
-    disk.read(1 << 20, &mut b).expect("read");
+    // The half-written requests did not reach the backend.
+    disk.read(2 << 20, &mut b).expect("read");
     assert!(b.iter().all(|&x| x == 0));
     let mut fresh = Raw::start(&s.sock);
     fresh.go("disk", &[]);
@@ -642,14 +639,8 @@ fn replies_can_overtake_slow_requests() {
 #[test]
 fn inflight_requests_are_bounded() {
     let slow = Arc::new(Slow::new(Duration::from_millis(20)));
-    let config = ServerConfig {
-        max_inflight_requests: 4,
-        ..ServerConfig::default()
-    };
-    let s = TestServer::start_with_config(
-        vec![("d", "", slow.clone() as Arc<dyn BlockBackend>)],
-        config,
-    );
+    let config = ServerConfig { max_inflight_requests: 4, ..ServerConfig::default() };
+    let s = TestServer::start_with_config(vec![("d", "", slow.clone() as Arc<dyn BlockBackend>)], config);
     let mut c = Raw::start(&s.sock);
     c.go("d", &[]);
     let n = 40u64;
@@ -714,15 +705,9 @@ fn graceful_shutdown_finishes_inflight_and_flushes() {
         }
     }
     assert!(!acked.is_empty(), "in-flight requests were answered");
-    stopper
-        .join()
-        .expect("stop thread")
-        .expect("serve returned Ok");
+    stopper.join().expect("stop thread").expect("serve returned Ok");
     assert!(idle.closed(), "negotiating sessions are closed on shutdown");
-    assert!(
-        slow.inner.flush_count() > flushes_before,
-        "backend flushed at shutdown"
-    );
+    assert!(slow.inner.flush_count() > flushes_before, "backend flushed at shutdown");
     // Everything acknowledged is in the backend.
     let mut b = vec![0u8; 4096];
     for cookie in acked {

@@ -11,8 +11,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use nbd_server::{
-    serve_with_config, BlockBackend, CancellationToken, Listener, MemBackend, ServerConfig,
-    SimpleRegistry,
+    serve_with_config, BlockBackend, CancellationToken, Listener, MemBackend, ServerConfig, SimpleRegistry,
 };
 
 /// A server running on its own tokio runtime in a background thread.
@@ -30,10 +29,7 @@ impl TestServer {
     }
 
     /// Like [`start`](Self::start) with a custom configuration.
-    pub fn start_with_config(
-        exports: Vec<(&str, &str, Arc<dyn BlockBackend>)>,
-        config: ServerConfig,
-    ) -> Self {
+    pub fn start_with_config(exports: Vec<(&str, &str, Arc<dyn BlockBackend>)>, config: ServerConfig) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -52,35 +48,21 @@ impl TestServer {
         let sock2 = sock.clone();
         let token2 = token.clone();
         let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             rt.block_on(async move {
                 let listener = Listener::bind_unix(&sock2)?;
                 let _ = ready_tx.send(());
                 serve_with_config(listener, Arc::new(reg), token2, config).await
             })
         });
-        ready_rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("server did not start");
-        TestServer {
-            dir,
-            sock,
-            token,
-            thread: Some(thread),
-        }
+        ready_rx.recv_timeout(Duration::from_secs(10)).expect("server did not start");
+        TestServer { dir, sock, token, thread: Some(thread) }
     }
 
     /// A single writable [`MemBackend`] export named `name`.
     pub fn mem(name: &str, size: u64) -> (Self, Arc<MemBackend>) {
         let m = Arc::new(MemBackend::new(size));
-        let s = Self::start(vec![(
-            name,
-            "test export",
-            m.clone() as Arc<dyn BlockBackend>,
-        )]);
+        let s = Self::start(vec![(name, "test export", m.clone() as Arc<dyn BlockBackend>)]);
         (s, m)
     }
 
@@ -99,10 +81,7 @@ impl TestServer {
         if let Some(t) = self.thread.take() {
             let deadline = std::time::Instant::now() + Duration::from_secs(30);
             while !t.is_finished() {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "server did not shut down within 30 s"
-                );
+                assert!(std::time::Instant::now() < deadline, "server did not shut down within 30 s");
                 std::thread::sleep(Duration::from_millis(10));
             }
             return t.join().expect("server thread panicked");
@@ -122,12 +101,7 @@ impl Drop for TestServer {
 }
 
 fn on_path(tool: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+    Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success()).unwrap_or(false)
 }
 
 static INSTALL_LOCK: Mutex<()> = Mutex::new(());
@@ -155,9 +129,7 @@ pub fn have_tool(tool: &str, pkg: &str) -> bool {
                 .unwrap_or(false)
         };
         if !install() {
-            let _ = Command::new("apt-get")
-                .args(["update", "-q", "-o", "DPkg::Lock::Timeout=300"])
-                .output();
+            let _ = Command::new("apt-get").args(["update", "-q", "-o", "DPkg::Lock::Timeout=300"]).output();
             install();
         }
         if on_path(tool) {
@@ -173,13 +145,7 @@ pub fn have_nbdsh() -> bool {
     if !have_tool("nbdsh", "libnbd-bin") {
         return false;
     }
-    let ok = |()| {
-        nbdsh_cmd()
-            .args(["-n", "-c", "import nbd"])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    };
+    let ok = |()| nbdsh_cmd().args(["-n", "-c", "import nbd"]).output().map(|o| o.status.success()).unwrap_or(false);
     if ok(()) {
         return true;
     }
@@ -188,14 +154,7 @@ pub fn have_nbdsh() -> bool {
     }
     let _g = INSTALL_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let _ = Command::new("apt-get")
-        .args([
-            "install",
-            "-y",
-            "-q",
-            "-o",
-            "DPkg::Lock::Timeout=300",
-            "python3-libnbd",
-        ])
+        .args(["install", "-y", "-q", "-o", "DPkg::Lock::Timeout=300", "python3-libnbd"])
         .env("DEBIAN_FRONTEND", "noninteractive")
         .output();
     drop(_g);
@@ -218,9 +177,7 @@ pub fn nbdsh_cmd() -> Command {
 /// Run a command, returning its output; panics with context if it cannot be
 /// started.
 pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     out
 }
 
@@ -239,10 +196,7 @@ pub fn run_ok(cmd: &mut Command) -> String {
             shown.truncate(cut);
             shown.push_str("...");
         }
-        panic!(
-            "command {shown} failed with {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
-            out.status
-        );
+        panic!("command {shown} failed with {}\nstdout:\n{stdout}\nstderr:\n{stderr}", out.status);
     }
     stdout
 }
