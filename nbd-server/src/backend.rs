@@ -45,7 +45,7 @@ pub struct ExportInfo {
 /// block size.
 ///
 /// Errors are reported to the client as NBD errno values, see
-/// [`errno_for`](crate::errno_for).
+/// [`errno_for`].
 pub trait BlockBackend: Send + Sync + 'static {
     /// Size of the export in bytes. Must not change while connections are open.
     fn size(&self) -> u64;

@@ -8,7 +8,7 @@
 //!   [`ExportRegistry`] names the exports clients can choose from
 //!   ([`SimpleRegistry`] is a ready-made table).
 //! * [`serve`] runs the server on a TCP or Unix [`Listener`] until a
-//!   [`CancellationToken`](tokio_util::sync::CancellationToken) is cancelled,
+//!   [`CancellationToken`] is cancelled,
 //!   then shuts down gracefully.
 //! * [`MemBackend`] is a sparse in-memory backend for tests and demos.
 //!
