@@ -27,6 +27,8 @@ pub fn run(cmd: Command, s: &Settings) -> Result<u8> {
         Command::Ls(a) => ls(&a, s),
         Command::Rm(a) => rm(&a, s),
         Command::Verify(a) => verify(&a, s),
+        Command::Volume(c) => crate::volumes::volume_cmd(&c, s),
+        Command::Nbd(c) => crate::volumes::nbd_cmd(&c, s),
     }
 }
 
@@ -92,7 +94,7 @@ fn open_keyless(s: &Settings) -> Result<Store> {
 }
 
 /// Opens the store and loads its key.
-fn open_keyed(s: &Settings) -> Result<Store> {
+pub fn open_keyed(s: &Settings) -> Result<Store> {
     let mut st = open_keyless(s)?;
     unlock(&mut st, s)?;
     Ok(st)

@@ -3,6 +3,7 @@
 mod cli;
 mod files;
 mod settings;
+mod volumes;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
