@@ -1,4 +1,5 @@
 //! End-to-end tests of the `bf` binary: real processes, real directories.
 
 mod files;
+mod nbd;
 mod util;
