@@ -4,10 +4,10 @@
 
 use std::collections::BTreeMap;
 
-use crate::commit::remove_shards;
+use crate::commit::{now_unix_ns, remove_shards, validate_name};
 use crate::error::{Error, Result};
 use crate::location::LocationExt;
-use crate::manifest::{manifest_key, parse_manifest_name, FileMeta, Manifest};
+use crate::manifest::{manifest_key, parse_manifest_name, FileMeta, Manifest, ManifestBody};
 use crate::merkle::Hash;
 use crate::store::Store;
 
@@ -164,7 +164,10 @@ pub fn find(store: &Store, spec: &str) -> Result<Entry> {
 pub fn publish(store: &Store, manifest: &Manifest, name: &str, replace: bool) -> Result<bool> {
     let _lock = store.lock_catalog()?;
     let body = &manifest.body;
-    let older: Vec<FileRef> = scan(store)?.into_iter().filter(|f| f.name_tag == body.name_tag).collect();
+    // A copy with the same file id is the one being rewritten (a [`reseal`] under the same name): `put`
+    // replaces it in place, so it is not an older version to remove.
+    let older: Vec<FileRef> =
+        scan(store)?.into_iter().filter(|f| f.name_tag == body.name_tag && f.file_id != body.file_id).collect();
     if !older.is_empty() && !replace {
         return Err(Error::AlreadyExists(name.to_string()));
     }
@@ -223,6 +226,46 @@ fn remove_ref(store: &Store, file: &FileRef) -> Result<()> {
             detail: failures.join("; "),
         });
     }
-    remove_shards(store, &file.file_id);
+    // Shards are shared by every manifest naming their file id (see [`reseal`]): remove them only when no
+    // manifest is left. When the catalog cannot be listed, keep them: garbage is better than loss.
+    let still_used = scan(store).map(|fs| fs.iter().any(|f| f.file_id == file.file_id)).unwrap_or(true);
+    if !still_used {
+        remove_shards(store, &file.file_id);
+    }
     Ok(())
+}
+
+/// Publishes the data of `entry` under new metadata (another name, mode or mtime) without rewriting a shard:
+/// a new manifest with the same file id, leaves and root and freshly sealed metadata. The old manifest is
+/// removed afterwards; its shards stay because the new manifest references them, so a crash in between leaves
+/// both names (sharing shards), never neither. Refuses when `meta.name` exists (as another file) unless
+/// `replace`. Returns the new entry.
+pub fn reseal(store: &Store, entry: &Entry, meta: &FileMeta, replace: bool) -> Result<Entry> {
+    let key = store.key()?;
+    validate_name(&meta.name)?;
+    let old = &entry.manifest.body;
+    if meta.size != old.plain_size() {
+        return Err(Error::Config(format!("reseal of {:?} cannot change its size", meta.name)));
+    }
+    let meta_bytes = postcard::to_allocvec(meta).map_err(|e| Error::Config(e.to_string()))?;
+    let (sealed_meta, meta_nonce) = key.seal_metadata(&old.file_id, &meta_bytes)?;
+    let body = ManifestBody {
+        name_tag: key.name_tag(&meta.name),
+        committed_unix_ns: now_unix_ns(),
+        meta_nonce,
+        sealed_meta,
+        ..old.clone()
+    };
+    body.validate("resealed manifest")?;
+    let manifest = Manifest::new(body, key);
+    publish(store, &manifest, &meta.name, replace)?;
+    if manifest.body.name_tag != old.name_tag {
+        remove(store, entry)?;
+    }
+    let file = FileRef {
+        name_tag: manifest.body.name_tag,
+        file_id: manifest.body.file_id,
+        copies: (0..store.locations().len()).collect(),
+    };
+    Ok(Entry { file, manifest, meta: Some(meta.clone()), bad_copies: Vec::new() })
 }

@@ -173,7 +173,7 @@ pub(crate) fn remove_shards(store: &Store, file_id: &[u8; 16]) {
     }
 }
 
-fn now_unix_ns() -> u64 {
+pub(crate) fn now_unix_ns() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 

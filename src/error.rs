@@ -89,6 +89,67 @@ pub enum Error {
     /// A configuration value or argument is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A filesystem operation (the mount layer, [`crate::vfs`]) was refused; `kind` says why.
+    #[error("{path}: {}", kind.describe())]
+    Fs {
+        /// Why, in the terms a filesystem adapter maps to an errno value.
+        kind: FsErrorKind,
+        /// The path (or handle) concerned.
+        path: String,
+    },
+}
+
+/// Filesystem error classes, platform-neutral: adapters (FUSE, later WinFSP) map them to their own codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FsErrorKind {
+    /// No such file or directory.
+    NotFound,
+    /// The name exists already.
+    AlreadyExists,
+    /// A path component is not a directory.
+    NotADirectory,
+    /// A directory was used where a file is needed.
+    IsADirectory,
+    /// The directory is not empty.
+    DirectoryNotEmpty,
+    /// The mount is read-only.
+    ReadOnly,
+    /// A name or argument is invalid (empty, `.`/`..`, not UTF-8, moving a directory into itself).
+    InvalidArgument,
+    /// A name is too long.
+    NameTooLong,
+    /// Unknown or closed handle, or a handle opened without the needed access.
+    BadHandle,
+    /// Too many open handles.
+    TooManyOpenFiles,
+    /// A disk is full.
+    NoSpace,
+    /// The operation is not supported by the store.
+    Unsupported,
+    /// Anything else: an I/O failure or data that cannot be read back verified (never wrong bytes).
+    Io,
+}
+
+impl FsErrorKind {
+    /// A short description.
+    pub fn describe(self) -> &'static str {
+        match self {
+            FsErrorKind::NotFound => "no such file or directory",
+            FsErrorKind::AlreadyExists => "already exists",
+            FsErrorKind::NotADirectory => "not a directory",
+            FsErrorKind::IsADirectory => "is a directory",
+            FsErrorKind::DirectoryNotEmpty => "directory not empty",
+            FsErrorKind::ReadOnly => "read-only mount",
+            FsErrorKind::InvalidArgument => "invalid argument",
+            FsErrorKind::NameTooLong => "name too long",
+            FsErrorKind::BadHandle => "bad file handle",
+            FsErrorKind::TooManyOpenFiles => "too many open files",
+            FsErrorKind::NoSpace => "no space left on a location",
+            FsErrorKind::Unsupported => "operation not supported",
+            FsErrorKind::Io => "input/output error",
+        }
+    }
 }
 
 impl Error {
@@ -100,6 +161,28 @@ impl Error {
     /// Builds a [`Error::Corrupt`].
     pub fn corrupt(what: impl Into<String>, detail: impl Into<String>) -> Self {
         Error::Corrupt { what: what.into(), detail: detail.into() }
+    }
+
+    /// Builds an [`Error::Fs`].
+    pub fn fs(kind: FsErrorKind, path: impl Into<String>) -> Self {
+        Error::Fs { kind, path: path.into() }
+    }
+
+    /// The filesystem class of this error (what a mount reports to the application).
+    pub fn fs_kind(&self) -> FsErrorKind {
+        match self {
+            Error::Fs { kind, .. } => *kind,
+            Error::NotFound(_) => FsErrorKind::NotFound,
+            Error::AlreadyExists(_) => FsErrorKind::AlreadyExists,
+            Error::Io { source, .. } => match source.kind() {
+                std::io::ErrorKind::NotFound => FsErrorKind::NotFound,
+                std::io::ErrorKind::StorageFull => FsErrorKind::NoSpace,
+                std::io::ErrorKind::ReadOnlyFilesystem => FsErrorKind::ReadOnly,
+                _ => FsErrorKind::Io,
+            },
+            Error::WriteQuorum { detail, .. } if detail.contains("No space left") => FsErrorKind::NoSpace,
+            _ => FsErrorKind::Io,
+        }
     }
 
     /// True when the error means "the object does not exist" (as opposed to "is damaged").

@@ -3,7 +3,8 @@
 //! Pipeline for a file: encrypt each segment (AES-256-GCM, [`crypto`]) → cut into k data shards and compute m
 //! parity shards ([`erasure`]) → hash every shard into a Merkle tree ([`merkle`]) → write each shard with a
 //! self-describing header ([`shard`]) to its location ([`location`]) → publish a manifest ([`manifest`]) on
-//! several locations. [`commit`], [`read`] and [`catalog`] put the pieces together over a [`store::Store`].
+//! several locations. [`commit`], [`read`] and [`catalog`] put the pieces together over a [`store::Store`];
+//! [`vfs`] presents the catalog as a filesystem for mount adapters.
 
 pub mod catalog;
 pub mod commit;
@@ -18,6 +19,7 @@ pub mod read;
 pub mod shard;
 pub mod store;
 pub mod stripe;
+pub mod vfs;
 pub mod volume;
 pub mod xts;
 

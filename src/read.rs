@@ -119,6 +119,19 @@ impl<'a> SegmentReader<'a> {
         Ok(SegmentReader { store, file, codec, bufs: StripeBuffers::default() })
     }
 
+    /// A reader for `file` that reuses a codec and buffers kept by the caller (a pool bounds how many segment
+    /// buffers exist at once); the codec is replaced when its k and m differ from the file's.
+    pub fn with_parts(store: &'a Store, file: &'a OpenFile, codec: Codec, bufs: StripeBuffers) -> Result<Self> {
+        let (k, m) = (file.body.k as usize, file.body.m as usize);
+        let codec = if codec.k() == k && codec.m() == m { codec } else { Codec::new(k, m)? };
+        Ok(SegmentReader { store, file, codec, bufs })
+    }
+
+    /// Gives the codec and buffers back for reuse.
+    pub fn into_parts(self) -> (Codec, StripeBuffers) {
+        (self.codec, self.bufs)
+    }
+
     /// Returns the verified plaintext of `segment`.
     pub fn read(&mut self, segment: u64) -> Result<&[u8]> {
         let body = &self.file.body;

@@ -1,0 +1,1134 @@
+//! The store as a filesystem, independent of any kernel interface: mount adapters (FUSE in `fs-mount/`) are
+//! thin translations of [`Vfs`] calls.
+//!
+//! - Namespace ([`tree`]): committed files under their names, directories derived from the `/`-separated
+//!   paths. The catalog is re-read at most every `catalog_ttl` on lookups and directory listings, so files
+//!   committed by other processes appear. Directories made with mkdir exist only while mounted.
+//! - Reads: random access; a read decrypts (and when needed rebuilds from parity) only the segments it touches,
+//!   each verified against the Merkle tree and its AES-GCM tag; a segment beyond repair is an I/O error, never
+//!   wrong bytes. Decoded segments are kept in a bounded [`cache`]; sequential readers trigger read-ahead.
+//! - Writes: a file opened for writing gets a [`spool`] file on disk (a copy of the committed version, made at
+//!   the first change, or empty); on flush, fsync or the last close it is committed with the ordinary commit
+//!   pipeline (`replace`), which is all-or-nothing: until it completes the old version is what the store holds.
+//! - Renames and metadata changes re-seal the manifest (no data is rewritten, see [`catalog::reseal`]).
+//!
+//! Lock order (outer to inner): a writer's `op` → `heavy` → `ns` → `state` → a writer's `spool`.
+
+pub mod cache;
+pub mod handles;
+pub mod spool;
+pub mod tree;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::catalog::{self, Entry};
+use crate::commit::{commit, validate_name, CommitRequest};
+use crate::erasure::Codec;
+use crate::error::{Error, FsErrorKind, Result};
+use crate::manifest::FileMeta;
+use crate::merkle::Hash;
+use crate::read::{read_to, OpenFile, SegmentReader};
+use crate::store::Store;
+use crate::stripe::StripeBuffers;
+
+use cache::{Bytes, SegmentCache};
+use handles::HandleTable;
+use spool::Spool;
+pub use tree::{Ino, ROOT};
+use tree::{NodeKind, Tree};
+
+/// Settings of a filesystem view.
+#[derive(Clone, Debug)]
+pub struct VfsOptions {
+    /// Refuse every change.
+    pub read_only: bool,
+    /// Bytes of decrypted segments kept for repeated and sequential reads.
+    pub cache_bytes: usize,
+    /// How long a catalog listing is trusted before lookups re-read it.
+    pub catalog_ttl: Duration,
+    /// Worker threads of each commit (each holds about 1.5 segments of memory).
+    pub commit_workers: usize,
+    /// Bytes read ahead of a sequential reader (at least one segment, at most half the cache).
+    pub read_ahead_bytes: u64,
+    /// Segments decoded at once (each decoder keeps about 1.5 segments of buffers).
+    pub decoders: usize,
+    /// Most handles open at once.
+    pub max_open: usize,
+}
+
+impl Default for VfsOptions {
+    fn default() -> Self {
+        VfsOptions {
+            read_only: false,
+            cache_bytes: 128 << 20,
+            catalog_ttl: Duration::from_secs(1),
+            commit_workers: 1,
+            read_ahead_bytes: 8 << 20,
+            decoders: 2,
+            max_open: 4096,
+        }
+    }
+}
+
+/// Kind of a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileType {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+}
+
+/// Attributes of a node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attr {
+    /// Inode number.
+    pub ino: Ino,
+    /// File or directory.
+    pub kind: FileType,
+    /// Size in bytes (0 for directories).
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_unix_ns: i64,
+    /// Permission bits (`0o7777` mask).
+    pub mode: u32,
+    /// Link count.
+    pub nlink: u32,
+}
+
+/// One directory entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    /// Inode number.
+    pub ino: Ino,
+    /// Name within the directory.
+    pub name: String,
+    /// File or directory.
+    pub kind: FileType,
+}
+
+/// How a file is opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpenMode {
+    /// Opened for writing (or reading and writing).
+    pub write: bool,
+    /// Truncate to zero length at open.
+    pub truncate: bool,
+}
+
+/// Attribute changes (`None` leaves a value alone).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SetAttr {
+    /// New size (truncate or extend with zeros).
+    pub size: Option<u64>,
+    /// New permission bits.
+    pub mode: Option<u32>,
+    /// New modification time, nanoseconds since the epoch.
+    pub mtime_unix_ns: Option<i64>,
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A committed version of a file, as read from its manifest.
+struct Committed {
+    entry: Entry,
+    meta: FileMeta,
+    open: OnceLock<Arc<OpenFile>>,
+}
+
+impl Committed {
+    fn new(entry: Entry) -> Result<Self> {
+        let what = || format!("manifest of {}", entry.label());
+        let meta = entry.meta.clone().ok_or_else(|| Error::KeyRequired(what()))?;
+        if meta.size != entry.manifest.body.plain_size() {
+            return Err(Error::corrupt(what(), "metadata size differs from the segment lengths"));
+        }
+        Ok(Committed { entry, meta, open: OnceLock::new() })
+    }
+
+    fn key(&self) -> (Hash, [u8; 16]) {
+        (self.entry.file.name_tag, self.entry.file.file_id)
+    }
+
+    fn file(&self, store: &Store) -> Result<Arc<OpenFile>> {
+        if let Some(f) = self.open.get() {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(OpenFile::new(store, &self.entry)?);
+        Ok(self.open.get_or_init(|| f).clone())
+    }
+}
+
+/// Write state of a file open for writing, shared by its handles.
+struct Writer {
+    /// Serialises changes to the spool and commits.
+    op: Mutex<WriterOp>,
+    spool: RwLock<Option<Arc<Spool>>>,
+    dirty: AtomicBool,
+    unlinked: AtomicBool,
+    writers: AtomicUsize,
+    mode: AtomicU32,
+    mtime_unix_ns: AtomicI64,
+}
+
+struct WriterOp {
+    /// The committed version the spool starts from.
+    base: Option<Arc<Committed>>,
+}
+
+impl Writer {
+    fn new(base: Option<Arc<Committed>>, spool: Option<Spool>, mode: u32, mtime_unix_ns: i64) -> Arc<Writer> {
+        let dirty = spool.is_some();
+        Arc::new(Writer {
+            op: Mutex::new(WriterOp { base }),
+            spool: RwLock::new(spool.map(Arc::new)),
+            dirty: AtomicBool::new(dirty),
+            unlinked: AtomicBool::new(false),
+            writers: AtomicUsize::new(0),
+            mode: AtomicU32::new(mode),
+            mtime_unix_ns: AtomicI64::new(mtime_unix_ns),
+        })
+    }
+
+    fn spool(&self) -> Option<Arc<Spool>> {
+        self.spool.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// What a file node holds: its committed version and, while open for writing, its write state.
+struct FileSlot {
+    committed: Option<Arc<Committed>>,
+    writer: Option<Arc<Writer>>,
+}
+
+struct FileHandle {
+    ino: Ino,
+    committed: Option<Arc<Committed>>,
+    writer: Option<Arc<Writer>>,
+    writable: bool,
+    last_end: AtomicU64,
+}
+
+enum Handle {
+    File(FileHandle),
+    Dir(Arc<Vec<DirEntry>>),
+}
+
+struct State {
+    tree: Tree<FileSlot>,
+    /// The catalog as last applied to the tree, by name.
+    known: HashMap<String, Arc<Committed>>,
+    handles: HandleTable<Handle>,
+    refreshed: Instant,
+}
+
+/// Manifests read so far (guarded by the namespace lock, which also serialises catalog changes).
+#[derive(Default)]
+struct Loaded {
+    by_key: HashMap<(Hash, [u8; 16]), Arc<Committed>>,
+    failed: HashSet<(Hash, [u8; 16])>,
+}
+
+/// A bounded pool of decoders (codec and stripe buffers), so decoding memory does not grow with readers.
+struct DecoderPool {
+    free: Mutex<(Vec<(Codec, StripeBuffers)>, usize)>,
+    returned: Condvar,
+    max: usize,
+}
+
+impl DecoderPool {
+    fn with<R>(
+        &self,
+        file: &OpenFile,
+        f: impl FnOnce(&mut SegmentReader<'_>) -> Result<R>,
+        store: &Store,
+    ) -> Result<R> {
+        let parts = {
+            let mut g = lock(&self.free);
+            while g.0.is_empty() && g.1 >= self.max {
+                g = self.returned.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+            g.1 += 1;
+            g.0.pop()
+        };
+        // Give the slot back however `f` ends.
+        struct Slot<'a> {
+            pool: &'a DecoderPool,
+            parts: Option<(Codec, StripeBuffers)>,
+        }
+        impl Drop for Slot<'_> {
+            fn drop(&mut self) {
+                let mut g = lock(&self.pool.free);
+                g.1 -= 1;
+                if let Some(p) = self.parts.take() {
+                    g.0.push(p);
+                }
+                drop(g);
+                self.pool.returned.notify_one();
+            }
+        }
+        let mut slot = Slot { pool: self, parts: None };
+        let (codec, bufs) = match parts {
+            Some(p) => p,
+            None => (Codec::new(file.body.k as usize, file.body.m as usize)?, StripeBuffers::default()),
+        };
+        let mut reader = SegmentReader::with_parts(store, file, codec, bufs)?;
+        let r = f(&mut reader);
+        slot.parts = Some(reader.into_parts());
+        r
+    }
+}
+
+struct Prefetch {
+    file: Arc<OpenFile>,
+    segment: u64,
+}
+
+struct Shared {
+    store: Arc<Store>,
+    opts: VfsOptions,
+    state: Mutex<State>,
+    ns: Mutex<Loaded>,
+    /// One commit or spool copy at a time: each holds several segment buffers.
+    heavy: Mutex<()>,
+    cache: SegmentCache<([u8; 16], u64)>,
+    decoders: DecoderPool,
+    spool_dir: PathBuf,
+    mount_time_ns: i64,
+}
+
+/// The filesystem view of a store. All methods take `&self` and may be called from many threads.
+pub struct Vfs {
+    shared: Arc<Shared>,
+    prefetch: Mutex<Option<SyncSender<Prefetch>>>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Vfs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vfs").field("store", &self.shared.store).field("opts", &self.shared.opts).finish()
+    }
+}
+
+fn check_component(name: &str) -> Result<()> {
+    if name.len() > 255 {
+        return Err(Error::fs(FsErrorKind::NameTooLong, name));
+    }
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\0') {
+        return Err(Error::fs(FsErrorKind::InvalidArgument, name));
+    }
+    Ok(())
+}
+
+impl Vfs {
+    /// A view of `store` (which must be unlocked). Reads the catalog once; fails when no location answers.
+    pub fn new(store: Arc<Store>, opts: VfsOptions) -> Result<Vfs> {
+        store.key()?;
+        let spool_dir = store.dir().join("spool");
+        let max_open = opts.max_open.max(1);
+        let shared = Arc::new(Shared {
+            cache: SegmentCache::new(opts.cache_bytes),
+            decoders: DecoderPool {
+                free: Mutex::new((Vec::new(), 0)),
+                returned: Condvar::new(),
+                max: opts.decoders.max(1),
+            },
+            state: Mutex::new(State {
+                tree: Tree::new(),
+                known: HashMap::new(),
+                handles: HandleTable::new(max_open),
+                refreshed: Instant::now(),
+            }),
+            ns: Mutex::new(Loaded::default()),
+            heavy: Mutex::new(()),
+            spool_dir,
+            mount_time_ns: now_ns(),
+            store,
+            opts,
+        });
+        {
+            let mut loaded = lock(&shared.ns);
+            shared.refresh_locked(&mut loaded)?;
+        }
+        let (tx, rx) = sync_channel::<Prefetch>(64);
+        let rx = Arc::new(Mutex::new(rx));
+        let threads = (0..shared.opts.decoders.max(1))
+            .map(|_| {
+                let (shared, rx) = (shared.clone(), rx.clone());
+                std::thread::spawn(move || prefetch_loop(&shared, &rx))
+            })
+            .collect();
+        Ok(Vfs { shared, prefetch: Mutex::new(Some(tx)), threads: Mutex::new(threads) })
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.shared.store
+    }
+
+    /// Whether changes are refused.
+    pub fn read_only(&self) -> bool {
+        self.shared.opts.read_only
+    }
+
+    fn writable(&self) -> Result<()> {
+        if self.shared.opts.read_only {
+            return Err(Error::fs(FsErrorKind::ReadOnly, "mount"));
+        }
+        Ok(())
+    }
+
+    /// Attributes of child `name` of directory `parent`.
+    pub fn lookup(&self, parent: Ino, name: &str) -> Result<Attr> {
+        self.shared.maybe_refresh();
+        let st = lock(&self.shared.state);
+        let ino = st.tree.lookup(parent, name).ok_or_else(|| Error::fs(FsErrorKind::NotFound, name))?;
+        self.shared.attr(&st, ino)
+    }
+
+    /// Attributes of `ino`.
+    pub fn getattr(&self, ino: Ino) -> Result<Attr> {
+        let st = lock(&self.shared.state);
+        self.shared.attr(&st, ino)
+    }
+
+    /// Opens directory `ino` for listing; the listing is fixed at open.
+    pub fn opendir(&self, ino: Ino) -> Result<u64> {
+        self.shared.maybe_refresh();
+        let mut st = lock(&self.shared.state);
+        let children =
+            st.tree.children(ino).ok_or_else(|| Error::fs(FsErrorKind::NotADirectory, format!("inode {ino}")))?;
+        let entries: Vec<DirEntry> = children
+            .map(|(name, i)| {
+                let kind = if st.tree.get(i).is_some_and(|n| n.is_dir()) { FileType::Dir } else { FileType::File };
+                DirEntry { ino: i, name: name.to_string(), kind }
+            })
+            .collect();
+        st.handles.insert(Handle::Dir(Arc::new(entries)))
+    }
+
+    /// The entries of an open directory (without `.` and `..`).
+    pub fn readdir(&self, fh: u64) -> Result<Arc<Vec<DirEntry>>> {
+        match &*lock(&self.shared.state).handles.get(fh)? {
+            Handle::Dir(e) => Ok(e.clone()),
+            Handle::File(_) => Err(Error::fs(FsErrorKind::NotADirectory, format!("handle {fh}"))),
+        }
+    }
+
+    /// Closes a directory handle.
+    pub fn releasedir(&self, fh: u64) -> Result<()> {
+        lock(&self.shared.state).handles.remove(fh).map(|_| ())
+    }
+
+    /// Opens file `ino`. Readers see the committed version, or this mount's uncommitted writes when the file
+    /// is open for writing here.
+    pub fn open(&self, ino: Ino, mode: OpenMode) -> Result<u64> {
+        if mode.write {
+            self.writable()?;
+        }
+        let (fh, writer) = {
+            let mut st = lock(&self.shared.state);
+            let slot = match st.tree.get(ino).map(|n| &n.kind) {
+                Some(NodeKind::File(_)) => st.tree.file_mut(ino),
+                Some(NodeKind::Dir { .. }) => return Err(Error::fs(FsErrorKind::IsADirectory, format!("inode {ino}"))),
+                None => None,
+            }
+            .ok_or_else(|| Error::fs(FsErrorKind::NotFound, format!("inode {ino}")))?;
+            let committed = slot.committed.clone();
+            let writer = if mode.write {
+                let w = slot.writer.get_or_insert_with(|| {
+                    let (mode, mtime) =
+                        committed.as_ref().map(|c| (c.meta.mode, c.meta.mtime_unix_ns)).unwrap_or((0o644, now_ns()));
+                    Writer::new(committed.clone(), None, mode, mtime)
+                });
+                w.writers.fetch_add(1, Ordering::SeqCst);
+                Some(w.clone())
+            } else {
+                slot.writer.clone()
+            };
+            let h = FileHandle {
+                ino,
+                committed,
+                writer: writer.clone(),
+                writable: mode.write,
+                last_end: AtomicU64::new(0),
+            };
+            match st.handles.insert(Handle::File(h)) {
+                Ok(fh) => (fh, writer),
+                Err(e) => {
+                    if let (true, Some(w)) = (mode.write, &writer) {
+                        w.writers.fetch_sub(1, Ordering::SeqCst);
+                    }
+                    return Err(e);
+                }
+            }
+        };
+        if let (true, Some(w)) = (mode.truncate, writer) {
+            if let Err(e) = self.shared.truncate(&w, 0) {
+                let _ = self.release(fh);
+                return Err(e);
+            }
+        }
+        Ok(fh)
+    }
+
+    /// Creates and opens (for writing) a new empty file; it is committed at the first flush or close.
+    pub fn create(&self, parent: Ino, name: &str, mode: u32) -> Result<(Attr, u64)> {
+        self.writable()?;
+        check_component(name)?;
+        let spool = Spool::create(&self.shared.spool_dir)?;
+        let w = Writer::new(None, Some(spool), mode & 0o7777, now_ns());
+        w.writers.fetch_add(1, Ordering::SeqCst);
+        let mut st = lock(&self.shared.state);
+        let path = st.tree.child_path(parent, name).ok_or_else(|| Error::fs(FsErrorKind::NotFound, name))?;
+        validate_name(&path).map_err(|_| Error::fs(FsErrorKind::InvalidArgument, &path))?;
+        let ino = st.tree.create(parent, name, FileSlot { committed: None, writer: Some(w.clone()) })?;
+        let h = FileHandle { ino, committed: None, writer: Some(w), writable: true, last_end: AtomicU64::new(0) };
+        let fh = match st.handles.insert(Handle::File(h)) {
+            Ok(fh) => fh,
+            Err(e) => {
+                let _ = st.tree.remove(ino, true);
+                return Err(e);
+            }
+        };
+        Ok((self.shared.attr(&st, ino)?, fh))
+    }
+
+    fn file_handle(&self, fh: u64) -> Result<Arc<Handle>> {
+        let h = lock(&self.shared.state).handles.get(fh)?;
+        match &*h {
+            Handle::File(_) => Ok(h),
+            Handle::Dir(_) => Err(Error::fs(FsErrorKind::IsADirectory, format!("handle {fh}"))),
+        }
+    }
+
+    /// Reads up to `size` bytes at `offset` (fewer at the end of the file).
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let h = self.file_handle(fh)?;
+        let Handle::File(h) = &*h else {
+            return Err(Error::fs(FsErrorKind::BadHandle, format!("handle {fh}")));
+        };
+        if let Some(spool) = h.writer.as_ref().and_then(|w| w.spool()) {
+            let len = spool.len();
+            let n = (size as u64).min(len.saturating_sub(offset)) as usize;
+            let mut buf = vec![0u8; n];
+            let got = spool.read_at(offset, &mut buf)?;
+            buf.truncate(got);
+            return Ok(buf);
+        }
+        match &h.committed {
+            Some(c) => self.shared.read_committed(h, &c.file(&self.shared.store)?, offset, size as usize, self),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Writes `data` at `offset`; returns the bytes written.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        self.writable()?;
+        let h = self.file_handle(fh)?;
+        let Handle::File(FileHandle { writer: Some(w), writable: true, .. }) = &*h else {
+            return Err(Error::fs(FsErrorKind::BadHandle, format!("handle {fh} is not open for writing")));
+        };
+        let _op = lock(&w.op);
+        let spool = self.shared.ensure_spool(w, &_op, None)?;
+        spool.write_at(offset, data)?;
+        w.dirty.store(true, Ordering::SeqCst);
+        w.mtime_unix_ns.store(now_ns(), Ordering::SeqCst);
+        u32::try_from(data.len()).map_err(|_| Error::fs(FsErrorKind::InvalidArgument, "write too large"))
+    }
+
+    /// Commits the file's changes when `fh` was opened for writing (close(2) calls this).
+    pub fn flush(&self, fh: u64) -> Result<()> {
+        let h = self.file_handle(fh)?;
+        if let Handle::File(FileHandle { ino, writer: Some(w), writable: true, .. }) = &*h {
+            self.shared.commit_writer(*ino, w)?;
+        }
+        Ok(())
+    }
+
+    /// Like [`Vfs::flush`]: once it returns, the file is committed.
+    pub fn fsync(&self, fh: u64) -> Result<()> {
+        self.flush(fh)
+    }
+
+    /// Closes a file handle; the last writable handle commits outstanding changes. When that commit fails,
+    /// the written data is saved in `<store>/spool/failed-*` and the error returned.
+    pub fn release(&self, fh: u64) -> Result<()> {
+        let h = lock(&self.shared.state).handles.remove(fh)?;
+        let Handle::File(FileHandle { ino, writer: Some(w), writable: true, .. }) = &*h else {
+            return Ok(());
+        };
+        if w.writers.fetch_sub(1, Ordering::SeqCst) != 1 {
+            return Ok(());
+        }
+        let result = self.shared.commit_writer(*ino, w);
+        if let Err(e) = &result {
+            self.shared.save_failed(*ino, w, e);
+        }
+        let mut st = lock(&self.shared.state);
+        if w.writers.load(Ordering::SeqCst) == 0 {
+            let orphan = match st.tree.file_mut(*ino) {
+                Some(slot) if slot.writer.as_ref().is_some_and(|x| Arc::ptr_eq(x, w)) => {
+                    slot.writer = None;
+                    slot.committed.is_none()
+                }
+                _ => false,
+            };
+            // A new file whose commit failed does not exist in the store: do not leave an empty ghost.
+            if orphan {
+                let _ = st.tree.remove(*ino, true);
+            }
+        }
+        result
+    }
+
+    /// Changes size, mode or modification time.
+    pub fn setattr(&self, ino: Ino, fh: Option<u64>, changes: SetAttr) -> Result<Attr> {
+        if changes.size.is_some() || changes.mode.is_some() || changes.mtime_unix_ns.is_some() {
+            self.writable()?;
+        }
+        let handle_writer = match fh.map(|f| self.file_handle(f)).transpose()? {
+            Some(h) => match &*h {
+                Handle::File(FileHandle { writer: Some(w), writable: true, .. }) => Some(w.clone()),
+                _ => None,
+            },
+            None => None,
+        };
+        let (writer, committed) = {
+            let st = lock(&self.shared.state);
+            match st.tree.get(ino).map(|n| &n.kind) {
+                Some(NodeKind::File(slot)) => (handle_writer.or_else(|| slot.writer.clone()), slot.committed.clone()),
+                Some(NodeKind::Dir { .. }) => {
+                    if changes.size.is_some() {
+                        return Err(Error::fs(FsErrorKind::IsADirectory, format!("inode {ino}")));
+                    }
+                    return self.shared.attr(&st, ino);
+                }
+                None => return Err(Error::fs(FsErrorKind::NotFound, format!("inode {ino}"))),
+            }
+        };
+        if let Some(size) = changes.size {
+            match &writer {
+                Some(w) => self.shared.truncate(w, size)?,
+                None => {
+                    // truncate(2) on a file nobody has open: a temporary writer, committed at once.
+                    let base = committed.clone();
+                    let (mode, mtime) =
+                        base.as_ref().map(|c| (c.meta.mode, c.meta.mtime_unix_ns)).unwrap_or((0o644, 0));
+                    let w = Writer::new(base, None, mode, mtime);
+                    self.shared.truncate(&w, size)?;
+                    self.shared.commit_writer(ino, &w)?;
+                }
+            }
+        }
+        if changes.mode.is_some() || changes.mtime_unix_ns.is_some() {
+            let pending = writer.as_ref().filter(|w| w.spool().is_some());
+            match (pending, &committed) {
+                (Some(w), _) => {
+                    if let Some(m) = changes.mode {
+                        w.mode.store(m & 0o7777, Ordering::SeqCst);
+                    }
+                    if let Some(t) = changes.mtime_unix_ns {
+                        w.mtime_unix_ns.store(t, Ordering::SeqCst);
+                    }
+                    w.dirty.store(true, Ordering::SeqCst);
+                }
+                (None, Some(_)) => self.shared.reseal_meta(ino, changes, writer.as_deref())?,
+                (None, None) => {}
+            }
+        }
+        let st = lock(&self.shared.state);
+        self.shared.attr(&st, ino)
+    }
+
+    /// Makes a directory (it exists while mounted; it persists once a file is committed in it).
+    pub fn mkdir(&self, parent: Ino, name: &str) -> Result<Attr> {
+        self.writable()?;
+        check_component(name)?;
+        let mut st = lock(&self.shared.state);
+        let ino = st.tree.mkdir(parent, name)?;
+        self.shared.attr(&st, ino)
+    }
+
+    /// Removes an empty directory.
+    pub fn rmdir(&self, parent: Ino, name: &str) -> Result<()> {
+        self.writable()?;
+        let mut st = lock(&self.shared.state);
+        let ino = st.tree.lookup(parent, name).ok_or_else(|| Error::fs(FsErrorKind::NotFound, name))?;
+        if !st.tree.get(ino).is_some_and(|n| n.is_dir()) {
+            return Err(Error::fs(FsErrorKind::NotADirectory, name));
+        }
+        st.tree.remove(ino, true).map(|_| ())
+    }
+
+    /// Removes a file from the store (its manifests, then its shards). Open handles keep reading what they
+    /// have cached; pending writes to it are dropped.
+    pub fn unlink(&self, parent: Ino, name: &str) -> Result<()> {
+        self.writable()?;
+        let mut loaded = lock(&self.shared.ns);
+        let (ino, path, slot_committed, writer) = {
+            let st = lock(&self.shared.state);
+            let ino = st.tree.lookup(parent, name).ok_or_else(|| Error::fs(FsErrorKind::NotFound, name))?;
+            let slot = st.tree.file(ino).ok_or_else(|| Error::fs(FsErrorKind::IsADirectory, name))?;
+            (ino, st.tree.path(ino).unwrap_or_default(), slot.committed.clone(), slot.writer.clone())
+        };
+        if let Some(c) = &slot_committed {
+            catalog::remove(&self.shared.store, &c.entry)?;
+            loaded.by_key.remove(&c.key());
+        }
+        if let Some(w) = writer {
+            w.unlinked.store(true, Ordering::SeqCst);
+        }
+        let mut st = lock(&self.shared.state);
+        st.known.remove(&path);
+        st.tree.remove(ino, true).map(|_| ())
+    }
+
+    /// Renames a file or directory, replacing a file (or an empty directory) at the target like rename(2).
+    /// Each committed file is re-sealed under its new name (no data is rewritten). With `no_replace`, an
+    /// existing target is refused.
+    pub fn rename(&self, parent: Ino, name: &str, new_parent: Ino, new_name: &str, no_replace: bool) -> Result<()> {
+        self.writable()?;
+        check_component(new_name)?;
+        let mut loaded = lock(&self.shared.ns);
+        let (ino, src_path, dst_path, files, target) = {
+            let st = lock(&self.shared.state);
+            let ino = st.tree.lookup(parent, name).ok_or_else(|| Error::fs(FsErrorKind::NotFound, name))?;
+            let target = st.tree.check_rename(ino, new_parent, new_name)?;
+            if target == Some(ino) {
+                return Ok(());
+            }
+            if no_replace && target.is_some() {
+                return Err(Error::fs(FsErrorKind::AlreadyExists, new_name));
+            }
+            let src_path = st.tree.path(ino).unwrap_or_default();
+            let dst_path =
+                st.tree.child_path(new_parent, new_name).ok_or_else(|| Error::fs(FsErrorKind::NotFound, new_name))?;
+            validate_name(&dst_path).map_err(|_| Error::fs(FsErrorKind::InvalidArgument, &dst_path))?;
+            let files: Vec<(Ino, String, Option<Arc<Committed>>)> = st
+                .tree
+                .files_below(ino)
+                .into_iter()
+                .map(|(i, p)| (i, p, st.tree.file(i).and_then(|s| s.committed.clone())))
+                .collect();
+            let target = target.map(|t| {
+                (t, st.tree.file(t).and_then(|s| s.committed.clone()), st.tree.file(t).and_then(|s| s.writer.clone()))
+            });
+            (ino, src_path, dst_path, files, target)
+        };
+        let new_path = |p: &str| format!("{dst_path}{}", &p[src_path.len()..]);
+        let src_committed = files.iter().any(|(i, _, c)| *i == ino && c.is_some());
+        // The replaced target: its pending writes are dropped; when nothing will be committed over it, its
+        // committed version is removed now (rename(2) replaces the target at once).
+        if let Some((_, target_committed, target_writer)) = &target {
+            if let Some(w) = target_writer {
+                w.unlinked.store(true, Ordering::SeqCst);
+            }
+            if let (Some(tc), false) = (target_committed, src_committed) {
+                catalog::remove(&self.shared.store, &tc.entry)?;
+                loaded.by_key.remove(&tc.key());
+            }
+        }
+        let mut moved = Vec::new();
+        for (i, p, c) in &files {
+            let Some(c) = c else {
+                continue;
+            };
+            let meta = FileMeta { name: new_path(p), ..c.meta.clone() };
+            match catalog::reseal(&self.shared.store, &c.entry, &meta, true).and_then(Committed::new) {
+                Ok(n) => moved.push((*i, p.clone(), Arc::new(n))),
+                Err(e) => {
+                    // Part of a directory moved: rebuild the namespace from the store, which is consistent.
+                    tracing::warn!(error = %e, from = %p, "rename failed part-way; re-reading the catalog");
+                    if let Err(e2) = self.shared.refresh_locked(&mut loaded) {
+                        tracing::warn!(error = %e2, "re-reading the catalog failed");
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let mut st = lock(&self.shared.state);
+        if let Some((t, _, _)) = &target {
+            if let Some(p) = st.tree.path(*t) {
+                st.known.remove(&p);
+            }
+        }
+        st.tree.rename(ino, new_parent, new_name)?;
+        for (i, old, c) in moved {
+            loaded.by_key.insert(c.key(), c.clone());
+            st.known.remove(&old);
+            st.known.insert(c.meta.name.clone(), c.clone());
+            // A writer's base keeps the old entry: it names the same shards, so copying from it still works.
+            if let Some(slot) = st.tree.file_mut(i) {
+                slot.committed = Some(c);
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits every file with uncommitted writes (at unmount or on a signal); returns the failures.
+    pub fn flush_all(&self) -> Vec<Error> {
+        let writers: Vec<(Ino, Arc<Writer>)> = {
+            let st = lock(&self.shared.state);
+            st.tree
+                .files_below(ROOT)
+                .into_iter()
+                .filter_map(|(i, _)| st.tree.file(i).and_then(|s| s.writer.clone()).map(|w| (i, w)))
+                .collect()
+        };
+        let mut errors = Vec::new();
+        for (ino, w) in writers {
+            if let Err(e) = self.shared.commit_writer(ino, &w) {
+                self.shared.save_failed(ino, &w, &e);
+                errors.push(e);
+            }
+        }
+        errors
+    }
+
+    /// Commits outstanding writes and stops the read-ahead threads.
+    pub fn shutdown(&self) -> Vec<Error> {
+        let errors = self.flush_all();
+        lock(&self.prefetch).take();
+        for t in lock(&self.threads).drain(..) {
+            let _ = t.join();
+        }
+        errors
+    }
+
+    fn prefetch(&self, file: &Arc<OpenFile>, segments: std::ops::RangeInclusive<u64>) {
+        let guard = lock(&self.prefetch);
+        let Some(tx) = guard.as_ref() else {
+            return;
+        };
+        for segment in segments {
+            if segment >= file.segments() || self.shared.cache.contains(&(file.body.file_id, segment)) {
+                continue;
+            }
+            match tx.try_send(Prefetch { file: file.clone(), segment }) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => return,
+            }
+        }
+    }
+}
+
+impl Drop for Vfs {
+    fn drop(&mut self) {
+        lock(&self.prefetch).take();
+        for t in lock(&self.threads).drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn prefetch_loop(shared: &Shared, rx: &Mutex<Receiver<Prefetch>>) {
+    loop {
+        let job = match lock(rx).recv() {
+            Ok(j) => j,
+            Err(_) => return,
+        };
+        if let Err(e) = shared.segment(&job.file, job.segment) {
+            tracing::debug!(segment = job.segment, error = %e, "read-ahead failed");
+        }
+    }
+}
+
+/// Writes a stream into a spool sequentially (copying the committed version in).
+struct SpoolWriter<'a> {
+    spool: &'a Spool,
+    pos: u64,
+}
+
+impl std::io::Write for SpoolWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.spool.write_at(self.pos, buf).map_err(std::io::Error::other)?;
+        self.pos += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Shared {
+    fn attr(&self, st: &State, ino: Ino) -> Result<Attr> {
+        let node = st.tree.get(ino).ok_or_else(|| Error::fs(FsErrorKind::NotFound, format!("inode {ino}")))?;
+        Ok(match &node.kind {
+            NodeKind::Dir { .. } => {
+                Attr { ino, kind: FileType::Dir, size: 0, mtime_unix_ns: self.mount_time_ns, mode: 0o755, nlink: 2 }
+            }
+            NodeKind::File(slot) => {
+                let pending = slot.writer.as_ref().and_then(|w| w.spool().map(|s| (w, s)));
+                let (size, mtime_unix_ns, mode) = match (pending, &slot.committed) {
+                    (Some((w, s)), _) => {
+                        (s.len(), w.mtime_unix_ns.load(Ordering::SeqCst), w.mode.load(Ordering::SeqCst))
+                    }
+                    (None, Some(c)) => (c.meta.size, c.meta.mtime_unix_ns, c.meta.mode),
+                    (None, None) => (0, self.mount_time_ns, 0o644),
+                };
+                Attr { ino, kind: FileType::File, size, mtime_unix_ns, mode: mode & 0o7777, nlink: 1 }
+            }
+        })
+    }
+
+    fn maybe_refresh(&self) {
+        if lock(&self.state).refreshed.elapsed() < self.opts.catalog_ttl {
+            return;
+        }
+        // A commit or rename in progress holds the namespace lock: serve the current view meanwhile.
+        let Ok(mut loaded) = self.ns.try_lock() else {
+            return;
+        };
+        if let Err(e) = self.refresh_locked(&mut loaded) {
+            tracing::warn!(error = %e, "re-reading the catalog failed; keeping the previous view");
+        }
+    }
+
+    /// Re-reads the catalog (object listings, plus manifests not seen before) and applies the differences to
+    /// the tree. Files with uncommitted writes in this mount are left alone.
+    fn refresh_locked(&self, loaded: &mut Loaded) -> Result<()> {
+        let refs = catalog::scan(&self.store)?;
+        let mut present = HashSet::new();
+        let mut by_name: HashMap<String, Arc<Committed>> = HashMap::new();
+        for f in refs {
+            let key = (f.name_tag, f.file_id);
+            present.insert(key);
+            let c = match loaded.by_key.get(&key) {
+                Some(c) => c.clone(),
+                None if loaded.failed.contains(&key) => continue,
+                None => match catalog::load(&self.store, &f).and_then(Committed::new) {
+                    Ok(c) => {
+                        let c = Arc::new(c);
+                        loaded.by_key.insert(key, c.clone());
+                        c
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "a file is not shown: its manifest cannot be read");
+                        loaded.failed.insert(key);
+                        continue;
+                    }
+                },
+            };
+            match by_name.get(&c.meta.name) {
+                Some(cur) if cur.entry.manifest.body.committed_unix_ns >= c.entry.manifest.body.committed_unix_ns => {}
+                _ => {
+                    by_name.insert(c.meta.name.clone(), c);
+                }
+            }
+        }
+        loaded.by_key.retain(|k, _| present.contains(k));
+        loaded.failed.retain(|k| present.contains(k));
+        let mut st = lock(&self.state);
+        let old = std::mem::take(&mut st.known);
+        for (name, c) in &old {
+            if by_name.contains_key(name) {
+                continue;
+            }
+            let Some(ino) = st.tree.resolve(name) else {
+                continue;
+            };
+            let remove = match st.tree.file_mut(ino) {
+                Some(slot) => {
+                    if slot.committed.as_ref().is_some_and(|x| Arc::ptr_eq(x, c)) {
+                        slot.committed = None;
+                    }
+                    slot.committed.is_none() && slot.writer.is_none()
+                }
+                None => false,
+            };
+            if remove {
+                let _ = st.tree.remove(ino, false);
+            }
+        }
+        for (name, c) in &by_name {
+            if old.get(name).is_some_and(|o| Arc::ptr_eq(o, c)) {
+                continue;
+            }
+            let ino = st.tree.resolve(name);
+            match ino.and_then(|i| st.tree.file_mut(i)) {
+                Some(slot) => slot.committed = Some(c.clone()),
+                None => {
+                    let slot = FileSlot { committed: Some(c.clone()), writer: None };
+                    if let Err(e) = st.tree.insert_file(name, slot) {
+                        tracing::warn!(name = %name, error = %e, "a file is not shown: its path collides with a directory");
+                    }
+                }
+            }
+        }
+        st.known = by_name;
+        st.refreshed = Instant::now();
+        Ok(())
+    }
+
+    /// The verified plaintext of one segment, from the cache or decoded.
+    fn segment(&self, file: &OpenFile, segment: u64) -> Result<Bytes> {
+        self.cache.get_or_load(&(file.body.file_id, segment), || {
+            self.decoders.with(file, |r| r.read(segment).map(|p| p.to_vec()), &self.store)
+        })
+    }
+
+    fn read_committed(
+        &self,
+        h: &FileHandle,
+        file: &Arc<OpenFile>,
+        offset: u64,
+        size: usize,
+        vfs: &Vfs,
+    ) -> Result<Vec<u8>> {
+        let total = file.meta.size;
+        if offset >= total || size == 0 {
+            return Ok(Vec::new());
+        }
+        let end = offset.saturating_add(size as u64).min(total);
+        let seg_size = file.body.segment_size;
+        let (first, last) = (offset / seg_size, (end - 1) / seg_size);
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        for seg in first..=last {
+            let data = self.segment(file, seg)?;
+            let start = seg * seg_size;
+            let a = (offset.max(start) - start) as usize;
+            let b = (end.min(start + data.len() as u64) - start) as usize;
+            if a >= b {
+                return Err(Error::corrupt(
+                    format!("segment {seg} of {}", file.meta.name),
+                    "shorter than the manifest says",
+                ));
+            }
+            out.extend_from_slice(&data[a..b]);
+        }
+        // Read-ahead when this read continues the previous one (the kernel's own read-ahead reorders reads a
+        // little, hence the window).
+        let prev = h.last_end.swap(end, Ordering::Relaxed);
+        if offset.abs_diff(prev) <= 4 << 20 {
+            let cache_segments = (self.opts.cache_bytes as u64 / seg_size).max(1);
+            let ahead = self.opts.read_ahead_bytes.div_ceil(seg_size).clamp(1, 32).min((cache_segments / 2).max(1));
+            vfs.prefetch(file, last + 1..=last + ahead);
+        }
+        Ok(out)
+    }
+
+    /// The writer's spool, made at the first change: a copy of the committed version, or empty when the change
+    /// truncates to zero.
+    fn ensure_spool(&self, w: &Writer, op: &WriterOp, truncate_to: Option<u64>) -> Result<Arc<Spool>> {
+        if let Some(s) = w.spool() {
+            return Ok(s);
+        }
+        let spool = Spool::create(&self.spool_dir)?;
+        if let (Some(base), false) = (&op.base, truncate_to == Some(0)) {
+            let _heavy = lock(&self.heavy);
+            let file = base.file(&self.store)?;
+            read_to(&self.store, &file, &mut SpoolWriter { spool: &spool, pos: 0 }, 1, &|_| {})?;
+        }
+        let spool = Arc::new(spool);
+        *w.spool.write().unwrap_or_else(|e| e.into_inner()) = Some(spool.clone());
+        Ok(spool)
+    }
+
+    fn truncate(&self, w: &Writer, size: u64) -> Result<()> {
+        let op = lock(&w.op);
+        let spool = self.ensure_spool(w, &op, Some(size))?;
+        spool.set_len(size)?;
+        w.dirty.store(true, Ordering::SeqCst);
+        w.mtime_unix_ns.store(now_ns(), Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Commits a writer's spool under the file's current name, replacing the previous version.
+    fn commit_writer(&self, ino: Ino, w: &Writer) -> Result<()> {
+        let mut op = lock(&w.op);
+        if !w.dirty.load(Ordering::SeqCst) || w.unlinked.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let spool = w.spool();
+        let _heavy = lock(&self.heavy);
+        let mut loaded = lock(&self.ns);
+        let Some(name) = lock(&self.state).tree.path(ino).filter(|p| !p.is_empty()) else {
+            return Ok(());
+        };
+        let req = CommitRequest {
+            name: name.clone(),
+            mtime_unix_ns: w.mtime_unix_ns.load(Ordering::SeqCst),
+            mode: w.mode.load(Ordering::SeqCst),
+            replace: true,
+            workers: self.opts.commit_workers.max(1),
+            size: Some(spool.as_ref().map(|s| s.len()).unwrap_or(0)),
+        };
+        let started = Instant::now();
+        match &spool {
+            Some(s) => commit(&self.store, &mut s.reader(), &req, &|_| {})?,
+            None => commit(&self.store, &mut std::io::empty(), &req, &|_| {})?,
+        };
+        tracing::info!(name = %name, bytes = req.size, secs = started.elapsed().as_secs_f64(), "committed through the mount");
+        w.dirty.store(false, Ordering::SeqCst);
+        let c = Arc::new(Committed::new(catalog::find(&self.store, &name)?)?);
+        loaded.by_key.insert(c.key(), c.clone());
+        op.base = Some(c.clone());
+        let mut st = lock(&self.state);
+        st.known.insert(name, c.clone());
+        if let Some(slot) = st.tree.file_mut(ino) {
+            slot.committed = Some(c);
+        }
+        Ok(())
+    }
+
+    /// Keeps the data of a writer whose commit failed, so nothing written is silently lost.
+    fn save_failed(&self, ino: Ino, w: &Writer, e: &Error) {
+        let Some(spool) = w.spool().filter(|_| w.dirty.load(Ordering::SeqCst) && !w.unlinked.load(Ordering::SeqCst))
+        else {
+            tracing::error!(error = %e, "commit through the mount failed");
+            return;
+        };
+        let name = lock(&self.state).tree.path(ino).unwrap_or_default().replace('/', "%");
+        let dest = self.spool_dir.join(format!("failed-{}-{name}", now_ns()));
+        match spool.save_copy(&dest) {
+            Ok(_) => {
+                tracing::error!(error = %e, saved = %dest.display(), "commit through the mount failed; the written data was saved")
+            }
+            Err(e2) => {
+                tracing::error!(error = %e, save_error = %e2, "commit through the mount failed and the data could not be saved")
+            }
+        }
+    }
+
+    /// Re-seals a committed file's manifest with a new mode or modification time.
+    fn reseal_meta(&self, ino: Ino, changes: SetAttr, writer: Option<&Writer>) -> Result<()> {
+        let mut loaded = lock(&self.ns);
+        let Some(c) = lock(&self.state).tree.file(ino).and_then(|s| s.committed.clone()) else {
+            return Ok(());
+        };
+        let meta = FileMeta {
+            mode: changes.mode.map(|m| m & 0o7777).unwrap_or(c.meta.mode),
+            mtime_unix_ns: changes.mtime_unix_ns.unwrap_or(c.meta.mtime_unix_ns),
+            ..c.meta.clone()
+        };
+        let n = Arc::new(Committed::new(catalog::reseal(&self.store, &c.entry, &meta, true)?)?);
+        loaded.by_key.remove(&c.key());
+        loaded.by_key.insert(n.key(), n.clone());
+        if let Some(w) = writer {
+            w.mode.store(meta.mode, Ordering::SeqCst);
+            w.mtime_unix_ns.store(meta.mtime_unix_ns, Ordering::SeqCst);
+        }
+        let mut st = lock(&self.state);
+        st.known.insert(meta.name.clone(), n.clone());
+        if let Some(slot) = st.tree.file_mut(ino) {
+            slot.committed = Some(n);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

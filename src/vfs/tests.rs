@@ -1,0 +1,189 @@
+//! Tests of the filesystem layer through its API, on a real store in a temporary directory.
+
+use std::io::Cursor;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::commit::{commit, CommitRequest};
+use crate::store::MIN_SEGMENT_SIZE;
+use crate::tests::{data, new_store};
+
+const SEG: usize = MIN_SEGMENT_SIZE as usize;
+
+fn vfs(dir: &std::path::Path) -> Vfs {
+    let store = Arc::new(new_store(dir, 2, 1));
+    let opts = VfsOptions { cache_bytes: 4 * SEG, catalog_ttl: Duration::ZERO, ..VfsOptions::default() };
+    Vfs::new(store, opts).unwrap()
+}
+
+fn put(v: &Vfs, name: &str, bytes: &[u8]) {
+    let req =
+        CommitRequest { name: name.into(), mtime_unix_ns: 42, mode: 0o600, replace: true, workers: 1, size: None };
+    commit(v.store(), &mut Cursor::new(bytes), &req, &|_| {}).unwrap();
+}
+
+fn resolve(v: &Vfs, path: &str) -> Result<Attr> {
+    let mut attr = v.getattr(ROOT)?;
+    for part in path.split('/').filter(|p| !p.is_empty()) {
+        attr = v.lookup(attr.ino, part)?;
+    }
+    Ok(attr)
+}
+
+fn read_all(v: &Vfs, path: &str) -> Result<Vec<u8>> {
+    let a = resolve(v, path)?;
+    let fh = v.open(a.ino, OpenMode::default())?;
+    let mut out = Vec::new();
+    loop {
+        let chunk = v.read(fh, out.len() as u64, 100_000)?;
+        if chunk.is_empty() {
+            break;
+        }
+        out.extend_from_slice(&chunk);
+    }
+    v.release(fh)?;
+    Ok(out)
+}
+
+fn write_file(v: &Vfs, parent: Ino, name: &str, bytes: &[u8]) -> Ino {
+    let (attr, fh) = v.create(parent, name, 0o640).unwrap();
+    for (i, chunk) in bytes.chunks(50_000).enumerate() {
+        v.write(fh, (i * 50_000) as u64, chunk).unwrap();
+    }
+    v.flush(fh).unwrap();
+    v.release(fh).unwrap();
+    attr.ino
+}
+
+#[test]
+fn committed_files_appear_with_metadata_and_read_at_any_offset() {
+    let d = tempfile::tempdir().unwrap();
+    let v = vfs(d.path());
+    let big = data(5 * SEG + 777, 1);
+    put(&v, "dir/sub/big", &big);
+    put(&v, "top", b"hello");
+    let a = resolve(&v, "dir/sub/big").unwrap();
+    assert_eq!((a.size, a.mode, a.mtime_unix_ns, a.kind), (big.len() as u64, 0o600, 42, FileType::File));
+    assert_eq!(resolve(&v, "dir").unwrap().kind, FileType::Dir);
+    let fh = v.opendir(ROOT).unwrap();
+    let names: Vec<String> = v.readdir(fh).unwrap().iter().map(|e| e.name.clone()).collect();
+    assert_eq!(names, ["dir", "top"]);
+    v.releasedir(fh).unwrap();
+    assert_eq!(read_all(&v, "dir/sub/big").unwrap(), big);
+    let fh = v.open(a.ino, OpenMode::default()).unwrap();
+    for (off, len) in
+        [(0u64, 10u32), (SEG as u64 - 3, 10), (3 * SEG as u64 + 5, 2 * SEG as u32), (big.len() as u64 - 1, 100)]
+    {
+        let got = v.read(fh, off, len).unwrap();
+        let end = (off as usize + len as usize).min(big.len());
+        assert_eq!(got, &big[off as usize..end], "offset {off}");
+    }
+    assert!(v.read(fh, big.len() as u64 + 10, 10).unwrap().is_empty());
+    v.release(fh).unwrap();
+    assert_eq!(resolve(&v, "nope").unwrap_err().fs_kind(), FsErrorKind::NotFound);
+}
+
+#[test]
+fn writes_are_committed_on_close_and_survive_a_new_view() {
+    let d = tempfile::tempdir().unwrap();
+    let v = vfs(d.path());
+    let body = data(3 * SEG + 5, 2);
+    let dir = v.mkdir(ROOT, "new").unwrap();
+    write_file(&v, dir.ino, "file", &body);
+    assert_eq!(catalog::find(v.store(), "new/file").unwrap().meta.unwrap().mode, 0o640);
+    // Overwrite the middle through O_RDWR: the spool starts as a copy of the committed version.
+    let a = resolve(&v, "new/file").unwrap();
+    let fh = v.open(a.ino, OpenMode { write: true, truncate: false }).unwrap();
+    v.write(fh, 10, b"XYZ").unwrap();
+    v.release(fh).unwrap();
+    let mut expect = body.clone();
+    expect[10..13].copy_from_slice(b"XYZ");
+    // Truncate without a handle.
+    v.setattr(a.ino, None, SetAttr { size: Some(SEG as u64 + 1), ..SetAttr::default() }).unwrap();
+    expect.truncate(SEG + 1);
+    // chmod re-seals the manifest only.
+    v.setattr(a.ino, None, SetAttr { mode: Some(0o600), ..SetAttr::default() }).unwrap();
+    let dir = v.store().dir().to_path_buf();
+    drop(v);
+    let mut s = crate::store::Store::open(&dir).unwrap();
+    s.unlock(crate::store::read_key_file(&d.path().join("store/master.key")).unwrap()).unwrap();
+    let v2 = Vfs::new(Arc::new(s), VfsOptions::default()).unwrap();
+    assert_eq!(read_all(&v2, "new/file").unwrap(), expect);
+    assert_eq!(resolve(&v2, "new/file").unwrap().mode, 0o600);
+    assert_eq!(catalog::list(v2.store()).unwrap().0.len(), 1, "old versions are gone");
+}
+
+#[test]
+fn rename_unlink_mkdir_rmdir() {
+    let d = tempfile::tempdir().unwrap();
+    let v = vfs(d.path());
+    put(&v, "a/one", &data(2 * SEG, 3));
+    put(&v, "a/two", b"2");
+    put(&v, "b", b"bbb");
+    let a = resolve(&v, "a").unwrap();
+    // Directory rename re-seals every file below; inodes are kept.
+    let one = resolve(&v, "a/one").unwrap().ino;
+    v.rename(ROOT, "a", ROOT, "z", false).unwrap();
+    assert_eq!(resolve(&v, "z").unwrap().ino, a.ino);
+    assert_eq!(resolve(&v, "z/one").unwrap().ino, one);
+    assert_eq!(read_all(&v, "z/one").unwrap(), data(2 * SEG, 3));
+    assert!(catalog::find(v.store(), "a/one").is_err());
+    // File over file.
+    v.rename(ROOT, "b", a.ino, "two", false).unwrap();
+    assert_eq!(read_all(&v, "z/two").unwrap(), b"bbb");
+    assert_eq!(v.rename(a.ino, "one", a.ino, "two", true).unwrap_err().fs_kind(), FsErrorKind::AlreadyExists);
+    let mut names: Vec<String> = catalog::list(v.store()).unwrap().0.iter().map(|e| e.label()).collect();
+    names.sort();
+    assert_eq!(names, ["z/one", "z/two"]);
+    // rmdir of a non-empty directory fails; after unlinking, the emptied directory stays until rmdir.
+    assert_eq!(v.rmdir(ROOT, "z").unwrap_err().fs_kind(), FsErrorKind::DirectoryNotEmpty);
+    assert_eq!(v.unlink(ROOT, "z").unwrap_err().fs_kind(), FsErrorKind::IsADirectory);
+    v.unlink(a.ino, "one").unwrap();
+    v.unlink(a.ino, "two").unwrap();
+    assert!(catalog::list(v.store()).unwrap().0.is_empty());
+    assert_eq!(resolve(&v, "z").unwrap().kind, FileType::Dir);
+    v.rmdir(ROOT, "z").unwrap();
+    assert_eq!(resolve(&v, "z").unwrap_err().fs_kind(), FsErrorKind::NotFound);
+    // Shards of removed files are gone.
+    for loc in v.store().locations() {
+        assert!(loc.list("shards").unwrap().is_empty());
+    }
+}
+
+#[test]
+fn external_commits_appear_and_corruption_is_an_io_error() {
+    let d = tempfile::tempdir().unwrap();
+    let v = vfs(d.path());
+    let bytes = data(4 * SEG, 4);
+    put(&v, "late", &bytes);
+    assert_eq!(read_all(&v, "late").unwrap(), bytes, "found after the catalog TTL");
+    put(&v, "victim", &bytes);
+    let e = catalog::find(v.store(), "victim").unwrap();
+    // Corrupt two of the three shards of segment 2 (m = 1): beyond repair.
+    for shard in 0..2 {
+        let key = crate::store::shard_key(&e.manifest.body.file_id, 2, shard);
+        for loc in v.store().locations() {
+            if let Ok(mut b) = crate::location::LocationExt::get(loc.as_ref(), &key) {
+                let n = b.len() - 1;
+                b[n] ^= 0xff;
+                loc.put(&key, &[&b]).unwrap();
+            }
+        }
+    }
+    let a = resolve(&v, "victim").unwrap();
+    let fh = v.open(a.ino, OpenMode::default()).unwrap();
+    assert_eq!(v.read(fh, 0, SEG as u32).unwrap(), &bytes[..SEG]);
+    assert_eq!(v.read(fh, 2 * SEG as u64 + 1, 10).unwrap_err().fs_kind(), FsErrorKind::Io);
+    assert_eq!(v.read(fh, 3 * SEG as u64, 10).unwrap(), &bytes[3 * SEG..3 * SEG + 10]);
+    v.release(fh).unwrap();
+}
+
+#[test]
+fn read_only_refuses_changes() {
+    let d = tempfile::tempdir().unwrap();
+    let store = Arc::new(new_store(d.path(), 2, 1));
+    let v = Vfs::new(store, VfsOptions { read_only: true, ..VfsOptions::default() }).unwrap();
+    assert_eq!(v.mkdir(ROOT, "x").unwrap_err().fs_kind(), FsErrorKind::ReadOnly);
+    assert_eq!(v.create(ROOT, "x", 0o644).unwrap_err().fs_kind(), FsErrorKind::ReadOnly);
+}
