@@ -1,1 +1,536 @@
-//! fs-mount adapter (not yet implemented).
+//! The FUSE adapter: a thin translation of kernel requests into [`blockframe::vfs::Vfs`] calls.
+//!
+//! Everything a filesystem does (namespace, caching, spooling, commits) lives in the core's `vfs` module; this
+//! crate only converts types, maps [`FsErrorKind`] to errno values, and keeps panics from crossing into the
+//! kernel session (a panic becomes `EIO` for that request). Linux only (`fuser` with its pure-Rust mount, no
+//! libfuse): mounting needs root or `fusermount3`.
+
+use std::ffi::OsStr;
+use std::io;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use blockframe::error::FsErrorKind;
+use blockframe::vfs::{self, Attr, OpenMode, SetAttr, Vfs};
+use blockframe::Error;
+use fuser::{
+    AccessFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, SessionACL, TimeOrNow,
+    WriteFlags,
+};
+
+/// How long the kernel may cache names and attributes. Short, so changes by other processes show up soon.
+const TTL: Duration = Duration::from_secs(1);
+
+/// Mount settings.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// Mount read-only.
+    pub read_only: bool,
+    /// Let other users access the mount (`allow_other`).
+    pub allow_other: bool,
+    /// Threads serving kernel requests (concurrent readers).
+    pub threads: usize,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions { read_only: false, allow_other: false, threads: 4 }
+    }
+}
+
+/// Maps a core error to an errno value.
+pub fn errno(e: &Error) -> Errno {
+    match e.fs_kind() {
+        FsErrorKind::NotFound => Errno::ENOENT,
+        FsErrorKind::AlreadyExists => Errno::EEXIST,
+        FsErrorKind::NotADirectory => Errno::ENOTDIR,
+        FsErrorKind::IsADirectory => Errno::EISDIR,
+        FsErrorKind::DirectoryNotEmpty => Errno::ENOTEMPTY,
+        FsErrorKind::ReadOnly => Errno::EROFS,
+        FsErrorKind::InvalidArgument => Errno::EINVAL,
+        FsErrorKind::NameTooLong => Errno::ENAMETOOLONG,
+        FsErrorKind::BadHandle => Errno::EBADF,
+        FsErrorKind::TooManyOpenFiles => Errno::EMFILE,
+        FsErrorKind::NoSpace => Errno::ENOSPC,
+        FsErrorKind::Unsupported => Errno::ENOSYS,
+        _ => Errno::EIO,
+    }
+}
+
+/// Runs `f`, turning errors into errno values and panics into `EIO`, so neither crosses into the session.
+fn guard<T>(op: &str, f: impl FnOnce() -> blockframe::Result<T>) -> Result<T, Errno> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => {
+            let code = errno(&e);
+            if code == Errno::EIO {
+                tracing::warn!(op, error = %e, "request failed");
+            } else {
+                tracing::debug!(op, error = %e, "request refused");
+            }
+            Err(code)
+        }
+        Err(_) => {
+            tracing::error!(op, "request panicked; answered EIO");
+            Err(Errno::EIO)
+        }
+    }
+}
+
+fn name_str(name: &OsStr) -> Result<&str, Errno> {
+    name.to_str().ok_or(Errno::EINVAL)
+}
+
+fn time_of(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+fn ns_of(t: TimeOrNow) -> i64 {
+    let t = match t {
+        TimeOrNow::SpecificTime(t) => t,
+        TimeOrNow::Now => SystemTime::now(),
+    };
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i64,
+        Err(e) => -(e.duration().as_nanos() as i64),
+    }
+}
+
+/// The `fuser` filesystem over a [`Vfs`].
+pub struct BlockFrameFs {
+    vfs: Arc<Vfs>,
+    uid: u32,
+    gid: u32,
+}
+
+impl BlockFrameFs {
+    /// Serves `vfs`; files are owned by the mounting user.
+    pub fn new(vfs: Arc<Vfs>) -> Self {
+        // SAFETY: getuid/getgid cannot fail and touch no memory.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        BlockFrameFs { vfs, uid, gid }
+    }
+
+    fn attr(&self, a: &Attr) -> FileAttr {
+        let t = time_of(a.mtime_unix_ns);
+        FileAttr {
+            ino: INodeNo(a.ino),
+            size: a.size,
+            blocks: a.size.div_ceil(512),
+            atime: t,
+            mtime: t,
+            ctime: t,
+            crtime: t,
+            kind: match a.kind {
+                vfs::FileType::Dir => FileType::Directory,
+                vfs::FileType::File => FileType::RegularFile,
+            },
+            perm: (a.mode & 0o7777) as u16,
+            nlink: a.nlink,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: 1 << 20,
+            flags: 0,
+        }
+    }
+}
+
+impl Filesystem for BlockFrameFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        // Large requests: fewer round trips for sequential reads and writes.
+        let _ = config.set_max_readahead(4 << 20).or_else(|max| config.set_max_readahead(max));
+        let _ = config.set_max_write(1 << 20);
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        for e in self.vfs.shutdown() {
+            tracing::error!(error = %e, "commit at unmount failed");
+        }
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match name_str(name).and_then(|n| guard("lookup", || self.vfs.lookup(parent.0, n))) {
+            Ok(a) => reply.entry(&TTL, &self.attr(&a), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match guard("getattr", || self.vfs.getattr(ino.0)) {
+            Ok(a) => reply.attr(&TTL, &self.attr(&a)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        // Owners are not stored (files belong to the mounting user); atime is not kept.
+        let changes = SetAttr { size, mode, mtime_unix_ns: mtime.map(ns_of) };
+        match guard("setattr", || self.vfs.setattr(ino.0, fh.map(|f| f.0), changes)) {
+            Ok(a) => reply.attr(&TTL, &self.attr(&a)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, _mode: u32, _umask: u32, reply: ReplyEntry) {
+        match name_str(name).and_then(|n| guard("mkdir", || self.vfs.mkdir(parent.0, n))) {
+            Ok(a) => reply.entry(&TTL, &self.attr(&a), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match name_str(name).and_then(|n| guard("unlink", || self.vfs.unlink(parent.0, n))) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match name_str(name).and_then(|n| guard("rmdir", || self.vfs.rmdir(parent.0, n))) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+            return reply.error(Errno::EINVAL);
+        }
+        let no_replace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+        let r = name_str(name).and_then(|from| {
+            let to = name_str(newname)?;
+            guard("rename", || self.vfs.rename(parent.0, from, newparent.0, to, no_replace))
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let mode =
+            OpenMode { write: flags.acc_mode() != OpenAccMode::O_RDONLY, truncate: flags.0 & libc::O_TRUNC != 0 };
+        match guard("open", || self.vfs.open(ino.0, mode)) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        match name_str(name).and_then(|n| guard("create", || self.vfs.create(parent.0, n, mode & !umask))) {
+            Ok((a, fh)) => reply.created(&TTL, &self.attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match guard("read", || self.vfs.read(fh.0, offset, size)) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match guard("write", || self.vfs.write(fh.0, offset, data)) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        match guard("flush", || self.vfs.flush(fh.0)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        match guard("release", || self.vfs.release(fh.0)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        match guard("fsync", || self.vfs.fsync(fh.0)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match guard("opendir", || self.vfs.opendir(ino.0)) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let entries = match guard("readdir", || self.vfs.readdir(fh.0)) {
+            Ok(e) => e,
+            Err(e) => return reply.error(e),
+        };
+        let parent = match guard("readdir", || self.vfs.parent(ino.0)) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        // Offsets: 1 = ".", 2 = "..", 3.. = entries; each entry carries the offset of the next one.
+        let dots = [(ino.0, ".".to_string(), FileType::Directory), (parent, "..".to_string(), FileType::Directory)];
+        let all = dots.into_iter().chain(entries.iter().map(|e| {
+            let kind = match e.kind {
+                vfs::FileType::Dir => FileType::Directory,
+                vfs::FileType::File => FileType::RegularFile,
+            };
+            (e.ino, e.name.clone(), kind)
+        }));
+        for (i, (ino, name, kind)) in all.enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(ino), i as u64 + 1, kind, &name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        match guard("releasedir", || self.vfs.releasedir(fh.0)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        // Directories are derived from committed names: nothing to sync.
+        reply.ok();
+    }
+
+    // The statvfs field types differ between platforms (u32 or u64): the casts are not always no-ops.
+    #[allow(clippy::unnecessary_cast)]
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match statvfs(self.vfs.store().dir()) {
+            Ok(s) => reply.statfs(
+                s.f_blocks as u64,
+                s.f_bfree as u64,
+                s.f_bavail as u64,
+                s.f_files as u64,
+                s.f_ffree as u64,
+                s.f_bsize as u32,
+                255,
+                s.f_frsize as u32,
+            ),
+            Err(_) => reply.statfs(0, 0, 0, 0, 0, 4096, 255, 4096),
+        }
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // Permission bits are checked by the kernel (default_permissions); only existence is checked here.
+        match guard("access", || self.vfs.getattr(ino.0)) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+}
+
+fn statvfs(dir: &Path) -> io::Result<libc::statvfs> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let mut s = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `c` is a valid NUL-terminated path and `s` points to writable memory of the right type.
+    let r = unsafe { libc::statvfs(c.as_ptr(), s.as_mut_ptr()) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statvfs succeeded, so it initialised the struct.
+    Ok(unsafe { s.assume_init() })
+}
+
+/// A mounted filesystem, not yet serving (call [`Mount::run`]).
+pub struct Mount {
+    session: fuser::Session<BlockFrameFs>,
+    dir: PathBuf,
+}
+
+/// Unmounts a running [`Mount`] from another thread (a signal handler).
+pub struct Unmounter {
+    inner: fuser::SessionUnmounter,
+    dir: PathBuf,
+}
+
+impl Unmounter {
+    /// Unmounts; when files are still open there, detaches the mount instead (it goes away when they close).
+    pub fn unmount(&mut self) -> io::Result<()> {
+        match self.inner.unmount() {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, "mount point busy; detaching it (it ends when the last file closes)");
+                unmount_dir(&self.dir, true)
+            }
+        }
+    }
+}
+
+impl Mount {
+    /// Mounts `vfs` on `dir` (an existing empty directory).
+    pub fn new(vfs: Arc<Vfs>, dir: &Path, opts: &MountOptions) -> io::Result<Mount> {
+        let mut config = Config::default();
+        config.mount_options = vec![
+            MountOption::FSName("blockframe".into()),
+            MountOption::Subtype("blockframe".into()),
+            MountOption::DefaultPermissions,
+            MountOption::NoDev,
+            MountOption::NoSuid,
+            if opts.read_only || vfs.read_only() { MountOption::RO } else { MountOption::RW },
+        ];
+        config.acl = if opts.allow_other { SessionACL::All } else { SessionACL::Owner };
+        config.n_threads = Some(opts.threads.max(1));
+        config.clone_fd = true;
+        let session = fuser::Session::new(BlockFrameFs::new(vfs), dir, &config)?;
+        Ok(Mount { session, dir: dir.to_path_buf() })
+    }
+
+    /// A handle that unmounts from elsewhere.
+    pub fn unmounter(&mut self) -> Unmounter {
+        Unmounter { inner: self.session.unmount_callable(), dir: self.dir.clone() }
+    }
+
+    /// Serves requests until the filesystem is unmounted (by [`Unmounter`], `bf umount` or `fusermount3 -u`).
+    pub fn run(self) -> io::Result<()> {
+        self.session.run()
+    }
+}
+
+/// Unmounts `dir`: umount(2) when privileged, else `fusermount3 -u`. `lazy` detaches a busy mount.
+pub fn unmount_dir(dir: &Path, lazy: bool) -> io::Result<()> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let flags = if lazy { libc::MNT_DETACH } else { 0 };
+    // SAFETY: `c` is a valid NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EPERM) {
+        return Err(err);
+    }
+    let mut cmd = std::process::Command::new("fusermount3");
+    cmd.arg("-u");
+    if lazy {
+        cmd.arg("-z");
+    }
+    let out = cmd.arg("--").arg(dir).output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()))
+    }
+}
+
+/// True when `dir` is a mount point (its device differs from its parent's).
+pub fn is_mount_point(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let parent = dir.join("..");
+    match (std::fs::metadata(dir), std::fs::metadata(parent)) {
+        (Ok(a), Ok(b)) => a.dev() != b.dev() || a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_errno() {
+        assert_eq!(errno(&Error::fs(FsErrorKind::NotFound, "x")), Errno::ENOENT);
+        assert_eq!(errno(&Error::fs(FsErrorKind::DirectoryNotEmpty, "x")), Errno::ENOTEMPTY);
+        assert_eq!(errno(&Error::fs(FsErrorKind::ReadOnly, "x")), Errno::EROFS);
+        let lost = Error::TooManyLost { file: "f".into(), segment: 1, have: 1, need: 2, bad: String::new() };
+        assert_eq!(errno(&lost), Errno::EIO, "data beyond repair is an I/O error");
+        assert_eq!(errno(&Error::Authentication { file: "f".into(), segment: 0 }), Errno::EIO);
+    }
+
+    #[test]
+    fn panics_become_eio() {
+        let r: Result<(), Errno> = guard("test", || panic!("boom"));
+        assert_eq!(r, Err(Errno::EIO));
+    }
+
+    #[test]
+    fn times_round_trip() {
+        for ns in [0i64, 1_700_000_000_123_456_789, -5_000_000_000] {
+            assert_eq!(ns_of(TimeOrNow::SpecificTime(time_of(ns))), ns);
+        }
+    }
+}

@@ -403,6 +403,12 @@ impl Vfs {
         self.shared.attr(&st, ino)
     }
 
+    /// The parent directory of `ino` (the root is its own parent).
+    pub fn parent(&self, ino: Ino) -> Result<Ino> {
+        let st = lock(&self.shared.state);
+        st.tree.get(ino).map(|n| n.parent).ok_or_else(|| Error::fs(FsErrorKind::NotFound, format!("inode {ino}")))
+    }
+
     /// Opens directory `ino` for listing; the listing is fixed at open.
     pub fn opendir(&self, ino: Ino) -> Result<u64> {
         self.shared.maybe_refresh();

@@ -1,5 +1,6 @@
 //! End-to-end tests of the `bf` binary: real processes, real directories.
 
 mod files;
+mod mount;
 mod nbd;
 mod util;

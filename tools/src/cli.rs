@@ -55,6 +55,11 @@ pub enum Command {
     /// Check every shard of files against their Merkle roots without writing output. Needs no key when
     /// files are named by root.
     Verify(VerifyArgs),
+    /// Mount the store as a filesystem (FUSE): committed files appear under their names; files written there
+    /// are committed when closed. Unmount with `bf umount DIR`, `fusermount3 -u DIR`, or SIGINT/SIGTERM.
+    Mount(MountArgs),
+    /// Unmount a filesystem mounted with `bf mount`.
+    Umount(UmountArgs),
     /// Manage block volumes (virtual disks served over NBD).
     #[command(subcommand)]
     Volume(VolumeCommand),
@@ -196,4 +201,31 @@ pub struct VerifyArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `bf mount`.
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    /// Mount point: an existing empty directory.
+    pub dir: PathBuf,
+    /// Mount read-only.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Stay in the foreground (logging to stderr) until unmounted; without it `bf mount` returns once the
+    /// filesystem is mounted and the server logs to <store>/mount.log.
+    #[arg(long, short = 'f')]
+    pub foreground: bool,
+    /// Let other users access the mount (non-root mounts need user_allow_other in /etc/fuse.conf).
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Decrypted segment cache in MiB [config: mount_cache_mb; default 128]
+    #[arg(long)]
+    pub cache_mb: Option<usize>,
+}
+
+/// `bf umount`.
+#[derive(Args, Debug)]
+pub struct UmountArgs {
+    /// Mount point.
+    pub dir: PathBuf,
 }

@@ -1,4 +1,4 @@
-//! The file commands: init, commit, get, ls, rm, verify.
+//! The file commands: init, commit, get, ls, rm, verify (and the dispatch of every command).
 
 use std::fs::File;
 use std::io::{IsTerminal, Write};
@@ -27,6 +27,8 @@ pub fn run(cmd: Command, s: &Settings) -> Result<u8> {
         Command::Ls(a) => ls(&a, s),
         Command::Rm(a) => rm(&a, s),
         Command::Verify(a) => verify(&a, s),
+        Command::Mount(a) => crate::mount::mount_cmd(&a, s),
+        Command::Umount(a) => crate::mount::umount_cmd(&a),
         Command::Volume(c) => crate::volumes::volume_cmd(&c, s),
         Command::Nbd(c) => crate::volumes::nbd_cmd(&c, s),
     }

@@ -2,6 +2,7 @@
 
 mod cli;
 mod files;
+mod mount;
 mod settings;
 mod volumes;
 
@@ -22,6 +23,9 @@ pub const EXIT_DEGRADED: u8 = 3;
 pub const EXIT_LOST: u8 = 4;
 
 fn init_logging(level: &str) {
+    // fuser logs unimplemented optional requests (xattrs) as warnings: keep its output to errors unless asked.
+    let level = if level.contains("fuser") { level.to_string() } else { format!("{level},fuser=error") };
+    let level = level.as_str();
     let filter =
         tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()

@@ -29,6 +29,8 @@ pub struct ConfigFile {
     pub workers: Option<usize>,
     /// Stripe cache per served volume, MiB.
     pub volume_cache_mb: Option<usize>,
+    /// Decrypted segment cache of `bf mount`, MiB.
+    pub mount_cache_mb: Option<usize>,
 }
 
 /// Resolved settings.
@@ -112,6 +114,7 @@ mod tests {
         assert!(c.archive_directory.is_some() && c.log_level.is_some() && c.encryption_key_path.is_some());
         assert!(c.segment_size_mb.is_some() && c.data_shards.is_some() && c.parity_shards.is_some());
         assert!(c.locations.is_some() && c.workers.is_some() && c.volume_cache_mb.is_some());
+        assert!(c.mount_cache_mb.is_some());
     }
 
     #[test]

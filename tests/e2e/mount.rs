@@ -1,0 +1,405 @@
+//! `bf mount` / `bf umount` with real FUSE mounts: reads compared byte for byte with the sources (cmp, dd at
+//! random offsets, concurrent sha256sum), writes through cp/mv/rm/mkdir/rmdir checked with `bf get` after
+//! unmounting, corruption within and beyond repair, refusals, read-only mounts, signals and background mode.
+//! Skipped (with a message) when /dev/fuse is unusable.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::util::{data, is_root, Env};
+
+const SEG: usize = 64 * 1024;
+
+/// True when FUSE mounts can be made here; otherwise says why the test is skipped.
+fn fuse_usable() -> bool {
+    let dev = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse").is_ok();
+    let helper = Command::new("sh").args(["-c", "command -v fusermount3"]).output().is_ok_and(|o| o.status.success());
+    if !dev || !(is_root() || helper) {
+        eprintln!("SKIP: /dev/fuse is not usable here (need /dev/fuse and root or fusermount3)");
+        return false;
+    }
+    true
+}
+
+fn mounted(dir: &Path) -> bool {
+    let want = dir.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mounts")
+        .map(|m| m.lines().any(|l| l.split(' ').nth(1) == Some(want.as_str())))
+        .unwrap_or(false)
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A `bf mount --foreground` process; unmounted (and killed if need be) on drop.
+struct Mounted {
+    dir: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Mounted {
+    fn start(env: &Env, extra: &[&str]) -> Mounted {
+        let dir = env.path("mnt");
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = env.path("mount.log");
+        let child = env
+            .bf()
+            .env("BF_LOG", "warn")
+            .args(["mount", dir.to_str().unwrap(), "--foreground"])
+            .args(extra)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting bf mount");
+        let mut m = Mounted { dir, child: Some(child), log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !mounted(&m.dir) {
+            if let Some(status) = m.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("bf mount exited with {status}: {}", std::fs::read_to_string(&m.log).unwrap_or_default());
+            }
+            assert!(Instant::now() < deadline, "mount did not appear");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        m
+    }
+
+    fn p(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+
+    /// Waits for the server to exit and checks it exited cleanly, without errors in its log.
+    fn wait_exit(&mut self) {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "bf mount did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        assert!(status.success(), "bf mount exit status {status}: {log}");
+        assert!(!log.contains("ERROR") && !log.contains("panicked"), "{log}");
+        assert!(!mounted(&self.dir));
+    }
+
+    /// `bf umount`, then the server exits by itself.
+    fn unmount(mut self, env: &Env) {
+        env.ok(&["umount", self.dir.to_str().unwrap()]);
+        self.wait_exit();
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
+}
+
+fn ok(cmd: &mut Command) -> Vec<u8> {
+    let o = run(cmd);
+    assert!(o.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+    o.stdout
+}
+
+fn sh(script: &str) -> Output {
+    run(Command::new("sh").args(["-c", script]))
+}
+
+fn sha256(path: &Path) -> String {
+    let out = ok(Command::new("sha256sum").arg(path));
+    String::from_utf8_lossy(&out).split_whitespace().next().unwrap_or("").to_string()
+}
+
+/// Shard directories (one per committed file) on every location.
+fn shard_dirs(env: &Env) -> Vec<String> {
+    let mut v = Vec::new();
+    for i in 0..6 {
+        if let Ok(rd) = std::fs::read_dir(env.location(i).join("shards")) {
+            v.extend(rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()));
+        }
+    }
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// Flips the last byte of shards `shards` of `segment` of the file whose shard directory is `file_dir`.
+fn corrupt(env: &Env, file_dir: &str, segment: u64, shards: &[usize]) {
+    for &shard in shards {
+        let mut hit = false;
+        for i in 0..6 {
+            let p = env.location(i).join(format!("shards/{file_dir}/{segment:010}.{shard:03}"));
+            if let Ok(mut b) = std::fs::read(&p) {
+                let n = b.len() - 1;
+                b[n] ^= 0x5a;
+                std::fs::write(&p, b).unwrap();
+                hit = true;
+            }
+        }
+        assert!(hit, "shard {shard} of segment {segment} not found");
+    }
+}
+
+#[test]
+fn mount_serves_committed_files_byte_exact() {
+    if !fuse_usable() {
+        return;
+    }
+    let env = Env::new();
+    env.init(4, 2);
+    let files: Vec<(&str, usize)> = vec![
+        ("in/empty", 0),
+        ("in/one", 1),
+        ("in/seg", SEG),
+        ("in/dir/multi", 40 * SEG + 123),
+        ("in/dir/sub/x", SEG + 1),
+    ];
+    for (i, (name, len)) in files.iter().enumerate() {
+        env.write(name, &data(*len, i as u64 + 10));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(env.path("in/one"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    env.ok(&["commit", "-r", "in"]);
+    let m = Mounted::start(&env, &[]);
+    let ls = String::from_utf8(ok(Command::new("ls").arg("-lR").arg(m.p("in")))).unwrap();
+    assert!(ls.contains(&format!(" {} ", 40 * SEG + 123)) && ls.contains("multi") && ls.contains("sub:"), "{ls}");
+    for (name, len) in &files {
+        let (src, dst) = (env.path(name), m.p(name));
+        let (a, b) = (std::fs::metadata(&src).unwrap(), std::fs::metadata(&dst).unwrap());
+        assert_eq!(b.len(), *len as u64, "{name}");
+        assert_eq!(a.modified().unwrap(), b.modified().unwrap(), "mtime of {name}");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(a.permissions().mode() & 0o7777, b.permissions().mode() & 0o7777, "mode of {name}");
+        }
+        ok(Command::new("cmp").arg(&src).arg(&dst));
+    }
+    // dd at random offsets, lengths up to three segments, compared with the source.
+    let multi = data(40 * SEG + 123, 13);
+    let mut x = 0x2545F4914F6CDD1Du64;
+    for _ in 0..25 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let off = (x % multi.len() as u64) as usize;
+        let len = ((x >> 20) % (3 * SEG as u64)) as usize + 1;
+        let out = ok(Command::new("dd")
+            .arg(format!("if={}", m.p("in/dir/multi").display()))
+            .args(["bs=65536", "iflag=skip_bytes,count_bytes", "status=none"])
+            .arg(format!("skip={off}"))
+            .arg(format!("count={len}")));
+        assert_eq!(out, &multi[off..(off + len).min(multi.len())], "dd at {off}+{len}");
+    }
+    // sha256sum while two other readers read the same multi-segment file.
+    let target = m.p("in/dir/multi");
+    let readers: Vec<Child> =
+        (0..2).map(|_| Command::new("cat").arg(&target).stdout(Stdio::piped()).spawn().unwrap()).collect();
+    assert_eq!(sha256(&target), sha256(&env.path("in/dir/multi")));
+    for r in readers {
+        let out = r.wait_with_output().unwrap();
+        assert!(out.status.success());
+        assert!(out.stdout == multi, "a concurrent reader got different bytes");
+    }
+    // A file committed by another process while mounted appears.
+    env.write("later.bin", &data(3 * SEG, 99));
+    env.ok(&["commit", "later.bin"]);
+    wait_for("later.bin to appear", || m.p("later.bin").exists());
+    ok(Command::new("cmp").arg(env.path("later.bin")).arg(m.p("later.bin")));
+    m.unmount(&env);
+}
+
+#[test]
+fn mount_writes_are_committed_and_behave_like_a_disk() {
+    if !fuse_usable() {
+        return;
+    }
+    let env = Env::new();
+    env.init(4, 2);
+    env.write("keep", b"old file");
+    env.ok(&["commit", "keep"]);
+    let src = env.write("big.bin", &data(30 * SEG + 7, 5));
+    let m = Mounted::start(&env, &[]);
+    ok(Command::new("cp").arg(&src).arg(m.p("new.bin")));
+    ok(Command::new("cmp").arg(&src).arg(m.p("new.bin")));
+    ok(Command::new("mkdir").arg("-p").arg(m.p("a/b/c")));
+    ok(Command::new("mv").arg(m.p("new.bin")).arg(m.p("a/b/c/moved.bin")));
+    assert!(!m.p("new.bin").exists());
+    ok(Command::new("mv").arg(m.p("a")).arg(m.p("z")));
+    ok(Command::new("cmp").arg(&src).arg(m.p("z/b/c/moved.bin")));
+    ok(Command::new("rm").arg(m.p("keep")));
+    assert!(!m.p("keep").exists());
+    // rmdir of a non-empty directory and rm of a directory fail as on ext4.
+    let o = run(Command::new("rmdir").arg(m.p("z/b")));
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("not empty"), "{o:?}");
+    let o = run(Command::new("rm").arg(m.p("z/b")));
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("Is a directory"), "{o:?}");
+    // Shell redirections: create, append, truncate.
+    let edit = m.p("edit.txt");
+    assert!(sh(&format!("printf hello > {0} && printf ' world' >> {0}", edit.display())).status.success());
+    assert_eq!(std::fs::read(&edit).unwrap(), b"hello world");
+    ok(Command::new("truncate").args(["-s", "3"]).arg(&edit));
+    assert_eq!(std::fs::read(&edit).unwrap(), b"hel");
+    ok(Command::new("chmod").arg("600").arg(&edit));
+    // mkdir + rmdir of an empty directory, and one left empty (it exists only while mounted).
+    ok(Command::new("mkdir").arg(m.p("gone")));
+    ok(Command::new("rmdir").arg(m.p("gone")));
+    assert!(!m.p("gone").exists());
+    ok(Command::new("mkdir").arg(m.p("empty")));
+    // rm -r of a tree written through the mount.
+    ok(Command::new("mkdir").arg("-p").arg(m.p("tree/x")));
+    ok(Command::new("cp").arg(&src).arg(m.p("tree/x/f")));
+    ok(Command::new("rm").arg("-r").arg(m.p("tree")));
+    assert!(!m.p("tree").exists());
+    m.unmount(&env);
+    let names: Vec<String> = serde_json::from_str::<serde_json::Value>(&env.ok(&["ls", "--json"]))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["edit.txt", "z/b/c/moved.bin"]);
+    let out = env.path("back.bin");
+    env.ok(&["get", "z/b/c/moved.bin", "-o", out.to_str().unwrap()]);
+    ok(Command::new("cmp").arg(&src).arg(&out));
+    env.ok(&["verify"]);
+    // Remounted: the files are there; the empty directory made with mkdir was not persisted.
+    let m = Mounted::start(&env, &[]);
+    assert_eq!(std::fs::read(m.p("edit.txt")).unwrap(), b"hel");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(m.p("edit.txt")).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+    assert!(!m.p("empty").exists());
+    m.unmount(&env);
+}
+
+#[test]
+fn mount_reads_through_m_bad_shards_and_returns_eio_beyond() {
+    if !fuse_usable() {
+        return;
+    }
+    let env = Env::new();
+    env.init(4, 2);
+    let fixable = data(10 * SEG, 21);
+    let lost = data(10 * SEG, 22);
+    env.write("fixable", &fixable);
+    env.ok(&["commit", "fixable"]);
+    let fixable_dir = shard_dirs(&env)[0].clone();
+    env.write("lost", &lost);
+    env.ok(&["commit", "lost"]);
+    let lost_dir = shard_dirs(&env).into_iter().find(|d| *d != fixable_dir).unwrap();
+    let m = Mounted::start(&env, &[]);
+    // While mounted: m = 2 bad shards in one segment, one in another.
+    corrupt(&env, &fixable_dir, 3, &[0, 4]);
+    corrupt(&env, &fixable_dir, 6, &[2]);
+    assert_eq!(std::fs::read(m.p("fixable")).unwrap(), fixable);
+    // Three bad shards in segment 7: EIO there, correct bytes elsewhere, never wrong bytes.
+    corrupt(&env, &lost_dir, 7, &[0, 1, 5]);
+    let o = run(Command::new("cat").arg(m.p("lost")));
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("Input/output error"), "{o:?}");
+    assert!(o.stdout.len() <= 7 * SEG && lost.starts_with(&o.stdout), "only verified bytes before the bad segment");
+    let dd = |off: usize, len: usize| {
+        run(Command::new("dd")
+            .arg(format!("if={}", m.p("lost").display()))
+            .args(["bs=4096", "iflag=skip_bytes,count_bytes", "status=none"])
+            .arg(format!("skip={off}"))
+            .arg(format!("count={len}")))
+    };
+    let o = dd(7 * SEG + 100, 10);
+    assert!(!o.status.success() && o.stdout.is_empty(), "{o:?}");
+    let o = dd(8 * SEG, SEG);
+    assert!(o.status.success() && o.stdout == lost[8 * SEG..9 * SEG]);
+    m.unmount(&env);
+}
+
+#[test]
+fn mount_refuses_bad_setups_with_one_line_errors() {
+    if !fuse_usable() {
+        return;
+    }
+    let env = Env::new();
+    std::fs::create_dir_all(env.path("mnt")).unwrap();
+    let one_line = |err: &str, want: &str| {
+        assert!(err.contains(want), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    };
+    one_line(&env.fails(&["mount", "mnt"], 1), "no BlockFrame store");
+    env.init(2, 1);
+    one_line(&env.fails(&["mount", "nowhere"], 1), "does not exist");
+    env.write("full/x", b"x");
+    one_line(&env.fails(&["mount", "full"], 1), "not empty");
+    let other = Env::new();
+    other.init(2, 1);
+    let key = other.store().join("master.key");
+    one_line(&env.fails(&["--key-file", key.to_str().unwrap(), "mount", "mnt"], 1), "wrong key");
+    one_line(&env.fails(&["umount", "mnt"], 1), "not a mount point");
+    assert!(!mounted(&env.path("mnt")));
+}
+
+#[test]
+fn mount_read_only_signals_and_background_mode() {
+    if !fuse_usable() {
+        return;
+    }
+    let env = Env::new();
+    env.init(2, 1);
+    env.write("f", &data(5 * SEG, 3));
+    env.ok(&["commit", "f"]);
+    // Read-only: reads work, writes are refused with EROFS. SIGTERM unmounts and exits 0.
+    let mut m = Mounted::start(&env, &["--read-only"]);
+    assert_eq!(std::fs::read(m.p("f")).unwrap(), data(5 * SEG, 3));
+    let o = sh(&format!("echo x > {}", m.p("new").display()));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("Read-only file system"), "{o:?}");
+    let o = run(Command::new("rm").arg(m.p("f")));
+    assert!(!o.status.success());
+    let pid = m.child.as_ref().unwrap().id().to_string();
+    ok(Command::new("kill").args(["-TERM", &pid]));
+    m.wait_exit();
+    // SIGINT with a file open for writing: it is committed before the unmount.
+    let mut m = Mounted::start(&env, &[]);
+    let mut writer = Command::new("sh")
+        .args(["-c", &format!("exec 3>{}; printf pending >&3; sleep 30", m.p("open.txt").display())])
+        .spawn()
+        .unwrap();
+    wait_for("the writer", || std::fs::metadata(m.p("open.txt")).is_ok_and(|md| md.len() == 7));
+    let pid = m.child.as_ref().unwrap().id().to_string();
+    ok(Command::new("kill").args(["-INT", &pid]));
+    // The mount is busy, so it is detached; the server ends when the writer closes its file.
+    wait_for("the detach", || !mounted(&m.dir));
+    let _ = writer.kill();
+    let _ = writer.wait();
+    m.wait_exit();
+    let out = env.path("open.back");
+    env.ok(&["get", "open.txt", "-o", out.to_str().unwrap()]);
+    assert_eq!(std::fs::read(&out).unwrap(), b"pending");
+    // Background mode: `bf mount` returns once mounted; `bf umount` ends the server.
+    let dir = env.path("mnt");
+    env.ok(&["mount", dir.to_str().unwrap()]);
+    assert!(mounted(&dir));
+    assert_eq!(std::fs::read(dir.join("f")).unwrap(), data(5 * SEG, 3));
+    env.ok(&["umount", dir.to_str().unwrap()]);
+    wait_for("the unmount", || !mounted(&dir));
+}

@@ -1,0 +1,157 @@
+//! `bf mount` and `bf umount`: the store as a FUSE filesystem (see `blockframe::vfs` and the `fs-mount` crate).
+
+use std::fs::OpenOptions;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use blockframe::vfs::{Vfs, VfsOptions};
+use fs_mount::{Mount, MountOptions};
+
+use crate::cli::{MountArgs, UmountArgs};
+use crate::files::open_keyed;
+use crate::settings::Settings;
+use crate::EXIT_OK;
+
+/// Default segment cache of a mount, MiB.
+pub const DEFAULT_MOUNT_CACHE_MB: usize = 128;
+
+fn check_mount_point(dir: &Path) -> Result<()> {
+    let md = match std::fs::metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("mount point {} does not exist", dir.display())
+        }
+        Err(e) => return Err(e).with_context(|| format!("mount point {}", dir.display())),
+    };
+    if !md.is_dir() {
+        bail!("mount point {} is not a directory", dir.display());
+    }
+    let mut entries = std::fs::read_dir(dir).with_context(|| format!("reading mount point {}", dir.display()))?;
+    if entries.next().is_some() {
+        bail!("mount point {} is not empty", dir.display());
+    }
+    Ok(())
+}
+
+/// `bf mount DIR`.
+pub fn mount_cmd(a: &MountArgs, s: &Settings) -> Result<u8> {
+    check_mount_point(&a.dir)?;
+    // Open and unlock before anything else, so a missing store or a wrong key is a one-line error here.
+    let store = open_keyed(s)?;
+    if !a.foreground {
+        if store.descriptor().kdf.is_some() && std::env::var_os("BF_PASSPHRASE").is_none() {
+            bail!("a background mount of a passphrase store needs BF_PASSPHRASE (or use --foreground)");
+        }
+        return background(a, s);
+    }
+    let cache_mb = a.cache_mb.or(s.file.mount_cache_mb).unwrap_or(DEFAULT_MOUNT_CACHE_MB);
+    let opts = VfsOptions {
+        read_only: a.read_only,
+        cache_bytes: cache_mb << 20,
+        commit_workers: s.workers.min(2),
+        ..VfsOptions::default()
+    };
+    let vfs = Arc::new(Vfs::new(Arc::new(store), opts)?);
+    let mopts = MountOptions { read_only: a.read_only, allow_other: a.allow_other, ..MountOptions::default() };
+    let mut mount =
+        Mount::new(vfs.clone(), &a.dir, &mopts).with_context(|| format!("mounting on {}", a.dir.display()))?;
+    let mut unmounter = mount.unmounter();
+    // SIGINT/SIGTERM: commit what is written, then unmount; `run` below then returns.
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            return;
+        };
+        rt.block_on(async {
+            let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        });
+        tracing::info!("signal received: committing open files and unmounting");
+        for e in vfs.flush_all() {
+            eprintln!("bf: commit failed: {e}");
+        }
+        if let Err(e) = unmounter.unmount() {
+            eprintln!("bf: unmounting failed: {e}");
+        }
+    });
+    eprintln!(
+        "bf: mounted {} on {}{}; unmount with `bf umount {}`",
+        s.store.display(),
+        a.dir.display(),
+        if a.read_only { " (read-only)" } else { "" },
+        a.dir.display()
+    );
+    mount.run().context("serving the mount")?;
+    Ok(EXIT_OK)
+}
+
+/// Runs the mount as a child (`--foreground`, in its own process group, logging to `<store>/mount.log`) and
+/// returns once the filesystem is mounted, or with the child's error.
+fn background(a: &MountArgs, s: &Settings) -> Result<u8> {
+    let exe = std::env::current_exe().context("locating the bf executable")?;
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    args.push("--foreground".into());
+    let log_path = s.store.join("mount.log");
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("starting the mount process")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if fs_mount::is_mount_point(&a.dir) {
+            eprintln!(
+                "bf: mounted {} on {} (server pid {}, log {}); unmount with `bf umount {}`",
+                s.store.display(),
+                a.dir.display(),
+                child.id(),
+                log_path.display(),
+                a.dir.display()
+            );
+            return Ok(EXIT_OK);
+        }
+        if let Some(status) = child.try_wait().context("waiting for the mount process")? {
+            let mut text = String::new();
+            if let Ok(mut f) = std::fs::File::open(&log_path) {
+                let _ = f.seek(SeekFrom::Start(log_start));
+                let _ = f.read_to_string(&mut text);
+            }
+            let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim_start_matches("bf: ");
+            bail!("mount failed ({status}): {last}");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("the mount did not come up within 60 s (see {})", log_path.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `bf umount DIR`.
+pub fn umount_cmd(a: &UmountArgs) -> Result<u8> {
+    if !fs_mount::is_mount_point(&a.dir) {
+        bail!("{} is not a mount point", a.dir.display());
+    }
+    fs_mount::unmount_dir(&a.dir, false)
+        .with_context(|| format!("unmounting {} (are files open there?)", a.dir.display()))?;
+    Ok(EXIT_OK)
+}
