@@ -86,7 +86,10 @@ impl Mounted {
         };
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
         assert!(status.success(), "bf mount exit status {status}: {log}");
-        assert!(!log.contains("ERROR") && !log.contains("panicked"), "{log}");
+        // fuser reports replies to requests the kernel already abandoned (interrupted read-ahead): harmless.
+        let errors = log.lines().filter(|l| l.contains("ERROR") && !l.contains("Failed to send FUSE reply"));
+        assert_eq!(errors.count(), 0, "{log}");
+        assert!(!log.contains("panicked"), "{log}");
         assert!(!mounted(&self.dir));
     }
 
