@@ -18,6 +18,7 @@ pub mod read;
 pub mod shard;
 pub mod store;
 pub mod stripe;
+pub mod uring;
 pub mod volume;
 pub mod xts;
 
