@@ -16,6 +16,8 @@ fn stages(c: &mut Criterion) {
     let cipher = key.segment_cipher(&[1; 16]);
     let mut buf = vec![0x5au8; SEGMENT + TAG_LEN];
     g.bench_function("aes256gcm_seal_32MiB", |b| b.iter(|| cipher.seal_segment(0, true, &mut buf, SEGMENT).unwrap()));
+    let xts = key.volume_xts(&[2; 16]);
+    g.bench_function("aes256xts_32MiB", |b| b.iter(|| xts.encrypt(&mut buf[..SEGMENT], 0)));
     g.bench_function("blake3_32MiB", |b| b.iter(|| blake3::hash(&buf[..SEGMENT])));
     let (k, m) = (4, 2);
     let sl = shard_len((SEGMENT + TAG_LEN) as u64, k);

@@ -19,6 +19,7 @@ pub mod read;
 pub mod shard;
 pub mod store;
 pub mod stripe;
+pub mod uring;
 pub mod vfs;
 pub mod volume;
 pub mod xts;

@@ -359,29 +359,88 @@ impl Volume {
         }
     }
 
-    /// Reads `buf.len()` bytes at `offset`.
+    /// Reads `buf.len()` bytes at `offset`. Uncached stripes are read without holding the volume lock and only
+    /// the data shards covering the range are fetched (each verified against its leaf); only when one of them
+    /// is missing or corrupt is the whole stripe rebuilt from parity.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let mut st = self.lock()?;
-        Self::check_range(&st, offset, buf.len() as u64)?;
-        let ss = st.sb.stripe_size as u64;
+        let ss = {
+            let st = self.lock()?;
+            Self::check_range(&st, offset, buf.len() as u64)?;
+            st.sb.stripe_size as u64
+        };
         let mut done = 0;
         for (stripe, within, n) in split_range(offset, buf.len() as u64, ss) {
             let out = &mut buf[done..done + n];
-            let tick = st.tick;
-            if let Some(c) = st.stripes.get_mut(&stripe) {
-                c.last_use = tick;
-                out.copy_from_slice(&c.data[within..within + n]);
-            } else if self.entry(&mut st, stripe)?.gen == 0 {
-                out.fill(0);
-            } else {
+            done += n;
+            let (entry, shape) = {
+                let mut st = self.lock()?;
+                st.tick += 1;
+                let tick = st.tick;
+                if let Some(c) = st.stripes.get_mut(&stripe) {
+                    c.last_use = tick;
+                    out.copy_from_slice(&c.data[within..within + n]);
+                    continue;
+                }
+                let e = self.entry(&mut st, stripe)?;
+                if e.gen == 0 {
+                    out.fill(0);
+                    continue;
+                }
+                (e, (st.sb.shard_len(), st.sb.placement_start))
+            };
+            if let Err(e) = self.read_partial(stripe, &entry, shape, ss as usize, within, out) {
+                tracing::debug!(stripe, error = %e, "direct shard read failed; rebuilding the stripe");
+                let mut st = self.lock()?;
                 self.load_stripe(&mut st, stripe)?;
                 let c = st.stripes.get(&stripe).ok_or_else(|| Error::Config("stripe vanished from cache".into()))?;
                 out.copy_from_slice(&c.data[within..within + n]);
+                self.evict(&mut st)?;
             }
-            st.tick += 1;
-            done += n;
         }
-        self.evict(&mut st)
+        Ok(())
+    }
+
+    /// Reads `[within, within + out.len())` of a stripe from just the data shards that hold it.
+    fn read_partial(
+        &self,
+        stripe: u64,
+        entry: &StripeEntry,
+        (sl, placement_start): (usize, u32),
+        stripe_size: usize,
+        within: usize,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let a = within / SECTOR * SECTOR;
+        let b = (within + out.len()).div_ceil(SECTOR) * SECTOR;
+        let b = b.min(stripe_size);
+        let mut plain = vec![0u8; b - a];
+        let mut io = Vec::new();
+        let id = self.id;
+        let gen = entry.gen;
+        let key_of = move |i: usize| stripe_shard_key(&id, stripe, gen, i);
+        let addr = StripeAddr {
+            file_id: &self.id,
+            segment: stripe,
+            placement_start,
+            shard_len: sl,
+            key_of: &key_of,
+            deferred: true,
+        };
+        for i in a / sl..=(b - 1) / sl {
+            let leaf = entry.leaves.get(i).ok_or_else(|| Error::corrupt("stripe map entry", "missing leaf"))?;
+            let (r, _) = match crate::stripe::fetch_shard(&self.store, &addr, i, leaf, &mut io) {
+                (Ok(x), _) => x,
+                (Err(p), _) => return Err(Error::corrupt(format!("shard {i} of stripe {stripe}"), p.to_string())),
+            };
+            let shard = &io[r];
+            // Overlap of shard i ([i*sl, (i+1)*sl)) with [a, b), in stripe coordinates.
+            let lo = a.max(i * sl);
+            let hi = b.min((i + 1) * sl);
+            plain[lo - a..hi - a].copy_from_slice(&shard[lo - i * sl..hi - i * sl]);
+        }
+        self.xts.decrypt(&mut plain, stripe * (stripe_size / SECTOR) as u64 + (a / SECTOR) as u64);
+        out.copy_from_slice(&plain[within - a..within - a + out.len()]);
+        Ok(())
     }
 
     /// Writes `data` at `offset`; with `fua` the write is durable (committed) when this returns.
@@ -565,6 +624,7 @@ impl Volume {
             placement_start: st.sb.placement_start,
             shard_len: st.sb.shard_len(),
             key_of,
+            deferred: true,
         }
     }
 
