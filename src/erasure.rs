@@ -28,7 +28,7 @@ pub fn validate(k: usize, m: usize) -> Result<()> {
 /// meets the blocks at the same position in the other shards), so coding 1 MiB columns gives the same bytes as
 /// coding whole shards while the coder's working memory stays a few MiB instead of several times the segment.
 pub const DEFAULT_COLUMN: usize = 1 << 20;
-const _: () = assert!(DEFAULT_COLUMN % 64 == 0);
+const _: () = assert!(DEFAULT_COLUMN.is_multiple_of(64));
 
 /// A reusable encoder/decoder for fixed k and m; keeps its working memory between segments.
 pub struct Codec {
@@ -53,7 +53,7 @@ impl Codec {
     /// A codec working on columns of `column` bytes (a positive multiple of 64).
     pub fn with_column(k: usize, m: usize, column: usize) -> Result<Self> {
         validate(k, m)?;
-        if column == 0 || column % 64 != 0 {
+        if column == 0 || !column.is_multiple_of(64) {
             return Err(Error::Config("erasure column must be a positive multiple of 64 bytes".into()));
         }
         Ok(Codec { k, m, column, encoder: None, decoder: None, parity: Vec::new() })
@@ -83,7 +83,7 @@ impl Codec {
         shard_len: usize,
         use_parity: impl FnOnce(&[&[u8]]) -> R,
     ) -> Result<R> {
-        if data.len() != self.k * shard_len || shard_len % 2 != 0 {
+        if data.len() != self.k * shard_len || !shard_len.is_multiple_of(2) {
             return Err(Error::Config("segment buffer does not match k * shard_len".into()));
         }
         let (k, m) = (self.k, self.m);
