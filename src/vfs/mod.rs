@@ -982,7 +982,15 @@ impl Shared {
     /// The verified plaintext of one segment, from the cache or decoded.
     fn segment(&self, file: &OpenFile, segment: u64) -> Result<Bytes> {
         self.cache.get_or_load(&(file.body.file_id, segment), || {
-            self.decoders.with(file, |r| r.read(segment).map(|p| p.to_vec()), &self.store)
+            // The decoded buffer itself goes into the cache (no copy); the decoder allocates a new one.
+            self.decoders.with(
+                file,
+                |r| {
+                    let mut out = Vec::new();
+                    r.read_swap(segment, &mut out).map(|()| out)
+                },
+                &self.store,
+            )
         })
     }
 
