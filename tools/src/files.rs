@@ -27,6 +27,9 @@ pub fn run(cmd: Command, s: &Settings) -> Result<u8> {
         Command::Ls(a) => ls(&a, s),
         Command::Rm(a) => rm(&a, s),
         Command::Verify(a) => verify(&a, s),
+        Command::Scrub(a) => crate::scrub::cmd_scrub(&a, s),
+        Command::Status(a) => crate::scrub::cmd_status(&a, s),
+        Command::Recover(a) => crate::scrub::cmd_recover(&a, s),
     }
 }
 
@@ -87,7 +90,7 @@ fn init(a: &InitArgs, s: &Settings) -> Result<Store> {
 }
 
 /// Opens the store without a key.
-fn open_keyless(s: &Settings) -> Result<Store> {
+pub(crate) fn open_keyless(s: &Settings) -> Result<Store> {
     Ok(Store::open(&s.store)?)
 }
 
@@ -98,7 +101,7 @@ fn open_keyed(s: &Settings) -> Result<Store> {
     Ok(st)
 }
 
-fn unlock(st: &mut Store, s: &Settings) -> Result<()> {
+pub(crate) fn unlock(st: &mut Store, s: &Settings) -> Result<()> {
     if st.descriptor().kdf.is_some() && s.key_file.is_none() {
         let p = passphrase("Passphrase: ")?;
         st.unlock_with_passphrase(&p)?;

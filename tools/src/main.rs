@@ -2,6 +2,7 @@
 
 mod cli;
 mod files;
+mod scrub;
 mod settings;
 
 use std::io::IsTerminal;

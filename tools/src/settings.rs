@@ -27,6 +27,10 @@ pub struct ConfigFile {
     pub locations: Option<Vec<PathBuf>>,
     /// Worker threads for commit and get.
     pub workers: Option<usize>,
+    /// Scrub read throttle, MB/s.
+    pub scrub_rate_mb: Option<f64>,
+    /// Age in hours before scrub --repair deletes orphaned shards.
+    pub orphan_grace_hours: Option<f64>,
 }
 
 /// Resolved settings.
@@ -110,6 +114,7 @@ mod tests {
         assert!(c.archive_directory.is_some() && c.log_level.is_some() && c.encryption_key_path.is_some());
         assert!(c.segment_size_mb.is_some() && c.data_shards.is_some() && c.parity_shards.is_some());
         assert!(c.locations.is_some() && c.workers.is_some());
+        assert!(c.scrub_rate_mb.is_some() && c.orphan_grace_hours.is_some());
     }
 
     #[test]
