@@ -144,6 +144,7 @@ impl Pipeline<'_> {
             placement_start: self.placement_start,
             shard_len: sl,
             key_of: &key_of,
+            deferred: false,
         };
         let leaves = write_stripe(self.store, codec, &addr, &buf[..k * sl])?;
         Ok(Done { segment, entry: SegmentEntry { plain_len: len as u64, shard_len: sl as u32 }, leaves })

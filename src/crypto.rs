@@ -18,6 +18,9 @@ const CTX_MANIFEST_MAC: &str = "blockframe 2026-11 manifest mac key";
 const CTX_NAME_TAG: &str = "blockframe 2026-11 name tag key";
 const CTX_FILE_KEY: &str = "blockframe 2026-11 file segment key";
 const CTX_META_KEY: &str = "blockframe 2026-11 file metadata key";
+const CTX_VOLUME_MAC: &str = "blockframe 2026-11 volume superblock mac key";
+const CTX_XTS_DATA: &str = "blockframe 2026-11 volume xts data key";
+const CTX_XTS_TWEAK: &str = "blockframe 2026-11 volume xts tweak key";
 
 /// The store's 256-bit master key; zeroed on drop.
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]
@@ -100,6 +103,22 @@ impl MasterKey {
     pub fn manifest_mac(&self, body: &[u8]) -> [u8; 32] {
         let key = self.derive(CTX_MANIFEST_MAC, &[]);
         *blake3::keyed_hash(&key, body).as_bytes()
+    }
+
+    /// MAC over a volume superblock body.
+    pub fn volume_mac(&self, body: &[u8]) -> [u8; 32] {
+        let key = self.derive(CTX_VOLUME_MAC, &[]);
+        *blake3::keyed_hash(&key, body).as_bytes()
+    }
+
+    /// The AES-256-XTS cipher of one volume (two independent derived keys).
+    pub fn volume_xts(&self, vol_id: &[u8; 16]) -> crate::xts::Xts {
+        let mut d = self.derive(CTX_XTS_DATA, vol_id);
+        let mut t = self.derive(CTX_XTS_TWEAK, vol_id);
+        let x = crate::xts::Xts::new(&d, &t);
+        d.zeroize();
+        t.zeroize();
+        x
     }
 
     /// Deterministic tag of a file name: finds a name's manifests without revealing the name.

@@ -194,6 +194,10 @@ impl Location for FaultyLocation {
         self.check_writable()?;
         self.inner.put(key, parts)
     }
+    fn put_deferred(&self, key: &str, parts: &[&[u8]]) -> Result<()> {
+        self.check_writable()?;
+        self.inner.put_deferred(key, parts)
+    }
     fn get_into(&self, key: &str, buf: &mut Vec<u8>) -> Result<()> {
         self.check_present()?;
         self.inner.get_into(key, buf)

@@ -21,6 +21,7 @@ pub mod scrub;
 pub mod shard;
 pub mod store;
 pub mod stripe;
+pub mod volume;
 pub mod xts;
 
 pub use error::{Error, Result};

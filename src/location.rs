@@ -17,8 +17,14 @@ use crate::error::{Error, IoContext, Result};
 pub trait Location: Send + Sync + std::fmt::Debug {
     /// Human-readable name used in messages (a path or URL, never credentials).
     fn name(&self) -> &str;
-    /// Atomically stores `parts` concatenated under `key`, replacing any previous object.
+    /// Atomically stores `parts` concatenated under `key`, replacing any previous object. The bytes are durable
+    /// when this returns; the name after [`Location::sync`].
     fn put(&self, key: &str, parts: &[&[u8]]) -> Result<()>;
+    /// Like [`Location::put`] but durability of the bytes, too, is deferred to the next [`Location::sync`]
+    /// (for data nothing references until a later commit point).
+    fn put_deferred(&self, key: &str, parts: &[&[u8]]) -> Result<()> {
+        self.put(key, parts)
+    }
     /// Reads the whole object into `buf` (cleared first).
     fn get_into(&self, key: &str, buf: &mut Vec<u8>) -> Result<()>;
     /// Reads `len` bytes at `offset` (fewer at the end of the object).
@@ -29,7 +35,7 @@ pub trait Location: Send + Sync + std::fmt::Debug {
     fn delete(&self, key: &str) -> Result<()>;
     /// Deletes every object under the `prefix` directory.
     fn delete_prefix(&self, prefix: &str) -> Result<()>;
-    /// Makes the names of all completed puts and deletes durable.
+    /// Makes all completed puts (with their bytes, for deferred ones) and deletes durable.
     fn sync(&self) -> Result<()>;
     /// Checks that the location is present and holds the expected marker; returns a reason when unusable.
     fn probe(&self) -> Result<()>;
@@ -60,6 +66,7 @@ pub struct LocalDir {
     name: String,
     dirty_dirs: Mutex<HashSet<PathBuf>>,
     tmp_counter: AtomicU64,
+    deferred: std::sync::atomic::AtomicBool,
 }
 
 impl LocalDir {
@@ -72,6 +79,7 @@ impl LocalDir {
             root,
             dirty_dirs: Mutex::new(HashSet::new()),
             tmp_counter: AtomicU64::new(0),
+            deferred: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -91,6 +99,45 @@ impl LocalDir {
         if let Ok(mut d) = self.dirty_dirs.lock() {
             d.insert(dir);
         }
+    }
+
+    /// Writes an object. Durable writes go through a temporary file, fdatasync and rename, so a reader sees the
+    /// old object or the new one. Deferred writes go straight to the final name: nothing references such an
+    /// object before the next sync() and commit point, and a crash mid-write leaves only unreferenced garbage
+    /// (this halves the metadata operations, which dominate small-object write cost on ext4).
+    fn write_object(&self, key: &str, parts: &[&[u8]], durable: bool) -> Result<()> {
+        let path = self.path(key)?;
+        self.ensure_parent(&path)?;
+        let parent = path.parent().unwrap_or(&self.root).to_path_buf();
+        let target = if durable {
+            let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("object");
+            let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+            parent.join(format!(".{file_name}.{}.{n}.tmp", std::process::id()))
+        } else {
+            path.clone()
+        };
+        let result = (|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&target)
+                .ctx(|| format!("creating {}", target.display()))?;
+            for p in parts {
+                f.write_all(p).ctx(|| format!("writing {}", target.display()))?;
+            }
+            if durable {
+                f.sync_data().ctx(|| format!("syncing {}", target.display()))?;
+                fs::rename(&target, &path).ctx(|| format!("renaming into {}", path.display()))?;
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&target);
+        } else {
+            self.mark_dirty(parent);
+        }
+        result
     }
 
     fn ensure_parent(&self, path: &Path) -> Result<()> {
@@ -130,6 +177,23 @@ impl LocalDir {
     }
 }
 
+#[cfg(target_os = "linux")]
+fn sync_filesystem(f: &File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: syncfs only reads the descriptor, which `f` keeps open for the duration of the call.
+    if unsafe { libc::syncfs(f.as_raw_fd()) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn sync_filesystem(_: &File) -> std::io::Result<()> {
+    // Without syncfs, fall back to a global sync.
+    std::process::Command::new("sync").status().map(|_| ())
+}
+
 /// fsyncs a directory so that entries created, renamed or removed in it are durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|f| f.sync_all()).ctx(|| format!("syncing directory {}", dir.display()))
@@ -141,30 +205,14 @@ impl Location for LocalDir {
     }
 
     fn put(&self, key: &str, parts: &[&[u8]]) -> Result<()> {
-        let path = self.path(key)?;
-        self.ensure_parent(&path)?;
-        let parent = path.parent().unwrap_or(&self.root).to_path_buf();
-        let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("object");
-        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        let tmp = parent.join(format!(".{file_name}.{}.{n}.tmp", std::process::id()));
-        let result = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&tmp)
-                .ctx(|| format!("creating {}", tmp.display()))?;
-            for p in parts {
-                f.write_all(p).ctx(|| format!("writing {}", tmp.display()))?;
-            }
-            f.sync_data().ctx(|| format!("syncing {}", tmp.display()))?;
-            fs::rename(&tmp, &path).ctx(|| format!("renaming into {}", path.display()))
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        } else {
-            self.mark_dirty(parent);
-        }
-        result
+        self.write_object(key, parts, true)
+    }
+
+    fn put_deferred(&self, key: &str, parts: &[&[u8]]) -> Result<()> {
+        self.write_object(key, parts, false)?;
+        // Set only once the object is complete: any sync() that starts after this put returned runs syncfs.
+        self.deferred.store(true, Ordering::SeqCst);
+        Ok(())
     }
 
     fn get_into(&self, key: &str, buf: &mut Vec<u8>) -> Result<()> {
@@ -233,6 +281,12 @@ impl Location for LocalDir {
     }
 
     fn sync(&self) -> Result<()> {
+        if self.deferred.swap(false, Ordering::SeqCst) {
+            // One syncfs(2) makes every deferred object's bytes and names durable at once, far cheaper than an
+            // fsync per object.
+            let f = File::open(&self.root).ctx(|| format!("opening {}", self.root.display()))?;
+            sync_filesystem(&f).ctx(|| format!("syncing the filesystem of {}", self.root.display()))?;
+        }
         let dirs: Vec<PathBuf> = match self.dirty_dirs.lock() {
             Ok(mut d) => d.drain().collect(),
             Err(_) => return Err(Error::Config("location state poisoned".into())),

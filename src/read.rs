@@ -71,7 +71,14 @@ fn segment_addr<'a>(
     shard_len: usize,
     key_of: &'a (dyn Fn(usize) -> String + Sync),
 ) -> StripeAddr<'a> {
-    StripeAddr { file_id: &body.file_id, segment, placement_start: body.placement_start, shard_len, key_of }
+    StripeAddr {
+        file_id: &body.file_id,
+        segment,
+        placement_start: body.placement_start,
+        shard_len,
+        key_of,
+        deferred: false,
+    }
 }
 
 /// A committed file opened for reading.

@@ -667,6 +667,7 @@ impl<'a> Scrubber<'a> {
             placement_start: body.placement_start,
             shard_len: sl,
             key_of: &key_of,
+            deferred: false,
         };
         let mut out = SegmentOutcome {
             segment: seg,

@@ -23,6 +23,9 @@ pub struct StripeAddr<'a> {
     pub shard_len: usize,
     /// Object key of shard `i`.
     pub key_of: &'a (dyn Fn(usize) -> String + Sync),
+    /// Write with [`crate::location::Location::put_deferred`]: the caller syncs the locations before anything
+    /// references the shards.
+    pub deferred: bool,
 }
 
 impl StripeAddr<'_> {
@@ -66,7 +69,13 @@ pub fn write_shard(store: &Store, addr: &StripeAddr<'_>, i: usize, payload: &[u8
         payload_len: payload.len() as u32,
         payload_hash: *blake3::hash(payload).as_bytes(),
     };
-    store.locations()[addr.home(store, i)].put(&(addr.key_of)(i), &[&header.encode(), payload])?;
+    let loc = &store.locations()[addr.home(store, i)];
+    let parts: [&[u8]; 2] = [&header.encode(), payload];
+    if addr.deferred {
+        loc.put_deferred(&(addr.key_of)(i), &parts)?;
+    } else {
+        loc.put(&(addr.key_of)(i), &parts)?;
+    }
     Ok(header.leaf())
 }
 

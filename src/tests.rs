@@ -172,3 +172,26 @@ fn removal_deletes_manifests_and_shards() {
         assert_eq!(std::fs::read_dir(&shards).map(|r| r.count()).unwrap_or(0), 0);
     }
 }
+
+/// Every regular file under `dir`.
+pub(crate) fn all_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Number of files under `dir` whose name passes `pred`.
+pub(crate) fn count_files(dir: &std::path::Path, pred: impl Fn(&str) -> bool) -> usize {
+    all_files(dir).iter().filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(&pred)).count()
+}

@@ -1,4 +1,6 @@
 //! End-to-end tests of the `bf` binary: real processes, real directories.
 
 mod files;
+mod nbd;
+mod scrub;
 mod util;

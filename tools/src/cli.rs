@@ -63,6 +63,66 @@ pub enum Command {
     Status(StatusArgs),
     /// Rebuild a lost or damaged store descriptor (store.bf) from the locations and the key file.
     Recover(RecoverArgs),
+    /// Manage block volumes (virtual disks served over NBD).
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Serve volumes as network block devices.
+    #[command(subcommand)]
+    Nbd(NbdCommand),
+}
+
+/// `bf volume ...`.
+#[derive(Subcommand, Debug)]
+pub enum VolumeCommand {
+    /// Create a thin-provisioned volume (nothing is stored until written).
+    Create {
+        /// Volume name (the NBD export name).
+        name: String,
+        /// Size, e.g. 20G, 512M (a multiple of 4 KiB).
+        #[arg(long)]
+        size: String,
+        /// Stripe size (power of two, at least 64K) [default: 1M]
+        #[arg(long)]
+        stripe_size: Option<String>,
+    },
+    /// List volumes.
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a volume and all its data.
+    Rm {
+        /// Volume name.
+        name: String,
+    },
+}
+
+/// `bf nbd ...`.
+#[derive(Subcommand, Debug)]
+pub enum NbdCommand {
+    /// Serve volumes over NBD until SIGINT/SIGTERM (then in-flight requests finish and everything is flushed).
+    Serve(ServeArgs),
+}
+
+/// `bf nbd serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Serve only this volume (also the default export) [default: every volume]
+    #[arg(long)]
+    pub volume: Option<String>,
+    /// TCP address to listen on (loopback by default; NBD has no authentication without TLS).
+    #[arg(long, default_value = "127.0.0.1:10809", conflicts_with = "socket")]
+    pub listen: String,
+    /// Listen on a Unix socket instead of TCP.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Export read-only.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Stripe cache per volume in MiB (write-back and read cache) [config: volume_cache_mb; default 64]
+    #[arg(long)]
+    pub cache_mb: Option<usize>,
 }
 
 /// `bf init`.

@@ -30,6 +30,8 @@ pub fn run(cmd: Command, s: &Settings) -> Result<u8> {
         Command::Scrub(a) => crate::scrub::cmd_scrub(&a, s),
         Command::Status(a) => crate::scrub::cmd_status(&a, s),
         Command::Recover(a) => crate::scrub::cmd_recover(&a, s),
+        Command::Volume(c) => crate::volumes::volume_cmd(&c, s),
+        Command::Nbd(c) => crate::volumes::nbd_cmd(&c, s),
     }
 }
 
@@ -95,7 +97,7 @@ pub(crate) fn open_keyless(s: &Settings) -> Result<Store> {
 }
 
 /// Opens the store and loads its key.
-fn open_keyed(s: &Settings) -> Result<Store> {
+pub fn open_keyed(s: &Settings) -> Result<Store> {
     let mut st = open_keyless(s)?;
     unlock(&mut st, s)?;
     Ok(st)

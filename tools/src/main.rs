@@ -4,6 +4,7 @@ mod cli;
 mod files;
 mod scrub;
 mod settings;
+mod volumes;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;

@@ -27,6 +27,8 @@ pub struct ConfigFile {
     pub locations: Option<Vec<PathBuf>>,
     /// Worker threads for commit and get.
     pub workers: Option<usize>,
+    /// Stripe cache per served volume, MiB.
+    pub volume_cache_mb: Option<usize>,
     /// Scrub read throttle, MB/s.
     pub scrub_rate_mb: Option<f64>,
     /// Age in hours before scrub --repair deletes orphaned shards.
@@ -113,7 +115,7 @@ mod tests {
         let c: ConfigFile = toml::from_str(&text).unwrap();
         assert!(c.archive_directory.is_some() && c.log_level.is_some() && c.encryption_key_path.is_some());
         assert!(c.segment_size_mb.is_some() && c.data_shards.is_some() && c.parity_shards.is_some());
-        assert!(c.locations.is_some() && c.workers.is_some());
+        assert!(c.locations.is_some() && c.workers.is_some() && c.volume_cache_mb.is_some());
         assert!(c.scrub_rate_mb.is_some() && c.orphan_grace_hours.is_some());
     }
 

@@ -1,0 +1,135 @@
+//! Block volume commands: `bf volume create/ls/rm` and `bf nbd serve`.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+
+use blockframe::volume::{self, VolumeOptions};
+use nbd_server::{CancellationToken, ListenAddr, Listener, StoreRegistry};
+
+use crate::cli::{NbdCommand, ServeArgs, VolumeCommand};
+use crate::files::open_keyed;
+use crate::settings::Settings;
+use crate::EXIT_OK;
+
+/// Parses sizes like `20G`, `512M`, `64k`, `4096` (binary units).
+pub fn parse_size(s: &str) -> Result<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let unit = s[i..].to_ascii_lowercase();
+            let m: u64 = match unit.trim_end_matches("ib").trim_end_matches('b') {
+                "" => 1,
+                "k" => 1 << 10,
+                "m" => 1 << 20,
+                "g" => 1 << 30,
+                "t" => 1 << 40,
+                _ => bail!("unknown size unit in {s:?} (use K, M, G or T)"),
+            };
+            (&s[..i], m)
+        }
+        None => (s, 1),
+    };
+    let n: u64 = num.trim().parse().with_context(|| format!("invalid size {s:?}"))?;
+    n.checked_mul(mult).with_context(|| format!("size {s:?} is too large"))
+}
+
+/// `bf volume ...`.
+pub fn volume_cmd(cmd: &VolumeCommand, s: &Settings) -> Result<u8> {
+    let st = open_keyed(s)?;
+    match cmd {
+        VolumeCommand::Create { name, size, stripe_size } => {
+            let size = parse_size(size)?;
+            let stripe = match stripe_size {
+                Some(x) => u32::try_from(parse_size(x)?).context("stripe size too large")?,
+                None => volume::DEFAULT_STRIPE_SIZE,
+            };
+            volume::create(&st, name, size, stripe)?;
+            eprintln!("bf: created volume {name} ({size} bytes, thin-provisioned, {} KiB stripes)", stripe >> 10);
+        }
+        VolumeCommand::Ls { json } => {
+            let vols = volume::list(&st)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&vols)?);
+            } else {
+                for v in vols {
+                    println!("{:>16}  {:>5} KiB  gen {:<6}  {}", v.size, v.stripe_size >> 10, v.generation, v.name);
+                }
+            }
+        }
+        VolumeCommand::Rm { name } => {
+            volume::remove(&st, name)?;
+            eprintln!("bf: removed volume {name}");
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+/// `bf nbd ...`.
+pub fn nbd_cmd(cmd: &NbdCommand, s: &Settings) -> Result<u8> {
+    match cmd {
+        NbdCommand::Serve(a) => serve(a, s),
+    }
+}
+
+fn serve(a: &ServeArgs, s: &Settings) -> Result<u8> {
+    let st = Arc::new(open_keyed(s)?);
+    let cache_mb = a.cache_mb.or(s.file.volume_cache_mb).unwrap_or(volume::DEFAULT_CACHE_BYTES >> 20);
+    let options = VolumeOptions { cache_bytes: cache_mb << 20 };
+    let registry = Arc::new(StoreRegistry::new(st.clone(), a.volume.clone(), a.read_only, options));
+    if let Some(v) = &a.volume {
+        registry.preopen(v).with_context(|| format!("opening volume {v}"))?;
+    }
+    let addr = match &a.socket {
+        Some(p) => ListenAddr::Unix(p.clone()),
+        None => ListenAddr::Tcp(a.listen.clone()),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    rt.block_on(async {
+        let listener = Listener::bind(&addr).await.with_context(|| format!("listening on {addr:?}"))?;
+        let token = CancellationToken::new();
+        let t = token.clone();
+        tokio::spawn(async move {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => return,
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::info!("shutting down: finishing in-flight requests and flushing");
+            t.cancel();
+        });
+        let what = a.volume.as_deref().map(|v| format!("volume {v}")).unwrap_or_else(|| "all volumes".into());
+        eprintln!("bf: serving {what} over NBD on {}", describe(&addr));
+        nbd_server::serve(listener, registry.clone(), token).await.context("NBD server")?;
+        for (name, e) in registry.flush_all() {
+            eprintln!("bf: flushing volume {name} at shutdown failed: {e}");
+        }
+        Ok::<(), anyhow::Error>(())
+    })?;
+    Ok(EXIT_OK)
+}
+
+fn describe(addr: &ListenAddr) -> String {
+    match addr {
+        ListenAddr::Tcp(a) => format!("nbd://{a}"),
+        ListenAddr::Unix(p) => format!("unix socket {}", p.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("20G").unwrap(), 20 << 30);
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("64k").unwrap(), 64 << 10);
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}
