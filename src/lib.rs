@@ -3,7 +3,9 @@
 //! Pipeline for a file: encrypt each segment (AES-256-GCM, [`crypto`]) → cut into k data shards and compute m
 //! parity shards ([`erasure`]) → hash every shard into a Merkle tree ([`merkle`]) → write each shard with a
 //! self-describing header ([`shard`]) to its location ([`location`]) → publish a manifest ([`manifest`]) on
-//! several locations. [`commit`], [`read`] and [`catalog`] put the pieces together over a [`store::Store`].
+//! several locations. [`commit`], [`read`] and [`catalog`] put the pieces together over a [`store::Store`];
+//! [`scrub`] checks and repairs a store without the key, [`recover`] rebuilds a lost store descriptor from the
+//! locations, and [`fault`] injects seeded faults into locations for tests.
 
 pub mod catalog;
 pub mod commit;

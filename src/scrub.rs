@@ -291,16 +291,20 @@ impl ScrubReport {
     /// Health after repairs (unusable locations keep the store degraded: a disk needs attention).
     pub fn health_after(&self) -> Health {
         let files = self.files.iter().map(FileReport::health_after).max().unwrap_or_default();
-        let locations =
-            if self.locations.iter().all(|l| matches!(l.state, LocationState::Ok | LocationState::MarkerRestored)) {
-                Health::Healthy
-            } else {
-                Health::Degraded
-            };
-        files.max(locations)
+        files.max(self.location_health_after())
     }
 
-    fn location_health(&self) -> Health {
+    /// Degraded when some location is unusable after this run (gone, foreign, marker not restored).
+    pub fn location_health_after(&self) -> Health {
+        if self.locations.iter().all(|l| l.state.writable()) {
+            Health::Healthy
+        } else {
+            Health::Degraded
+        }
+    }
+
+    /// Degraded when some location was not fine at the start of this run.
+    pub fn location_health(&self) -> Health {
         if self.locations.iter().all(|l| l.state == LocationState::Ok) {
             Health::Healthy
         } else {
@@ -536,7 +540,7 @@ impl<'a> Scrubber<'a> {
                 Err(e) if e.is_not_found() => Err("missing".to_string()),
                 Err(e) => Err(e.to_string()),
             };
-            let usable = matches!(self.states[i], LocationState::Ok | LocationState::MarkerRestored);
+            let usable = self.writable[i];
             match &copy {
                 Ok(_) => report.manifests.ok += 1,
                 Err(_) if !usable => {}

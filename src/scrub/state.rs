@@ -71,9 +71,8 @@ impl RunSummary {
 
     /// Adds the store-wide results (locations, orphans) at the end of a run.
     pub fn finish(&mut self, report: &ScrubReport, now_unix: u64) {
-        let loc = ScrubReport { files: vec![], ..report.clone() };
-        self.health = self.health.max(loc.health());
-        self.health_after = self.health_after.max(loc.health_after());
+        self.health = self.health.max(report.location_health());
+        self.health_after = self.health_after.max(report.location_health_after());
         self.orphans = report.orphans.len() as u64;
         self.finished_unix = now_unix;
     }
