@@ -23,6 +23,7 @@ pub mod scrub;
 pub mod shard;
 pub mod store;
 pub mod stripe;
+pub mod uring;
 pub mod volume;
 pub mod xts;
 

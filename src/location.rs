@@ -59,9 +59,59 @@ pub trait LocationExt: Location {
 }
 impl<T: Location + ?Sized> LocationExt for T {}
 
+/// How a local location does its file I/O.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoEngine {
+    /// Ordinary read/write/fdatasync syscalls (portable).
+    Std,
+    /// io_uring on Linux: each object is one linked writev + fdatasync submission, or one read.
+    Uring,
+}
+
+static DEFAULT_ENGINE: std::sync::OnceLock<IoEngine> = std::sync::OnceLock::new();
+
+impl IoEngine {
+    /// Parses `std`, `uring` or `auto` (io_uring when the kernel allows it, else std).
+    pub fn parse(s: &str) -> Result<IoEngine> {
+        match s {
+            "std" => Ok(IoEngine::Std),
+            "uring" | "io_uring" if cfg!(target_os = "linux") => {
+                if crate::uring::available() {
+                    Ok(IoEngine::Uring)
+                } else {
+                    Err(Error::Config("io_engine = \"uring\" but io_uring is not available here".into()))
+                }
+            }
+            "auto" => Ok(IoEngine::auto()),
+            other => Err(Error::Config(format!("unknown io_engine {other:?} (use auto, uring or std)"))),
+        }
+    }
+
+    fn auto() -> IoEngine {
+        if cfg!(target_os = "linux") && crate::uring::available() {
+            IoEngine::Uring
+        } else {
+            IoEngine::Std
+        }
+    }
+
+    /// Sets the engine new local locations use in this process (first call wins).
+    pub fn set_default(engine: IoEngine) {
+        let _ = DEFAULT_ENGINE.set(engine);
+    }
+
+    /// The engine new local locations use: as set by [`IoEngine::set_default`], else `BF_IO_ENGINE`, else auto.
+    pub fn current() -> IoEngine {
+        *DEFAULT_ENGINE.get_or_init(|| {
+            std::env::var("BF_IO_ENGINE").ok().and_then(|v| IoEngine::parse(&v).ok()).unwrap_or_else(IoEngine::auto)
+        })
+    }
+}
+
 /// A directory on a local disk.
 #[derive(Debug)]
 pub struct LocalDir {
+    engine: IoEngine,
     root: PathBuf,
     name: String,
     dirty_dirs: Mutex<HashSet<PathBuf>>,
@@ -73,8 +123,14 @@ impl LocalDir {
     /// A location rooted at `root`. The directory itself is never created by puts: a missing root means the
     /// disk is not mounted, and writing into an empty mount point would be wrong.
     pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self::with_engine(root, IoEngine::current())
+    }
+
+    /// A location doing its I/O with `engine`.
+    pub fn with_engine(root: impl Into<PathBuf>, engine: IoEngine) -> Self {
         let root = root.into();
         LocalDir {
+            engine,
             name: root.display().to_string(),
             root,
             dirty_dirs: Mutex::new(HashSet::new()),
@@ -123,11 +179,19 @@ impl LocalDir {
                 .truncate(true)
                 .open(&target)
                 .ctx(|| format!("creating {}", target.display()))?;
-            for p in parts {
-                f.write_all(p).ctx(|| format!("writing {}", target.display()))?;
+            match self.engine {
+                IoEngine::Uring => crate::uring::write_parts(&mut f, parts, durable)
+                    .ctx(|| format!("writing {} (io_uring)", target.display()))?,
+                IoEngine::Std => {
+                    for p in parts {
+                        f.write_all(p).ctx(|| format!("writing {}", target.display()))?;
+                    }
+                    if durable {
+                        f.sync_data().ctx(|| format!("syncing {}", target.display()))?;
+                    }
+                }
             }
             if durable {
-                f.sync_data().ctx(|| format!("syncing {}", target.display()))?;
                 fs::rename(&target, &path).ctx(|| format!("renaming into {}", path.display()))?;
             }
             Ok(())
@@ -219,8 +283,12 @@ impl Location for LocalDir {
         let path = self.path(key)?;
         buf.clear();
         let mut f = File::open(&path).ctx(|| format!("opening {}", path.display()))?;
-        f.read_to_end(buf).ctx(|| format!("reading {}", path.display()))?;
-        Ok(())
+        match self.engine {
+            IoEngine::Uring => {
+                crate::uring::read_all(&mut f, buf).ctx(|| format!("reading {} (io_uring)", path.display()))
+            }
+            IoEngine::Std => f.read_to_end(buf).map(|_| ()).ctx(|| format!("reading {}", path.display())),
+        }
     }
 
     fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
@@ -326,10 +394,24 @@ impl Location for LocalDir {
 mod tests {
     use super::*;
 
+    fn engines() -> Vec<IoEngine> {
+        let mut v = vec![IoEngine::Std];
+        if crate::uring::available() {
+            v.push(IoEngine::Uring);
+        }
+        v
+    }
+
     #[test]
     fn put_get_list_delete() {
+        for e in engines() {
+            put_get_list_delete_with(e);
+        }
+    }
+
+    fn put_get_list_delete_with(engine: IoEngine) {
         let d = tempfile::tempdir().unwrap();
-        let loc = LocalDir::new(d.path());
+        let loc = LocalDir::with_engine(d.path(), engine);
         loc.put("a/b/c", &[b"hello ", b"world"]).unwrap();
         loc.sync().unwrap();
         assert_eq!(loc.get("a/b/c").unwrap(), b"hello world");
@@ -343,6 +425,10 @@ mod tests {
         assert!(loc.get("a/b/c").unwrap_err().is_not_found());
         loc.delete_prefix("a").unwrap();
         assert!(!d.path().join("a").exists());
+        let big: Vec<u8> = (0..(1 << 20) + 7).map(|i| (i % 251) as u8).collect();
+        loc.put_deferred("d/x", &[&big[..10], &big[10..]]).unwrap();
+        loc.sync().unwrap();
+        assert_eq!(loc.get("d/x").unwrap(), big, "{engine:?}");
     }
 
     #[test]

@@ -126,6 +126,15 @@ impl<'a> SegmentReader<'a> {
         Ok(SegmentReader { store, file, codec, bufs: StripeBuffers::default() })
     }
 
+    /// Like [`SegmentReader::read`], but hands the plaintext over in `out` by swapping buffers instead of
+    /// copying (the reader keeps `out`'s old allocation for its next segment).
+    pub fn read_swap(&mut self, segment: u64, out: &mut Vec<u8>) -> Result<()> {
+        let len = self.read(segment)?.len();
+        std::mem::swap(&mut self.bufs.data, out);
+        out.truncate(len);
+        Ok(())
+    }
+
     /// Returns the verified plaintext of `segment`.
     pub fn read(&mut self, segment: u64) -> Result<&[u8]> {
         let body = &self.file.body;
@@ -175,7 +184,9 @@ pub fn read_to(
     std::thread::scope(|s| -> Result<()> {
         let mut lanes = Vec::new();
         for w in 0..workers {
-            let (tx, rx) = sync_channel::<Result<Vec<u8>>>(1);
+            // Rendezvous hand-over and buffer swapping: each worker owns at most two segment buffers (one it
+            // fills, one the writer drains), so memory stays at about 2 segments per worker.
+            let (tx, rx) = sync_channel::<Result<Vec<u8>>>(0);
             let (back_tx, back_rx) = sync_channel::<Vec<u8>>(2);
             s.spawn(move || {
                 let mut reader = match SegmentReader::new(store, file) {
@@ -186,13 +197,17 @@ pub fn read_to(
                     }
                 };
                 let mut seg = w as u64;
+                let mut spare = Some(Vec::new());
                 while seg < segments {
-                    let mut out = back_rx.try_recv().unwrap_or_default();
-                    let r = reader.read(seg).map(|p| {
-                        out.clear();
-                        out.extend_from_slice(p);
-                        out
-                    });
+                    // The second buffer is allocated once; after that, wait for the writer to hand one back.
+                    let mut out = match spare.take() {
+                        Some(v) => v,
+                        None => match back_rx.recv() {
+                            Ok(v) => v,
+                            Err(_) => return,
+                        },
+                    };
+                    let r = reader.read_swap(seg, &mut out).map(|()| out);
                     let failed = r.is_err();
                     if tx.send(r).is_err() || failed {
                         return;

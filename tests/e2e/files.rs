@@ -267,3 +267,30 @@ fn disk_full_and_read_only_locations_commit_nothing() {
     assert!(err.contains("Read-only"), "{err}");
     nothing_committed();
 }
+
+#[test]
+fn both_io_engines_round_trip() {
+    for engine in ["std", "uring"] {
+        let env = Env::new();
+        let o = env
+            .bf()
+            .env("BF_IO_ENGINE", engine)
+            .args(["init", "-k", "2", "-m", "1", "--segment-size-mb", "0.0625"])
+            .output()
+            .unwrap();
+        if !o.status.success() && engine == "uring" {
+            eprintln!("SKIP: io_uring unavailable: {}", String::from_utf8_lossy(&o.stderr));
+            continue;
+        }
+        let bytes = data(7 * SEG + 3, 11);
+        env.write("f", &bytes);
+        assert!(env.bf().env("BF_IO_ENGINE", engine).args(["commit", "f"]).status().unwrap().success());
+        let o = env.bf().env("BF_IO_ENGINE", engine).args(["get", "f", "-o", "-"]).output().unwrap();
+        assert_eq!(o.stdout, bytes, "{engine}");
+        assert!(env.bf().env("BF_IO_ENGINE", engine).args(["verify"]).status().unwrap().success());
+    }
+    let env = Env::new();
+    let err = String::from_utf8_lossy(&env.bf().env("BF_IO_ENGINE", "bogus").args(["ls"]).output().unwrap().stderr)
+        .into_owned();
+    assert!(err.contains("io_engine"), "{err}");
+}

@@ -33,6 +33,8 @@ pub struct ConfigFile {
     pub scrub_rate_mb: Option<f64>,
     /// Age in hours before scrub --repair deletes orphaned shards.
     pub orphan_grace_hours: Option<f64>,
+    /// Local location I/O: auto, uring or std.
+    pub io_engine: Option<String>,
 }
 
 /// Resolved settings.
@@ -96,6 +98,9 @@ impl Settings {
             .unwrap_or_else(|| "warn".into());
         let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
         let workers = g.workers.or(file.workers).unwrap_or(cpus.min(4)).max(1);
+        let engine =
+            std::env::var("BF_IO_ENGINE").ok().or_else(|| file.io_engine.clone()).unwrap_or_else(|| "auto".into());
+        blockframe::location::IoEngine::set_default(blockframe::location::IoEngine::parse(&engine)?);
         Ok(Settings { store, store_is_default, key_file, log_level, workers, file })
     }
 
@@ -117,6 +122,7 @@ mod tests {
         assert!(c.segment_size_mb.is_some() && c.data_shards.is_some() && c.parity_shards.is_some());
         assert!(c.locations.is_some() && c.workers.is_some() && c.volume_cache_mb.is_some());
         assert!(c.scrub_rate_mb.is_some() && c.orphan_grace_hours.is_some());
+        assert!(c.io_engine.is_some());
     }
 
     #[test]
