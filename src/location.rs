@@ -33,6 +33,14 @@ pub trait Location: Send + Sync + std::fmt::Debug {
     fn list(&self, prefix: &str) -> Result<Vec<String>>;
     /// Deletes one object; deleting a missing object succeeds.
     fn delete(&self, key: &str) -> Result<()>;
+    /// Renames an object (the target is replaced). Used to recycle the files of superseded objects: on local
+    /// disks a rename is far cheaper than an unlink (which may trigger a discard) plus a create.
+    fn rename(&self, from: &str, to: &str) -> Result<()> {
+        let mut bytes = Vec::new();
+        self.get_into(from, &mut bytes)?;
+        self.put(to, &[&bytes])?;
+        self.delete(from)
+    }
     /// Deletes every object under the `prefix` directory.
     fn delete_prefix(&self, prefix: &str) -> Result<()>;
     /// Makes all completed puts (with their bytes, for deferred ones) and deletes durable.
@@ -332,6 +340,16 @@ impl Location for LocalDir {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(Error::io(format!("deleting {}", path.display()), e)),
         }
+    }
+
+    fn rename(&self, from: &str, to: &str) -> Result<()> {
+        let (src, dst) = (self.path(from)?, self.path(to)?);
+        self.ensure_parent(&dst)?;
+        fs::rename(&src, &dst).ctx(|| format!("renaming {} to {}", src.display(), dst.display()))?;
+        for p in [src.parent(), dst.parent()].into_iter().flatten() {
+            self.mark_dirty(p.to_path_buf());
+        }
+        Ok(())
     }
 
     fn delete_prefix(&self, prefix: &str) -> Result<()> {

@@ -33,6 +33,8 @@ pub const ENTRIES_PER_PAGE: u32 = 256;
 /// Default stripe cache: 64 MiB.
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 const PAGE_CACHE_LIMIT: usize = 64;
+/// Superseded shard files kept for reuse per location.
+const RECYCLE_LIMIT: usize = 256;
 
 /// Tuning for an open volume.
 #[derive(Clone, Copy, Debug)]
@@ -261,6 +263,9 @@ struct State {
     stripes: HashMap<u64, CachedStripe>,
     /// Objects the committed superblock references but the pending state no longer does.
     superseded: Vec<String>,
+    /// Shard objects of the previous stripe generations the last commit superseded, per location: their files
+    /// are renamed into new shards instead of being deleted and created again.
+    recycle: Vec<Vec<String>>,
     codec: Codec,
     bufs: StripeBuffers,
     enc: Vec<u8>,
@@ -320,6 +325,7 @@ impl Volume {
                 pages: HashMap::new(),
                 stripes: HashMap::new(),
                 superseded: Vec::new(),
+                recycle: Vec::new(),
                 codec,
                 bufs: StripeBuffers::default(),
                 enc: Vec::new(),
@@ -544,9 +550,19 @@ impl Volume {
         st.sb.generation += 1;
         publish_superblock(&self.store, &st.sb)?;
         st.sb_dirty = false;
+        // Superseded shards become recyclable (bounded); map pages and the excess are deleted.
+        let n = self.store.locations().len();
+        st.recycle.resize(n, Vec::new());
         for key in std::mem::take(&mut st.superseded) {
-            for loc in self.store.locations() {
-                let _ = loc.delete(&key);
+            let home = parse_shard_name(key.rsplit('/').next().unwrap_or(""))
+                .map(|(stripe, _, i)| crate::store::placement(st.sb.placement_start, stripe, i, n));
+            match home {
+                Some(h) if st.recycle[h].len() < RECYCLE_LIMIT => st.recycle[h].push(key),
+                _ => {
+                    for loc in self.store.locations() {
+                        let _ = loc.delete(&key);
+                    }
+                }
             }
         }
         Ok(())
@@ -698,6 +714,15 @@ impl Volume {
         let id = self.id;
         let key_of = move |i: usize| stripe_shard_key(&id, stripe, gen, i);
         let addr = self.stripe_addr(st, stripe, &key_of);
+        let n = self.store.locations().len();
+        st.recycle.resize(n, Vec::new());
+        for i in 0..k + st.sb.m as usize {
+            let home = addr.home(&self.store, i);
+            if let Some(old) = st.recycle[home].pop() {
+                // Best effort: a recycled file that vanished (repair, manual cleanup) just means a fresh create.
+                let _ = self.store.locations()[home].rename(&old, &key_of(i));
+            }
+        }
         let leaves = write_stripe(&self.store, &mut st.codec, &addr, &enc);
         st.enc = enc;
         let leaves = leaves?;
