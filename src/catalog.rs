@@ -78,6 +78,19 @@ pub fn name_is_taken(store: &Store, name_tag: &Hash) -> Result<bool> {
     Ok(scan(store)?.iter().any(|f| &f.name_tag == name_tag))
 }
 
+/// Decodes one manifest copy of `file`: envelope, structure, the MAC when the store's key is loaded, and that
+/// the copy belongs to this store and to the object name it was found under.
+pub fn decode_copy(store: &Store, file: &FileRef, bytes: &[u8], what: &str) -> Result<Manifest> {
+    let m = Manifest::decode(bytes, store.key_opt(), what)?;
+    if m.body.file_id != file.file_id || m.body.name_tag != file.name_tag {
+        return Err(Error::corrupt(what, "object name does not match its content"));
+    }
+    if m.body.store_id != store.descriptor().store_id {
+        return Err(Error::corrupt(what, "belongs to another store"));
+    }
+    Ok(m)
+}
+
 /// Reads the first valid manifest copy of `file` (checking the MAC and decrypting metadata when keyed).
 pub fn load(store: &Store, file: &FileRef) -> Result<Entry> {
     let key = store.key_opt();
@@ -86,13 +99,7 @@ pub fn load(store: &Store, file: &FileRef) -> Result<Entry> {
     for &i in &file.copies {
         let loc = &store.locations()[i];
         let what = format!("manifest {mkey} on {}", loc.name());
-        let decoded = loc.get(&mkey).and_then(|b| Manifest::decode(&b, key, &what)).and_then(|m| {
-            if m.body.file_id != file.file_id || m.body.name_tag != file.name_tag {
-                return Err(Error::corrupt(&what, "object name does not match its content"));
-            }
-            if m.body.store_id != store.descriptor().store_id {
-                return Err(Error::corrupt(&what, "belongs to another store"));
-            }
+        let decoded = loc.get(&mkey).and_then(|b| decode_copy(store, file, &b, &what)).and_then(|m| {
             let meta = key.map(|k| m.meta(k)).transpose()?;
             Ok((m, meta))
         });

@@ -5,17 +5,22 @@
 //! self-describing header ([`shard`]) to its location ([`location`]) → publish a manifest ([`manifest`]) on
 //! several locations. [`commit`], [`read`] and [`catalog`] put the pieces together over a [`store::Store`];
 //! [`vfs`] presents the catalog as a filesystem for mount adapters.
+//! [`scrub`] checks and repairs a store without the key, [`recover`] rebuilds a lost store descriptor from the
+//! locations, and [`fault`] injects seeded faults into locations for tests.
 
 pub mod catalog;
 pub mod commit;
 pub mod crypto;
 pub mod erasure;
 pub mod error;
+pub mod fault;
 pub mod format;
 pub mod location;
 pub mod manifest;
 pub mod merkle;
 pub mod read;
+pub mod recover;
+pub mod scrub;
 pub mod shard;
 pub mod store;
 pub mod stripe;

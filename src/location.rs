@@ -47,6 +47,13 @@ pub trait Location: Send + Sync + std::fmt::Debug {
     fn sync(&self) -> Result<()>;
     /// Checks that the location is present and holds the expected marker; returns a reason when unusable.
     fn probe(&self) -> Result<()>;
+    /// Last modification time of an object or of a `prefix` directory (the newest change among its direct
+    /// entries on backends that track it); `None` when the backend does not know. Scrub uses it to leave alone
+    /// the shards of a commit that may still be in progress.
+    fn modified(&self, key: &str) -> Result<Option<std::time::SystemTime>> {
+        let _ = key;
+        Ok(None)
+    }
 }
 
 /// Convenience wrappers over [`Location`].
@@ -382,6 +389,12 @@ impl Location for LocalDir {
             }
         }
         Ok(())
+    }
+
+    fn modified(&self, key: &str) -> Result<Option<std::time::SystemTime>> {
+        let path = self.path(key)?;
+        let md = fs::metadata(&path).ctx(|| format!("reading {}", path.display()))?;
+        Ok(md.modified().ok())
     }
 
     fn probe(&self) -> Result<()> {

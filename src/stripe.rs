@@ -80,8 +80,9 @@ pub fn write_shard(store: &Store, addr: &StripeAddr<'_>, i: usize, payload: &[u8
 }
 
 /// Reads shard `i` into `io` and verifies it against `leaf`; returns the payload range within `io` and the
-/// location that served it, plus the home location. Looks on the home location first, then (only if it is
-/// absent there) on the others, where a repair may have moved it.
+/// location that served it, plus the home location. Looks on the home location first, then on the others, where a
+/// repair may have put it (when the home location was gone or read-only, a damaged copy can stay behind at home).
+/// The first problem seen is reported when no good copy exists anywhere.
 pub fn fetch_shard(
     store: &Store,
     addr: &StripeAddr<'_>,
@@ -117,9 +118,6 @@ pub fn fetch_shard(
             Err(e) => {
                 first_problem.get_or_insert(ShardProblem::Unreadable(e.to_string()));
             }
-        }
-        if loc == home && first_problem.is_some() {
-            break;
         }
     }
     (Err(first_problem.unwrap_or(ShardProblem::Missing)), home)

@@ -3,4 +3,5 @@
 mod files;
 mod mount;
 mod nbd;
+mod scrub;
 mod util;

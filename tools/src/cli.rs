@@ -60,6 +60,14 @@ pub enum Command {
     Mount(MountArgs),
     /// Unmount a filesystem mounted with `bf mount`.
     Umount(UmountArgs),
+    /// Read and check every shard and manifest copy (no key needed); with --repair rebuild what is bad.
+    /// Exit status: 0 healthy, 3 damage found (repaired with --repair: a second scrub then returns 0),
+    /// 4 data lost.
+    Scrub(ScrubArgs),
+    /// Show the store, its locations, the last scrub's result and the data at risk.
+    Status(StatusArgs),
+    /// Rebuild a lost or damaged store descriptor (store.bf) from the locations and the key file.
+    Recover(RecoverArgs),
     /// Manage block volumes (virtual disks served over NBD).
     #[command(subcommand)]
     Volume(VolumeCommand),
@@ -228,4 +236,62 @@ pub struct MountArgs {
 pub struct UmountArgs {
     /// Mount point.
     pub dir: PathBuf,
+}
+
+/// `bf scrub`.
+#[derive(Args, Debug)]
+pub struct ScrubArgs {
+    /// Names or roots of the files to check [default: every file, and orphaned shards]
+    pub names: Vec<String>,
+    /// Rebuild bad or missing shards and manifest copies (each rebuilt shard is checked against its Merkle
+    /// leaf before it is written) and delete orphaned shards older than the grace period.
+    #[arg(long)]
+    pub repair: bool,
+    /// Print a JSON report.
+    #[arg(long)]
+    pub json: bool,
+    /// Read at most this many MB of shards per second [config: scrub_rate_mb; default: unlimited]
+    #[arg(long, value_name = "MB/s")]
+    pub rate: Option<f64>,
+    /// Continue an interrupted scrub where it stopped (a full scrub when none was interrupted).
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop after the file during which this much time has passed (e.g. 2h); continue with --resume.
+    #[arg(long, value_name = "DURATION")]
+    pub max_duration: Option<String>,
+    /// Keep running: scrub (resuming an interrupted run), sleep --interval, repeat.
+    #[arg(long)]
+    pub watch: bool,
+    /// Pause between scrubs with --watch (s, m, h, d or w suffix).
+    #[arg(long, value_name = "DURATION", default_value = "7d")]
+    pub interval: String,
+    /// Orphaned shards younger than this are never deleted, so a commit in progress is not touched
+    /// [config: orphan_grace_hours; default: 24]
+    #[arg(long, value_name = "HOURS")]
+    pub orphan_grace_hours: Option<f64>,
+}
+
+/// `bf status`.
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `bf recover`.
+#[derive(Args, Debug)]
+pub struct RecoverArgs {
+    /// Every location directory of the store, in any order (an empty directory for each lost one).
+    #[arg(long = "location", value_name = "DIR", required = true)]
+    pub locations: Vec<PathBuf>,
+    /// Data shards, only needed when no manifest is left.
+    #[arg(long, short = 'k')]
+    pub data_shards: Option<u16>,
+    /// Parity shards, only needed when no manifest is left.
+    #[arg(long, short = 'm')]
+    pub parity_shards: Option<u16>,
+    /// Segment size in MiB, only needed when no manifest is left.
+    #[arg(long)]
+    pub segment_size_mb: Option<f64>,
 }

@@ -29,6 +29,9 @@ pub fn run(cmd: Command, s: &Settings) -> Result<u8> {
         Command::Verify(a) => verify(&a, s),
         Command::Mount(a) => crate::mount::mount_cmd(&a, s),
         Command::Umount(a) => crate::mount::umount_cmd(&a),
+        Command::Scrub(a) => crate::scrub::cmd_scrub(&a, s),
+        Command::Status(a) => crate::scrub::cmd_status(&a, s),
+        Command::Recover(a) => crate::scrub::cmd_recover(&a, s),
         Command::Volume(c) => crate::volumes::volume_cmd(&c, s),
         Command::Nbd(c) => crate::volumes::nbd_cmd(&c, s),
     }
@@ -91,7 +94,7 @@ fn init(a: &InitArgs, s: &Settings) -> Result<Store> {
 }
 
 /// Opens the store without a key.
-fn open_keyless(s: &Settings) -> Result<Store> {
+pub(crate) fn open_keyless(s: &Settings) -> Result<Store> {
     Ok(Store::open(&s.store)?)
 }
 
@@ -102,7 +105,7 @@ pub fn open_keyed(s: &Settings) -> Result<Store> {
     Ok(st)
 }
 
-fn unlock(st: &mut Store, s: &Settings) -> Result<()> {
+pub(crate) fn unlock(st: &mut Store, s: &Settings) -> Result<()> {
     if st.descriptor().kdf.is_some() && s.key_file.is_none() {
         let p = passphrase("Passphrase: ")?;
         st.unlock_with_passphrase(&p)?;

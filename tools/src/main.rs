@@ -3,6 +3,7 @@
 mod cli;
 mod files;
 mod mount;
+mod scrub;
 mod settings;
 mod volumes;
 

@@ -31,6 +31,10 @@ pub struct ConfigFile {
     pub volume_cache_mb: Option<usize>,
     /// Decrypted segment cache of `bf mount`, MiB.
     pub mount_cache_mb: Option<usize>,
+    /// Scrub read throttle, MB/s.
+    pub scrub_rate_mb: Option<f64>,
+    /// Age in hours before scrub --repair deletes orphaned shards.
+    pub orphan_grace_hours: Option<f64>,
     /// Local location I/O: auto, uring or std.
     pub io_engine: Option<String>,
 }
@@ -120,6 +124,7 @@ mod tests {
         assert!(c.segment_size_mb.is_some() && c.data_shards.is_some() && c.parity_shards.is_some());
         assert!(c.locations.is_some() && c.workers.is_some() && c.volume_cache_mb.is_some());
         assert!(c.mount_cache_mb.is_some());
+        assert!(c.scrub_rate_mb.is_some() && c.orphan_grace_hours.is_some());
         assert!(c.io_engine.is_some());
     }
 

@@ -1,0 +1,884 @@
+//! Fault injection: an in-memory [`Location`], a wrapper that makes any location vanish or turn read-only, and a
+//! seeded planner that damages a store's shards and manifest copies the way real disks do (bit rot, torn and
+//! misdirected writes, lost files, dead or replaced disks).
+//!
+//! Planning is pure ([`plan`] maps a seed and an [`Inventory`] to a [`FaultPlan`]); applying goes through the
+//! [`Location`] trait, so the same plan damages in-memory locations and real directories alike. Every plan
+//! replays exactly from its seed: tests print the seed when they fail.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::error::{Error, Result};
+use crate::location::{LocalDir, Location, LocationExt};
+use crate::manifest::parse_manifest_name;
+use crate::store::LOCATION_MARKER;
+
+fn not_found(what: &str) -> Error {
+    Error::io(what.to_string(), std::io::Error::new(std::io::ErrorKind::NotFound, "no such object"))
+}
+
+#[derive(Clone, Debug)]
+struct MemObject {
+    bytes: Vec<u8>,
+    modified: SystemTime,
+}
+
+/// A location kept in memory: a map from key to bytes. Puts are atomic by construction.
+#[derive(Debug)]
+pub struct MemLocation {
+    name: String,
+    objects: Mutex<BTreeMap<String, MemObject>>,
+}
+
+impl MemLocation {
+    /// An empty location called `name`.
+    pub fn new(name: impl Into<String>) -> Self {
+        MemLocation { name: name.into(), objects: Mutex::new(BTreeMap::new()) }
+    }
+
+    fn objects(&self) -> Result<std::sync::MutexGuard<'_, BTreeMap<String, MemObject>>> {
+        self.objects.lock().map_err(|_| Error::Config(format!("location {} poisoned", self.name)))
+    }
+
+    /// Every key, sorted.
+    pub fn keys(&self) -> Result<Vec<String>> {
+        Ok(self.objects()?.keys().cloned().collect())
+    }
+
+    /// Makes every object look `by` older (to test grace periods).
+    pub fn age_all(&self, by: Duration) -> Result<()> {
+        for o in self.objects()?.values_mut() {
+            o.modified = o.modified.checked_sub(by).unwrap_or(SystemTime::UNIX_EPOCH);
+        }
+        Ok(())
+    }
+}
+
+fn dir_prefix(prefix: &str) -> String {
+    format!("{}/", prefix.trim_end_matches('/'))
+}
+
+impl Location for MemLocation {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn put(&self, key: &str, parts: &[&[u8]]) -> Result<()> {
+        let bytes = parts.concat();
+        self.objects()?.insert(key.to_string(), MemObject { bytes, modified: SystemTime::now() });
+        Ok(())
+    }
+
+    fn get_into(&self, key: &str, buf: &mut Vec<u8>) -> Result<()> {
+        buf.clear();
+        let objects = self.objects()?;
+        let o = objects.get(key).ok_or_else(|| not_found(&format!("{}: {key}", self.name)))?;
+        buf.extend_from_slice(&o.bytes);
+        Ok(())
+    }
+
+    fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let objects = self.objects()?;
+        let o = objects.get(key).ok_or_else(|| not_found(&format!("{}: {key}", self.name)))?;
+        let start = (offset.min(o.bytes.len() as u64)) as usize;
+        let end = start.saturating_add(len).min(o.bytes.len());
+        Ok(o.bytes[start..end].to_vec())
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        let p = dir_prefix(prefix);
+        let mut names: Vec<String> = self
+            .objects()?
+            .range(p.clone()..)
+            .take_while(|(k, _)| k.starts_with(&p))
+            .filter_map(|(k, _)| k[p.len()..].split('/').next().map(str::to_string))
+            .collect();
+        names.dedup();
+        Ok(names)
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        self.objects()?.remove(key);
+        Ok(())
+    }
+
+    fn delete_prefix(&self, prefix: &str) -> Result<()> {
+        let p = dir_prefix(prefix);
+        self.objects()?.retain(|k, _| !k.starts_with(&p));
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn probe(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn modified(&self, key: &str) -> Result<Option<SystemTime>> {
+        let objects = self.objects()?;
+        if let Some(o) = objects.get(key) {
+            return Ok(Some(o.modified));
+        }
+        let p = dir_prefix(key);
+        let newest = objects.range(p.clone()..).take_while(|(k, _)| k.starts_with(&p)).map(|(_, o)| o.modified).max();
+        newest.map(Some).ok_or_else(|| not_found(&format!("{}: {key}", self.name)))
+    }
+}
+
+/// Wraps a location and can make it vanish (every call fails as if the disk were unmounted) or turn read-only
+/// (writes and deletes fail, reads work).
+#[derive(Debug)]
+pub struct FaultyLocation {
+    inner: Arc<dyn Location>,
+    gone: AtomicBool,
+    read_only: AtomicBool,
+}
+
+impl FaultyLocation {
+    /// Wraps `inner`, healthy at first.
+    pub fn new(inner: Arc<dyn Location>) -> Self {
+        FaultyLocation { inner, gone: AtomicBool::new(false), read_only: AtomicBool::new(false) }
+    }
+
+    /// The wrapped location, bypassing injected modes (faults are applied through it).
+    pub fn inner(&self) -> &Arc<dyn Location> {
+        &self.inner
+    }
+
+    /// Makes the location vanish (`true`) or come back.
+    pub fn set_gone(&self, gone: bool) {
+        self.gone.store(gone, Ordering::SeqCst);
+    }
+
+    /// Makes writes and deletes fail (`true`) or work again.
+    pub fn set_read_only(&self, read_only: bool) {
+        self.read_only.store(read_only, Ordering::SeqCst);
+    }
+
+    fn check_present(&self) -> Result<()> {
+        if self.gone.load(Ordering::SeqCst) {
+            return Err(Error::io(
+                format!("location {}", self.inner.name()),
+                std::io::Error::new(std::io::ErrorKind::NotFound, "location directory is missing"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        self.check_present()?;
+        if self.read_only.load(Ordering::SeqCst) {
+            return Err(Error::io(
+                format!("location {}", self.inner.name()),
+                std::io::Error::new(std::io::ErrorKind::ReadOnlyFilesystem, "Read-only file system"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Location for FaultyLocation {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn put(&self, key: &str, parts: &[&[u8]]) -> Result<()> {
+        self.check_writable()?;
+        self.inner.put(key, parts)
+    }
+    fn put_deferred(&self, key: &str, parts: &[&[u8]]) -> Result<()> {
+        self.check_writable()?;
+        self.inner.put_deferred(key, parts)
+    }
+    fn get_into(&self, key: &str, buf: &mut Vec<u8>) -> Result<()> {
+        self.check_present()?;
+        self.inner.get_into(key, buf)
+    }
+    fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+        self.check_present()?;
+        self.inner.get_range(key, offset, len)
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        self.check_present()?;
+        self.inner.list(prefix)
+    }
+    fn delete(&self, key: &str) -> Result<()> {
+        self.check_writable()?;
+        self.inner.delete(key)
+    }
+    fn delete_prefix(&self, prefix: &str) -> Result<()> {
+        self.check_writable()?;
+        self.inner.delete_prefix(prefix)
+    }
+    fn sync(&self) -> Result<()> {
+        self.check_present()?;
+        self.inner.sync()
+    }
+    fn probe(&self) -> Result<()> {
+        self.check_present()?;
+        self.inner.probe()
+    }
+    fn modified(&self, key: &str) -> Result<Option<SystemTime>> {
+        self.check_present()?;
+        self.inner.modified(key)
+    }
+}
+
+/// A store over in-memory locations, for tests.
+pub struct MemStore {
+    /// The store (unlocked).
+    pub store: crate::store::Store,
+    /// Its locations as the store sees them.
+    pub faulty: Vec<Arc<FaultyLocation>>,
+    /// The in-memory maps under the wrappers.
+    pub mem: Vec<Arc<MemLocation>>,
+}
+
+/// Creates a store in `dir` (descriptor and key file on disk) whose `n` locations are in-memory maps wrapped in
+/// [`FaultyLocation`]s.
+pub fn mem_store(dir: &std::path::Path, k: u16, m: u16, n: usize, segment_size: u64) -> Result<MemStore> {
+    use crate::format::{seal, MAGIC_LOCATION};
+    use crate::store::{InitOptions, KeySource, LocationMarker, Store};
+    let opts = InitOptions {
+        k,
+        m,
+        segment_size,
+        locations: (0..n).map(|i| dir.join(format!("unused-{i}"))).collect(),
+        key: KeySource::NewKeyFile(dir.join("master.key")),
+    };
+    let mut store = Store::init(dir, opts)?;
+    let mem: Vec<Arc<MemLocation>> = (0..n).map(|i| Arc::new(MemLocation::new(format!("mem-{i:02}")))).collect();
+    let faulty: Vec<Arc<FaultyLocation>> =
+        mem.iter().map(|m| Arc::new(FaultyLocation::new(m.clone() as Arc<dyn Location>))).collect();
+    for (i, l) in faulty.iter().enumerate() {
+        let marker = LocationMarker { store_id: store.descriptor().store_id, index: i as u32 };
+        l.put(LOCATION_MARKER, &[&seal(MAGIC_LOCATION, &marker)])?;
+    }
+    store.set_locations(faulty.iter().map(|l| l.clone() as Arc<dyn Location>).collect())?;
+    Ok(MemStore { store, faulty, mem })
+}
+
+/// Identity of one shard: file id, segment, shard index.
+pub type ShardId = ([u8; 16], u64, u16);
+
+/// A shard object found on a location.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardObject {
+    /// Location index.
+    pub location: usize,
+    /// Object key.
+    pub key: String,
+    /// Which shard its name says it is.
+    pub id: ShardId,
+}
+
+/// A manifest copy found on a location.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManifestObject {
+    /// Location index.
+    pub location: usize,
+    /// Object key.
+    pub key: String,
+    /// File id from its name.
+    pub file_id: [u8; 16],
+}
+
+/// What a store holds, as listed from its locations.
+#[derive(Clone, Debug, Default)]
+pub struct Inventory {
+    /// Number of locations.
+    pub locations: usize,
+    /// Every shard object, sorted by location then key.
+    pub shards: Vec<ShardObject>,
+    /// Every manifest copy.
+    pub manifests: Vec<ManifestObject>,
+}
+
+/// Parses `<segment:010>.<shard:03>`.
+fn parse_shard_name(name: &str) -> Option<(u64, u16)> {
+    let (seg, shard) = name.split_once('.')?;
+    Some((seg.parse().ok()?, shard.parse().ok()?))
+}
+
+/// Lists the shards and manifest copies of `locations` (raw access: pass the unwrapped locations).
+pub fn inventory(locations: &[&dyn Location]) -> Result<Inventory> {
+    let mut inv = Inventory { locations: locations.len(), ..Inventory::default() };
+    for (i, loc) in locations.iter().enumerate() {
+        for dir in loc.list("shards")? {
+            let mut file_id = [0u8; 16];
+            if hex::decode_to_slice(&dir, &mut file_id).is_err() {
+                continue;
+            }
+            for name in loc.list(&format!("shards/{dir}"))? {
+                if let Some((seg, shard)) = parse_shard_name(&name) {
+                    inv.shards.push(ShardObject {
+                        location: i,
+                        key: format!("shards/{dir}/{name}"),
+                        id: (file_id, seg, shard),
+                    });
+                }
+            }
+        }
+        for name in loc.list("manifests")? {
+            if let Some((_, file_id)) = parse_manifest_name(&name) {
+                inv.manifests.push(ManifestObject { location: i, key: format!("manifests/{name}"), file_id });
+            }
+        }
+    }
+    Ok(inv)
+}
+
+/// One injected fault. Byte positions are fractions (per mille) or raw random numbers resolved against the
+/// object's real size when applied, so planning needs no object contents.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Flip bits at these positions (each taken modulo the object's bit length).
+    FlipBits {
+        /// Location index.
+        location: usize,
+        /// Object key.
+        key: String,
+        /// Raw bit positions.
+        bits: Vec<u64>,
+    },
+    /// Cut the object to `permille`/1000 of its length (a torn write).
+    Truncate {
+        /// Location index.
+        location: usize,
+        /// Object key.
+        key: String,
+        /// Fraction kept, 0..1000.
+        permille: u16,
+    },
+    /// Zero a range (a lost sector) starting at `start_permille` of the length, `len` bytes long (at least one).
+    ZeroRange {
+        /// Location index.
+        location: usize,
+        /// Object key.
+        key: String,
+        /// Start as a fraction of the length, 0..1000.
+        start_permille: u16,
+        /// Bytes zeroed (clipped at the end).
+        len: usize,
+    },
+    /// Delete the object.
+    Delete {
+        /// Location index.
+        location: usize,
+        /// Object key.
+        key: String,
+    },
+    /// Exchange the contents of two objects (a misdirected write).
+    Swap {
+        /// First (location, key).
+        a: (usize, String),
+        /// Second (location, key).
+        b: (usize, String),
+    },
+    /// Empty a location completely, marker included (a replaced disk).
+    Wipe {
+        /// Location index.
+        location: usize,
+    },
+    /// The location disappears (an unmounted or dead disk).
+    Remove {
+        /// Location index.
+        location: usize,
+    },
+    /// The location turns read-only (writes fail, reads work).
+    ReadOnly {
+        /// Location index.
+        location: usize,
+    },
+}
+
+/// A planned set of faults and what they were meant to damage.
+#[derive(Clone, Debug, Default)]
+pub struct FaultPlan {
+    /// The seed it came from.
+    pub seed: u64,
+    /// Faults in application order.
+    pub faults: Vec<Fault>,
+}
+
+/// Limits for [`plan`].
+#[derive(Clone, Debug)]
+pub struct PlanOptions {
+    /// Number of faults to try to place.
+    pub faults: usize,
+    /// Most damaged shards allowed in any one segment (m for a repairable campaign).
+    pub max_bad_per_segment: usize,
+    /// Keep at least this many intact manifest copies per file.
+    pub min_good_manifests: usize,
+    /// Allow whole-location faults (wipe, remove).
+    pub location_faults: bool,
+    /// Allow one read-only location (no manifest copy on it is damaged: nothing could repair it).
+    pub read_only: bool,
+}
+
+/// Bookkeeping of the damage a plan may cause, so budgets hold.
+#[derive(Default)]
+struct Budget {
+    bad: BTreeMap<([u8; 16], u64), BTreeSet<u16>>,
+    bad_manifests: BTreeMap<[u8; 16], BTreeSet<usize>>,
+    dead_locations: BTreeSet<usize>,
+}
+
+impl Budget {
+    fn shard_ok(&self, ids: &[ShardId], max: usize) -> bool {
+        let mut extra: BTreeMap<([u8; 16], u64), BTreeSet<u16>> = BTreeMap::new();
+        for &(f, s, i) in ids {
+            extra.entry((f, s)).or_default().insert(i);
+        }
+        extra.iter().all(|(seg, new)| {
+            let mut all = self.bad.get(seg).cloned().unwrap_or_default();
+            all.extend(new);
+            all.len() <= max
+        })
+    }
+
+    fn take_shards(&mut self, ids: &[ShardId]) {
+        for &(f, s, i) in ids {
+            self.bad.entry((f, s)).or_default().insert(i);
+        }
+    }
+
+    fn manifest_ok(&self, inv: &Inventory, hits: &[(usize, [u8; 16])], min_good: usize) -> bool {
+        let mut extra: BTreeMap<[u8; 16], BTreeSet<usize>> = BTreeMap::new();
+        for &(loc, f) in hits {
+            extra.entry(f).or_default().insert(loc);
+        }
+        extra.iter().all(|(f, new)| {
+            let copies = inv.manifests.iter().filter(|m| &m.file_id == f).count();
+            let mut all = self.bad_manifests.get(f).cloned().unwrap_or_default();
+            all.extend(new);
+            copies.saturating_sub(all.len()) >= min_good
+        })
+    }
+
+    fn take_manifests(&mut self, hits: &[(usize, [u8; 16])]) {
+        for &(loc, f) in hits {
+            self.bad_manifests.entry(f).or_default().insert(loc);
+        }
+    }
+}
+
+/// Plans up to `opts.faults` faults from `seed` over `inv`, never damaging more than `max_bad_per_segment`
+/// shards of a segment nor leaving fewer than `min_good_manifests` intact copies of a manifest. Each object is
+/// damaged at most once. Pure: the same seed and inventory give the same plan.
+pub fn plan(seed: u64, inv: &Inventory, opts: &PlanOptions) -> FaultPlan {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut budget = Budget::default();
+    let mut touched: BTreeSet<(usize, String)> = BTreeSet::new();
+    let mut faults = Vec::new();
+    // The read-only location (if any) is chosen first, so no manifest copy is damaged where no repair can write.
+    let read_only = (opts.read_only && inv.locations > 1 && rng.gen_bool(0.3)).then(|| rng.gen_range(0..inv.locations));
+    if let Some(location) = read_only {
+        faults.push(Fault::ReadOnly { location });
+    }
+    // Bounded: a fixed number of attempts, whatever the budgets allow.
+    for _ in 0..opts.faults * 8 {
+        if faults.len() >= opts.faults {
+            break;
+        }
+        let kind = rng.gen_range(0..100u32);
+        let fault = if kind < 8 && opts.location_faults && inv.locations > 1 {
+            let location = rng.gen_range(0..inv.locations);
+            if budget.dead_locations.contains(&location)
+                || read_only == Some(location)
+                || touched.iter().any(|(l, _)| *l == location)
+            {
+                continue;
+            }
+            let ids: Vec<ShardId> = inv.shards.iter().filter(|s| s.location == location).map(|s| s.id).collect();
+            let hits: Vec<(usize, [u8; 16])> =
+                inv.manifests.iter().filter(|m| m.location == location).map(|m| (location, m.file_id)).collect();
+            if !budget.shard_ok(&ids, opts.max_bad_per_segment)
+                || !budget.manifest_ok(inv, &hits, opts.min_good_manifests)
+            {
+                continue;
+            }
+            budget.take_shards(&ids);
+            budget.take_manifests(&hits);
+            budget.dead_locations.insert(location);
+            if rng.gen_bool(0.5) {
+                Fault::Wipe { location }
+            } else {
+                Fault::Remove { location }
+            }
+        } else if kind < 20 && !inv.manifests.is_empty() {
+            let m = &inv.manifests[rng.gen_range(0..inv.manifests.len())];
+            let hit = [(m.location, m.file_id)];
+            if budget.dead_locations.contains(&m.location)
+                || read_only == Some(m.location)
+                || touched.contains(&(m.location, m.key.clone()))
+                || !budget.manifest_ok(inv, &hit, opts.min_good_manifests)
+            {
+                continue;
+            }
+            budget.take_manifests(&hit);
+            touched.insert((m.location, m.key.clone()));
+            object_fault(&mut rng, m.location, m.key.clone())
+        } else if kind < 30 && inv.shards.len() > 1 {
+            let a = &inv.shards[rng.gen_range(0..inv.shards.len())];
+            let b = &inv.shards[rng.gen_range(0..inv.shards.len())];
+            let ids = [a.id, b.id];
+            if a == b
+                || [a, b].iter().any(|s| {
+                    budget.dead_locations.contains(&s.location) || touched.contains(&(s.location, s.key.clone()))
+                })
+                || !budget.shard_ok(&ids, opts.max_bad_per_segment)
+            {
+                continue;
+            }
+            budget.take_shards(&ids);
+            touched.insert((a.location, a.key.clone()));
+            touched.insert((b.location, b.key.clone()));
+            Fault::Swap { a: (a.location, a.key.clone()), b: (b.location, b.key.clone()) }
+        } else if !inv.shards.is_empty() {
+            let s = &inv.shards[rng.gen_range(0..inv.shards.len())];
+            if budget.dead_locations.contains(&s.location)
+                || touched.contains(&(s.location, s.key.clone()))
+                || !budget.shard_ok(&[s.id], opts.max_bad_per_segment)
+            {
+                continue;
+            }
+            budget.take_shards(&[s.id]);
+            touched.insert((s.location, s.key.clone()));
+            object_fault(&mut rng, s.location, s.key.clone())
+        } else {
+            continue;
+        };
+        faults.push(fault);
+    }
+    FaultPlan { seed, faults }
+}
+
+fn object_fault(rng: &mut StdRng, location: usize, key: String) -> Fault {
+    match rng.gen_range(0..4u32) {
+        0 => Fault::FlipBits { location, key, bits: (0..rng.gen_range(1..4)).map(|_| rng.gen()).collect() },
+        1 => Fault::Truncate { location, key, permille: rng.gen_range(0..1000) },
+        2 => Fault::ZeroRange { location, key, start_permille: rng.gen_range(0..1000), len: rng.gen_range(1..4096) },
+        _ => Fault::Delete { location, key },
+    }
+}
+
+/// Where faults are applied: raw access to each location, and the whole-location faults a backend supports.
+pub trait FaultTarget {
+    /// Number of locations.
+    fn count(&self) -> usize;
+    /// Raw access to location `i` (bypassing injected modes).
+    fn raw(&self, i: usize) -> &dyn Location;
+    /// Makes location `i` disappear.
+    fn remove(&self, i: usize) -> Result<()>;
+    /// Makes location `i` read-only; `Ok(false)` when this backend cannot.
+    fn set_read_only(&self, i: usize) -> Result<bool>;
+}
+
+impl FaultTarget for [Arc<FaultyLocation>] {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn raw(&self, i: usize) -> &dyn Location {
+        self[i].inner().as_ref()
+    }
+    fn remove(&self, i: usize) -> Result<()> {
+        self[i].set_gone(true);
+        Ok(())
+    }
+    fn set_read_only(&self, i: usize) -> Result<bool> {
+        self[i].set_read_only(true);
+        Ok(true)
+    }
+}
+
+/// Real location directories (for end-to-end tests of the `bf` binary). Removing deletes the directory;
+/// read-only is not supported (root ignores permissions).
+#[derive(Debug)]
+pub struct LocalDirs {
+    dirs: Vec<LocalDir>,
+}
+
+impl LocalDirs {
+    /// The directories, in location order.
+    pub fn new(roots: &[PathBuf]) -> Self {
+        LocalDirs { dirs: roots.iter().map(LocalDir::new).collect() }
+    }
+
+    /// Raw location handles, for [`inventory`].
+    pub fn locations(&self) -> Vec<&dyn Location> {
+        self.dirs.iter().map(|d| d as &dyn Location).collect()
+    }
+}
+
+impl FaultTarget for LocalDirs {
+    fn count(&self) -> usize {
+        self.dirs.len()
+    }
+    fn raw(&self, i: usize) -> &dyn Location {
+        &self.dirs[i]
+    }
+    fn remove(&self, i: usize) -> Result<()> {
+        let root = self.dirs[i].root();
+        std::fs::remove_dir_all(root).map_err(|e| Error::io(format!("removing {}", root.display()), e))
+    }
+    fn set_read_only(&self, _: usize) -> Result<bool> {
+        Ok(false)
+    }
+}
+
+/// What applying a plan actually changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Damage {
+    /// Shards whose object at some location was changed or removed: (location, shard).
+    pub shards: BTreeSet<(usize, ShardId)>,
+    /// Manifest copies changed or removed: (location, file id).
+    pub manifests: BTreeSet<(usize, [u8; 16])>,
+    /// Locations made read-only.
+    pub read_only: BTreeSet<usize>,
+    /// Locations wiped or removed.
+    pub dead: BTreeSet<usize>,
+}
+
+impl Damage {
+    /// Damaged shards per segment: `(file id, segment) -> shard indexes`.
+    pub fn per_segment(&self) -> BTreeMap<([u8; 16], u64), BTreeSet<u16>> {
+        let mut out: BTreeMap<([u8; 16], u64), BTreeSet<u16>> = BTreeMap::new();
+        for &(_, (f, s, i)) in &self.shards {
+            out.entry((f, s)).or_default().insert(i);
+        }
+        out
+    }
+}
+
+/// Replaces an object's bytes, recording the damage when they really changed.
+fn rewrite(
+    target: &(impl FaultTarget + ?Sized),
+    inv: &Inventory,
+    damage: &mut Damage,
+    location: usize,
+    key: &str,
+    f: impl FnOnce(&mut Vec<u8>),
+) -> Result<()> {
+    let loc = target.raw(location);
+    let before = loc.get(key)?;
+    let mut after = before.clone();
+    f(&mut after);
+    if after != before {
+        loc.put(key, &[&after])?;
+        loc.sync()?;
+        record(inv, damage, location, key);
+    }
+    Ok(())
+}
+
+fn record(inv: &Inventory, damage: &mut Damage, location: usize, key: &str) {
+    if let Some(s) = inv.shards.iter().find(|s| s.location == location && s.key == key) {
+        damage.shards.insert((location, s.id));
+    }
+    if let Some(m) = inv.manifests.iter().find(|m| m.location == location && m.key == key) {
+        damage.manifests.insert((location, m.file_id));
+    }
+}
+
+/// Applies `plan` to `target` and returns what it changed.
+pub fn apply(plan: &FaultPlan, inv: &Inventory, target: &(impl FaultTarget + ?Sized)) -> Result<Damage> {
+    let mut damage = Damage::default();
+    for fault in &plan.faults {
+        match fault {
+            Fault::FlipBits { location, key, bits } => rewrite(target, inv, &mut damage, *location, key, |b| {
+                if !b.is_empty() {
+                    let total = b.len() as u64 * 8;
+                    for &bit in bits {
+                        let bit = bit % total;
+                        b[(bit / 8) as usize] ^= 1 << (bit % 8);
+                    }
+                }
+            })?,
+            Fault::Truncate { location, key, permille } => {
+                rewrite(target, inv, &mut damage, *location, key, |b| b.truncate(b.len() * *permille as usize / 1000))?
+            }
+            Fault::ZeroRange { location, key, start_permille, len } => {
+                rewrite(target, inv, &mut damage, *location, key, |b| {
+                    let start = b.len() * *start_permille as usize / 1000;
+                    let end = start.saturating_add(*len).min(b.len());
+                    b[start..end].fill(0);
+                })?
+            }
+            Fault::Delete { location, key } => {
+                let loc = target.raw(*location);
+                loc.delete(key)?;
+                loc.sync()?;
+                record(inv, &mut damage, *location, key);
+            }
+            Fault::Swap { a, b } => {
+                let (la, lb) = (target.raw(a.0), target.raw(b.0));
+                let (ba, bb) = (la.get(&a.1)?, lb.get(&b.1)?);
+                if ba != bb {
+                    la.put(&a.1, &[&bb])?;
+                    lb.put(&b.1, &[&ba])?;
+                    la.sync()?;
+                    lb.sync()?;
+                    record(inv, &mut damage, a.0, &a.1);
+                    record(inv, &mut damage, b.0, &b.1);
+                }
+            }
+            Fault::Wipe { location } | Fault::Remove { location } => {
+                if matches!(fault, Fault::Wipe { .. }) {
+                    let loc = target.raw(*location);
+                    loc.delete_prefix("shards")?;
+                    loc.delete_prefix("manifests")?;
+                    loc.delete(LOCATION_MARKER)?;
+                    loc.sync()?;
+                } else {
+                    target.remove(*location)?;
+                }
+                damage.dead.insert(*location);
+                for s in inv.shards.iter().filter(|s| s.location == *location) {
+                    damage.shards.insert((s.location, s.id));
+                }
+                for m in inv.manifests.iter().filter(|m| m.location == *location) {
+                    damage.manifests.insert((m.location, m.file_id));
+                }
+            }
+            Fault::ReadOnly { location } => {
+                if target.set_read_only(*location)? {
+                    damage.read_only.insert(*location);
+                }
+            }
+        }
+    }
+    Ok(damage)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_location_behaves_like_a_directory() {
+        let l = MemLocation::new("mem");
+        l.put("a/b/c", &[b"hello ", b"world"]).unwrap();
+        l.put("a/b/d", &[b"x"]).unwrap();
+        l.put("a/e", &[b"y"]).unwrap();
+        assert_eq!(l.get("a/b/c").unwrap(), b"hello world");
+        assert_eq!(l.get_range("a/b/c", 6, 100).unwrap(), b"world");
+        assert_eq!(l.get_range("a/b/c", 600, 1).unwrap(), b"");
+        assert_eq!(l.list("a").unwrap(), vec!["b".to_string(), "e".to_string()]);
+        assert_eq!(l.list("a/b").unwrap(), vec!["c".to_string(), "d".to_string()]);
+        assert!(l.list("zz").unwrap().is_empty());
+        assert!(l.get("nope").unwrap_err().is_not_found());
+        let t = l.modified("a/b").unwrap().unwrap();
+        l.age_all(Duration::from_secs(3600)).unwrap();
+        assert!(l.modified("a/b").unwrap().unwrap() < t);
+        l.delete_prefix("a/b").unwrap();
+        assert_eq!(l.keys().unwrap(), vec!["a/e".to_string()]);
+        l.delete("a/e").unwrap();
+        l.delete("a/e").unwrap();
+    }
+
+    #[test]
+    fn faulty_location_vanishes_and_turns_read_only() {
+        let f = FaultyLocation::new(Arc::new(MemLocation::new("m")));
+        f.put("k", &[b"v"]).unwrap();
+        f.set_read_only(true);
+        assert!(f.put("k", &[b"w"]).is_err());
+        assert!(f.delete("k").is_err());
+        assert_eq!(f.get("k").unwrap(), b"v");
+        f.set_gone(true);
+        assert!(f.get("k").unwrap_err().is_not_found());
+        assert!(f.probe().is_err() && f.list("x").is_err());
+        f.set_gone(false);
+        f.set_read_only(false);
+        f.put("k", &[b"w"]).unwrap();
+        assert_eq!(f.get("k").unwrap(), b"w");
+    }
+
+    fn sample_inventory() -> Inventory {
+        let mut inv = Inventory { locations: 3, ..Inventory::default() };
+        for seg in 0..4u64 {
+            for shard in 0..3u16 {
+                let location = (seg as usize + shard as usize) % 3;
+                inv.shards.push(ShardObject {
+                    location,
+                    key: format!("shards/00/{seg:010}.{shard:03}"),
+                    id: ([0; 16], seg, shard),
+                });
+            }
+        }
+        for location in 0..3 {
+            inv.manifests.push(ManifestObject { location, key: "manifests/m.bfm".into(), file_id: [0; 16] });
+        }
+        inv
+    }
+
+    #[test]
+    fn plans_replay_and_respect_budgets() {
+        let inv = sample_inventory();
+        let opts = PlanOptions {
+            faults: 10,
+            max_bad_per_segment: 1,
+            min_good_manifests: 1,
+            location_faults: true,
+            read_only: true,
+        };
+        for seed in 0..200 {
+            let p = plan(seed, &inv, &opts);
+            assert_eq!(p.faults, plan(seed, &inv, &opts).faults, "seed {seed}");
+            let mut budget = Budget::default();
+            for f in &p.faults {
+                let ids: Vec<ShardId> = match f {
+                    Fault::Wipe { location } | Fault::Remove { location } => {
+                        inv.shards.iter().filter(|s| s.location == *location).map(|s| s.id).collect()
+                    }
+                    Fault::Swap { a, b } => [a, b]
+                        .iter()
+                        .filter_map(|(l, k)| inv.shards.iter().find(|s| s.location == *l && &s.key == k))
+                        .map(|s| s.id)
+                        .collect(),
+                    Fault::FlipBits { location, key, .. }
+                    | Fault::Truncate { location, key, .. }
+                    | Fault::ZeroRange { location, key, .. }
+                    | Fault::Delete { location, key } => {
+                        inv.shards.iter().filter(|s| s.location == *location && &s.key == key).map(|s| s.id).collect()
+                    }
+                    Fault::ReadOnly { .. } => vec![],
+                };
+                budget.take_shards(&ids);
+            }
+            assert!(budget.bad.values().all(|s| s.len() <= 1), "seed {seed}: {:?}", p.faults);
+        }
+    }
+
+    #[test]
+    fn applying_records_only_real_changes() {
+        const ID: &str = "000102030405060708090a0b0c0d0e0f";
+        let locs: Vec<Arc<FaultyLocation>> =
+            (0..2).map(|i| Arc::new(FaultyLocation::new(Arc::new(MemLocation::new(format!("m{i}")))))).collect();
+        locs[0].inner().put(&format!("shards/{ID}/0000000000.000"), &[&[0u8; 8]]).unwrap();
+        locs[1].inner().put(&format!("shards/{ID}/0000000000.001"), &[&[1u8; 8]]).unwrap();
+        let raw: Vec<&dyn Location> = locs.iter().map(|l| l.inner().as_ref()).collect();
+        let inv = inventory(&raw).unwrap();
+        assert_eq!(inv.shards.len(), 2);
+        let zero = |location| Fault::ZeroRange {
+            location,
+            key: format!("shards/{ID}/0000000000.00{location}"),
+            start_permille: 0,
+            len: 4,
+        };
+        let p = FaultPlan { seed: 0, faults: vec![zero(0), zero(1), Fault::ReadOnly { location: 1 }] };
+        let d = apply(&p, &inv, locs.as_slice()).unwrap();
+        // Zeroing zeros changes nothing and is not counted.
+        assert_eq!(d.shards.iter().map(|(l, _)| *l).collect::<Vec<_>>(), vec![1]);
+        assert!(locs[1].put("x", &[b"x"]).is_err());
+        assert_eq!(locs[1].get(&format!("shards/{ID}/0000000000.001")).unwrap(), [0, 0, 0, 0, 1, 1, 1, 1]);
+    }
+}

@@ -1,0 +1,217 @@
+//! Rebuilding a lost or damaged store descriptor (`store.bf`) from the locations.
+//!
+//! The catalog already lives on the locations (manifest copies), so the only local state worth having is the
+//! descriptor. Everything in it can be found again: the store id and each location's position from the location
+//! markers, k, m and the segment size from the manifests, and the key check value from the key (which must
+//! authenticate the manifests). Directories without a marker stand in for lost locations and get one.
+
+use std::path::{Path, PathBuf};
+
+use crate::crypto::MasterKey;
+use crate::error::{Error, Result};
+use crate::format::{self, MAGIC_LOCATION, MAGIC_STORE};
+use crate::location::{LocalDir, Location, LocationExt};
+use crate::manifest::{parse_manifest_name, Manifest};
+use crate::store::{LocationMarker, Store, StoreDescriptor, LOCATION_MARKER};
+
+/// Settings used only when no manifest is left to read them from.
+#[derive(Clone, Debug, Default)]
+pub struct Fallback {
+    /// Data shards.
+    pub k: Option<u16>,
+    /// Parity shards.
+    pub m: Option<u16>,
+    /// Segment size in bytes.
+    pub segment_size: Option<u64>,
+}
+
+/// What recovery found, for the report.
+#[derive(Clone, Debug)]
+pub struct Recovered {
+    /// The descriptor written.
+    pub descriptor: StoreDescriptor,
+    /// Manifest copies that the key authenticated.
+    pub manifests_checked: usize,
+    /// Directories that had no marker and were given one (replacements for lost locations).
+    pub new_locations: Vec<PathBuf>,
+}
+
+/// Reads a location's marker: `Ok(None)` when it has none.
+fn marker_of(loc: &LocalDir) -> Result<Option<LocationMarker>> {
+    match loc.get(LOCATION_MARKER) {
+        Ok(b) => format::open(MAGIC_LOCATION, &format!("location marker of {}", loc.name()), &b).map(Some),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Orders the given directories by their markers' indexes, filling gaps with marker-less directories.
+fn order_locations(dirs: &[PathBuf]) -> Result<([u8; 16], Vec<PathBuf>, Vec<PathBuf>)> {
+    let mut store_id = None;
+    let mut placed: Vec<Option<PathBuf>> = Vec::new();
+    let mut blank = Vec::new();
+    for d in dirs {
+        let loc = LocalDir::new(d);
+        loc.probe()?;
+        let Some(m) = marker_of(&loc)? else {
+            blank.push(d.clone());
+            continue;
+        };
+        if *store_id.get_or_insert(m.store_id) != m.store_id {
+            return Err(Error::Config(format!("{} belongs to another store", d.display())));
+        }
+        let i = m.index as usize;
+        if i >= 4096 {
+            return Err(Error::corrupt(format!("location marker of {}", d.display()), "implausible index"));
+        }
+        if placed.len() <= i {
+            placed.resize(i + 1, None);
+        }
+        if let Some(other) = &placed[i] {
+            return Err(Error::Config(format!("{} and {} both claim location {i}", other.display(), d.display())));
+        }
+        placed[i] = Some(d.clone());
+    }
+    let store_id =
+        store_id.ok_or_else(|| Error::Config("no location has a marker: cannot tell which store they hold".into()))?;
+    // Placement depends on the location count, which is not recorded anywhere but the descriptor: every
+    // location must be given (an empty directory for each lost one).
+    let total = placed.iter().filter(|p| p.is_some()).count() + blank.len();
+    if placed.len() > total {
+        return Err(Error::Config(format!(
+            "a marker names location {} but only {total} directories were given: give every location (an empty \
+             directory for each lost one)",
+            placed.len() - 1
+        )));
+    }
+    placed.resize(total, None);
+    let mut spare = blank.clone().into_iter();
+    let mut ordered = Vec::new();
+    for (i, p) in placed.into_iter().enumerate() {
+        match p.or_else(|| spare.next()) {
+            Some(p) => ordered.push(p),
+            None => {
+                return Err(Error::Config(format!(
+                    "location {i} is missing: give its directory, or an empty directory to replace it"
+                )))
+            }
+        }
+    }
+    Ok((store_id, ordered, blank))
+}
+
+/// Checks that the shards of a file sit where placement over this many locations puts them (a wrong location
+/// count would make every read look in the wrong place).
+fn check_placement(body: &crate::manifest::ManifestBody, ordered: &[PathBuf], blank: &[PathBuf]) -> Result<()> {
+    let n = ordered.len();
+    let (mut home, mut away) = (0, 0);
+    for seg in 0..body.segments.len().min(4) as u64 {
+        for i in 0..body.width() {
+            let key = crate::store::shard_key(&body.file_id, seg, i);
+            for (l, d) in ordered.iter().enumerate().filter(|(_, d)| !blank.contains(d)) {
+                if LocalDir::new(d).get_range(&key, 0, 1).is_ok_and(|b| !b.is_empty()) {
+                    if l == crate::store::placement(body.placement_start, seg, i, n) {
+                        home += 1;
+                    } else {
+                        away += 1;
+                    }
+                }
+            }
+        }
+    }
+    if away > home {
+        return Err(Error::Config(format!(
+            "shards are not where {n} locations would put them: give every location (an empty directory for each \
+             lost one)"
+        )));
+    }
+    Ok(())
+}
+
+/// Rebuilds `<dir>/store.bf` from `locations` (in any order) and `key`. Refuses when a valid descriptor exists.
+pub fn recover(dir: &Path, locations: &[PathBuf], key: &MasterKey, fallback: &Fallback) -> Result<Recovered> {
+    if Store::open(dir).is_ok() {
+        return Err(Error::StoreExists(dir.to_path_buf()));
+    }
+    let (store_id, ordered, blank) = order_locations(locations)?;
+    let mut newest: Option<Manifest> = None;
+    let mut checked = 0;
+    let mut rejected = 0;
+    for d in &ordered {
+        let loc = LocalDir::new(d);
+        for name in loc.list("manifests")? {
+            if parse_manifest_name(&name).is_none() {
+                continue;
+            }
+            let what = format!("manifest {name} on {}", d.display());
+            match loc.get(&format!("manifests/{name}")).and_then(|b| Manifest::decode(&b, Some(key), &what)) {
+                Ok(m) if m.body.store_id == store_id => {
+                    checked += 1;
+                    if newest.as_ref().is_none_or(|n| m.body.committed_unix_ns > n.body.committed_unix_ns) {
+                        newest = Some(m);
+                    }
+                }
+                Ok(_) => rejected += 1,
+                Err(e) => {
+                    tracing::warn!(error = %e, "skipping manifest copy");
+                    rejected += 1;
+                }
+            }
+        }
+    }
+    if checked == 0 && rejected > 0 {
+        return Err(Error::WrongKey);
+    }
+    let (k, m, segment_size) = match (&newest, fallback) {
+        (Some(n), _) => (n.body.k, n.body.m, n.body.segment_size),
+        (None, Fallback { k: Some(k), m: Some(m), segment_size: Some(s) }) => (*k, *m, *s),
+        (None, _) => {
+            return Err(Error::Config(
+                "no manifest left to read k, m and the segment size from; give them explicitly".into(),
+            ))
+        }
+    };
+    crate::erasure::validate(k as usize, m as usize)?;
+    if let Some(n) = &newest {
+        check_placement(&n.body, &ordered, &blank)?;
+    }
+    for (i, d) in ordered.iter().enumerate() {
+        if blank.contains(d) {
+            let loc = LocalDir::new(d);
+            let marker = LocationMarker { store_id, index: i as u32 };
+            loc.put(LOCATION_MARKER, &[&format::seal(MAGIC_LOCATION, &marker)])?;
+            loc.sync()?;
+        }
+    }
+    let abs_dir = std::path::absolute(dir).map_err(|e| Error::io("resolving the store directory", e))?;
+    let paths = ordered
+        .iter()
+        .map(|p| {
+            let abs = std::path::absolute(p).map_err(|e| Error::io(format!("resolving {}", p.display()), e))?;
+            // Locations inside the store directory stay relative, as `bf init` wrote them.
+            Ok(abs.strip_prefix(&abs_dir).map(Path::to_path_buf).unwrap_or(abs).display().to_string())
+        })
+        .collect::<Result<Vec<String>>>()?;
+    let descriptor = StoreDescriptor {
+        store_id,
+        k,
+        m,
+        segment_size,
+        locations: paths,
+        key_check: key.check_value(),
+        kdf: None,
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    };
+    let old = dir.join("store.bf");
+    if old.exists() {
+        let keep = dir.join("store.bf.damaged");
+        std::fs::rename(&old, &keep).map_err(|e| Error::io(format!("moving aside {}", old.display()), e))?;
+        tracing::warn!(path = %keep.display(), "kept the damaged descriptor");
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    crate::store::write_atomic(&dir.join("store.bf"), &format::seal(MAGIC_STORE, &descriptor), 0o644)?;
+    Ok(Recovered { descriptor, manifests_checked: checked, new_locations: blank })
+}

@@ -1,0 +1,365 @@
+//! Fault-injection campaigns over in-memory stores: seeded faults, then scrub, repair, scrub again and read
+//! back. Replay one seed with `BF_FAULT_SEED=<seed> cargo test -p blockframe campaign`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Cursor;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::*;
+use crate::commit::{commit, CommitRequest};
+use crate::fault::{self, FaultyLocation, Inventory, PlanOptions, ShardId};
+use crate::location::Location;
+use crate::read::{read_to, OpenFile};
+use crate::store::MIN_SEGMENT_SIZE;
+
+const SEG: usize = MIN_SEGMENT_SIZE as usize;
+
+fn data(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..len).map(|_| rng.gen()).collect()
+}
+
+/// A scratch directory for the on-disk part of a store (descriptor, key, lock, scrub state), on tmpfs when there
+/// is one: those files are fsynced, and the campaign creates hundreds of stores.
+fn scratch() -> tempfile::TempDir {
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(d) = tempfile::tempdir_in(shm) {
+            return d;
+        }
+    }
+    tempfile::tempdir().unwrap()
+}
+
+fn put_file(store: &Store, name: &str, bytes: &[u8]) {
+    let req =
+        CommitRequest { name: name.into(), mtime_unix_ns: 0, mode: 0o644, replace: false, workers: 1, size: None };
+    commit(store, &mut Cursor::new(bytes), &req, &|_| {}).unwrap();
+}
+
+fn get_file(store: &Store, name: &str) -> Result<Vec<u8>> {
+    let e = catalog::find(store, name)?;
+    let f = OpenFile::new(store, &e)?;
+    let mut out = Vec::new();
+    read_to(store, &f, &mut out, 2, &|_| {})?;
+    Ok(out)
+}
+
+fn scrub(store: &Store, repair: bool) -> ScrubReport {
+    let opts = ScrubOptions { repair, workers: 2, ..ScrubOptions::default() };
+    let ctl = RunControl { max_duration: None, total: None, progress: &|_| {} };
+    let (report, warning) = run(store, &opts, Selection::All, &ctl).unwrap();
+    assert!(warning.is_none(), "{warning:?}");
+    report
+}
+
+fn raw_inventory(locs: &[Arc<FaultyLocation>]) -> Inventory {
+    let raw: Vec<&dyn Location> = locs.iter().map(|l| l.inner().as_ref()).collect();
+    fault::inventory(&raw).unwrap()
+}
+
+fn reported_bad(report: &ScrubReport) -> BTreeSet<ShardId> {
+    let mut out = BTreeSet::new();
+    for f in &report.files {
+        let mut id = [0u8; 16];
+        hex::decode_to_slice(&f.file_id, &mut id).unwrap();
+        for i in &f.issues {
+            out.insert((id, i.segment, i.shard));
+        }
+    }
+    out
+}
+
+/// One seed of the repairable campaign: at most m bad shards per segment, at least one good manifest copy.
+fn repairable_case(seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (k, m) = [(2u16, 1u16), (3, 2), (4, 2), (2, 2)][rng.gen_range(0..4)];
+    let n = (k + m) as usize + rng.gen_range(0..2);
+    let dir = scratch();
+    let fault::MemStore { store, faulty: locs, .. } = fault::mem_store(dir.path(), k, m, n, MIN_SEGMENT_SIZE).unwrap();
+    let files: Vec<(String, Vec<u8>)> = (0..rng.gen_range(1..4))
+        .map(|i| (format!("f{i}"), data(rng.gen_range(0..2 * SEG + 100), seed * 10 + i)))
+        .collect();
+    for (name, bytes) in &files {
+        put_file(&store, name, bytes);
+    }
+    let inv = raw_inventory(&locs);
+    let opts = PlanOptions {
+        faults: rng.gen_range(1..10),
+        max_bad_per_segment: m as usize,
+        min_good_manifests: 1,
+        location_faults: true,
+        read_only: true,
+    };
+    let plan = fault::plan(seed, &inv, &opts);
+    let damage = fault::apply(&plan, &inv, locs.as_slice()).unwrap();
+    let ctx = format!("seed {seed} (k={k} m={m} n={n}) plan {:?}", plan.faults);
+
+    // 1. Detection: exactly the damaged shards are reported, per segment at-risk counts match.
+    let found = scrub(&store, false);
+    let damaged: BTreeSet<ShardId> = damage.shards.iter().map(|(_, id)| *id).collect();
+    assert_eq!(reported_bad(&found), damaged, "{ctx}");
+    let per_segment = damage.per_segment();
+    let at_risk: usize = found.files.iter().map(|f| f.segments_at_risk.len()).sum();
+    let k_good = per_segment.values().filter(|b| b.len() == m as usize).count();
+    assert_eq!(at_risk, k_good, "{ctx}");
+    assert!(found.files.iter().all(|f| f.segments_lost.is_empty()), "{ctx}");
+    let live_manifest_damage = damage.manifests.iter().filter(|(l, _)| !damage.dead.contains(l)).count() as u64;
+    let reported_manifest: u64 = found.files.iter().map(|f| f.manifests.missing + f.manifests.corrupt).sum();
+    assert_eq!(reported_manifest, live_manifest_damage, "{ctx}");
+    for &d in &damage.dead {
+        assert_ne!(found.locations[d].state, LocationState::Ok, "{ctx}: dead location {d} not reported");
+    }
+    let any = !damaged.is_empty() || live_manifest_damage > 0 || !damage.dead.is_empty();
+    assert_eq!(found.health(), if any { Health::Degraded } else { Health::Healthy }, "{ctx}");
+
+    // 2. Repair: everything rebuilt; rebuilt shards leave home only when home cannot be written.
+    let repaired = scrub(&store, true);
+    assert_eq!(reported_bad(&repaired), damaged, "{ctx}: repair run saw different damage");
+    for f in &repaired.files {
+        assert!(f.repair_errors.is_empty(), "{ctx}: {:?}", f.repair_errors);
+        for i in &f.issues {
+            let to = i.repaired_to.unwrap_or_else(|| panic!("{ctx}: not repaired: {i:?}"));
+            if to != i.location {
+                assert!(
+                    damage.read_only.contains(&i.location) || locs[i.location].probe().is_err(),
+                    "{ctx}: {i:?} moved away from a writable home"
+                );
+            }
+        }
+    }
+    let removed: BTreeSet<usize> = (0..n).filter(|&i| locs[i].probe().is_err()).collect();
+    let want_after = if removed.is_empty() { Health::Healthy } else { Health::Degraded };
+    assert_eq!(repaired.health_after(), want_after, "{ctx}");
+
+    // 3. A second scrub is clean (a removed location stays reported, nothing else).
+    let after = scrub(&store, false);
+    for f in &after.files {
+        assert_eq!(f.health(), Health::Healthy, "{ctx}: {f:?}");
+    }
+    for (i, l) in after.locations.iter().enumerate() {
+        let want_ok = !removed.contains(&i);
+        assert_eq!(l.state == LocationState::Ok, want_ok, "{ctx}: location {i}: {:?}", l.state);
+    }
+    assert_eq!(after.health(), want_after, "{ctx}");
+
+    // 4. Every file reads back byte-exact.
+    for (name, bytes) in &files {
+        assert_eq!(&get_file(&store, name).unwrap(), bytes, "{ctx}: {name}");
+    }
+}
+
+fn seeds(default: std::ops::Range<u64>) -> Vec<u64> {
+    match std::env::var("BF_FAULT_SEED").ok().and_then(|s| s.parse().ok()) {
+        Some(s) => vec![s],
+        None => default.collect(),
+    }
+}
+
+#[test]
+fn campaign_repairable_faults_are_all_found_and_fixed() {
+    for seed in seeds(0..200) {
+        let r = std::panic::catch_unwind(|| repairable_case(seed));
+        if r.is_err() {
+            panic!("campaign failed at seed {seed}; replay with BF_FAULT_SEED={seed}");
+        }
+    }
+}
+
+/// Beyond m bad shards in one segment: reported lost by file and segment, nothing else harmed, no panic.
+fn lost_case(seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (k, m) = [(2u16, 1u16), (3, 2), (4, 2)][rng.gen_range(0..3)];
+    let n = (k + m) as usize;
+    let dir = scratch();
+    let fault::MemStore { store, faulty: locs, .. } = fault::mem_store(dir.path(), k, m, n, MIN_SEGMENT_SIZE).unwrap();
+    let a = data(2 * SEG + 7, seed);
+    let b = data(SEG + 3, seed + 1);
+    put_file(&store, "a", &a);
+    put_file(&store, "b", &b);
+    let inv = raw_inventory(&locs);
+    let victim = inv.shards[rng.gen_range(0..inv.shards.len())].id;
+    // Damage m+1 shards of the victim segment, and one shard of every other segment of both files.
+    let mut by_segment: BTreeMap<([u8; 16], u64), Vec<&fault::ShardObject>> = BTreeMap::new();
+    for s in &inv.shards {
+        by_segment.entry((s.id.0, s.id.1)).or_default().push(s);
+    }
+    let mut survivors = Vec::new();
+    for ((f, seg), shards) in &by_segment {
+        let hit = if (*f, *seg) == (victim.0, victim.1) { m as usize + 1 } else { 1 };
+        for (j, s) in shards.iter().enumerate() {
+            let loc = locs[s.location].inner();
+            if j < hit {
+                if rng.gen_bool(0.5) {
+                    loc.delete(&s.key).unwrap();
+                } else {
+                    let mut b = loc.get(&s.key).unwrap();
+                    let at = rng.gen_range(0..b.len());
+                    b[at] ^= 1 << rng.gen_range(0..8);
+                    loc.put(&s.key, &[&b]).unwrap();
+                }
+            } else if (*f, *seg) == (victim.0, victim.1) {
+                survivors.push((s.location, s.key.clone(), loc.get(&s.key).unwrap()));
+            }
+        }
+    }
+    let ctx = format!("seed {seed} (k={k} m={m}) victim {victim:?}");
+    let report = scrub(&store, true);
+    assert_eq!(report.health(), Health::Lost, "{ctx}");
+    assert_eq!(report.health_after(), Health::Lost, "{ctx}");
+    let victim_hex = hex::encode(victim.0);
+    for f in &report.files {
+        if f.file_id == victim_hex {
+            assert_eq!(f.segments_lost, vec![victim.1], "{ctx}");
+            assert!(f.label.starts_with('a') || f.label.starts_with('b'), "{ctx}: label {}", f.label);
+            for i in &f.issues {
+                assert_eq!(i.repaired_to.is_some(), i.segment != victim.1, "{ctx}: {i:?}");
+            }
+        } else {
+            assert!(f.segments_lost.is_empty(), "{ctx}");
+            assert!(f.issues.iter().all(|i| i.repaired_to.is_some()), "{ctx}");
+        }
+    }
+    // The lost segment's surviving shards were not touched.
+    for (l, key, bytes) in survivors {
+        assert_eq!(locs[l].inner().get(&key).unwrap(), bytes, "{ctx}");
+    }
+    let names = [("a", &a), ("b", &b)];
+    for (name, bytes) in names {
+        let id = catalog::find(&store, name).unwrap().manifest.body.file_id;
+        match get_file(&store, name) {
+            Ok(back) => {
+                assert_ne!(id, victim.0, "{ctx}: lost file read back");
+                assert_eq!(&back, bytes, "{ctx}");
+            }
+            Err(Error::TooManyLost { file, segment, .. }) => {
+                assert_eq!((id, segment), (victim.0, victim.1), "{ctx}");
+                assert_eq!(file, name, "{ctx}");
+            }
+            Err(e) => panic!("{ctx}: {e}"),
+        }
+    }
+    let again = scrub(&store, false);
+    assert_eq!(again.files.iter().map(|f| f.segments_lost.len()).sum::<usize>(), 1, "{ctx}");
+    assert_eq!(again.files.iter().map(|f| f.shards.bad()).sum::<u64>(), m as u64 + 1, "{ctx}");
+}
+
+#[test]
+fn campaign_beyond_m_is_reported_lost_and_harms_nothing_else() {
+    for seed in seeds(0..30) {
+        if std::panic::catch_unwind(|| lost_case(seed)).is_err() {
+            panic!("lost campaign failed at seed {seed}; replay with BF_FAULT_SEED={seed}");
+        }
+    }
+}
+
+#[test]
+fn keyless_scrub_repairs_and_labels_by_root() {
+    let dir = scratch();
+    let fault::MemStore { store, faulty: locs, .. } = fault::mem_store(dir.path(), 3, 2, 5, MIN_SEGMENT_SIZE).unwrap();
+    let bytes = data(4 * SEG, 3);
+    put_file(&store, "secret-name", &bytes);
+    let mut keyless = Store::open(dir.path()).unwrap();
+    keyless.set_locations(store.locations().to_vec()).unwrap();
+    let inv = raw_inventory(&locs);
+    for s in inv.shards.iter().filter(|s| s.location == 1) {
+        locs[1].inner().delete(&s.key).unwrap();
+    }
+    let m = inv.manifests.iter().find(|m| m.location == 3).unwrap();
+    locs[3].inner().put(&m.key, &[b"BFMANIF\0junk"]).unwrap();
+    let r = scrub(&keyless, true);
+    assert_eq!(r.health(), Health::Degraded);
+    assert_eq!(r.health_after(), Health::Healthy);
+    let root = catalog::find(&store, "secret-name").unwrap().manifest.body.root_hex();
+    assert_eq!(r.files[0].label, format!("root:{root}"));
+    assert_eq!(r.files[0].manifests.repaired, 1);
+    assert_eq!(scrub(&keyless, false).health(), Health::Healthy);
+    assert_eq!(get_file(&store, "secret-name").unwrap(), bytes);
+}
+
+#[test]
+fn read_only_home_gets_its_shard_rebuilt_on_a_free_location() {
+    let dir = scratch();
+    let fault::MemStore { store, faulty: locs, .. } = fault::mem_store(dir.path(), 2, 1, 4, MIN_SEGMENT_SIZE).unwrap();
+    let bytes = data(SEG / 2, 9);
+    put_file(&store, "f", &bytes);
+    let inv = raw_inventory(&locs);
+    let s = &inv.shards[0];
+    let mut b = locs[s.location].inner().get(&s.key).unwrap();
+    b[200] ^= 0xff;
+    locs[s.location].inner().put(&s.key, &[&b]).unwrap();
+    locs[s.location].set_read_only(true);
+    let r = scrub(&store, true);
+    let issue = &r.files[0].issues[0];
+    let to = issue.repaired_to.unwrap();
+    assert_ne!(to, s.location);
+    // The only location holding no shard of the segment.
+    let used: BTreeSet<usize> = inv.shards.iter().map(|x| x.location).collect();
+    assert!(!used.contains(&to), "{to} already held a shard");
+    let again = scrub(&store, false);
+    assert_eq!(again.health(), Health::Healthy);
+    assert_eq!(again.files[0].shards.relocated, 1);
+    assert_eq!(get_file(&store, "f").unwrap(), bytes);
+}
+
+#[test]
+fn interrupted_runs_resume_where_they_stopped() {
+    let dir = scratch();
+    let store = fault::mem_store(dir.path(), 2, 1, 3, MIN_SEGMENT_SIZE).unwrap().store;
+    for i in 0..4 {
+        put_file(&store, &format!("f{i}"), &data(SEG, i));
+    }
+    let opts = ScrubOptions::default();
+    let one_file = RunControl { max_duration: Some(Duration::ZERO), total: None, progress: &|_| {} };
+    let (r, _) = run(&store, &opts, Selection::All, &one_file).unwrap();
+    assert!(!r.complete);
+    assert_eq!(r.files.len(), 1);
+    let st = state::ScrubState::load(dir.path(), &store.descriptor().store_id).unwrap().unwrap();
+    assert_eq!(st.running.as_ref().unwrap().summary.files, 1);
+    assert!(st.last.is_none());
+    let mut seen: BTreeSet<String> = r.files.iter().map(|f| f.file_id.clone()).collect();
+    for round in 0..3 {
+        let (r, _) = run(&store, &opts, Selection::Resume, &one_file).unwrap();
+        assert_eq!(r.files_resumed, round + 1);
+        assert!(seen.insert(r.files[0].file_id.clone()), "file checked twice");
+        assert_eq!(r.complete, round == 2);
+    }
+    let st = state::ScrubState::load(dir.path(), &store.descriptor().store_id).unwrap().unwrap();
+    assert!(st.running.is_none());
+    let last = st.last.unwrap();
+    assert_eq!((last.files, last.health), (4, Health::Healthy));
+    assert_eq!(st.files.len(), 4);
+    // Resume with nothing interrupted is a full run.
+    let ctl = RunControl { max_duration: None, total: None, progress: &|_| {} };
+    let (r, _) = run(&store, &opts, Selection::Resume, &ctl).unwrap();
+    assert_eq!((r.files.len(), r.files_resumed, r.complete), (4, 0, true));
+}
+
+#[test]
+fn orphans_are_deleted_only_after_the_grace_period() {
+    let dir = scratch();
+    let fault::MemStore { store, faulty: locs, mem } = fault::mem_store(dir.path(), 2, 1, 3, MIN_SEGMENT_SIZE).unwrap();
+    put_file(&store, "kept", &data(SEG, 1));
+    // A crashed commit: shards of an id that no manifest names.
+    let orphan = "0123456789abcdef0123456789abcdef";
+    for l in &locs {
+        l.put(&format!("shards/{orphan}/0000000000.000"), &[b"partial"]).unwrap();
+    }
+    let r = scrub(&store, true);
+    assert_eq!(r.orphans.len(), 1);
+    assert_eq!(r.orphans[0].file_id, orphan);
+    assert!(!r.orphans[0].deleted, "a fresh orphan may be a commit in progress");
+    assert_eq!(r.health(), Health::Healthy);
+    // Make everything a day and an hour old.
+    for l in &mem {
+        l.age_all(Duration::from_secs(25 * 3600)).unwrap();
+    }
+    let r = scrub(&store, true);
+    assert!(r.orphans[0].deleted);
+    assert!(scrub(&store, false).orphans.is_empty());
+    assert_eq!(get_file(&store, "kept").unwrap(), data(SEG, 1));
+}
