@@ -14,6 +14,7 @@
 //! never touched. Resumable runs and per-file results are kept in [`state`].
 
 pub mod state;
+pub mod volumes;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -92,6 +93,11 @@ impl Counts {
             ShardStatus::Corrupt => self.corrupt += 1,
             ShardStatus::Misplaced => self.misplaced += 1,
         }
+    }
+
+    /// Counts one shard of the given status.
+    pub fn add_status(&mut self, s: ShardStatus) {
+        self.add(s);
     }
 
     fn merge(&mut self, o: &Counts) {
@@ -279,19 +285,24 @@ pub struct ScrubReport {
     pub bytes_verified: u64,
     /// Wall time in seconds.
     pub elapsed_secs: f64,
+    /// Block volumes checked (whole-store runs only).
+    #[serde(default, skip_deserializing)]
+    pub volumes: Vec<volumes::VolumeReport>,
 }
 
 impl ScrubReport {
     /// Health as found.
     pub fn health(&self) -> Health {
         let files = self.files.iter().map(FileReport::health).max().unwrap_or_default();
-        files.max(self.location_health())
+        let vols = self.volumes.iter().map(volumes::VolumeReport::health).max().unwrap_or_default();
+        files.max(vols).max(self.location_health())
     }
 
     /// Health after repairs (unusable locations keep the store degraded: a disk needs attention).
     pub fn health_after(&self) -> Health {
         let files = self.files.iter().map(FileReport::health_after).max().unwrap_or_default();
-        files.max(self.location_health_after())
+        let vols = self.volumes.iter().map(volumes::VolumeReport::health_after).max().unwrap_or_default();
+        files.max(vols).max(self.location_health_after())
     }
 
     /// Degraded when some location is unusable after this run (gone, foreign, marker not restored).
@@ -1050,6 +1061,7 @@ pub fn run(
     report.locations = scrubber.location_reports();
     if full && report.complete {
         report.orphans = scrubber.orphans(&mut st.orphans_seen)?;
+        report.volumes = volumes::scrub_volumes(store, opts.repair);
         let live: BTreeSet<[u8; 16]> = files.iter().map(|f| f.file_id).collect();
         st.files.retain(|id, _| live.contains(id));
         running.summary.finish(&report, now_unix());
@@ -1058,7 +1070,7 @@ pub fn run(
     } else if full {
         st.running = Some(running);
     }
-    report.bytes_verified = scrubber.bytes_verified();
+    report.bytes_verified = scrubber.bytes_verified() + report.volumes.iter().map(|v| v.bytes_verified).sum::<u64>();
     report.elapsed_secs = scrubber.elapsed_secs();
     if let Err(e) = st.save(store.dir()) {
         warning.get_or_insert(e);

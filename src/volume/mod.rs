@@ -222,6 +222,11 @@ pub fn remove(store: &Store, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Takes a volume's lock file without waiting (fails while a server or another process has the volume open).
+pub fn try_lock_volume(store: &Store, id: &[u8; 16]) -> Result<File> {
+    lock_volume(store, id)
+}
+
 fn lock_volume(store: &Store, id: &[u8; 16]) -> Result<File> {
     let dir = store.dir().join("volumes");
     std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;

@@ -224,6 +224,33 @@ fn print_report(st: &Store, r: &ScrubReport) {
         let what = if o.deleted { "deleted" } else { "kept (younger than the grace period, or no --repair)" };
         println!("orphan {}: {} shards on {} locations, {age}: {what}", o.file_id, o.shards, o.locations.len());
     }
+    for v in &r.volumes {
+        let c = &v.shards;
+        println!(
+            "volume {} (generation {}): {}: {} stripes, shards {} ok, {} corrupt, {} missing, {} misplaced; {} at risk, \
+             {} lost; {} bad superblock and {} bad map page copies; {} shards repaired{}",
+            v.label,
+            v.generation,
+            health_word(v.health()),
+            v.stripes,
+            c.ok,
+            c.corrupt,
+            c.missing,
+            c.misplaced,
+            v.stripes_at_risk.len(),
+            v.stripes_lost.len(),
+            v.superblocks_bad,
+            v.pages_bad,
+            v.shards_repaired,
+            if v.exclusive { "" } else { " (in use: verified only, not repaired)" }
+        );
+        if !v.stripes_lost.is_empty() {
+            println!("  lost stripes: {:?}", v.stripes_lost);
+        }
+        for e in &v.errors {
+            println!("  {e}");
+        }
+    }
     let total = scrub::total_counts(&r.files);
     let lost: usize = r.files.iter().map(|f| f.segments_lost.len()).sum();
     let risk: usize = r.files.iter().map(|f| f.segments_at_risk.len()).sum();
