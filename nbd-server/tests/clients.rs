@@ -406,6 +406,8 @@ fn fio_random_rw_verify() {
         "--verify_fatal=1".to_owned(),
         "--do_verify=1".to_owned(),
         "--randrepeat=0".to_owned(),
+        // No verify state files left in the working tree.
+        "--verify_state_save=0".to_owned(),
     ];
     // Random writes with variable block sizes, verified by reading back.
     let out =
