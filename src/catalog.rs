@@ -180,30 +180,12 @@ pub fn publish(store: &Store, manifest: &Manifest, name: &str, replace: bool) ->
     }
     let mkey = manifest_key(&body.name_tag, &body.file_id);
     let bytes = manifest.encode();
-    let locations = store.locations();
-    let outcomes: Vec<Result<()>> = std::thread::scope(|s| {
-        let handles: Vec<_> = locations
-            .iter()
-            .map(|loc| {
-                let (mkey, bytes) = (&mkey, &bytes);
-                s.spawn(move || loc.put(mkey, &[bytes]).and_then(|_| loc.sync()))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::Config("panic".into())))).collect()
-    });
-    let ok = outcomes.iter().filter(|o| o.is_ok()).count();
-    let need = (store.descriptor().m as usize + 1).min(locations.len());
-    if ok < need {
-        for loc in locations {
+    if let Err(e) = store.put_replicated(&mkey, &bytes, &format!("the manifest of {name:?}")) {
+        // Not published: take back the copies that did get written.
+        for loc in store.locations() {
             let _ = loc.delete(&mkey).and_then(|_| loc.sync());
         }
-        let detail = outcomes
-            .iter()
-            .zip(locations)
-            .filter_map(|(o, l)| o.as_ref().err().map(|e| format!("{}: {e}", l.name())))
-            .collect::<Vec<_>>()
-            .join("; ");
-        return Err(Error::WriteQuorum { what: format!("the manifest of {name:?}"), ok, need, detail });
+        return Err(e);
     }
     for o in &older {
         remove_ref(store, o)?;

@@ -316,19 +316,45 @@ impl Store {
             .collect()
     }
 
+    /// Puts one small object (a manifest copy, a superblock, a map page) on every location in parallel, each made
+    /// durable. Fails with [`Error::WriteQuorum`] unless at least m+1 locations (all, when fewer) accept it; the
+    /// copies already written are then left for the caller to clean up.
+    pub fn put_replicated(&self, key: &str, bytes: &[u8], what: &str) -> Result<()> {
+        let locations = &self.locations;
+        let outcomes: Vec<Result<()>> = std::thread::scope(|s| {
+            let hs: Vec<_> =
+                locations.iter().map(|l| s.spawn(move || l.put(key, &[bytes]).and_then(|_| l.sync()))).collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(Error::Config("location writer panicked".into()))))
+                .collect()
+        });
+        let ok = outcomes.iter().filter(|o| o.is_ok()).count();
+        let need = (self.desc.m as usize + 1).min(locations.len());
+        if ok < need {
+            let detail = outcomes
+                .iter()
+                .zip(locations)
+                .filter_map(|(o, l)| o.as_ref().err().map(|e| format!("{}: {e}", l.name())))
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(Error::WriteQuorum { what: what.into(), ok, need, detail });
+        }
+        Ok(())
+    }
+
     /// Takes the catalog lock (exclusive) for the life of the returned guard. Commits, removals and repairs of
     /// manifests hold it, so concurrent processes never interleave name checks and publications.
     pub fn lock_catalog(&self) -> Result<CatalogLock> {
         let path = self.dir.join("catalog.lock");
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .ctx(|| format!("opening {}", path.display()))?;
+        let f = open_lock_file(&path)?;
         f.lock().ctx(|| format!("locking {}", path.display()))?;
         Ok(CatalogLock { _file: f })
     }
+}
+
+/// Opens (creating it if needed) a lock file for `flock`-style locking.
+pub fn open_lock_file(path: &Path) -> Result<File> {
+    OpenOptions::new().create(true).truncate(false).write(true).open(path).ctx(|| format!("opening {}", path.display()))
 }
 
 /// Held catalog lock; released on drop.

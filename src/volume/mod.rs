@@ -13,7 +13,7 @@
 pub mod format;
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::crypto::random_bytes;
@@ -141,29 +141,7 @@ fn find_id(store: &Store, name: &str) -> Result<Option<[u8; 16]>> {
 fn publish_superblock(store: &Store, body: &SuperBody) -> Result<()> {
     let key = superblock_key(&body.vol_id);
     let bytes = Superblock::encode(body, store.key()?);
-    put_replicated(store, &key, &bytes, "a volume superblock")
-}
-
-/// Puts one small object on every location (in parallel); at least m+1 must accept it.
-fn put_replicated(store: &Store, key: &str, bytes: &[u8], what: &str) -> Result<()> {
-    let locations = store.locations();
-    let outcomes: Vec<Result<()>> = std::thread::scope(|s| {
-        let hs: Vec<_> =
-            locations.iter().map(|l| s.spawn(move || l.put(key, &[bytes]).and_then(|_| l.sync()))).collect();
-        hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::Config("panic".into())))).collect()
-    });
-    let ok = outcomes.iter().filter(|o| o.is_ok()).count();
-    let need = (store.descriptor().m as usize + 1).min(locations.len());
-    if ok < need {
-        let detail = outcomes
-            .iter()
-            .zip(locations)
-            .filter_map(|(o, l)| o.as_ref().err().map(|e| format!("{}: {e}", l.name())))
-            .collect::<Vec<_>>()
-            .join("; ");
-        return Err(Error::WriteQuorum { what: what.into(), ok, need, detail });
-    }
-    Ok(())
+    store.put_replicated(&key, &bytes, "a volume superblock")
 }
 
 /// Creates a thin volume (nothing allocated).
@@ -231,12 +209,7 @@ fn lock_volume(store: &Store, id: &[u8; 16]) -> Result<File> {
     let dir = store.dir().join("volumes");
     std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
     let path = dir.join(format!("{}.lock", hex::encode(id)));
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .ctx(|| format!("opening {}", path.display()))?;
+    let f = crate::store::open_lock_file(&path)?;
     match f.try_lock() {
         Ok(()) => Ok(f),
         Err(std::fs::TryLockError::WouldBlock) => {
@@ -748,7 +721,7 @@ impl Volume {
             p.page.encode()
         };
         let key = page_key(&self.id, page, gen);
-        put_replicated(&self.store, &key, &bytes, "a volume map page")?;
+        self.store.put_replicated(&key, &bytes, "a volume map page")?;
         let old =
             std::mem::replace(&mut st.sb.pages[page as usize], PageRef { gen, hash: *blake3::hash(&bytes).as_bytes() });
         if old.gen != 0 {
