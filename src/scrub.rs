@@ -820,16 +820,8 @@ impl<'a> Scrubber<'a> {
         home: usize,
         occupied: &[u32],
     ) -> Result<usize> {
-        let header = ShardHeader {
-            store_id: body.store_id,
-            file_id: body.file_id,
-            segment: addr.segment,
-            shard: i as u16,
-            k: body.k,
-            m: body.m,
-            payload_len: payload.len() as u32,
-            payload_hash: *blake3::hash(payload).as_bytes(),
-        };
+        let header =
+            ShardHeader::for_payload(body.store_id, body.file_id, addr.segment, i as u16, (body.k, body.m), payload);
         let head = header.encode();
         let key = (addr.key_of)(i);
         let leaf = body.leaf(addr.segment, i).copied().unwrap_or([0; 32]);

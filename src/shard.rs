@@ -39,6 +39,27 @@ pub struct ShardHeader {
 }
 
 impl ShardHeader {
+    /// The header of shard `shard` of `segment` holding `payload` (length and BLAKE3 computed here).
+    pub fn for_payload(
+        store_id: [u8; 16],
+        file_id: [u8; 16],
+        segment: u64,
+        shard: u16,
+        (k, m): (u16, u16),
+        payload: &[u8],
+    ) -> Self {
+        ShardHeader {
+            store_id,
+            file_id,
+            segment,
+            shard,
+            k,
+            m,
+            payload_len: payload.len() as u32,
+            payload_hash: *blake3::hash(payload).as_bytes(),
+        }
+    }
+
     /// Serialises the header.
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];

@@ -59,16 +59,7 @@ pub fn write_stripe(store: &Store, codec: &mut Codec, addr: &StripeAddr<'_>, dat
 /// Writes one shard (header + payload) to its home location; returns its leaf.
 pub fn write_shard(store: &Store, addr: &StripeAddr<'_>, i: usize, payload: &[u8]) -> Result<Hash> {
     let d = store.descriptor();
-    let header = ShardHeader {
-        store_id: d.store_id,
-        file_id: *addr.file_id,
-        segment: addr.segment,
-        shard: i as u16,
-        k: d.k,
-        m: d.m,
-        payload_len: payload.len() as u32,
-        payload_hash: *blake3::hash(payload).as_bytes(),
-    };
+    let header = ShardHeader::for_payload(d.store_id, *addr.file_id, addr.segment, i as u16, (d.k, d.m), payload);
     let loc = &store.locations()[addr.home(store, i)];
     let parts: [&[u8]; 2] = [&header.encode(), payload];
     if addr.deferred {

@@ -322,16 +322,7 @@ fn write_verified(
     payload: &[u8],
     leaf: &Hash,
 ) -> Result<usize> {
-    let header = ShardHeader {
-        store_id: sb.store_id,
-        file_id: sb.vol_id,
-        segment: addr.segment,
-        shard: i as u16,
-        k: sb.k,
-        m: sb.m,
-        payload_len: payload.len() as u32,
-        payload_hash: *blake3::hash(payload).as_bytes(),
-    };
+    let header = ShardHeader::for_payload(sb.store_id, sb.vol_id, addr.segment, i as u16, (sb.k, sb.m), payload);
     let want = Expected {
         store_id: &sb.store_id,
         file_id: &sb.vol_id,
