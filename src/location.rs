@@ -212,6 +212,20 @@ impl LocalDir {
         result
     }
 
+    /// Outcome of removing `path`: its directory needs a sync; an already absent path is not an error.
+    fn removed(&self, path: &Path, result: std::io::Result<()>) -> Result<()> {
+        match result {
+            Ok(()) => {
+                if let Some(p) = path.parent() {
+                    self.mark_dirty(p.to_path_buf());
+                }
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(format!("deleting {}", path.display()), e)),
+        }
+    }
+
     fn ensure_parent(&self, path: &Path) -> Result<()> {
         if !self.root.is_dir() {
             return Err(Error::io(
@@ -330,16 +344,7 @@ impl Location for LocalDir {
 
     fn delete(&self, key: &str) -> Result<()> {
         let path = self.path(key)?;
-        match fs::remove_file(&path) {
-            Ok(()) => {
-                if let Some(p) = path.parent() {
-                    self.mark_dirty(p.to_path_buf());
-                }
-                Ok(())
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io(format!("deleting {}", path.display()), e)),
-        }
+        self.removed(&path, fs::remove_file(&path))
     }
 
     fn rename(&self, from: &str, to: &str) -> Result<()> {
@@ -354,16 +359,7 @@ impl Location for LocalDir {
 
     fn delete_prefix(&self, prefix: &str) -> Result<()> {
         let path = self.path(prefix)?;
-        match fs::remove_dir_all(&path) {
-            Ok(()) => {
-                if let Some(p) = path.parent() {
-                    self.mark_dirty(p.to_path_buf());
-                }
-                Ok(())
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io(format!("deleting {}", path.display()), e)),
-        }
+        self.removed(&path, fs::remove_dir_all(&path))
     }
 
     fn sync(&self) -> Result<()> {
