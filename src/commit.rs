@@ -50,6 +50,11 @@ pub struct CommitReport {
     pub segments: u64,
     /// Whether an older version was replaced.
     pub replaced: bool,
+    /// Shards that could not be stored because their location failed (the write policy allowed it): the file
+    /// is readable but has less redundancy until `bf scrub --repair` rebuilds them.
+    pub shards_not_stored: u64,
+    /// Names of the locations that failed writes.
+    pub failed_locations: Vec<String>,
 }
 
 /// Checks that a store name is a clean relative path.
@@ -77,6 +82,8 @@ struct Done {
     segment: u64,
     entry: SegmentEntry,
     leaves: Vec<Hash>,
+    /// Location indices of shards that were not stored.
+    missing: Vec<usize>,
 }
 
 /// Shared state of one commit's worker threads.
@@ -146,8 +153,10 @@ impl Pipeline<'_> {
             key_of: &key_of,
             deferred: false,
         };
-        let leaves = write_stripe(self.store, codec, &addr, &buf[..k * sl])?;
-        Ok(Done { segment, entry: SegmentEntry { plain_len: len as u64, shard_len: sl as u32 }, leaves })
+        let written = write_stripe(self.store, codec, &addr, &buf[..k * sl])?;
+        let missing = written.missing.iter().map(|(i, _)| addr.home(self.store, *i)).collect();
+        let entry = SegmentEntry { plain_len: len as u64, shard_len: sl as u32 };
+        Ok(Done { segment, entry, leaves: written.leaves, missing })
     }
 }
 
@@ -327,12 +336,18 @@ pub fn commit(
         body.validate("new manifest")?;
         let manifest = Manifest::new(body, key);
         let replaced = catalog::publish(store, &manifest, &req.name, req.replace)?;
+        let mut failed: Vec<usize> = results.iter().flat_map(|r| r.missing.iter().copied()).collect();
+        let shards_not_stored = failed.len() as u64;
+        failed.sort_unstable();
+        failed.dedup();
         Ok(CommitReport {
             name: req.name.clone(),
             root: manifest.body.root_hex(),
             size,
             segments: manifest.body.segments.len() as u64,
             replaced,
+            shards_not_stored,
+            failed_locations: failed.iter().map(|&l| store.locations()[l].name().to_string()).collect(),
         })
     };
     let report = finish();

@@ -86,6 +86,14 @@ pub enum Error {
         /// The failures.
         detail: String,
     },
+    /// A location cannot be reached or refuses requests (network, timeouts, server errors, access denied).
+    #[error("location {location} is unavailable: {reason}")]
+    Unavailable {
+        /// Location name (never with credentials).
+        location: String,
+        /// What failed.
+        reason: String,
+    },
     /// A configuration value or argument is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),

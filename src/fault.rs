@@ -71,6 +71,7 @@ impl Location for MemLocation {
     }
 
     fn put(&self, key: &str, parts: &[&[u8]]) -> Result<()> {
+        crate::location::validate_key(key)?;
         let bytes = parts.concat();
         self.objects()?.insert(key.to_string(), MemObject { bytes, modified: SystemTime::now() });
         Ok(())
@@ -214,6 +215,10 @@ impl Location for FaultyLocation {
         self.check_writable()?;
         self.inner.delete(key)
     }
+    fn cheap_rename(&self) -> bool {
+        self.inner.cheap_rename()
+    }
+
     fn delete_prefix(&self, prefix: &str) -> Result<()> {
         self.check_writable()?;
         self.inner.delete_prefix(prefix)
@@ -251,7 +256,7 @@ pub fn mem_store(dir: &std::path::Path, k: u16, m: u16, n: usize, segment_size: 
         k,
         m,
         segment_size,
-        locations: (0..n).map(|i| dir.join(format!("unused-{i}"))).collect(),
+        locations: (0..n).map(|i| dir.join(format!("unused-{i}")).display().to_string()).collect(),
         key: KeySource::NewKeyFile(dir.join("master.key")),
     };
     let mut store = Store::init(dir, opts)?;

@@ -10,16 +10,19 @@
 
 pub mod catalog;
 pub mod commit;
+pub mod conformance;
 pub mod crypto;
 pub mod erasure;
 pub mod error;
 pub mod fault;
 pub mod format;
 pub mod location;
+pub mod locspec;
 pub mod manifest;
 pub mod merkle;
 pub mod read;
 pub mod recover;
+pub mod s3;
 pub mod scrub;
 pub mod shard;
 pub mod store;

@@ -9,7 +9,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, IoContext, Result};
 
@@ -41,6 +41,11 @@ pub trait Location: Send + Sync + std::fmt::Debug {
         self.put(to, &[&bytes])?;
         self.delete(from)
     }
+    /// True when [`Location::rename`] is cheaper than writing a new object and deleting the old one (local
+    /// disks); object stores copy on rename, so recycling objects by renaming them does not pay there.
+    fn cheap_rename(&self) -> bool {
+        false
+    }
     /// Deletes every object under the `prefix` directory.
     fn delete_prefix(&self, prefix: &str) -> Result<()>;
     /// Makes all completed puts (with their bytes, for deferred ones) and deletes durable.
@@ -66,6 +71,31 @@ pub trait LocationExt: Location {
     }
 }
 impl<T: Location + ?Sized> LocationExt for T {}
+
+/// Checks that an object key is a clean relative `/`-separated path (no empty, `.` or `..` parts).
+pub fn validate_key(key: &str) -> Result<()> {
+    if key.is_empty() || key.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+        return Err(Error::Config(format!("invalid object key {key:?}")));
+    }
+    Ok(())
+}
+
+/// Opens the location a spec names (see [`crate::locspec`]); relative paths are inside `store_dir`. Object-store
+/// locations take their connection settings from [`crate::locspec::configure`] and the environment.
+pub fn open_location(store_dir: &Path, spec: &str) -> Result<Arc<dyn Location>> {
+    match crate::locspec::parse(spec)? {
+        crate::locspec::LocationSpec::Local(p) => {
+            let p = if p.is_absolute() { p } else { store_dir.join(p) };
+            Ok(Arc::new(LocalDir::new(p)))
+        }
+        crate::locspec::LocationSpec::S3(s) => {
+            let table = crate::locspec::configured(&s.url);
+            let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+            let cfg = crate::locspec::resolve_s3(&s, table.as_ref(), &env);
+            Ok(Arc::new(crate::s3::S3Location::new(&cfg)?))
+        }
+    }
+}
 
 /// How a local location does its file I/O.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -153,9 +183,7 @@ impl LocalDir {
     }
 
     fn path(&self, key: &str) -> Result<PathBuf> {
-        if key.is_empty() || key.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
-            return Err(Error::Config(format!("invalid object key {key:?}")));
-        }
+        validate_key(key)?;
         Ok(self.root.join(key))
     }
 
@@ -355,6 +383,10 @@ impl Location for LocalDir {
             self.mark_dirty(p.to_path_buf());
         }
         Ok(())
+    }
+
+    fn cheap_rename(&self) -> bool {
+        true
     }
 
     fn delete_prefix(&self, prefix: &str) -> Result<()> {

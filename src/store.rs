@@ -15,7 +15,7 @@ use crate::crypto::{random_bytes, KdfParams, MasterKey};
 use crate::erasure;
 use crate::error::{Error, IoContext, Result};
 use crate::format::{self, MAGIC_KEY, MAGIC_LOCATION, MAGIC_STORE};
-use crate::location::{sync_dir, LocalDir, Location, LocationExt};
+use crate::location::{open_location, sync_dir, Location, LocationExt};
 
 /// Default data shards per segment.
 pub const DEFAULT_DATA_SHARDS: u16 = 4;
@@ -77,8 +77,9 @@ pub struct InitOptions {
     pub m: u16,
     /// Segment size in bytes.
     pub segment_size: u64,
-    /// Location directories; empty means k+m directories inside the store.
-    pub locations: Vec<PathBuf>,
+    /// Location specs (paths, `file:///path` or `s3://bucket/prefix`); empty means k+m directories inside the
+    /// store.
+    pub locations: Vec<String>,
     /// Key source.
     pub key: KeySource,
 }
@@ -89,6 +90,7 @@ pub struct Store {
     desc: StoreDescriptor,
     locations: Vec<Arc<dyn Location>>,
     key: Option<MasterKey>,
+    min_shards_written: usize,
 }
 
 impl std::fmt::Debug for Store {
@@ -176,17 +178,13 @@ impl Store {
         let locations: Vec<String> = if opts.locations.is_empty() {
             (0..width).map(|i| format!("locations/loc-{i:02}")).collect()
         } else {
-            let mut v = Vec::new();
-            for l in &opts.locations {
-                let abs = if l.is_absolute() {
-                    l.clone()
-                } else {
-                    std::env::current_dir().ctx(|| "reading the current directory".into())?.join(l)
-                };
-                v.push(abs.display().to_string());
-            }
-            v
+            opts.locations.iter().map(|l| canonical_spec(l)).collect::<Result<_>>()?
         };
+        for (i, l) in locations.iter().enumerate() {
+            if locations[..i].contains(l) {
+                return Err(Error::Config(format!("location {l} is listed twice")));
+            }
+        }
         let (key, kdf) = match &opts.key {
             KeySource::NewKeyFile(_) => (MasterKey::generate()?, None),
             KeySource::Passphrase(p) => {
@@ -207,16 +205,11 @@ impl Store {
         // Locations first (each with its marker), then the key, then the descriptor: a store is only seen as
         // existing once everything it needs is in place.
         for (i, l) in desc.locations.iter().enumerate() {
-            let path = resolve(dir, l);
-            fs::create_dir_all(&path).ctx(|| format!("creating location {}", path.display()))?;
-            let loc = LocalDir::new(&path);
-            if !loc.list("manifests")?.is_empty() {
-                return Err(Error::Config(format!("location {} already holds a store's data", path.display())));
+            let loc = create_location(dir, l)?;
+            if !loc.list("manifests")?.is_empty() || !loc.list("volumes")?.is_empty() {
+                return Err(Error::Config(format!("location {} already holds a store's data", loc.name())));
             }
-            let marker = LocationMarker { store_id: desc.store_id, index: i as u32 };
-            loc.put(LOCATION_MARKER, &[&format::seal(MAGIC_LOCATION, &marker)])?;
-            loc.sync()?;
-            sync_dir(&path)?;
+            write_marker(loc.as_ref(), &desc.store_id, i)?;
         }
         if let KeySource::NewKeyFile(path) = &opts.key {
             write_key_file(path, &key)?;
@@ -242,9 +235,9 @@ impl Store {
         if desc.locations.is_empty() {
             return Err(Error::corrupt("store descriptor", "no locations"));
         }
-        let locations =
-            desc.locations.iter().map(|l| Arc::new(LocalDir::new(resolve(dir, l))) as Arc<dyn Location>).collect();
-        Ok(Store { dir: dir.to_path_buf(), desc, locations, key: None })
+        let locations = desc.locations.iter().map(|l| open_location(dir, l)).collect::<Result<_>>()?;
+        let min_shards_written = default_min_shards_written(desc.k, desc.m);
+        Ok(Store { dir: dir.to_path_buf(), desc, locations, key: None, min_shards_written })
     }
 
     /// Verifies and installs the key.
@@ -287,6 +280,61 @@ impl Store {
     /// Locations in descriptor order.
     pub fn locations(&self) -> &[Arc<dyn Location>] {
         &self.locations
+    }
+
+    /// Shards of a stripe that must be stored for a write to succeed (see [`Store::set_min_shards_written`]).
+    pub fn min_shards_written(&self) -> usize {
+        self.min_shards_written
+    }
+
+    /// Sets the write policy: a stripe write succeeds when at least `n` of its k+m shards are stored (the rest
+    /// are left for `bf scrub --repair`). `n` must be within k..=k+m. The default, k+1, makes every
+    /// acknowledged write survive the loss of at least one more location; k accepts writes with m locations
+    /// down, at no redundancy until the repair.
+    pub fn set_min_shards_written(&mut self, n: usize) -> Result<()> {
+        let (k, m) = (self.desc.k as usize, self.desc.m as usize);
+        if !(k..=k + m).contains(&n) {
+            return Err(Error::Config(format!("min_shards_written = {n} is outside {k}..={} for k={k}, m={m}", k + m)));
+        }
+        self.min_shards_written = n;
+        Ok(())
+    }
+
+    /// Points location `index` at a new (empty) location, `bf location replace`: writes the new location's
+    /// marker, then the descriptor. The shards and manifest copies that lived on the old location are rebuilt
+    /// onto the new one by a repairing scrub. Holds the catalog lock so no commit runs meanwhile.
+    pub fn replace_location(&mut self, index: usize, spec: &str) -> Result<()> {
+        let spec = canonical_spec(spec)?;
+        if index >= self.desc.locations.len() {
+            return Err(Error::Config(format!("no location number {index}")));
+        }
+        if self.desc.locations.contains(&spec) {
+            return Err(Error::Config(format!("location {spec} is already part of this store")));
+        }
+        let _lock = self.lock_catalog()?;
+        let loc = create_location(&self.dir, &spec)?;
+        let what = format!("location marker of {}", loc.name());
+        match loc.get(LOCATION_MARKER) {
+            Ok(bytes) => {
+                let marker: LocationMarker = format::open(MAGIC_LOCATION, &what, &bytes)?;
+                if marker.store_id != self.desc.store_id || marker.index as usize != index {
+                    return Err(Error::Config(format!("{} already belongs to a store", loc.name())));
+                }
+            }
+            Err(e) if e.is_not_found() => {
+                if !loc.list("manifests")?.is_empty() || !loc.list("shards")?.is_empty() {
+                    return Err(Error::Config(format!("{} is not empty", loc.name())));
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        write_marker(loc.as_ref(), &self.desc.store_id, index)?;
+        let mut desc = self.desc.clone();
+        desc.locations[index] = spec;
+        write_atomic(&self.dir.join(DESCRIPTOR), &format::seal(MAGIC_STORE, &desc), 0o644)?;
+        self.desc = desc;
+        self.locations[index] = loc;
+        Ok(())
     }
 
     /// Replaces the location backends (tests use this to inject faulty locations).
@@ -362,13 +410,38 @@ pub struct CatalogLock {
     _file: File,
 }
 
-fn resolve(dir: &Path, location: &str) -> PathBuf {
-    let p = Path::new(location);
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        dir.join(p)
+/// The default write policy: k+1 shards per stripe (k when there is no parity).
+fn default_min_shards_written(k: u16, m: u16) -> usize {
+    k as usize + usize::from(m > 0)
+}
+
+/// A spec as the descriptor keeps it: local paths made absolute (relative to the current directory), URLs
+/// checked and kept as written.
+fn canonical_spec(spec: &str) -> Result<String> {
+    match crate::locspec::parse(spec)? {
+        crate::locspec::LocationSpec::Local(p) if !p.is_absolute() => {
+            Ok(std::env::current_dir().ctx(|| "reading the current directory".into())?.join(p).display().to_string())
+        }
+        _ => Ok(spec.to_string()),
     }
+}
+
+/// Opens a location for a new store, creating a local directory when needed.
+fn create_location(dir: &Path, spec: &str) -> Result<Arc<dyn Location>> {
+    if let crate::locspec::LocationSpec::Local(p) = crate::locspec::parse(spec)? {
+        let path = if p.is_absolute() { p } else { dir.join(p) };
+        fs::create_dir_all(&path).ctx(|| format!("creating location {}", path.display()))?;
+        sync_dir(path.parent().unwrap_or(Path::new("/")))?;
+    }
+    let loc = open_location(dir, spec)?;
+    loc.probe()?;
+    Ok(loc)
+}
+
+fn write_marker(loc: &dyn Location, store_id: &[u8; 16], index: usize) -> Result<()> {
+    let marker = LocationMarker { store_id: *store_id, index: index as u32 };
+    loc.put(LOCATION_MARKER, &[&format::seal(MAGIC_LOCATION, &marker)])?;
+    loc.sync()
 }
 
 /// Location index of shard `shard` of segment `segment` for a file whose placement starts at `start`, over

@@ -35,9 +35,21 @@ impl StripeAddr<'_> {
     }
 }
 
+/// What [`write_stripe`] stored.
+#[derive(Debug)]
+pub struct StripeWrite {
+    /// The k+m Merkle leaves (known for every shard, stored or not).
+    pub leaves: Vec<Hash>,
+    /// Shards that could not be stored (at most k+m minus the store's `min_shards_written`), with the reason:
+    /// `bf scrub --repair` rebuilds them.
+    pub missing: Vec<(usize, Error)>,
+}
+
 /// Encodes parity for `data` (k data shards of `shard_len`), then hashes and writes all k+m shards concurrently
-/// (hashing is CPU work and each write ends in an fsync). Returns the k+m Merkle leaves.
-pub fn write_stripe(store: &Store, codec: &mut Codec, addr: &StripeAddr<'_>, data: &[u8]) -> Result<Vec<Hash>> {
+/// (hashing is CPU work and each write ends in an fsync). Succeeds when at least the store's
+/// [`Store::min_shards_written`] shards were stored; otherwise fails with [`Error::WriteQuorum`], leaving the
+/// stored ones for the caller to clean up.
+pub fn write_stripe(store: &Store, codec: &mut Codec, addr: &StripeAddr<'_>, data: &[u8]) -> Result<StripeWrite> {
     let sl = addr.shard_len;
     let outcomes = codec.encode_with(data, sl, |parity| {
         let shards: Vec<&[u8]> = data.chunks_exact(sl).chain(parity.iter().copied()).collect();
@@ -49,25 +61,45 @@ pub fn write_stripe(store: &Store, codec: &mut Codec, addr: &StripeAddr<'_>, dat
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(Error::Config("shard writer panicked".into()))))
-                .collect::<Vec<Result<Hash>>>()
+                .map(|h| h.join().map_err(|_| Error::Config("shard writer panicked".into())))
+                .collect::<Result<Vec<(Hash, Result<()>)>>>()
         })
-    })?;
-    outcomes.into_iter().collect()
+    })??;
+    let mut leaves = Vec::with_capacity(outcomes.len());
+    let mut missing = Vec::new();
+    for (i, (leaf, r)) in outcomes.into_iter().enumerate() {
+        leaves.push(leaf);
+        if let Err(e) = r {
+            missing.push((i, e));
+        }
+    }
+    let stored = leaves.len() - missing.len();
+    let need = store.min_shards_written().min(leaves.len());
+    if stored < need {
+        let detail = missing
+            .iter()
+            .map(|(i, e)| format!("shard {i}@{}: {e}", store.locations()[addr.home(store, *i)].name()))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let what = format!("the shards of stripe {}", addr.segment);
+        return Err(Error::WriteQuorum { what, ok: stored, need, detail });
+    }
+    for (i, e) in &missing {
+        tracing::warn!(segment = addr.segment, shard = i, error = %e, "shard not stored; left for scrub --repair");
+    }
+    Ok(StripeWrite { leaves, missing })
 }
 
-/// Writes one shard (header + payload) to its home location; returns its leaf.
-pub fn write_shard(store: &Store, addr: &StripeAddr<'_>, i: usize, payload: &[u8]) -> Result<Hash> {
+/// Writes one shard (header + payload) to its home location; returns its leaf (known whether or not the write
+/// succeeded) and the write's outcome.
+pub fn write_shard(store: &Store, addr: &StripeAddr<'_>, i: usize, payload: &[u8]) -> (Hash, Result<()>) {
     let d = store.descriptor();
     let header = ShardHeader::for_payload(d.store_id, *addr.file_id, addr.segment, i as u16, (d.k, d.m), payload);
     let loc = &store.locations()[addr.home(store, i)];
     let parts: [&[u8]; 2] = [&header.encode(), payload];
-    if addr.deferred {
-        loc.put_deferred(&(addr.key_of)(i), &parts)?;
-    } else {
-        loc.put(&(addr.key_of)(i), &parts)?;
-    }
-    Ok(header.leaf())
+    let r =
+        if addr.deferred { loc.put_deferred(&(addr.key_of)(i), &parts) } else { loc.put(&(addr.key_of)(i), &parts) };
+    (header.leaf(), r)
 }
 
 /// Reads shard `i` into `io` and verifies it against `leaf`; returns the payload range within `io` and the

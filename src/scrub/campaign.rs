@@ -363,3 +363,35 @@ fn orphans_are_deleted_only_after_the_grace_period() {
     assert!(scrub(&store, false).orphans.is_empty());
     assert_eq!(get_file(&store, "kept").unwrap(), data(SEG, 1));
 }
+
+#[test]
+fn write_policy_tolerates_failed_locations_and_scrub_fills_the_shortfall() {
+    let dir = scratch();
+    let fault::MemStore { mut store, faulty: locs, .. } =
+        fault::mem_store(dir.path(), 3, 2, 5, MIN_SEGMENT_SIZE).unwrap();
+    assert_eq!(store.min_shards_written(), 4);
+    assert!(store.set_min_shards_written(2).is_err() && store.set_min_shards_written(6).is_err());
+    let bytes = data(3 * SEG + 77, 5);
+    let req = CommitRequest { name: "f".into(), mtime_unix_ns: 0, mode: 0o644, replace: false, workers: 2, size: None };
+    // Two of five locations refuse writes: k+1 = 4 shards per stripe cannot be met, so the commit fails whole.
+    locs[1].set_read_only(true);
+    locs[3].set_read_only(true);
+    let err = commit(&store, &mut Cursor::new(&bytes), &req, &|_| {}).unwrap_err();
+    assert!(matches!(err, Error::WriteQuorum { ok: 3, need: 4, .. }), "{err}");
+    assert!(catalog::find(&store, "f").is_err());
+    assert!(raw_inventory(&locs).shards.is_empty(), "a failed commit leaves no shards");
+    // With min_shards_written = k the same commit succeeds, reports the shortfall and reads back.
+    store.set_min_shards_written(3).unwrap();
+    let r = commit(&store, &mut Cursor::new(&bytes), &req, &|_| {}).unwrap();
+    assert_eq!(r.shards_not_stored, 4 * 2, "two shards of each of 4 segments");
+    assert_eq!(r.failed_locations.len(), 2);
+    assert_eq!(get_file(&store, "f").unwrap(), bytes);
+    // Once the locations are back, a repairing scrub stores every missing shard at home.
+    locs[1].set_read_only(false);
+    locs[3].set_read_only(false);
+    let rep = scrub(&store, true);
+    assert_eq!((rep.health(), rep.health_after()), (Health::Degraded, Health::Healthy));
+    assert_eq!(rep.files[0].issues.iter().filter(|i| i.repaired_to == Some(i.location)).count(), 8);
+    assert_eq!(scrub(&store, false).health(), Health::Healthy);
+    assert_eq!(raw_inventory(&locs).shards.len(), 4 * 5);
+}

@@ -535,7 +535,9 @@ impl Volume {
             let home = parse_shard_name(key.rsplit('/').next().unwrap_or(""))
                 .map(|(stripe, _, i)| crate::store::placement(st.sb.placement_start, stripe, i, n));
             match home {
-                Some(h) if st.recycle[h].len() < RECYCLE_LIMIT => st.recycle[h].push(key),
+                Some(h) if st.recycle[h].len() < RECYCLE_LIMIT && self.store.locations()[h].cheap_rename() => {
+                    st.recycle[h].push(key)
+                }
                 _ => {
                     for loc in self.store.locations() {
                         let _ = loc.delete(&key);
@@ -703,7 +705,7 @@ impl Volume {
         }
         let leaves = write_stripe(&self.store, &mut st.codec, &addr, &enc);
         st.enc = enc;
-        let leaves = leaves?;
+        let leaves = leaves?.leaves;
         self.set_entry(st, stripe, StripeEntry { gen, leaves })?;
         if let Some(c) = st.stripes.get_mut(&stripe) {
             c.dirty = false;

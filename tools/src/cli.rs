@@ -68,12 +68,40 @@ pub enum Command {
     Status(StatusArgs),
     /// Rebuild a lost or damaged store descriptor (store.bf) from the locations and the key file.
     Recover(RecoverArgs),
+    /// Show or replace the store's locations (directories and object stores).
+    #[command(subcommand)]
+    Location(LocationCommand),
     /// Manage block volumes (virtual disks served over NBD).
     #[command(subcommand)]
     Volume(VolumeCommand),
     /// Serve volumes as network block devices.
     #[command(subcommand)]
     Nbd(NbdCommand),
+}
+
+/// `bf location ...`.
+#[derive(Subcommand, Debug)]
+pub enum LocationCommand {
+    /// List the locations with their state (reachable, marker, unavailable).
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace a lost or retired location by a new, empty one and rebuild onto it everything the old one held
+    /// (a repairing scrub; no key needed).
+    Replace {
+        /// The location to replace: its spec as `bf location ls` shows it, or its number.
+        old: String,
+        /// The new location: a directory, file:///path or s3://bucket/prefix.
+        new: String,
+        /// Only switch the descriptor to the new location; run `bf scrub --repair` later.
+        #[arg(long)]
+        no_repair: bool,
+        /// Print the repair report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `bf volume ...`.
@@ -142,10 +170,10 @@ pub struct InitArgs {
     /// Segment size in MiB (fractions allowed, at least 0.0625 = 64 KiB) [config: segment_size_mb; default 32]
     #[arg(long)]
     pub segment_size_mb: Option<f64>,
-    /// A location directory (repeat for each disk; at least k+m for full protection) [config: locations;
-    /// default: k+m directories inside the store]
-    #[arg(long = "location", value_name = "DIR")]
-    pub locations: Vec<PathBuf>,
+    /// A location: a directory, file:///path or s3://bucket/prefix (repeat for each disk or object store; at
+    /// least k+m for full protection) [config: locations; default: k+m directories inside the store]
+    #[arg(long = "location", value_name = "LOCATION")]
+    pub locations: Vec<String>,
     /// Derive the key from a passphrase (Argon2id) instead of writing a key file; read from BF_PASSPHRASE or
     /// asked for on the terminal.
     #[arg(long)]

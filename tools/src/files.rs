@@ -32,6 +32,7 @@ pub fn run(cmd: Command, s: &Settings) -> Result<u8> {
         Command::Scrub(a) => crate::scrub::cmd_scrub(&a, s),
         Command::Status(a) => crate::scrub::cmd_status(&a, s),
         Command::Recover(a) => crate::scrub::cmd_recover(&a, s),
+        Command::Location(c) => crate::scrub::location_cmd(&c, s),
         Command::Volume(c) => crate::volumes::volume_cmd(&c, s),
         Command::Nbd(c) => crate::volumes::nbd_cmd(&c, s),
     }
@@ -56,7 +57,11 @@ fn init(a: &InitArgs, s: &Settings) -> Result<Store> {
         Some(mb) => bail!("invalid segment size {mb} MiB"),
         None => store::DEFAULT_SEGMENT_SIZE,
     };
-    let locations = if a.locations.is_empty() { f.locations.clone().unwrap_or_default() } else { a.locations.clone() };
+    let locations = if a.locations.is_empty() {
+        f.locations.iter().flatten().map(|l| l.spec().to_string()).collect()
+    } else {
+        a.locations.clone()
+    };
     let width = k as usize + m as usize;
     if !locations.is_empty() && locations.len() < width {
         tracing::warn!(
@@ -74,7 +79,8 @@ fn init(a: &InitArgs, s: &Settings) -> Result<Store> {
     } else {
         KeySource::NewKeyFile(s.key_path())
     };
-    let st = Store::init(&s.store, InitOptions { k, m, segment_size, locations, key })?;
+    let mut st = Store::init(&s.store, InitOptions { k, m, segment_size, locations, key })?;
+    apply_write_policy(&mut st, s)?;
     let d = st.descriptor();
     eprintln!(
         "bf: created store {} (k={}, m={}, segment {} KiB, {} locations)",
@@ -95,7 +101,16 @@ fn init(a: &InitArgs, s: &Settings) -> Result<Store> {
 
 /// Opens the store without a key.
 pub(crate) fn open_keyless(s: &Settings) -> Result<Store> {
-    Ok(Store::open(&s.store)?)
+    let mut st = Store::open(&s.store)?;
+    apply_write_policy(&mut st, s)?;
+    Ok(st)
+}
+
+fn apply_write_policy(st: &mut Store, s: &Settings) -> Result<()> {
+    if let Some(n) = s.file.min_shards_written {
+        st.set_min_shards_written(n).context("config min_shards_written")?;
+    }
+    Ok(())
 }
 
 /// Opens the store and loads its key.
@@ -244,12 +259,22 @@ fn cmd_commit(a: &CommitArgs, s: &Settings) -> Result<u8> {
         if !a.json {
             println!("{}  {}  {} bytes", report.root, report.name, report.size);
         }
+        if report.shards_not_stored > 0 {
+            eprintln!(
+                "bf: warning: {}: {} shards could not be stored on {}; the file is readable with reduced \
+                 redundancy until `bf scrub --repair` rebuilds them",
+                report.name,
+                report.shards_not_stored,
+                report.failed_locations.join(", ")
+            );
+        }
         reports.push(report);
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&reports)?);
     }
-    Ok(EXIT_OK)
+    let degraded = reports.iter().any(|r| r.shards_not_stored > 0);
+    Ok(if degraded { EXIT_DEGRADED } else { EXIT_OK })
 }
 
 fn now_ns() -> i64 {

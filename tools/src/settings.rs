@@ -23,8 +23,10 @@ pub struct ConfigFile {
     pub data_shards: Option<u16>,
     /// Parity shards for new stores.
     pub parity_shards: Option<u16>,
-    /// Location directories for new stores.
-    pub locations: Option<Vec<PathBuf>>,
+    /// Locations for new stores (paths or URLs), and connection settings of object-store locations.
+    pub locations: Option<Vec<LocationEntry>>,
+    /// Shards of each stripe that must be stored for a write to succeed (k+1..=k+m; default k+1).
+    pub min_shards_written: Option<usize>,
     /// Worker threads for commit and get.
     pub workers: Option<usize>,
     /// Stripe cache per served volume, MiB.
@@ -37,6 +39,26 @@ pub struct ConfigFile {
     pub orphan_grace_hours: Option<f64>,
     /// Local location I/O: auto, uring or std.
     pub io_engine: Option<String>,
+}
+
+/// One `locations` entry: a bare path or URL, or a `[[locations]]` table with connection settings.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum LocationEntry {
+    /// A path, `file:///path` or `s3://bucket/prefix`.
+    Spec(String),
+    /// An object-store location with endpoint, region and credentials.
+    Table(blockframe::locspec::S3Settings),
+}
+
+impl LocationEntry {
+    /// The location spec.
+    pub fn spec(&self) -> &str {
+        match self {
+            LocationEntry::Spec(s) => s,
+            LocationEntry::Table(t) => &t.url,
+        }
+    }
 }
 
 /// Resolved settings.
@@ -103,6 +125,11 @@ impl Settings {
         let engine =
             std::env::var("BF_IO_ENGINE").ok().or_else(|| file.io_engine.clone()).unwrap_or_else(|| "auto".into());
         blockframe::location::IoEngine::set_default(blockframe::location::IoEngine::parse(&engine)?);
+        let tables = file.locations.iter().flatten().filter_map(|l| match l {
+            LocationEntry::Table(t) => Some(t.clone()),
+            LocationEntry::Spec(_) => None,
+        });
+        blockframe::locspec::configure(tables.collect());
         Ok(Settings { store, store_is_default, key_file, log_level, workers, file })
     }
 
@@ -125,7 +152,31 @@ mod tests {
         assert!(c.locations.is_some() && c.workers.is_some() && c.volume_cache_mb.is_some());
         assert!(c.mount_cache_mb.is_some());
         assert!(c.scrub_rate_mb.is_some() && c.orphan_grace_hours.is_some());
-        assert!(c.io_engine.is_some());
+        assert!(c.io_engine.is_some() && c.min_shards_written.is_some());
+        let locs = c.locations.unwrap();
+        assert!(locs.iter().any(|l| l.spec().starts_with('/')));
+        assert!(locs.iter().any(|l| matches!(l, LocationEntry::Table(t) if t.endpoint.is_some())));
+    }
+
+    #[test]
+    fn location_tables_parse_and_keep_secrets_out_of_debug() {
+        let text = r#"
+            [[locations]]
+            url = "s3://bkt/a"
+            endpoint = "http://127.0.0.1:9001"
+            access_key_id = "AKIDTEST"
+            secret_access_key = "verysecretvalue"
+            timeout_secs = 2
+
+            [[locations]]
+            url = "/mnt/disk2/bf"
+        "#;
+        let c: ConfigFile = toml::from_str(text).unwrap();
+        let locs = c.locations.unwrap();
+        assert_eq!(locs.iter().map(|l| l.spec()).collect::<Vec<_>>(), ["s3://bkt/a", "/mnt/disk2/bf"]);
+        let dbg = format!("{locs:?}");
+        assert!(!dbg.contains("verysecretvalue") && !dbg.contains("AKIDTEST"), "{dbg}");
+        assert!(toml::from_str::<ConfigFile>("[[locations]]\nurl = \"s3://b\"\nsecret = \"x\"").is_err());
     }
 
     #[test]

@@ -1,0 +1,345 @@
+//! Locations on S3-compatible object stores (AWS S3, MinIO, Ceph RGW, Garage, Backblaze B2, ...), through the
+//! `object_store` crate.
+//!
+//! Every write is one PUT (or a multipart upload above the configured threshold), which S3 makes visible
+//! atomically and durable when acknowledged, so [`Location::sync`] has nothing to do. Requests are bounded by
+//! per-request timeouts and retried with exponential backoff on 5xx and transport errors; a location whose
+//! requests still fail is marked unavailable for [`DOWN_FOR`] so the next requests fail at once instead of each
+//! waiting out the timeouts (callers read from, or write to, the other locations meanwhile).
+//!
+//! `object_store` is async; the [`Location`] trait is blocking (it is called from worker threads of the commit
+//! pipeline, the NBD server's blocking pool and FUSE threads). Requests therefore run on one small private tokio
+//! runtime and the caller waits on a channel, which is safe from any thread, inside another runtime or not.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path;
+use object_store::{BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectStore, PutPayload, RetryConfig};
+
+use crate::error::{Error, Result};
+use crate::location::{validate_key, Location};
+use crate::locspec::S3Resolved;
+
+/// How long a location that failed stays marked unavailable before it is tried again.
+pub const DOWN_FOR: Duration = Duration::from_secs(30);
+/// Part size of multipart uploads.
+const PART_SIZE: usize = 16 << 20;
+
+fn runtime() -> Result<&'static tokio::runtime::Runtime> {
+    static RT: OnceLock<std::result::Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("bf-s3")
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map_err(|e| Error::Config(format!("cannot start the S3 client runtime: {e}")))
+}
+
+/// A bucket (and key prefix) on an S3-compatible object store.
+pub struct S3Location {
+    name: String,
+    prefix: String,
+    store: Arc<AmazonS3>,
+    /// Whole-operation deadline (covers every retry), so no call can hang.
+    deadline: Duration,
+    multipart_threshold: usize,
+    secrets: Vec<String>,
+    down: Mutex<Option<(Instant, String)>>,
+}
+
+impl std::fmt::Debug for S3Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Location").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl S3Location {
+    /// A client for the location described by `cfg` (no request is made until the first operation).
+    pub fn new(cfg: &S3Resolved) -> Result<S3Location> {
+        let retry = RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(2),
+                base: 2.0,
+            },
+            max_retries: cfg.max_retries,
+            retry_timeout: cfg.timeout * (cfg.max_retries as u32 + 1),
+        };
+        let options = ClientOptions::new()
+            .with_allow_http(cfg.allow_http)
+            .with_timeout(cfg.timeout)
+            .with_connect_timeout(cfg.connect_timeout);
+        let mut b = AmazonS3Builder::new()
+            .with_bucket_name(&cfg.spec.bucket)
+            .with_region(&cfg.region)
+            .with_retry(retry.clone())
+            .with_client_options(options);
+        if let Some(e) = &cfg.endpoint {
+            // Self-hosted servers (MinIO, Garage, s3s) want path-style requests: http://host/bucket/key.
+            b = b.with_endpoint(e).with_virtual_hosted_style_request(false);
+        }
+        match &cfg.credentials {
+            Some((id, secret)) => b = b.with_access_key_id(id).with_secret_access_key(secret),
+            None => b = b.with_skip_signature(true),
+        }
+        if let Some(t) = &cfg.session_token {
+            b = b.with_token(t);
+        }
+        let secrets: Vec<String> = cfg.secrets().into_iter().map(str::to_string).collect();
+        let store = b
+            .build()
+            .map_err(|e| Error::Config(format!("location {}: {}", cfg.spec.url, redact(&e.to_string(), &secrets))))?;
+        Ok(S3Location {
+            name: cfg.spec.url.clone(),
+            prefix: cfg.spec.prefix.clone(),
+            store: Arc::new(store),
+            deadline: retry.retry_timeout + cfg.timeout,
+            multipart_threshold: cfg.multipart_threshold,
+            secrets,
+            down: Mutex::new(None),
+        })
+    }
+
+    fn path(&self, key: &str) -> Result<Path> {
+        validate_key(key)?;
+        Ok(if self.prefix.is_empty() { Path::from(key) } else { Path::from(format!("{}/{key}", self.prefix)) })
+    }
+
+    fn root(&self) -> Option<Path> {
+        (!self.prefix.is_empty()).then(|| Path::from(self.prefix.as_str()))
+    }
+
+    /// Fails fast while the location is marked unavailable.
+    fn check_up(&self) -> Result<()> {
+        let Ok(mut down) = self.down.lock() else { return Ok(()) };
+        match &*down {
+            Some((until, reason)) if Instant::now() < *until => Err(Error::Unavailable {
+                location: self.name.clone(),
+                reason: format!("marked unavailable after an earlier failure ({reason})"),
+            }),
+            Some(_) => {
+                *down = None;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Runs one request on the client runtime with the whole-operation deadline; maps errors, marking the
+    /// location unavailable on anything but "not found".
+    fn run<T: Send + 'static>(
+        &self,
+        what: &str,
+        key: &str,
+        fut: impl Future<Output = object_store::Result<T>> + Send + 'static,
+    ) -> Result<T> {
+        self.check_up()?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let deadline = self.deadline;
+        runtime()?.spawn(async move {
+            let r = tokio::time::timeout(deadline, fut).await;
+            let _ = tx.send(r);
+        });
+        let outcome = rx.recv().map_err(|_| self.unavailable(what, key, "the request was dropped".into()))?;
+        match outcome {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(object_store::Error::NotFound { .. })) => Err(Error::io(
+                format!("{what} {}: {key}", self.name),
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such object"),
+            )),
+            Ok(Err(e)) => Err(self.unavailable(what, key, e.to_string())),
+            Err(_) => Err(self.unavailable(what, key, format!("no answer within {} s", deadline.as_secs_f64()))),
+        }
+    }
+
+    fn unavailable(&self, what: &str, key: &str, reason: String) -> Error {
+        let reason = redact(&reason, &self.secrets);
+        tracing::warn!(location = %self.name, %what, %key, %reason, "object store request failed");
+        if let Ok(mut down) = self.down.lock() {
+            *down = Some((Instant::now() + DOWN_FOR, reason.clone()));
+        }
+        Error::Unavailable { location: self.name.clone(), reason: format!("{what} {key}: {reason}") }
+    }
+
+    fn upload(&self, key: &str, parts: &[&[u8]]) -> Result<()> {
+        let path = self.path(key)?;
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let store = self.store.clone();
+        if total <= self.multipart_threshold {
+            let payload: PutPayload = parts.iter().map(|p| Bytes::copy_from_slice(p)).collect();
+            return self.run("writing", key, async move { store.put(&path, payload).await.map(|_| ()) });
+        }
+        // Large objects: a multipart upload, which S3 also makes visible atomically on completion.
+        let mut whole = Vec::with_capacity(total);
+        for p in parts {
+            whole.extend_from_slice(p);
+        }
+        let whole = Bytes::from(whole);
+        self.run("writing (multipart)", key, async move {
+            let mut up = store.put_multipart(&path).await?;
+            for chunk in (0..whole.len()).step_by(PART_SIZE) {
+                let part = whole.slice(chunk..(chunk + PART_SIZE).min(whole.len()));
+                if let Err(e) = up.put_part(part.into()).await {
+                    let _ = up.abort().await;
+                    return Err(e);
+                }
+            }
+            match up.complete().await {
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    let _ = up.abort().await;
+                    Err(e)
+                }
+            }
+        })
+    }
+}
+
+/// Replaces every secret in `text` by `***` (errors from the HTTP stack may echo request details).
+fn redact(text: &str, secrets: &[String]) -> String {
+    secrets.iter().fold(text.to_string(), |t, s| t.replace(s.as_str(), "***"))
+}
+
+impl Location for S3Location {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn put(&self, key: &str, parts: &[&[u8]]) -> Result<()> {
+        self.upload(key, parts)
+    }
+
+    fn get_into(&self, key: &str, buf: &mut Vec<u8>) -> Result<()> {
+        let path = self.path(key)?;
+        let store = self.store.clone();
+        let bytes = self.run("reading", key, async move { store.get(&path).await?.bytes().await })?;
+        buf.clear();
+        buf.extend_from_slice(&bytes);
+        Ok(())
+    }
+
+    fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let path = self.path(key)?;
+        let store = self.store.clone();
+        let bytes = self.run("reading", key, async move {
+            let range = GetRange::Bounded(offset..offset + len as u64);
+            match store.get_opts(&path, GetOptions { range: Some(range), ..Default::default() }).await {
+                Ok(r) => r.bytes().await,
+                // S3 refuses a range that starts at or past the end; our contract is "fewer bytes at the end".
+                Err(e) => match store.head(&path).await {
+                    Ok(meta) if offset >= meta.size => Ok(Bytes::new()),
+                    _ => Err(e),
+                },
+            }
+        })?;
+        Ok(bytes.to_vec())
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        let path = self.path(prefix)?;
+        let store = self.store.clone();
+        // object_store follows the continuation tokens, so long listings arrive whole.
+        let listing = self.run("listing", prefix, async move { store.list_with_delimiter(Some(&path)).await })?;
+        let mut names: Vec<String> = listing
+            .common_prefixes
+            .iter()
+            .chain(listing.objects.iter().map(|o| &o.location))
+            .filter_map(|p| p.filename().map(str::to_string))
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        let path = self.path(key)?;
+        let store = self.store.clone();
+        match self.run("deleting", key, async move { store.delete(&path).await }) {
+            Err(e) if e.is_not_found() => Ok(()),
+            r => r,
+        }
+    }
+
+    fn rename(&self, from: &str, to: &str) -> Result<()> {
+        let (src, dst) = (self.path(from)?, self.path(to)?);
+        let store = self.store.clone();
+        self.run("renaming", from, async move { store.rename(&src, &dst).await })
+    }
+
+    fn cheap_rename(&self) -> bool {
+        false
+    }
+
+    fn delete_prefix(&self, prefix: &str) -> Result<()> {
+        let path = self.path(prefix)?;
+        let store = self.store.clone();
+        self.run("deleting", prefix, async move {
+            let locations = store.list(Some(&path)).map_ok(|m| m.location).boxed();
+            let results: Vec<_> = store.delete_stream(locations).collect().await;
+            for r in results {
+                match r {
+                    Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn probe(&self) -> Result<()> {
+        let root = self.root();
+        let store = self.store.clone();
+        self.run("listing", "/", async move { store.list_with_delimiter(root.as_ref()).await.map(|_| ()) })
+    }
+
+    fn modified(&self, key: &str) -> Result<Option<SystemTime>> {
+        let path = self.path(key)?;
+        let store = self.store.clone();
+        // An object's own time, else (a "directory") the newest object directly under it.
+        let newest = self.run("reading", key, async move {
+            match store.head(&path).await {
+                Ok(meta) => Ok(Some(meta.last_modified)),
+                Err(object_store::Error::NotFound { .. }) => {
+                    let l = store.list_with_delimiter(Some(&path)).await?;
+                    Ok(l.objects.iter().map(|o| o.last_modified).max())
+                }
+                Err(e) => Err(e),
+            }
+        })?;
+        match newest {
+            Some(t) => Ok(Some(SystemTime::from(t))),
+            None => Err(Error::io(
+                format!("reading {}: {key}", self.name),
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such object"),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_secrets() {
+        let s = vec!["AKIDEXAMPLE".to_string(), "wJalrXUtnFEMI".to_string()];
+        assert_eq!(redact("auth AKIDEXAMPLE/wJalrXUtnFEMI failed", &s), "auth ***/*** failed");
+    }
+}
