@@ -3,5 +3,6 @@
 mod files;
 mod mount;
 mod nbd;
+mod s3;
 mod scrub;
 mod util;

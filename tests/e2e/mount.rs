@@ -12,7 +12,7 @@ use crate::util::{data, is_root, Env};
 const SEG: usize = 64 * 1024;
 
 /// True when FUSE mounts can be made here; otherwise says why the test is skipped.
-fn fuse_usable() -> bool {
+pub(crate) fn fuse_usable() -> bool {
     let dev = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse").is_ok();
     let helper = Command::new("sh").args(["-c", "command -v fusermount3"]).output().is_ok_and(|o| o.status.success());
     if !dev || !(is_root() || helper) {
@@ -38,14 +38,14 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 /// A `bf mount --foreground` process; unmounted (and killed if need be) on drop.
-struct Mounted {
+pub(crate) struct Mounted {
     dir: PathBuf,
     child: Option<Child>,
     log: PathBuf,
 }
 
 impl Mounted {
-    fn start(env: &Env, extra: &[&str]) -> Mounted {
+    pub(crate) fn start(env: &Env, extra: &[&str]) -> Mounted {
         let dir = env.path("mnt");
         std::fs::create_dir_all(&dir).unwrap();
         let log = env.path("mount.log");
@@ -69,7 +69,7 @@ impl Mounted {
         m
     }
 
-    fn p(&self, rel: &str) -> PathBuf {
+    pub(crate) fn p(&self, rel: &str) -> PathBuf {
         self.dir.join(rel)
     }
 
@@ -94,7 +94,7 @@ impl Mounted {
     }
 
     /// `bf umount`, then the server exits by itself.
-    fn unmount(mut self, env: &Env) {
+    pub(crate) fn unmount(mut self, env: &Env) {
         env.ok(&["umount", self.dir.to_str().unwrap()]);
         self.wait_exit();
     }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::util::{data, Env};
 
 /// True when `tool` is on PATH; otherwise prints why the test is skipped (scripts/test installs them all).
-fn have(tool: &str) -> bool {
+pub(crate) fn have(tool: &str) -> bool {
     let ok = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success());
     if !ok {
         eprintln!("SKIP: {tool} is not installed (scripts/test installs it)");
@@ -23,13 +23,13 @@ fn nbdsh() -> Command {
     c
 }
 
-struct Server {
+pub(crate) struct Server {
     child: Child,
     socket: PathBuf,
 }
 
 impl Server {
-    fn start(env: &Env, extra: &[&str]) -> Server {
+    pub(crate) fn start(env: &Env, extra: &[&str]) -> Server {
         let socket = env.path("nbd.sock");
         let _ = std::fs::remove_file(&socket);
         let child = env
@@ -47,12 +47,12 @@ impl Server {
         Server { child, socket }
     }
 
-    fn uri(&self, export: &str) -> String {
+    pub(crate) fn uri(&self, export: &str) -> String {
         format!("nbd+unix:///{export}?socket={}", self.socket.display())
     }
 
     /// SIGTERM: in-flight requests finish, volumes are flushed, the process exits 0.
-    fn stop(mut self) {
+    pub(crate) fn stop(mut self) {
         let _ = Command::new("kill").arg(self.child.id().to_string()).status();
         let status = self.child.wait().unwrap();
         assert!(status.success(), "server exit status {status}");
@@ -71,7 +71,7 @@ impl Drop for Server {
     }
 }
 
-fn ok(cmd: &mut Command) -> String {
+pub(crate) fn ok(cmd: &mut Command) -> String {
     let o = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
         o.status.success(),

@@ -6,11 +6,19 @@ use std::process::{Command, Output};
 /// A scratch area with its own store; every command runs with a clean environment.
 pub struct Env {
     pub dir: tempfile::TempDir,
+    vars: std::cell::RefCell<Vec<(String, String)>>,
 }
 
 impl Env {
     pub fn new() -> Self {
-        Env { dir: tempfile::tempdir().expect("tempdir") }
+        Env { dir: tempfile::tempdir().expect("tempdir"), vars: Default::default() }
+    }
+
+    /// Sets an environment variable for every later `bf` command of this env.
+    pub fn set_var(&self, key: &str, value: &str) {
+        let mut vars = self.vars.borrow_mut();
+        vars.retain(|(k, _)| k != key);
+        vars.push((key.into(), value.into()));
     }
 
     pub fn path(&self, p: &str) -> PathBuf {
@@ -30,6 +38,9 @@ impl Env {
             .env("HOME", self.dir.path())
             .env("BF_STORE", self.store())
             .env("BF_LOG", "error");
+        for (k, v) in self.vars.borrow().iter() {
+            c.env(k, v);
+        }
         c
     }
 
