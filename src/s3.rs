@@ -221,9 +221,18 @@ impl Location for S3Location {
     fn get_into(&self, key: &str, buf: &mut Vec<u8>) -> Result<()> {
         let path = self.path(key)?;
         let store = self.store.clone();
-        let bytes = self.run("reading", key, async move { store.get(&path).await?.bytes().await })?;
-        buf.clear();
-        buf.extend_from_slice(&bytes);
+        // The caller's buffer travels into the request and back, and the body streams straight into it: no
+        // second whole-object copy, and the buffer's capacity is reused from one shard to the next.
+        let mut out = std::mem::take(buf);
+        out.clear();
+        let filled = self.run("reading", key, async move {
+            let mut body = store.get(&path).await?.into_stream();
+            while let Some(chunk) = body.next().await {
+                out.extend_from_slice(&chunk?);
+            }
+            Ok(out)
+        })?;
+        *buf = filled;
         Ok(())
     }
 
