@@ -82,7 +82,7 @@ pub fn draw(csv_path: &Path, png_path: &Path, font: &Path) -> Result<()> {
     let n = bars.len();
     let max = bars.iter().map(|b| b.mb_per_s).fold(0.0, f64::max);
     let min = bars.iter().map(|b| b.mb_per_s).fold(f64::MAX, f64::min);
-    let (x0, x1) = (10f64.powf(min.log10().floor()), 10f64.powf((max * 3.0).log10().ceil()));
+    let (x0, x1) = (10f64.powf(min.log10().floor()), 10f64.powf((max * 1.5).log10().ceil()));
     let height = 90 + 24 * n as u32;
     let root = BitMapBackend::new(png_path, (1400, height)).into_drawing_area();
     root.fill(&WHITE)?;
