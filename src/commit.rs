@@ -338,6 +338,11 @@ pub fn commit(
         let replaced = catalog::publish(store, &manifest, &req.name, req.replace)?;
         let mut failed: Vec<usize> = results.iter().flat_map(|r| r.missing.iter().copied()).collect();
         let shards_not_stored = failed.len() as u64;
+        if shards_not_stored > 0 {
+            if let Err(e) = crate::pending::record(store, &file_id, shards_not_stored) {
+                tracing::warn!(error = %e, "could not record the pending repair (a scrub finds it anyway)");
+            }
+        }
         failed.sort_unstable();
         failed.dedup();
         Ok(CommitReport {

@@ -26,6 +26,8 @@ pub const MAGIC_STORE: [u8; 8] = *b"BFSTORE\0";
 pub const MAGIC_LOCATION: [u8; 8] = *b"BFLOCAT\0";
 /// Magic of the scrub state record (`scrub.state`).
 pub const MAGIC_SCRUB_STATE: [u8; 8] = *b"BFSCRUB\0";
+/// Magic of a pending-repair record (`pending/<id>` on the locations).
+pub const MAGIC_PENDING: [u8; 8] = *b"BFPEND\0\0";
 /// Magic of a key file.
 pub const MAGIC_KEY: [u8; 8] = *b"BFKEY\0\0\0";
 

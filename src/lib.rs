@@ -20,6 +20,7 @@ pub mod location;
 pub mod locspec;
 pub mod manifest;
 pub mod merkle;
+pub mod pending;
 pub mod read;
 pub mod recover;
 pub mod s3;

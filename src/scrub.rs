@@ -288,6 +288,12 @@ pub struct ScrubReport {
     /// Block volumes checked (whole-store runs only).
     #[serde(default, skip_deserializing)]
     pub volumes: Vec<volumes::VolumeReport>,
+    /// Pending-repair records (writes stored short) found at the start of the run.
+    #[serde(default)]
+    pub pending_found: u64,
+    /// Pending-repair records cleared because their file or volume is whole again (or gone).
+    #[serde(default)]
+    pub pending_cleared: u64,
 }
 
 impl ScrubReport {
@@ -1025,7 +1031,14 @@ pub fn run(
         total(bytes.sum());
     }
     let scrubber = Scrubber::new(store, opts.clone());
-    let mut report = ScrubReport { repair: opts.repair, files_resumed: resumed, complete: true, ..Default::default() };
+    let pending = crate::pending::list(store);
+    let mut report = ScrubReport {
+        repair: opts.repair,
+        files_resumed: resumed,
+        complete: true,
+        pending_found: pending.len() as u64,
+        ..Default::default()
+    };
     let mut saved = Instant::now();
     for (n, f) in todo.iter().enumerate() {
         let fr = scrubber.file(f, ctl.progress);
@@ -1062,12 +1075,41 @@ pub fn run(
     } else if full {
         st.running = Some(running);
     }
+    if opts.repair {
+        report.pending_cleared = clear_pending(store, &pending, &report, full && report.complete, &files);
+    }
     report.bytes_verified = scrubber.bytes_verified() + report.volumes.iter().map(|v| v.bytes_verified).sum::<u64>();
     report.elapsed_secs = scrubber.elapsed_secs();
     if let Err(e) = st.save(store.dir()) {
         warning.get_or_insert(e);
     }
     Ok((report, warning))
+}
+
+/// Clears the pending-repair records whose file or volume this run left whole; after a complete whole-store run
+/// also those of files and volumes that no longer exist. Returns how many were cleared.
+fn clear_pending(
+    store: &Store,
+    pending: &std::collections::BTreeMap<[u8; 16], crate::pending::PendingRepair>,
+    report: &ScrubReport,
+    whole_store: bool,
+    files: &[FileRef],
+) -> u64 {
+    let mut cleared = 0;
+    for id in pending.keys() {
+        let hex_id = hex::encode(id);
+        let file = report.files.iter().find(|f| f.file_id == hex_id).map(|f| f.health_after());
+        let volume = report.volumes.iter().find(|v| v.id == hex_id).map(|v| v.health_after());
+        let whole = match file.or(volume) {
+            Some(h) => h == Health::Healthy,
+            None => whole_store && !files.iter().any(|f| &f.file_id == id),
+        };
+        if whole {
+            crate::pending::clear(store, id);
+            cleared += 1;
+        }
+    }
+    cleared
 }
 
 #[cfg(test)]

@@ -386,11 +386,18 @@ fn write_policy_tolerates_failed_locations_and_scrub_fills_the_shortfall() {
     assert_eq!(r.shards_not_stored, 4 * 2, "two shards of each of 4 segments");
     assert_eq!(r.failed_locations.len(), 2);
     assert_eq!(get_file(&store, "f").unwrap(), bytes);
-    // Once the locations are back, a repairing scrub stores every missing shard at home.
+    // The shortfall is recorded on the locations; a check-only scrub leaves the record alone.
+    let pending = crate::pending::list(&store);
+    assert_eq!(pending.values().map(|p| p.shards).collect::<Vec<_>>(), [8]);
+    assert_eq!(scrub(&store, false).pending_found, 1);
+    assert_eq!(crate::pending::list(&store).len(), 1);
+    // Once the locations are back, a repairing scrub stores every missing shard at home and clears the record.
     locs[1].set_read_only(false);
     locs[3].set_read_only(false);
     let rep = scrub(&store, true);
     assert_eq!((rep.health(), rep.health_after()), (Health::Degraded, Health::Healthy));
+    assert_eq!((rep.pending_found, rep.pending_cleared), (1, 1));
+    assert!(crate::pending::list(&store).is_empty());
     assert_eq!(rep.files[0].issues.iter().filter(|i| i.repaired_to == Some(i.location)).count(), 8);
     assert_eq!(scrub(&store, false).health(), Health::Healthy);
     assert_eq!(raw_inventory(&locs).shards.len(), 4 * 5);

@@ -252,6 +252,8 @@ struct State {
     sb_dirty: bool,
     /// A write-back or commit failed; the volume refuses further writes until reopened.
     poisoned: Option<String>,
+    /// Shards not stored since the volume was opened (locations down, within the write policy).
+    shortfall: u64,
 }
 
 /// An open volume. All methods are safe to call from many threads; FLUSH is coherent across them (one
@@ -304,6 +306,7 @@ impl Volume {
                 stripes: HashMap::new(),
                 superseded: Vec::new(),
                 recycle: Vec::new(),
+                shortfall: 0,
                 codec,
                 bufs: StripeBuffers::default(),
                 enc: Vec::new(),
@@ -705,7 +708,18 @@ impl Volume {
         }
         let leaves = write_stripe(&self.store, &mut st.codec, &addr, &enc);
         st.enc = enc;
-        let leaves = leaves?.leaves;
+        let written = leaves?;
+        if !written.missing.is_empty() {
+            let first = st.shortfall == 0;
+            st.shortfall += written.missing.len() as u64;
+            // Recorded once per open (and again on the next open): scrub finds every missing shard anyway.
+            if first {
+                if let Err(e) = crate::pending::record(&self.store, &self.id, st.shortfall) {
+                    tracing::warn!(volume = %self.name, error = %e, "could not record the pending repair");
+                }
+            }
+        }
+        let leaves = written.leaves;
         self.set_entry(st, stripe, StripeEntry { gen, leaves })?;
         if let Some(c) = st.stripes.get_mut(&stripe) {
             c.dirty = false;

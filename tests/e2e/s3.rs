@@ -239,10 +239,14 @@ fn six_servers_commit_get_lose_m_repair_and_replace() {
     let err = env.fails(&["commit", p.to_str().unwrap(), "--name", "big"], 3);
     assert!(err.contains("could not be stored") && err.contains("s3://loc4/store"), "{err}");
     get_eq(&env, "big", &big);
-    // Servers back: one repairing scrub brings every stripe back to k+m shards; the next scrub is clean.
+    let status = |env: &Env| String::from_utf8_lossy(&env.run(&["status"]).stdout).into_owned();
+    assert!(status(&env).contains("1 files or volumes were written with shards missing"), "{}", status(&env));
+    // Servers back: one repairing scrub brings every stripe back to k+m shards and clears the pending record;
+    // the next scrub is clean.
     servers[1].restart();
     servers[4].restart();
     env.fails(&["scrub", "--repair"], 3);
+    assert!(!status(&env).contains("written with shards missing"), "{}", status(&env));
     env.ok(&["scrub"]);
     // Replace server 3 by a new, empty one and rebuild onto it; then lose two *other* servers: the data must
     // come from the rebuilt shards.

@@ -362,6 +362,8 @@ struct StatusReport {
     files_not_healthy: u64,
     bytes_at_risk: u64,
     bytes_lost: u64,
+    /// Files and volumes written short (a location was down), waiting for `bf scrub --repair`.
+    pending_repairs: u64,
 }
 
 /// `bf status`.
@@ -394,6 +396,7 @@ pub fn cmd_status(a: &StatusArgs, s: &Settings) -> Result<u8> {
         files_not_healthy: bad_files,
         bytes_at_risk: at_risk,
         bytes_lost: lost,
+        pending_repairs: blockframe::pending::list(&st).len() as u64,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -403,6 +406,12 @@ pub fn cmd_status(a: &StatusArgs, s: &Settings) -> Result<u8> {
     println!("k={} m={} segment {} KiB, {} files", d.k, d.m, d.segment_size >> 10, report.files);
     for (name, state) in &report.locations {
         println!("  location {name}: {}", location_word(state));
+    }
+    if report.pending_repairs > 0 {
+        println!(
+            "{} files or volumes were written with shards missing (a location was down): run `bf scrub --repair`",
+            report.pending_repairs
+        );
     }
     match &report.last_scrub {
         None => println!("last scrub: never (run `bf scrub`)"),
