@@ -5,12 +5,14 @@
 //! markers, k, m and the segment size from the manifests, and the key check value from the key (which must
 //! authenticate the manifests). Directories without a marker stand in for lost locations and get one.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 
 use crate::crypto::MasterKey;
 use crate::error::{Error, Result};
 use crate::format::{self, MAGIC_LOCATION, MAGIC_STORE};
-use crate::location::{LocalDir, Location, LocationExt};
+use crate::location::{open_location, Location, LocationExt};
+use crate::locspec::LocationSpec;
 use crate::manifest::{parse_manifest_name, Manifest};
 use crate::store::{LocationMarker, Store, StoreDescriptor, LOCATION_MARKER};
 
@@ -32,12 +34,36 @@ pub struct Recovered {
     pub descriptor: StoreDescriptor,
     /// Manifest copies that the key authenticated.
     pub manifests_checked: usize,
-    /// Directories that had no marker and were given one (replacements for lost locations).
-    pub new_locations: Vec<PathBuf>,
+    /// Locations that had no marker and were given one (replacements for lost locations).
+    pub new_locations: Vec<String>,
+}
+
+/// A location as given on the command line: its spec (local paths made absolute) and the open location.
+struct Given {
+    spec: String,
+    loc: Arc<dyn Location>,
+}
+
+fn open_given(specs: &[String]) -> Result<Vec<Given>> {
+    specs
+        .iter()
+        .map(|spec| {
+            let spec = match crate::locspec::parse(spec)? {
+                LocationSpec::Local(p) => std::path::absolute(&p)
+                    .map_err(|e| Error::io(format!("resolving {spec}"), e))?
+                    .display()
+                    .to_string(),
+                LocationSpec::S3(_) => spec.clone(),
+            };
+            let loc = open_location(Path::new("/"), &spec)?;
+            loc.probe()?;
+            Ok(Given { spec, loc })
+        })
+        .collect()
 }
 
 /// Reads a location's marker: `Ok(None)` when it has none.
-fn marker_of(loc: &LocalDir) -> Result<Option<LocationMarker>> {
+fn marker_of(loc: &dyn Location) -> Result<Option<LocationMarker>> {
     match loc.get(LOCATION_MARKER) {
         Ok(b) => format::open(MAGIC_LOCATION, &format!("location marker of {}", loc.name()), &b).map(Some),
         Err(e) if e.is_not_found() => Ok(None),
@@ -45,42 +71,41 @@ fn marker_of(loc: &LocalDir) -> Result<Option<LocationMarker>> {
     }
 }
 
-/// Orders the given directories by their markers' indexes, filling gaps with marker-less directories.
-fn order_locations(dirs: &[PathBuf]) -> Result<([u8; 16], Vec<PathBuf>, Vec<PathBuf>)> {
+/// Orders the given locations (indices into `given`) by their markers' indexes, filling gaps with marker-less
+/// ones; returns the store id, the order and the marker-less ones.
+fn order_locations(given: &[Given]) -> Result<([u8; 16], Vec<usize>, Vec<usize>)> {
     let mut store_id = None;
-    let mut placed: Vec<Option<PathBuf>> = Vec::new();
+    let mut placed: Vec<Option<usize>> = Vec::new();
     let mut blank = Vec::new();
-    for d in dirs {
-        let loc = LocalDir::new(d);
-        loc.probe()?;
-        let Some(m) = marker_of(&loc)? else {
-            blank.push(d.clone());
+    for (g, d) in given.iter().enumerate() {
+        let Some(m) = marker_of(d.loc.as_ref())? else {
+            blank.push(g);
             continue;
         };
         if *store_id.get_or_insert(m.store_id) != m.store_id {
-            return Err(Error::Config(format!("{} belongs to another store", d.display())));
+            return Err(Error::Config(format!("{} belongs to another store", d.spec)));
         }
         let i = m.index as usize;
         if i >= 4096 {
-            return Err(Error::corrupt(format!("location marker of {}", d.display()), "implausible index"));
+            return Err(Error::corrupt(format!("location marker of {}", d.spec), "implausible index"));
         }
         if placed.len() <= i {
             placed.resize(i + 1, None);
         }
-        if let Some(other) = &placed[i] {
-            return Err(Error::Config(format!("{} and {} both claim location {i}", other.display(), d.display())));
+        if let Some(other) = placed[i] {
+            return Err(Error::Config(format!("{} and {} both claim location {i}", given[other].spec, d.spec)));
         }
-        placed[i] = Some(d.clone());
+        placed[i] = Some(g);
     }
     let store_id =
         store_id.ok_or_else(|| Error::Config("no location has a marker: cannot tell which store they hold".into()))?;
     // Placement depends on the location count, which is not recorded anywhere but the descriptor: every
-    // location must be given (an empty directory for each lost one).
+    // location must be given (an empty one for each lost one).
     let total = placed.iter().filter(|p| p.is_some()).count() + blank.len();
     if placed.len() > total {
         return Err(Error::Config(format!(
-            "a marker names location {} but only {total} directories were given: give every location (an empty \
-             directory for each lost one)",
+            "a marker names location {} but only {total} locations were given: give every location (an empty \
+             directory or bucket for each lost one)",
             placed.len() - 1
         )));
     }
@@ -92,7 +117,7 @@ fn order_locations(dirs: &[PathBuf]) -> Result<([u8; 16], Vec<PathBuf>, Vec<Path
             Some(p) => ordered.push(p),
             None => {
                 return Err(Error::Config(format!(
-                    "location {i} is missing: give its directory, or an empty directory to replace it"
+                    "location {i} is missing: give it, or an empty directory or bucket to replace it"
                 )))
             }
         }
@@ -102,14 +127,19 @@ fn order_locations(dirs: &[PathBuf]) -> Result<([u8; 16], Vec<PathBuf>, Vec<Path
 
 /// Checks that the shards of a file sit where placement over this many locations puts them (a wrong location
 /// count would make every read look in the wrong place).
-fn check_placement(body: &crate::manifest::ManifestBody, ordered: &[PathBuf], blank: &[PathBuf]) -> Result<()> {
+fn check_placement(
+    body: &crate::manifest::ManifestBody,
+    given: &[Given],
+    ordered: &[usize],
+    blank: &[usize],
+) -> Result<()> {
     let n = ordered.len();
     let (mut home, mut away) = (0, 0);
     for seg in 0..body.segments.len().min(4) as u64 {
         for i in 0..body.width() {
             let key = crate::store::shard_key(&body.file_id, seg, i);
-            for (l, d) in ordered.iter().enumerate().filter(|(_, d)| !blank.contains(d)) {
-                if LocalDir::new(d).get_range(&key, 0, 1).is_ok_and(|b| !b.is_empty()) {
+            for (l, g) in ordered.iter().enumerate().filter(|(_, g)| !blank.contains(g)) {
+                if given[*g].loc.get_range(&key, 0, 1).is_ok_and(|b| !b.is_empty()) {
                     if l == crate::store::placement(body.placement_start, seg, i, n) {
                         home += 1;
                     } else {
@@ -121,29 +151,30 @@ fn check_placement(body: &crate::manifest::ManifestBody, ordered: &[PathBuf], bl
     }
     if away > home {
         return Err(Error::Config(format!(
-            "shards are not where {n} locations would put them: give every location (an empty directory for each \
-             lost one)"
+            "shards are not where {n} locations would put them: give every location (an empty one for each lost one)"
         )));
     }
     Ok(())
 }
 
-/// Rebuilds `<dir>/store.bf` from `locations` (in any order) and `key`. Refuses when a valid descriptor exists.
-pub fn recover(dir: &Path, locations: &[PathBuf], key: &MasterKey, fallback: &Fallback) -> Result<Recovered> {
+/// Rebuilds `<dir>/store.bf` from `locations` (specs, in any order) and `key`. Refuses when a valid descriptor
+/// exists.
+pub fn recover(dir: &Path, locations: &[String], key: &MasterKey, fallback: &Fallback) -> Result<Recovered> {
     if Store::open(dir).is_ok() {
         return Err(Error::StoreExists(dir.to_path_buf()));
     }
-    let (store_id, ordered, blank) = order_locations(locations)?;
+    let given = open_given(locations)?;
+    let (store_id, ordered, blank) = order_locations(&given)?;
     let mut newest: Option<Manifest> = None;
     let mut checked = 0;
     let mut rejected = 0;
-    for d in &ordered {
-        let loc = LocalDir::new(d);
+    for &g in &ordered {
+        let loc = &given[g].loc;
         for name in loc.list("manifests")? {
             if parse_manifest_name(&name).is_none() {
                 continue;
             }
-            let what = format!("manifest {name} on {}", d.display());
+            let what = format!("manifest {name} on {}", given[g].spec);
             match loc.get(&format!("manifests/{name}")).and_then(|b| Manifest::decode(&b, Some(key), &what)) {
                 Ok(m) if m.body.store_id == store_id => {
                     checked += 1;
@@ -173,25 +204,28 @@ pub fn recover(dir: &Path, locations: &[PathBuf], key: &MasterKey, fallback: &Fa
     };
     crate::erasure::validate(k as usize, m as usize)?;
     if let Some(n) = &newest {
-        check_placement(&n.body, &ordered, &blank)?;
+        check_placement(&n.body, &given, &ordered, &blank)?;
     }
-    for (i, d) in ordered.iter().enumerate() {
-        if blank.contains(d) {
-            let loc = LocalDir::new(d);
+    for (i, g) in ordered.iter().enumerate() {
+        if blank.contains(g) {
+            let loc = &given[*g].loc;
             let marker = LocationMarker { store_id, index: i as u32 };
             loc.put(LOCATION_MARKER, &[&format::seal(MAGIC_LOCATION, &marker)])?;
             loc.sync()?;
         }
     }
     let abs_dir = std::path::absolute(dir).map_err(|e| Error::io("resolving the store directory", e))?;
-    let paths = ordered
+    let paths: Vec<String> = ordered
         .iter()
-        .map(|p| {
-            let abs = std::path::absolute(p).map_err(|e| Error::io(format!("resolving {}", p.display()), e))?;
-            // Locations inside the store directory stay relative, as `bf init` wrote them.
-            Ok(abs.strip_prefix(&abs_dir).map(Path::to_path_buf).unwrap_or(abs).display().to_string())
+        .map(|&g| {
+            let spec = &given[g].spec;
+            match Path::new(spec).strip_prefix(&abs_dir) {
+                // Locations inside the store directory stay relative, as `bf init` wrote them.
+                Ok(rel) if spec.starts_with('/') => rel.display().to_string(),
+                _ => spec.clone(),
+            }
         })
-        .collect::<Result<Vec<String>>>()?;
+        .collect();
     let descriptor = StoreDescriptor {
         store_id,
         k,
@@ -213,5 +247,6 @@ pub fn recover(dir: &Path, locations: &[PathBuf], key: &MasterKey, fallback: &Fa
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     crate::store::write_atomic(&dir.join("store.bf"), &format::seal(MAGIC_STORE, &descriptor), 0o644)?;
-    Ok(Recovered { descriptor, manifests_checked: checked, new_locations: blank })
+    let new_locations = blank.iter().map(|&g| given[g].spec.clone()).collect();
+    Ok(Recovered { descriptor, manifests_checked: checked, new_locations })
 }

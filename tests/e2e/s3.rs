@@ -368,3 +368,23 @@ fn mount_and_nbd_over_s3_locations() {
     assert!(!out.contains("Pattern verification failed"), "{out}");
     srv.stop();
 }
+
+#[test]
+fn recover_rebuilds_the_descriptor_from_s3_locations() {
+    let (env, servers) = cluster(6, 4, 2, "");
+    let bytes = data(200_000, 41);
+    let p = env.write("f", &bytes);
+    env.ok(&["commit", p.to_str().unwrap(), "--name", "f"]);
+    std::fs::remove_file(env.store().join("store.bf")).unwrap();
+    let key = env.store().join("master.key");
+    let mut args: Vec<String> = vec!["--key-file".into(), key.to_str().unwrap().into(), "recover".into()];
+    for s in servers.iter().rev() {
+        args.extend(["--location".into(), s.url()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    env.ok(&args);
+    let ls = env.ok(&["location", "ls"]);
+    let order: Vec<&str> = ls.lines().filter_map(|l| l.split_whitespace().nth(1)).collect();
+    assert_eq!(order, servers.iter().map(|s| s.url()).collect::<Vec<_>>(), "markers put them back in order");
+    get_eq(&env, "f", &bytes);
+}

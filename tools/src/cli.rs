@@ -310,9 +310,10 @@ pub struct StatusArgs {
 /// `bf recover`.
 #[derive(Args, Debug)]
 pub struct RecoverArgs {
-    /// Every location directory of the store, in any order (an empty directory for each lost one).
-    #[arg(long = "location", value_name = "DIR", required = true)]
-    pub locations: Vec<PathBuf>,
+    /// Every location of the store (directories, file:///path or s3://bucket/prefix), in any order (an empty
+    /// directory or bucket for each lost one).
+    #[arg(long = "location", value_name = "LOCATION", required = true)]
+    pub locations: Vec<String>,
     /// Data shards, only needed when no manifest is left.
     #[arg(long, short = 'k')]
     pub data_shards: Option<u16>,

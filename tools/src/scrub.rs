@@ -474,7 +474,7 @@ pub fn cmd_recover(a: &RecoverArgs, s: &Settings) -> Result<u8> {
         r.manifests_checked
     );
     for l in &r.new_locations {
-        eprintln!("bf: {} had no marker and replaces a lost location; run `bf scrub --repair`", l.display());
+        eprintln!("bf: {l} had no marker and replaces a lost location; run `bf scrub --repair`");
     }
     Ok(EXIT_OK)
 }
