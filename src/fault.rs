@@ -70,6 +70,12 @@ impl Location for MemLocation {
         &self.name
     }
 
+    /// Reported as remote, so the library tests over in-memory stores exercise the concurrent shard fetches
+    /// (directory-backed tests cover the sequential ones).
+    fn remote(&self) -> bool {
+        true
+    }
+
     fn put(&self, key: &str, parts: &[&[u8]]) -> Result<()> {
         crate::location::validate_key(key)?;
         let bytes = parts.concat();
@@ -217,6 +223,10 @@ impl Location for FaultyLocation {
     }
     fn cheap_rename(&self) -> bool {
         self.inner.cheap_rename()
+    }
+
+    fn remote(&self) -> bool {
+        self.inner.remote()
     }
 
     fn delete_prefix(&self, prefix: &str) -> Result<()> {

@@ -46,6 +46,11 @@ pub trait Location: Send + Sync + std::fmt::Debug {
     fn cheap_rename(&self) -> bool {
         false
     }
+    /// True for locations behind a network round trip (object stores): readers then fetch the shards of a
+    /// stripe concurrently instead of one after another.
+    fn remote(&self) -> bool {
+        false
+    }
     /// Deletes every object under the `prefix` directory.
     fn delete_prefix(&self, prefix: &str) -> Result<()>;
     /// Makes all completed puts (with their bytes, for deferred ones) and deletes durable.

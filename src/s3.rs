@@ -292,12 +292,19 @@ impl Location for S3Location {
         false
     }
 
+    fn remote(&self) -> bool {
+        true
+    }
+
     fn delete_prefix(&self, prefix: &str) -> Result<()> {
         let path = self.path(prefix)?;
         let store = self.store.clone();
         self.run("deleting", prefix, async move {
-            let locations = store.list(Some(&path)).map_ok(|m| m.location).boxed();
-            let results: Vec<_> = store.delete_stream(locations).collect().await;
+            // List completely before deleting: some servers cannot continue a listing whose continuation key
+            // was deleted meanwhile.
+            let keys: Vec<Path> = store.list(Some(&path)).map_ok(|m| m.location).try_collect().await?;
+            let keys = futures::stream::iter(keys.into_iter().map(Ok)).boxed();
+            let results: Vec<_> = store.delete_stream(keys).collect().await;
             for r in results {
                 match r {
                     Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
