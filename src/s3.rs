@@ -226,7 +226,10 @@ impl Location for S3Location {
         let mut out = std::mem::take(buf);
         out.clear();
         let filled = self.run("reading", key, async move {
-            let mut body = store.get(&path).await?.into_stream();
+            let got = store.get(&path).await?;
+            // Sized once from the object's length, so the buffer never doubles past it while the body arrives.
+            out.reserve_exact(usize::try_from(got.meta.size).unwrap_or(0));
+            let mut body = got.into_stream();
             while let Some(chunk) = body.next().await {
                 out.extend_from_slice(&chunk?);
             }
