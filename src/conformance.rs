@@ -2,6 +2,7 @@
 //! the in-memory and fault-injecting test locations, S3 object stores) runs it, so the store above can rely on
 //! the same behaviour everywhere. Test support: failures panic with the backend's name and the broken rule.
 
+use crate::fault::test_bytes;
 use crate::location::{Location, LocationExt};
 
 /// Options for [`check`].
@@ -14,10 +15,6 @@ impl Default for Options {
     fn default() -> Self {
         Options { large_object: 3 << 20 }
     }
-}
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1] ^ seed).collect()
 }
 
 /// Runs the whole suite on an empty location. Uses keys under `conformance/`.
@@ -44,7 +41,7 @@ pub fn check(loc: &dyn Location, opts: &Options) {
     assert!(loc.get_range("conformance/missing", 0, 4).is_err_and(|e| e.is_not_found()), "{who}: range of missing");
 
     // Ranges: inside, past the end (shorter), starting at or past the end (empty).
-    let data = pattern(10_000, 1);
+    let data = test_bytes(10_000, 1);
     loc.put("conformance/a/two", &[&data[..3], &data[3..]]).unwrap();
     assert_eq!(loc.get_range("conformance/a/two", 100, 50).unwrap(), &data[100..150], "{who}: inner range");
     assert_eq!(loc.get_range("conformance/a/two", 9_990, 50).unwrap(), &data[9_990..], "{who}: range past the end");
@@ -90,7 +87,7 @@ pub fn check(loc: &dyn Location, opts: &Options) {
     assert_eq!(loc.get("conformance/d/x").unwrap(), b"deferred", "{who}: deferred put");
 
     // A large object, written in several parts, round-trips.
-    let big = pattern(opts.large_object, 9);
+    let big = test_bytes(opts.large_object, 9);
     let third = big.len() / 3;
     loc.put("conformance/big", &[&big[..third], &big[third..]]).unwrap_or_else(|e| fail(&format!("large put: {e}")));
     assert!(loc.get("conformance/big").unwrap() == big, "{who}: large object round trip");

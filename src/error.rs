@@ -193,6 +193,11 @@ impl Error {
         }
     }
 
+    /// The error a location returns for an object that does not exist (`what` names the object and where).
+    pub fn object_not_found(what: impl Into<String>) -> Error {
+        Error::io(what.into(), std::io::Error::new(std::io::ErrorKind::NotFound, "no such object"))
+    }
+
     /// True when the error means "the object does not exist" (as opposed to "is damaged").
     pub fn is_not_found(&self) -> bool {
         matches!(self, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)

@@ -20,8 +20,18 @@ use crate::location::{LocalDir, Location, LocationExt};
 use crate::manifest::parse_manifest_name;
 use crate::store::LOCATION_MARKER;
 
-fn not_found(what: &str) -> Error {
-    Error::io(what.to_string(), std::io::Error::new(std::io::ErrorKind::NotFound, "no such object"))
+/// Deterministic pseudo-random bytes (xorshift64) for test and benchmark inputs: incompressible, and never the
+/// all-zero pages the kernel may share copy-on-write.
+pub fn test_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
 }
 
 #[derive(Clone, Debug)]
@@ -86,14 +96,14 @@ impl Location for MemLocation {
     fn get_into(&self, key: &str, buf: &mut Vec<u8>) -> Result<()> {
         buf.clear();
         let objects = self.objects()?;
-        let o = objects.get(key).ok_or_else(|| not_found(&format!("{}: {key}", self.name)))?;
+        let o = objects.get(key).ok_or_else(|| Error::object_not_found(format!("{}: {key}", self.name)))?;
         buf.extend_from_slice(&o.bytes);
         Ok(())
     }
 
     fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
         let objects = self.objects()?;
-        let o = objects.get(key).ok_or_else(|| not_found(&format!("{}: {key}", self.name)))?;
+        let o = objects.get(key).ok_or_else(|| Error::object_not_found(format!("{}: {key}", self.name)))?;
         let start = (offset.min(o.bytes.len() as u64)) as usize;
         let end = start.saturating_add(len).min(o.bytes.len());
         Ok(o.bytes[start..end].to_vec())
@@ -137,7 +147,7 @@ impl Location for MemLocation {
         }
         let p = dir_prefix(key);
         let newest = objects.range(p.clone()..).take_while(|(k, _)| k.starts_with(&p)).map(|(_, o)| o.modified).max();
-        newest.map(Some).ok_or_else(|| not_found(&format!("{}: {key}", self.name)))
+        newest.map(Some).ok_or_else(|| Error::object_not_found(format!("{}: {key}", self.name)))
     }
 }
 

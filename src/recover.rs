@@ -10,11 +10,10 @@ use std::sync::Arc;
 
 use crate::crypto::MasterKey;
 use crate::error::{Error, Result};
-use crate::format::{self, MAGIC_LOCATION, MAGIC_STORE};
+use crate::format::{self, MAGIC_STORE};
 use crate::location::{open_location, Location, LocationExt};
-use crate::locspec::LocationSpec;
 use crate::manifest::{parse_manifest_name, Manifest};
-use crate::store::{LocationMarker, Store, StoreDescriptor, LOCATION_MARKER};
+use crate::store::{canonical_spec, read_marker, write_marker, Store, StoreDescriptor};
 
 /// Settings used only when no manifest is left to read them from.
 #[derive(Clone, Debug, Default)]
@@ -48,27 +47,12 @@ fn open_given(specs: &[String]) -> Result<Vec<Given>> {
     specs
         .iter()
         .map(|spec| {
-            let spec = match crate::locspec::parse(spec)? {
-                LocationSpec::Local(p) => std::path::absolute(&p)
-                    .map_err(|e| Error::io(format!("resolving {spec}"), e))?
-                    .display()
-                    .to_string(),
-                LocationSpec::S3(_) => spec.clone(),
-            };
+            let spec = canonical_spec(spec)?;
             let loc = open_location(Path::new("/"), &spec)?;
             loc.probe()?;
             Ok(Given { spec, loc })
         })
         .collect()
-}
-
-/// Reads a location's marker: `Ok(None)` when it has none.
-fn marker_of(loc: &dyn Location) -> Result<Option<LocationMarker>> {
-    match loc.get(LOCATION_MARKER) {
-        Ok(b) => format::open(MAGIC_LOCATION, &format!("location marker of {}", loc.name()), &b).map(Some),
-        Err(e) if e.is_not_found() => Ok(None),
-        Err(e) => Err(e),
-    }
 }
 
 /// Orders the given locations (indices into `given`) by their markers' indexes, filling gaps with marker-less
@@ -78,7 +62,7 @@ fn order_locations(given: &[Given]) -> Result<([u8; 16], Vec<usize>, Vec<usize>)
     let mut placed: Vec<Option<usize>> = Vec::new();
     let mut blank = Vec::new();
     for (g, d) in given.iter().enumerate() {
-        let Some(m) = marker_of(d.loc.as_ref())? else {
+        let Some(m) = read_marker(d.loc.as_ref())? else {
             blank.push(g);
             continue;
         };
@@ -208,10 +192,7 @@ pub fn recover(dir: &Path, locations: &[String], key: &MasterKey, fallback: &Fal
     }
     for (i, g) in ordered.iter().enumerate() {
         if blank.contains(g) {
-            let loc = &given[*g].loc;
-            let marker = LocationMarker { store_id, index: i as u32 };
-            loc.put(LOCATION_MARKER, &[&format::seal(MAGIC_LOCATION, &marker)])?;
-            loc.sync()?;
+            write_marker(given[*g].loc.as_ref(), &store_id, i)?;
         }
     }
     let abs_dir = std::path::absolute(dir).map_err(|e| Error::io("resolving the store directory", e))?;

@@ -152,10 +152,9 @@ impl S3Location {
         let outcome = rx.recv().map_err(|_| self.unavailable(what, key, "the request was dropped".into()))?;
         match outcome {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(object_store::Error::NotFound { .. })) => Err(Error::io(
-                format!("{what} {}: {key}", self.name),
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no such object"),
-            )),
+            Ok(Err(object_store::Error::NotFound { .. })) => {
+                Err(Error::object_not_found(format!("{what} {}: {key}", self.name)))
+            }
             Ok(Err(e)) => Err(self.unavailable(what, key, e.to_string())),
             Err(_) => Err(self.unavailable(what, key, format!("no answer within {} s", deadline.as_secs_f64()))),
         }
@@ -344,10 +343,7 @@ impl Location for S3Location {
         })?;
         match newest {
             Some(t) => Ok(Some(SystemTime::from(t))),
-            None => Err(Error::io(
-                format!("reading {}: {key}", self.name),
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no such object"),
-            )),
+            None => Err(Error::object_not_found(format!("reading {}: {key}", self.name))),
         }
     }
 }

@@ -313,20 +313,17 @@ impl Store {
         }
         let _lock = self.lock_catalog()?;
         let loc = create_location(&self.dir, &spec)?;
-        let what = format!("location marker of {}", loc.name());
-        match loc.get(LOCATION_MARKER) {
-            Ok(bytes) => {
-                let marker: LocationMarker = format::open(MAGIC_LOCATION, &what, &bytes)?;
+        match read_marker(loc.as_ref())? {
+            Some(marker) => {
                 if marker.store_id != self.desc.store_id || marker.index as usize != index {
                     return Err(Error::Config(format!("{} already belongs to a store", loc.name())));
                 }
             }
-            Err(e) if e.is_not_found() => {
+            None => {
                 if !loc.list("manifests")?.is_empty() || !loc.list("shards")?.is_empty() {
                     return Err(Error::Config(format!("{} is not empty", loc.name())));
                 }
             }
-            Err(e) => return Err(e),
         }
         write_marker(loc.as_ref(), &self.desc.store_id, index)?;
         let mut desc = self.desc.clone();
@@ -417,12 +414,12 @@ fn default_min_shards_written(k: u16, m: u16) -> usize {
 
 /// A spec as the descriptor keeps it: local paths made absolute (relative to the current directory), URLs
 /// checked and kept as written.
-fn canonical_spec(spec: &str) -> Result<String> {
+pub(crate) fn canonical_spec(spec: &str) -> Result<String> {
     match crate::locspec::parse(spec)? {
-        crate::locspec::LocationSpec::Local(p) if !p.is_absolute() => {
-            Ok(std::env::current_dir().ctx(|| "reading the current directory".into())?.join(p).display().to_string())
+        crate::locspec::LocationSpec::Local(p) => {
+            Ok(std::path::absolute(&p).ctx(|| format!("resolving {}", p.display()))?.display().to_string())
         }
-        _ => Ok(spec.to_string()),
+        crate::locspec::LocationSpec::S3(_) => Ok(spec.to_string()),
     }
 }
 
@@ -438,7 +435,17 @@ fn create_location(dir: &Path, spec: &str) -> Result<Arc<dyn Location>> {
     Ok(loc)
 }
 
-fn write_marker(loc: &dyn Location, store_id: &[u8; 16], index: usize) -> Result<()> {
+/// Reads a location's marker: `Ok(None)` when it has none.
+pub(crate) fn read_marker(loc: &dyn Location) -> Result<Option<LocationMarker>> {
+    match loc.get(LOCATION_MARKER) {
+        Ok(b) => format::open(MAGIC_LOCATION, &format!("location marker of {}", loc.name()), &b).map(Some),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes a location's marker (store id and position) and makes it durable.
+pub(crate) fn write_marker(loc: &dyn Location, store_id: &[u8; 16], index: usize) -> Result<()> {
     let marker = LocationMarker { store_id: *store_id, index: index as u32 };
     loc.put(LOCATION_MARKER, &[&format::seal(MAGIC_LOCATION, &marker)])?;
     loc.sync()

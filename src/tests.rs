@@ -22,17 +22,7 @@ pub(crate) fn new_store(dir: &std::path::Path, k: u16, m: u16) -> Store {
     .unwrap()
 }
 
-pub(crate) fn data(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+pub(crate) use crate::fault::test_bytes as data;
 
 fn req(name: &str) -> CommitRequest {
     CommitRequest { name: name.into(), mtime_unix_ns: 0, mode: 0o644, replace: false, workers: 2, size: None }

@@ -294,11 +294,7 @@ fn stopped_and_failing_servers_give_bounded_clear_errors() {
     // A server that answers every request with an error (it now expects another secret): clear errors naming
     // the location, never the secret, and reads carry on from parity.
     drop(servers);
-    let env2 = Env::new();
-    let mut servers: Vec<S3Server> =
-        (0..6).map(|i| S3Server::start(env2.path(&format!("s3/{i}")), &format!("loc{i}"))).collect();
-    write_config(&env2, &servers, "");
-    env2.ok(&["init", "-k", "4", "-m", "2", "--segment-size-mb", "0.0625"]);
+    let (env2, mut servers) = cluster(6, 4, 2, "");
     let p = env2.write("f", &bytes);
     env2.ok(&["commit", p.to_str().unwrap(), "--name", "f"]);
     servers[5].kill();

@@ -89,18 +89,7 @@ impl Env {
     }
 }
 
-/// Deterministic pseudo-random bytes.
-pub fn data(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
+pub use blockframe::fault::test_bytes as data;
 
 /// Every regular file under `dir`.
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {

@@ -73,19 +73,24 @@ fn open_optional_key(s: &Settings) -> Result<Store> {
 }
 
 fn options(a: &ScrubArgs, s: &Settings) -> Result<ScrubOptions> {
-    let rate_mb = a.rate.or(s.file.scrub_rate_mb);
+    scrub_options(a.repair, a.rate, a.orphan_grace_hours, s)
+}
+
+/// Scrub options from flags (when given) over the config file.
+fn scrub_options(repair: bool, rate: Option<f64>, grace_hours: Option<f64>, s: &Settings) -> Result<ScrubOptions> {
+    let rate_mb = rate.or(s.file.scrub_rate_mb);
     let rate_bytes_per_sec = match rate_mb {
         Some(r) if r.is_finite() && r > 0.0 => Some((r * 1e6) as u64),
         Some(0.0) => None,
         Some(r) => bail!("invalid scrub rate {r} MB/s"),
         None => None,
     };
-    let grace_h = a.orphan_grace_hours.or(s.file.orphan_grace_hours).unwrap_or(24.0);
+    let grace_h = grace_hours.or(s.file.orphan_grace_hours).unwrap_or(24.0);
     if !grace_h.is_finite() || grace_h < 0.0 {
         bail!("invalid orphan grace period {grace_h} hours");
     }
     Ok(ScrubOptions {
-        repair: a.repair,
+        repair,
         workers: s.workers,
         rate_bytes_per_sec,
         orphan_grace: Duration::from_secs_f64(grace_h * 3600.0),
@@ -133,18 +138,7 @@ pub fn location_cmd(c: &LocationCommand, s: &Settings) -> Result<u8> {
                 return Ok(EXIT_OK);
             }
             eprintln!("bf: rebuilding its shards and manifest copies from the other locations");
-            let args = ScrubArgs {
-                names: vec![],
-                repair: true,
-                json: *json,
-                rate: None,
-                resume: false,
-                max_duration: None,
-                watch: false,
-                interval: "7d".into(),
-                orphan_grace_hours: None,
-            };
-            scrub_once(&st, &options(&args, s)?, Selection::All, None, *json)
+            scrub_once(&st, &scrub_options(true, None, None, s)?, Selection::All, None, *json)
         }
     }
 }

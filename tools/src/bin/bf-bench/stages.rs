@@ -13,6 +13,7 @@ use serde_json::json;
 use blockframe::commit::shard_leaf;
 use blockframe::crypto::{MasterKey, TAG_LEN};
 use blockframe::erasure::{shard_len, Codec};
+use blockframe::fault::test_bytes;
 use blockframe::xts::SECTOR;
 
 /// What to measure.
@@ -36,20 +37,6 @@ const STAGES: [(&str, &str); 5] = [
 /// One segment's work for one stage; owns its buffers so threads share nothing.
 type Work = Box<dyn FnMut() -> Result<()> + Send>;
 
-/// Deterministic filler bytes (the stages' speed does not depend on the content, but zero pages could be
-/// shared copy-on-write and make the first pass slower than the rest).
-fn filled(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn make_work(stage: &str, p: &Params) -> Result<Work> {
     let (k, m, seg) = (p.k, p.m, p.segment_bytes);
     let key = MasterKey::from_bytes([7; 32]);
@@ -58,7 +45,7 @@ fn make_work(stage: &str, p: &Params) -> Result<Work> {
     Ok(match stage {
         "gcm" => {
             let cipher = key.segment_cipher(&[1; 16]);
-            let mut buf = filled(seg + TAG_LEN, 1);
+            let mut buf = test_bytes(seg + TAG_LEN, 1);
             let mut segment = 0u64;
             Box::new(move || {
                 segment += 1;
@@ -67,7 +54,7 @@ fn make_work(stage: &str, p: &Params) -> Result<Work> {
         }
         "xts" => {
             let xts = key.volume_xts(&[2; 16]);
-            let mut buf = filled(seg / SECTOR * SECTOR, 2);
+            let mut buf = test_bytes(seg / SECTOR * SECTOR, 2);
             Box::new(move || {
                 xts.encrypt(&mut buf, 0);
                 Ok(())
@@ -75,7 +62,7 @@ fn make_work(stage: &str, p: &Params) -> Result<Work> {
         }
         "rs_encode" => {
             let mut codec = Codec::new(k, m)?;
-            let data = filled(k * sl, 3);
+            let data = test_bytes(k * sl, 3);
             Box::new(move || {
                 codec.encode_with(&data, sl, |parity| parity.len())?;
                 Ok(())
@@ -84,7 +71,7 @@ fn make_work(stage: &str, p: &Params) -> Result<Work> {
         "rs_reconstruct" => {
             // The worst case a degraded read meets: the m lost shards are data shards, rebuilt from parity.
             let mut codec = Codec::new(k, m)?;
-            let mut data = filled(k * sl, 4);
+            let mut data = test_bytes(k * sl, 4);
             let mut parity = Vec::new();
             codec.encode(&data, sl, &mut parity)?;
             let lost = m.min(k);
@@ -95,7 +82,7 @@ fn make_work(stage: &str, p: &Params) -> Result<Work> {
             })
         }
         "blake3" => {
-            let shards = filled((k + m) * sl, 5);
+            let shards = test_bytes((k + m) * sl, 5);
             Box::new(move || {
                 for (i, payload) in shards.chunks_exact(sl).enumerate() {
                     std::hint::black_box(shard_leaf(&[3; 16], 0, i as u16, payload));
