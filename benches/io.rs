@@ -14,7 +14,7 @@ fn io(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(SHARD as u64));
     let payload = vec![0x5au8; SHARD];
     let mut engines = vec![("std", IoEngine::Std)];
-    if blockframe::uring::available() {
+    if IoEngine::parse("uring").is_ok() {
         engines.push(("uring", IoEngine::Uring));
     }
     for (name, engine) in engines {

@@ -74,8 +74,8 @@ pub enum Error {
         /// Segment index.
         segment: u64,
     },
-    /// Not enough locations accepted a write.
-    #[error("only {ok} of {need} locations accepted {what}: {detail}")]
+    /// Not enough locations accepted a write; `failures` says why each refusing location did.
+    #[error("only {ok} of {need} locations accepted {what}: {}", describe_failures(.failures))]
     WriteQuorum {
         /// What was written.
         what: String,
@@ -83,8 +83,8 @@ pub enum Error {
         ok: usize,
         /// Locations needed.
         need: usize,
-        /// The failures.
-        detail: String,
+        /// The locations that failed, with their errors.
+        failures: Vec<LocationFailure>,
     },
     /// A location cannot be reached or refuses requests (network, timeouts, server errors, access denied).
     #[error("location {location} is unavailable: {reason}")]
@@ -94,9 +94,33 @@ pub enum Error {
         /// What failed.
         reason: String,
     },
-    /// A configuration value or argument is invalid.
+    /// A configuration value is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// An argument is invalid (a name, a size, a key of an object).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// A byte range lies (partly) outside the object it addresses.
+    #[error("range {offset}+{len} is beyond the end of {what} ({size} bytes)")]
+    OutOfRange {
+        /// What was addressed (a volume, a file).
+        what: String,
+        /// Start of the range.
+        offset: u64,
+        /// Length of the range.
+        len: u64,
+        /// Size of the object.
+        size: u64,
+    },
+    /// The object refuses writes (opened read-only, or turned read-only after a failed write-back).
+    #[error("{0} is read-only")]
+    ReadOnly(String),
+    /// Another process holds the object (a volume served by `bf nbd serve`, say).
+    #[error("{0} is in use by another process")]
+    InUse(String),
+    /// A broken internal invariant (a panicked worker thread, a poisoned lock): a bug, never bad input.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// A filesystem operation (the mount layer, [`crate::vfs`]) was refused; `kind` says why.
     #[error("{path}: {}", kind.describe())]
     Fs {
@@ -176,21 +200,65 @@ impl Error {
         Error::Fs { kind, path: path.into() }
     }
 
+    /// The class of this error, for adapters that map errors to codes (errno values, exit codes) without
+    /// looking at text. A failed write takes the class of its locations' failures: no space when any location
+    /// was full, read-only when any refused writes.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Io { source, .. } => io_kind(source),
+            Error::WrongKey | Error::KeyRequired(_) => ErrorKind::Key,
+            Error::NoStore { .. } | Error::NotFound(_) => ErrorKind::NotFound,
+            Error::StoreExists(_) | Error::AlreadyExists(_) => ErrorKind::AlreadyExists,
+            Error::Corrupt { .. } | Error::Authentication { .. } => ErrorKind::Corrupt,
+            Error::TooManyLost { .. } => ErrorKind::DataLost,
+            Error::WriteQuorum { failures, .. } => {
+                let kinds: Vec<ErrorKind> = failures.iter().map(|f| f.error.kind()).collect();
+                [ErrorKind::NoSpace, ErrorKind::ReadOnly]
+                    .into_iter()
+                    .find(|k| kinds.contains(k))
+                    .unwrap_or(ErrorKind::Unavailable)
+            }
+            Error::Unavailable { .. } => ErrorKind::Unavailable,
+            Error::Config(_) => ErrorKind::Config,
+            Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
+            Error::OutOfRange { .. } => ErrorKind::OutOfRange,
+            Error::ReadOnly(_) => ErrorKind::ReadOnly,
+            Error::InUse(_) => ErrorKind::InUse,
+            Error::Internal(_) => ErrorKind::Internal,
+            Error::Fs { kind, .. } => match kind {
+                FsErrorKind::NotFound => ErrorKind::NotFound,
+                FsErrorKind::AlreadyExists => ErrorKind::AlreadyExists,
+                FsErrorKind::ReadOnly => ErrorKind::ReadOnly,
+                FsErrorKind::NoSpace => ErrorKind::NoSpace,
+                FsErrorKind::InvalidArgument | FsErrorKind::NameTooLong => ErrorKind::InvalidArgument,
+                _ => ErrorKind::Io,
+            },
+        }
+    }
+
     /// The filesystem class of this error (what a mount reports to the application).
     pub fn fs_kind(&self) -> FsErrorKind {
-        match self {
-            Error::Fs { kind, .. } => *kind,
-            Error::NotFound(_) => FsErrorKind::NotFound,
-            Error::AlreadyExists(_) => FsErrorKind::AlreadyExists,
-            Error::Io { source, .. } => match source.kind() {
-                std::io::ErrorKind::NotFound => FsErrorKind::NotFound,
-                std::io::ErrorKind::StorageFull => FsErrorKind::NoSpace,
-                std::io::ErrorKind::ReadOnlyFilesystem => FsErrorKind::ReadOnly,
-                _ => FsErrorKind::Io,
-            },
-            Error::WriteQuorum { detail, .. } if detail.contains("No space left") => FsErrorKind::NoSpace,
+        if let Error::Fs { kind, .. } = self {
+            return *kind;
+        }
+        match self.kind() {
+            ErrorKind::NotFound => FsErrorKind::NotFound,
+            ErrorKind::AlreadyExists => FsErrorKind::AlreadyExists,
+            ErrorKind::NoSpace => FsErrorKind::NoSpace,
+            ErrorKind::ReadOnly => FsErrorKind::ReadOnly,
+            ErrorKind::InvalidArgument | ErrorKind::OutOfRange => FsErrorKind::InvalidArgument,
             _ => FsErrorKind::Io,
         }
+    }
+
+    /// Builds an [`Error::WriteQuorum`].
+    pub fn write_quorum(what: impl Into<String>, ok: usize, need: usize, failures: Vec<LocationFailure>) -> Self {
+        Error::WriteQuorum { what: what.into(), ok, need, failures }
+    }
+
+    /// Builds an [`Error::Internal`].
+    pub fn internal(what: impl Into<String>) -> Self {
+        Error::Internal(what.into())
     }
 
     /// The error a location returns for an object that does not exist (`what` names the object and where).
@@ -204,6 +272,80 @@ impl Error {
     }
 }
 
+/// Error classes that adapters map to their own codes (see [`Error::kind`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// Something named does not exist.
+    NotFound,
+    /// Something to be created exists.
+    AlreadyExists,
+    /// A disk or location is full.
+    NoSpace,
+    /// Writes are refused.
+    ReadOnly,
+    /// A bad argument.
+    InvalidArgument,
+    /// A range beyond the end of its object.
+    OutOfRange,
+    /// Held by another process.
+    InUse,
+    /// A wrong or missing key.
+    Key,
+    /// A record or shard failed its checks.
+    Corrupt,
+    /// Data beyond repair.
+    DataLost,
+    /// A location cannot be reached, or too few accepted a write.
+    Unavailable,
+    /// Invalid configuration.
+    Config,
+    /// An internal invariant broke.
+    Internal,
+    /// Any other I/O failure.
+    Io,
+}
+
+fn io_kind(e: &std::io::Error) -> ErrorKind {
+    use std::io::ErrorKind as K;
+    match e.raw_os_error() {
+        Some(libc::ENOSPC | libc::EDQUOT) => return ErrorKind::NoSpace,
+        Some(libc::EROFS) => return ErrorKind::ReadOnly,
+        _ => {}
+    }
+    match e.kind() {
+        K::NotFound => ErrorKind::NotFound,
+        K::AlreadyExists => ErrorKind::AlreadyExists,
+        K::StorageFull | K::QuotaExceeded => ErrorKind::NoSpace,
+        K::ReadOnlyFilesystem => ErrorKind::ReadOnly,
+        K::InvalidInput => ErrorKind::InvalidArgument,
+        _ => ErrorKind::Io,
+    }
+}
+
+/// One location's failure within a replicated or striped write.
+#[derive(Debug)]
+pub struct LocationFailure {
+    /// The location's name.
+    pub location: String,
+    /// Why it failed.
+    pub error: Error,
+}
+
+impl LocationFailure {
+    /// `error` on `location`.
+    pub fn new(location: impl Into<String>, error: Error) -> Self {
+        LocationFailure { location: location.into(), error }
+    }
+}
+
+fn describe_failures(failures: &[LocationFailure]) -> String {
+    if failures.is_empty() {
+        return "no writable location".into();
+    }
+    failures.iter().map(|f| format!("{}: {}", f.location, f.error)).collect::<Vec<_>>().join("; ")
+}
+
 /// Adds context to `std::io::Result`s.
 pub trait IoContext<T> {
     /// Wraps the error with a lazily built context string.
@@ -213,5 +355,40 @@ pub trait IoContext<T> {
 impl<T> IoContext<T> for std::io::Result<T> {
     fn ctx(self, f: impl FnOnce() -> String) -> Result<T> {
         self.map_err(|e| Error::io(f(), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io(code: i32) -> Error {
+        Error::io("writing x", std::io::Error::from_raw_os_error(code))
+    }
+
+    #[test]
+    fn kinds_come_from_structure_not_text() {
+        assert_eq!(io(libc::ENOSPC).kind(), ErrorKind::NoSpace);
+        assert_eq!(io(libc::EROFS).kind(), ErrorKind::ReadOnly);
+        assert_eq!(io(libc::ENOENT).kind(), ErrorKind::NotFound);
+        assert_eq!(io(libc::EIO).kind(), ErrorKind::Io);
+        let full = Error::write_quorum(
+            "stripe 3",
+            3,
+            5,
+            vec![LocationFailure::new("a", io(libc::EIO)), LocationFailure::new("b", io(libc::ENOSPC))],
+        );
+        assert_eq!(full.kind(), ErrorKind::NoSpace);
+        assert_eq!(full.fs_kind(), FsErrorKind::NoSpace);
+        let msg = full.to_string();
+        assert!(msg.contains("only 3 of 5") && msg.contains("a: writing x") && msg.contains("b: writing x"), "{msg}");
+        let rofs = Error::write_quorum("x", 0, 1, vec![LocationFailure::new("a", io(libc::EROFS))]);
+        assert_eq!(rofs.kind(), ErrorKind::ReadOnly);
+        assert_eq!(Error::write_quorum("x", 0, 1, vec![]).kind(), ErrorKind::Unavailable);
+        let range = Error::OutOfRange { what: "volume v".into(), offset: 10, len: 5, size: 12 };
+        assert_eq!(range.kind(), ErrorKind::OutOfRange);
+        assert_eq!(range.fs_kind(), FsErrorKind::InvalidArgument);
+        assert_eq!(Error::ReadOnly("volume v".into()).kind(), ErrorKind::ReadOnly);
+        assert_eq!(Error::internal("poisoned").kind(), ErrorKind::Internal);
     }
 }

@@ -1,39 +1,37 @@
 //! BlockFrame core: an encrypted, erasure-coded, Merkle-verified stripe store.
 //!
-//! Pipeline for a file: encrypt each segment (AES-256-GCM, [`crypto`]) → cut into k data shards and compute m
-//! parity shards ([`erasure`]) → hash every shard into a Merkle tree ([`merkle`]) → write each shard with a
-//! self-describing header ([`shard`]) to its location ([`location`]) → publish a manifest ([`manifest`]) on
-//! several locations. [`commit`], [`read`] and [`catalog`] put the pieces together over a [`store::Store`];
-//! [`vfs`] presents the catalog as a filesystem for mount adapters.
-//! [`scrub`] checks and repairs a store without the key, [`recover`] rebuilds a lost store descriptor from the
-//! locations, and [`fault`] injects seeded faults into locations for tests.
+//! Layers, from the bottom up (a module only uses the ones below it):
+//! - [`error`]: the typed errors every layer returns;
+//! - [`codec`]: pure transforms (AES-256-GCM and AES-256-XTS, Reed-Solomon, BLAKE3 Merkle trees);
+//! - [`format`]: every on-disk record (envelope, shard header, manifest, volume records);
+//! - [`location`]: where objects are kept (the [`location::Location`] trait, local directories, S3, specs);
+//! - [`store`]: a store's descriptor, locations, markers, placement and shard keys; `stripe` (internal) writes,
+//!   reads and verifies one erasure-coded stripe over them;
+//! - [`files`] (commit, catalog, read) and [`volume`] (block volumes): the two kinds of data;
+//! - [`scrub`] (keyless check and repair), [`recover`] (rebuild a lost descriptor) and [`vfs`] (the filesystem
+//!   view mount adapters use) on top.
+//!
+//! [`testing`] (with the `testing` feature, and in the library's own tests) holds fault injection, an in-memory
+//! location and the location conformance suite.
 
-pub mod catalog;
-pub mod commit;
-pub mod conformance;
-pub mod crypto;
-pub mod erasure;
+pub mod clock;
+pub mod codec;
 pub mod error;
-pub mod fault;
+pub mod files;
 pub mod format;
 pub mod location;
-pub mod locspec;
-pub mod manifest;
-pub mod merkle;
 pub mod pending;
-pub mod read;
 pub mod recover;
-pub mod s3;
 pub mod scrub;
-pub mod shard;
 pub mod store;
-pub mod stripe;
-pub mod uring;
+pub(crate) mod stripe;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod vfs;
 pub mod volume;
-pub mod xts;
 
-pub use error::{Error, Result};
+pub use codec::{crypto, erasure, merkle};
+pub use error::{Error, ErrorKind, Result};
 
 #[cfg(test)]
 mod tests;

@@ -31,8 +31,7 @@ fn key(id: &[u8; 16]) -> String {
 
 /// Records that `id` has `shards` shards to rebuild (replicated like a manifest: m+1 locations must accept it).
 pub fn record(store: &Store, id: &[u8; 16], shards: u64) -> Result<()> {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let rec = PendingRepair { id: *id, shards, recorded_unix: now };
+    let rec = PendingRepair { id: *id, shards, recorded_unix: crate::clock::unix_secs() };
     store.put_replicated(&key(id), &format::seal(MAGIC_PENDING, &rec), "a pending-repair record")
 }
 

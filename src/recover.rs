@@ -8,11 +8,11 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::crypto::MasterKey;
+use crate::codec::crypto::MasterKey;
 use crate::error::{Error, Result};
+use crate::format::manifest::{parse_manifest_name, Manifest};
 use crate::format::{self, MAGIC_STORE};
 use crate::location::{open_location, Location, LocationExt};
-use crate::manifest::{parse_manifest_name, Manifest};
 use crate::store::{canonical_spec, read_marker, write_marker, Store, StoreDescriptor};
 
 /// Settings used only when no manifest is left to read them from.
@@ -112,7 +112,7 @@ fn order_locations(given: &[Given]) -> Result<([u8; 16], Vec<usize>, Vec<usize>)
 /// Checks that the shards of a file sit where placement over this many locations puts them (a wrong location
 /// count would make every read look in the wrong place).
 fn check_placement(
-    body: &crate::manifest::ManifestBody,
+    body: &crate::format::manifest::ManifestBody,
     given: &[Given],
     ordered: &[usize],
     blank: &[usize],
@@ -186,7 +186,7 @@ pub fn recover(dir: &Path, locations: &[String], key: &MasterKey, fallback: &Fal
             ))
         }
     };
-    crate::erasure::validate(k as usize, m as usize)?;
+    crate::codec::erasure::validate(k as usize, m as usize)?;
     if let Some(n) = &newest {
         check_placement(&n.body, &given, &ordered, &blank)?;
     }
@@ -215,10 +215,7 @@ pub fn recover(dir: &Path, locations: &[String], key: &MasterKey, fallback: &Fal
         locations: paths,
         key_check: key.check_value(),
         kdf: None,
-        created_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        created_unix: crate::clock::unix_secs(),
     };
     let old = dir.join("store.bf");
     if old.exists() {

@@ -11,9 +11,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::{random_bytes, KdfParams, MasterKey};
-use crate::erasure;
-use crate::error::{Error, IoContext, Result};
+use crate::codec::crypto::{random_bytes, KdfParams, MasterKey};
+use crate::codec::erasure;
+use crate::error::{Error, IoContext, LocationFailure, Result};
 use crate::format::{self, MAGIC_KEY, MAGIC_LOCATION, MAGIC_STORE};
 use crate::location::{open_location, sync_dir, Location, LocationExt};
 
@@ -146,10 +146,6 @@ pub fn read_key_file(path: &Path) -> Result<MasterKey> {
     Ok(MasterKey::from_bytes(raw))
 }
 
-fn now_unix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
 impl Store {
     /// Default key file path of a store directory.
     pub fn default_key_path(dir: &Path) -> PathBuf {
@@ -200,7 +196,7 @@ impl Store {
             locations,
             key_check: key.check_value(),
             kdf,
-            created_unix: now_unix(),
+            created_unix: crate::clock::unix_secs(),
         };
         // Locations first (each with its marker), then the key, then the descriptor: a store is only seen as
         // existing once everything it needs is in place.
@@ -370,21 +366,30 @@ impl Store {
             let hs: Vec<_> =
                 locations.iter().map(|l| s.spawn(move || l.put(key, &[bytes]).and_then(|_| l.sync()))).collect();
             hs.into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(Error::Config("location writer panicked".into()))))
+                .map(|h| h.join().unwrap_or_else(|_| Err(Error::internal("location writer panicked"))))
                 .collect()
         });
         let ok = outcomes.iter().filter(|o| o.is_ok()).count();
         let need = (self.desc.m as usize + 1).min(locations.len());
         if ok < need {
-            let detail = outcomes
-                .iter()
+            let failures = outcomes
+                .into_iter()
                 .zip(locations)
-                .filter_map(|(o, l)| o.as_ref().err().map(|e| format!("{}: {e}", l.name())))
-                .collect::<Vec<_>>()
-                .join("; ");
-            return Err(Error::WriteQuorum { what: what.into(), ok, need, detail });
+                .filter_map(|(o, l)| o.err().map(|e| LocationFailure::new(l.name(), e)))
+                .collect();
+            return Err(Error::write_quorum(what, ok, need, failures));
         }
         Ok(())
+    }
+
+    /// Deletes every shard of `file_id` on every location (best effort: used to undo a failed commit and to
+    /// drop the shards of a removed file).
+    pub fn remove_shards(&self, file_id: &[u8; 16]) {
+        for loc in &self.locations {
+            if let Err(e) = loc.delete_prefix(&shard_prefix(file_id)).and_then(|_| loc.sync()) {
+                tracing::warn!(location = loc.name(), error = %e, "could not remove shards");
+            }
+        }
     }
 
     /// Takes the catalog lock (exclusive) for the life of the returned guard. Commits, removals and repairs of
@@ -415,17 +420,17 @@ fn default_min_shards_written(k: u16, m: u16) -> usize {
 /// A spec as the descriptor keeps it: local paths made absolute (relative to the current directory), URLs
 /// checked and kept as written.
 pub(crate) fn canonical_spec(spec: &str) -> Result<String> {
-    match crate::locspec::parse(spec)? {
-        crate::locspec::LocationSpec::Local(p) => {
+    match crate::location::spec::parse(spec)? {
+        crate::location::spec::LocationSpec::Local(p) => {
             Ok(std::path::absolute(&p).ctx(|| format!("resolving {}", p.display()))?.display().to_string())
         }
-        crate::locspec::LocationSpec::S3(_) => Ok(spec.to_string()),
+        crate::location::spec::LocationSpec::S3(_) => Ok(spec.to_string()),
     }
 }
 
 /// Opens a location for a new store, creating a local directory when needed.
 fn create_location(dir: &Path, spec: &str) -> Result<Arc<dyn Location>> {
-    if let crate::locspec::LocationSpec::Local(p) = crate::locspec::parse(spec)? {
+    if let crate::location::spec::LocationSpec::Local(p) = crate::location::spec::parse(spec)? {
         let path = if p.is_absolute() { p } else { dir.join(p) };
         fs::create_dir_all(&path).ctx(|| format!("creating location {}", path.display()))?;
         sync_dir(path.parent().unwrap_or(Path::new("/")))?;
@@ -458,14 +463,29 @@ pub fn placement(start: u32, segment: u64, shard: usize, n: usize) -> usize {
     ((start as u64 + segment + shard as u64) % n as u64) as usize
 }
 
+/// Directory under which every file's shards live, one subdirectory per file id.
+pub const SHARDS_DIR: &str = "shards";
+
 /// Object key of a shard.
 pub fn shard_key(file_id: &[u8; 16], segment: u64, shard: usize) -> String {
-    format!("shards/{}/{segment:010}.{shard:03}", hex::encode(file_id))
+    format!("{SHARDS_DIR}/{}/{segment:010}.{shard:03}", hex::encode(file_id))
+}
+
+/// Parses the name of a shard object (the last part of [`shard_key`]) into `(segment, shard)`.
+pub fn parse_shard_name(name: &str) -> Option<(u64, u16)> {
+    let (seg, shard) = name.split_once('.')?;
+    Some((seg.parse().ok()?, shard.parse().ok()?))
 }
 
 /// Object key prefix of all shards of a file.
 pub fn shard_prefix(file_id: &[u8; 16]) -> String {
-    format!("shards/{}", hex::encode(file_id))
+    format!("{SHARDS_DIR}/{}", hex::encode(file_id))
+}
+
+/// Parses a directory name under [`SHARDS_DIR`] (the last part of [`shard_prefix`]) into a file id.
+pub fn parse_shard_dir(name: &str) -> Option<[u8; 16]> {
+    let mut id = [0u8; 16];
+    hex::decode_to_slice(name, &mut id).ok().map(|()| id)
 }
 
 #[cfg(test)]

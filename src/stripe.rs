@@ -4,11 +4,10 @@
 
 use std::ops::Range;
 
-use crate::erasure::Codec;
-use crate::error::{Error, Result};
-use crate::merkle::Hash;
-use crate::read::ShardProblem;
-use crate::shard::{self, Expected, ShardHeader};
+use crate::codec::erasure::Codec;
+use crate::codec::merkle::Hash;
+use crate::error::{Error, LocationFailure, Result};
+use crate::format::shard::{self, Expected, ShardFault, ShardHeader};
 use crate::store::{placement, Store};
 
 /// Where a stripe's shards live and how they are named.
@@ -61,7 +60,7 @@ pub fn write_stripe(store: &Store, codec: &mut Codec, addr: &StripeAddr<'_>, dat
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().map_err(|_| Error::Config("shard writer panicked".into())))
+                .map(|h| h.join().map_err(|_| Error::internal("shard writer panicked")))
                 .collect::<Result<Vec<(Hash, Result<()>)>>>()
         })
     })??;
@@ -76,13 +75,14 @@ pub fn write_stripe(store: &Store, codec: &mut Codec, addr: &StripeAddr<'_>, dat
     let stored = leaves.len() - missing.len();
     let need = store.min_shards_written().min(leaves.len());
     if stored < need {
-        let detail = missing
-            .iter()
-            .map(|(i, e)| format!("shard {i}@{}: {e}", store.locations()[addr.home(store, *i)].name()))
-            .collect::<Vec<_>>()
-            .join("; ");
+        let failures = missing
+            .into_iter()
+            .map(|(i, e)| {
+                LocationFailure::new(format!("shard {i}@{}", store.locations()[addr.home(store, i)].name()), e)
+            })
+            .collect();
         let what = format!("the shards of stripe {}", addr.segment);
-        return Err(Error::WriteQuorum { what, ok: stored, need, detail });
+        return Err(Error::write_quorum(what, stored, need, failures));
     }
     for (i, e) in &missing {
         tracing::warn!(segment = addr.segment, shard = i, error = %e, "shard not stored; left for scrub --repair");
@@ -144,6 +144,27 @@ pub fn fetch_shard(
         }
     }
     (Err(first_problem.unwrap_or(ShardProblem::Missing)), home)
+}
+
+/// Why a shard could not be used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ShardProblem {
+    /// Not found on its location (nor elsewhere).
+    Missing,
+    /// Found but failed verification.
+    Fault(ShardFault),
+    /// The location could not be read.
+    Unreadable(String),
+}
+
+impl std::fmt::Display for ShardProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ShardProblem::Missing => f.write_str("missing"),
+            ShardProblem::Fault(x) => write!(f, "{x}"),
+            ShardProblem::Unreadable(e) => write!(f, "unreadable ({e})"),
+        }
+    }
 }
 
 /// Reusable buffers for [`read_stripe`].
@@ -271,8 +292,13 @@ pub fn read_stripe(
     // Pair assertion: every rebuilt shard must match its Merkle leaf before it is trusted.
     for (i, h) in have.iter().enumerate() {
         let payload = &bufs.data[i * sl..(i + 1) * sl];
-        let leaf =
-            crate::merkle::leaf_hash(addr.file_id, addr.segment, i as u16, sl as u32, blake3::hash(payload).as_bytes());
+        let leaf = crate::codec::merkle::leaf_hash(
+            addr.file_id,
+            addr.segment,
+            i as u16,
+            sl as u32,
+            blake3::hash(payload).as_bytes(),
+        );
         if !*h && leaf != leaves[i] {
             return Err(StripeError::Mismatch);
         }

@@ -2,10 +2,10 @@
 
 use std::io::Cursor;
 
-use crate::catalog;
-use crate::commit::{commit, CommitRequest};
 use crate::error::Error;
-use crate::read::{read_to, verify_file, OpenFile};
+use crate::files::catalog;
+use crate::files::commit::{commit, CommitRequest};
+use crate::files::read::{read_to, verify_file, OpenFile};
 use crate::store::{InitOptions, KeySource, Store, MIN_SEGMENT_SIZE};
 
 pub(crate) fn new_store(dir: &std::path::Path, k: u16, m: u16) -> Store {
@@ -22,7 +22,7 @@ pub(crate) fn new_store(dir: &std::path::Path, k: u16, m: u16) -> Store {
     .unwrap()
 }
 
-pub(crate) use crate::fault::test_bytes as data;
+pub(crate) use crate::testing::test_bytes as data;
 
 fn req(name: &str) -> CommitRequest {
     CommitRequest { name: name.into(), mtime_unix_ns: 0, mode: 0o644, replace: false, workers: 2, size: None }

@@ -8,22 +8,23 @@ use std::sync::{Arc, Mutex};
 
 use blockframe::store::Store;
 use blockframe::volume::{self, Volume, VolumeOptions};
-use blockframe::Error;
+use blockframe::{Error, ErrorKind};
 
 use crate::backend::{BlockBackend, ExportInfo, ExportRegistry, Extent};
 
-/// Maps a core error to the `io::Error` whose errno the NBD client should see.
+/// Maps a core error to the `io::Error` whose errno the NBD client should see, by the error's class (never its
+/// text): an I/O error keeps its own errno.
 pub fn to_io(e: Error) -> io::Error {
-    let errno = match &e {
-        Error::Io { source, .. } => match source.raw_os_error() {
-            Some(code) => code,
-            None => libc::EIO,
-        },
-        Error::WriteQuorum { detail, .. } if detail.contains("No space") => libc::ENOSPC,
-        Error::Config(msg) if msg.contains("beyond the volume size") => libc::EINVAL,
-        Error::Config(msg) if msg.contains("read-only") => libc::EROFS,
-        _ => libc::EIO,
+    let own = match &e {
+        Error::Io { source, .. } => source.raw_os_error(),
+        _ => None,
     };
+    let errno = own.unwrap_or(match e.kind() {
+        ErrorKind::NoSpace => libc::ENOSPC,
+        ErrorKind::OutOfRange | ErrorKind::InvalidArgument => libc::EINVAL,
+        ErrorKind::ReadOnly => libc::EROFS,
+        _ => libc::EIO,
+    });
     tracing::warn!(error = %e, errno, "volume request failed");
     io::Error::from_raw_os_error(errno)
 }
@@ -111,7 +112,7 @@ impl StoreRegistry {
     }
 
     fn get(&self, name: &str) -> Result<Arc<VolumeBackend>, Error> {
-        let mut open = self.open.lock().map_err(|_| Error::Config("registry poisoned".into()))?;
+        let mut open = self.open.lock().map_err(|_| Error::internal("registry poisoned"))?;
         if let Some(b) = open.get(name) {
             return Ok(b.clone());
         }
@@ -164,5 +165,28 @@ impl ExportRegistry for StoreRegistry {
             Err(Error::NotFound(_)) => None,
             Err(e) => Some(Err(to_io(e))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blockframe::error::LocationFailure;
+
+    fn errno(e: Error) -> Option<i32> {
+        to_io(e).raw_os_error()
+    }
+
+    #[test]
+    fn errors_map_to_errno_by_class() {
+        let full = Error::io("writing", io::Error::from_raw_os_error(libc::ENOSPC));
+        let quorum = Error::write_quorum("stripe 1", 4, 5, vec![LocationFailure::new("loc", full)]);
+        assert_eq!(errno(quorum), Some(libc::ENOSPC));
+        let range = Error::OutOfRange { what: "the volume".into(), offset: 1 << 30, len: 4096, size: 1 << 20 };
+        assert_eq!(errno(range), Some(libc::EINVAL));
+        assert_eq!(errno(Error::ReadOnly("the volume".into())), Some(libc::EROFS));
+        assert_eq!(errno(Error::io("reading", io::Error::from_raw_os_error(libc::EBADF))), Some(libc::EBADF));
+        assert_eq!(errno(Error::internal("poisoned")), Some(libc::EIO));
+        assert_eq!(errno(Error::corrupt("shard", "bad hash")), Some(libc::EIO));
     }
 }

@@ -10,11 +10,13 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::*;
-use crate::commit::{commit, CommitRequest};
-use crate::fault::{self, FaultyLocation, Inventory, PlanOptions, ShardId};
+use crate::files::commit::{commit, CommitRequest};
+use crate::files::read::{read_to, OpenFile};
 use crate::location::Location;
-use crate::read::{read_to, OpenFile};
+use crate::location::LocationExt;
 use crate::store::MIN_SEGMENT_SIZE;
+use crate::testing;
+use crate::testing::fault::{self, FaultyLocation, Inventory, PlanOptions, ShardId};
 
 const SEG: usize = MIN_SEGMENT_SIZE as usize;
 
@@ -80,7 +82,8 @@ fn repairable_case(seed: u64) {
     let (k, m) = [(2u16, 1u16), (3, 2), (4, 2), (2, 2)][rng.gen_range(0..4)];
     let n = (k + m) as usize + rng.gen_range(0..2);
     let dir = scratch();
-    let fault::MemStore { store, faulty: locs, .. } = fault::mem_store(dir.path(), k, m, n, MIN_SEGMENT_SIZE).unwrap();
+    let testing::MemStore { store, faulty: locs, .. } =
+        testing::mem_store(dir.path(), k, m, n, MIN_SEGMENT_SIZE).unwrap();
     let files: Vec<(String, Vec<u8>)> = (0..rng.gen_range(1..4))
         .map(|i| (format!("f{i}"), data(rng.gen_range(0..2 * SEG + 100), seed * 10 + i)))
         .collect();
@@ -176,7 +179,8 @@ fn lost_case(seed: u64) {
     let (k, m) = [(2u16, 1u16), (3, 2), (4, 2)][rng.gen_range(0..3)];
     let n = (k + m) as usize;
     let dir = scratch();
-    let fault::MemStore { store, faulty: locs, .. } = fault::mem_store(dir.path(), k, m, n, MIN_SEGMENT_SIZE).unwrap();
+    let testing::MemStore { store, faulty: locs, .. } =
+        testing::mem_store(dir.path(), k, m, n, MIN_SEGMENT_SIZE).unwrap();
     let a = data(2 * SEG + 7, seed);
     let b = data(SEG + 3, seed + 1);
     put_file(&store, "a", &a);
@@ -260,7 +264,8 @@ fn campaign_beyond_m_is_reported_lost_and_harms_nothing_else() {
 #[test]
 fn keyless_scrub_repairs_and_labels_by_root() {
     let dir = scratch();
-    let fault::MemStore { store, faulty: locs, .. } = fault::mem_store(dir.path(), 3, 2, 5, MIN_SEGMENT_SIZE).unwrap();
+    let testing::MemStore { store, faulty: locs, .. } =
+        testing::mem_store(dir.path(), 3, 2, 5, MIN_SEGMENT_SIZE).unwrap();
     let bytes = data(4 * SEG, 3);
     put_file(&store, "secret-name", &bytes);
     let mut keyless = Store::open(dir.path()).unwrap();
@@ -284,7 +289,8 @@ fn keyless_scrub_repairs_and_labels_by_root() {
 #[test]
 fn read_only_home_gets_its_shard_rebuilt_on_a_free_location() {
     let dir = scratch();
-    let fault::MemStore { store, faulty: locs, .. } = fault::mem_store(dir.path(), 2, 1, 4, MIN_SEGMENT_SIZE).unwrap();
+    let testing::MemStore { store, faulty: locs, .. } =
+        testing::mem_store(dir.path(), 2, 1, 4, MIN_SEGMENT_SIZE).unwrap();
     let bytes = data(SEG / 2, 9);
     put_file(&store, "f", &bytes);
     let inv = raw_inventory(&locs);
@@ -309,7 +315,7 @@ fn read_only_home_gets_its_shard_rebuilt_on_a_free_location() {
 #[test]
 fn interrupted_runs_resume_where_they_stopped() {
     let dir = scratch();
-    let store = fault::mem_store(dir.path(), 2, 1, 3, MIN_SEGMENT_SIZE).unwrap().store;
+    let store = testing::mem_store(dir.path(), 2, 1, 3, MIN_SEGMENT_SIZE).unwrap().store;
     for i in 0..4 {
         put_file(&store, &format!("f{i}"), &data(SEG, i));
     }
@@ -342,7 +348,8 @@ fn interrupted_runs_resume_where_they_stopped() {
 #[test]
 fn orphans_are_deleted_only_after_the_grace_period() {
     let dir = scratch();
-    let fault::MemStore { store, faulty: locs, mem } = fault::mem_store(dir.path(), 2, 1, 3, MIN_SEGMENT_SIZE).unwrap();
+    let testing::MemStore { store, faulty: locs, mem } =
+        testing::mem_store(dir.path(), 2, 1, 3, MIN_SEGMENT_SIZE).unwrap();
     put_file(&store, "kept", &data(SEG, 1));
     // A crashed commit: shards of an id that no manifest names.
     let orphan = "0123456789abcdef0123456789abcdef";
@@ -367,8 +374,8 @@ fn orphans_are_deleted_only_after_the_grace_period() {
 #[test]
 fn write_policy_tolerates_failed_locations_and_scrub_fills_the_shortfall() {
     let dir = scratch();
-    let fault::MemStore { mut store, faulty: locs, .. } =
-        fault::mem_store(dir.path(), 3, 2, 5, MIN_SEGMENT_SIZE).unwrap();
+    let testing::MemStore { mut store, faulty: locs, .. } =
+        testing::mem_store(dir.path(), 3, 2, 5, MIN_SEGMENT_SIZE).unwrap();
     assert_eq!(store.min_shards_written(), 4);
     assert!(store.set_min_shards_written(2).is_err() && store.set_min_shards_written(6).is_err());
     let bytes = data(3 * SEG + 77, 5);

@@ -10,9 +10,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::{FileReport, Health, ScrubReport};
+use crate::codec::merkle::Hash;
 use crate::error::{Error, Result};
 use crate::format::{self, MAGIC_SCRUB_STATE};
-use crate::merkle::Hash;
 use crate::store::write_atomic;
 
 /// File name of the record in the store directory.

@@ -7,15 +7,16 @@
 
 use serde::Serialize;
 
+use super::repair::write_rebuilt;
 use super::{classify, Counts, Health, ShardIssue};
-use crate::erasure::Codec;
+use crate::codec::erasure::Codec;
+use crate::codec::merkle::{leaf_hash, Hash};
 use crate::error::{Error, Result};
+use crate::format::shard::{ShardHeader, HEADER_LEN};
+use crate::format::volume::{page_key, stripe_shard_key, superblock_key, MapPage, SuperBody, Superblock};
 use crate::location::LocationExt;
-use crate::merkle::{leaf_hash, Hash};
-use crate::shard::{self, Expected, ShardHeader, HEADER_LEN};
 use crate::store::Store;
 use crate::stripe::{fetch_shard, StripeAddr};
-use crate::volume::format::{page_key, stripe_shard_key, superblock_key, MapPage, SuperBody, Superblock};
 use crate::volume::{load_superblock, scan_ids, try_lock_volume};
 
 /// Result of scrubbing one volume.
@@ -261,7 +262,12 @@ fn check_stripe(
             Ok(()) => {
                 for issue in issues.iter_mut() {
                     let i = issue.shard as usize;
-                    match write_verified(store, sb, &addr, i, &shards[i * sl..(i + 1) * sl], &leaves[i]) {
+                    let payload = &shards[i * sl..(i + 1) * sl];
+                    let header =
+                        ShardHeader::for_payload(sb.store_id, sb.vol_id, stripe, i as u16, (sb.k, sb.m), payload);
+                    let n = store.locations().len();
+                    let targets: Vec<usize> = (0..n).map(|j| (addr.home(store, i) + j) % n).collect();
+                    match write_rebuilt(store, &(addr.key_of)(i), &header, payload, &leaves[i], &targets) {
                         Ok(loc) => {
                             issue.repaired_to = Some(loc);
                             r.shards_repaired += 1;
@@ -311,39 +317,6 @@ fn rebuild(
         }
     }
     Ok(())
-}
-
-/// Writes a rebuilt shard to its home (or, failing that, any other location) and reads it back verified.
-fn write_verified(
-    store: &Store,
-    sb: &SuperBody,
-    addr: &StripeAddr<'_>,
-    i: usize,
-    payload: &[u8],
-    leaf: &Hash,
-) -> Result<usize> {
-    let header = ShardHeader::for_payload(sb.store_id, sb.vol_id, addr.segment, i as u16, (sb.k, sb.m), payload);
-    let want = Expected {
-        store_id: &sb.store_id,
-        file_id: &sb.vol_id,
-        segment: addr.segment,
-        shard: i as u16,
-        len: payload.len() as u32,
-        leaf,
-    };
-    let key = (addr.key_of)(i);
-    let n = store.locations().len();
-    let home = addr.home(store, i);
-    let mut failures = Vec::new();
-    for target in (0..n).map(|j| (home + j) % n) {
-        let loc = &store.locations()[target];
-        match loc.put(&key, &[&header.encode(), payload]).and_then(|_| loc.sync()).and_then(|_| loc.get(&key)) {
-            Ok(back) if shard::verify(&back, &want).is_ok() => return Ok(target),
-            Ok(_) => failures.push(format!("{}: read back wrong", loc.name())),
-            Err(e) => failures.push(format!("{}: {e}", loc.name())),
-        }
-    }
-    Err(Error::WriteQuorum { what: format!("rebuilt shard {i}"), ok: 0, need: 1, detail: failures.join("; ") })
 }
 
 #[cfg(test)]

@@ -26,13 +26,14 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::catalog::{self, Entry};
-use crate::commit::{commit, validate_name, CommitRequest};
-use crate::erasure::Codec;
+use crate::codec::erasure::Codec;
+use crate::codec::merkle::Hash;
 use crate::error::{Error, FsErrorKind, Result};
-use crate::manifest::FileMeta;
-use crate::merkle::Hash;
-use crate::read::{read_to, OpenFile, SegmentReader};
+use crate::files::catalog::validate_name;
+use crate::files::catalog::{self, Entry};
+use crate::files::commit::{commit, CommitRequest};
+use crate::files::read::{read_to, OpenFile, SegmentReader};
+use crate::format::manifest::FileMeta;
 use crate::store::Store;
 use crate::stripe::StripeBuffers;
 
@@ -133,7 +134,7 @@ pub struct SetAttr {
 }
 
 fn now_ns() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+    crate::clock::unix_ns() as i64
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -9,7 +9,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::crypto::random_bytes;
+use crate::codec::crypto::random_bytes;
 use crate::error::{IoContext, Result};
 
 #[cfg(unix)]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
-use crate::commit::{commit, CommitRequest};
+use crate::files::commit::{commit, CommitRequest};
 use crate::store::MIN_SEGMENT_SIZE;
 use crate::tests::{data, new_store};
 

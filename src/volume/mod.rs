@@ -10,20 +10,18 @@
 //! Memory is bounded by the stripe cache (`cache_bytes`) and the map page cache, not by the volume size: map pages
 //! are loaded on demand, and dirty ones are written out early (as uncommitted objects) when the cache is full.
 
-pub mod format;
-
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::crypto::random_bytes;
-use crate::erasure::{self, Codec};
+use crate::codec::crypto::random_bytes;
+use crate::codec::erasure::{self, Codec};
+use crate::codec::xts::{Xts, SECTOR};
 use crate::error::{Error, IoContext, Result};
+use crate::format::volume::*;
 use crate::location::LocationExt;
 use crate::store::Store;
 use crate::stripe::{read_stripe, write_stripe, StripeAddr, StripeBuffers, StripeError};
-use crate::xts::{Xts, SECTOR};
-use format::*;
 
 /// Default stripe size: 1 MiB (see the volume benchmark: small enough that a 4 KiB random write rewrites
 /// little, large enough that sequential I/O moves 256 KiB shards).
@@ -148,13 +146,15 @@ fn publish_superblock(store: &Store, body: &SuperBody) -> Result<()> {
 pub fn create(store: &Store, name: &str, size: u64, stripe_size: u32) -> Result<()> {
     let key = store.key()?;
     if name.is_empty() || name.len() > 255 || name.contains('/') || name.contains('\0') {
-        return Err(Error::Config(format!("invalid volume name {name:?}")));
+        return Err(Error::InvalidArgument(format!("invalid volume name {name:?}")));
     }
     if size == 0 || !size.is_multiple_of(SECTOR as u64) {
-        return Err(Error::Config(format!("volume size {size} must be a positive multiple of 4096")));
+        return Err(Error::InvalidArgument(format!("volume size {size} must be a positive multiple of 4096")));
     }
     if stripe_size < 64 << 10 || !stripe_size.is_power_of_two() {
-        return Err(Error::Config(format!("stripe size {stripe_size} must be a power of two of at least 64 KiB")));
+        return Err(Error::InvalidArgument(format!(
+            "stripe size {stripe_size} must be a power of two of at least 64 KiB"
+        )));
     }
     let _lock = store.lock_catalog()?;
     if find_id(store, name)?.is_some() {
@@ -162,9 +162,11 @@ pub fn create(store: &Store, name: &str, size: u64, stripe_size: u32) -> Result<
     }
     let d = store.descriptor();
     let vol_id: [u8; 16] = random_bytes()?;
-    let meta = VolumeMeta { name: name.into(), created_unix: now_unix() };
-    let (sealed_meta, meta_nonce) =
-        key.seal_metadata(&vol_id, &postcard::to_allocvec(&meta).map_err(|e| Error::Config(e.to_string()))?)?;
+    let meta = VolumeMeta { name: name.into(), created_unix: crate::clock::unix_secs() };
+    let (sealed_meta, meta_nonce) = key.seal_metadata(
+        &vol_id,
+        &postcard::to_allocvec(&meta).map_err(|e| Error::internal(format!("encoding volume metadata: {e}")))?,
+    )?;
     let stripes = size.div_ceil(stripe_size as u64);
     let body = SuperBody {
         store_id: d.store_id,
@@ -212,15 +214,9 @@ fn lock_volume(store: &Store, id: &[u8; 16]) -> Result<File> {
     let f = crate::store::open_lock_file(&path)?;
     match f.try_lock() {
         Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => {
-            Err(Error::Config("the volume is in use by another process (bf nbd serve?)".into()))
-        }
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::InUse("the volume".into())),
         Err(std::fs::TryLockError::Error(e)) => Err(Error::io(format!("locking {}", path.display()), e)),
     }
-}
-
-fn now_unix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 struct CachedStripe {
@@ -336,13 +332,13 @@ impl Volume {
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, State>> {
-        self.state.lock().map_err(|_| Error::Config("volume state poisoned by a panic".into()))
+        self.state.lock().map_err(|_| Error::internal("volume state poisoned by a panic"))
     }
 
     fn check_range(st: &State, offset: u64, len: u64) -> Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= st.sb.size => Ok(()),
-            _ => Err(Error::Config(format!("range {offset}+{len} beyond the volume size {}", st.sb.size))),
+            _ => Err(Error::OutOfRange { what: "the volume".into(), offset, len, size: st.sb.size }),
         }
     }
 
@@ -379,7 +375,7 @@ impl Volume {
                 tracing::debug!(stripe, error = %e, "direct shard read failed; rebuilding the stripe");
                 let mut st = self.lock()?;
                 self.load_stripe(&mut st, stripe)?;
-                let c = st.stripes.get(&stripe).ok_or_else(|| Error::Config("stripe vanished from cache".into()))?;
+                let c = st.stripes.get(&stripe).ok_or_else(|| Error::internal("stripe vanished from cache"))?;
                 out.copy_from_slice(&c.data[within..within + n]);
                 self.evict(&mut st)?;
             }
@@ -508,7 +504,7 @@ impl Volume {
 
     fn check_poisoned(st: &State) -> Result<()> {
         match &st.poisoned {
-            Some(p) => Err(Error::Config(format!("volume is read-only after a failed write-back: {p}"))),
+            Some(p) => Err(Error::ReadOnly(format!("the volume (after a failed write-back: {p})"))),
             None => Ok(()),
         }
     }
@@ -560,7 +556,7 @@ impl Volume {
         if st.pages.contains_key(&page) {
             return Ok(());
         }
-        let r = *st.sb.pages.get(page as usize).ok_or_else(|| Error::Config("page out of range".into()))?;
+        let r = *st.sb.pages.get(page as usize).ok_or_else(|| Error::internal("page out of range"))?;
         let p = if r.gen == 0 {
             MapPage::empty(self.id, page, st.sb.entries_per_page)
         } else {
@@ -590,7 +586,7 @@ impl Volume {
     fn entry(&self, st: &mut State, stripe: u64) -> Result<StripeEntry> {
         let (page, idx) = Self::page_of(st, stripe);
         self.load_page(st, page)?;
-        let p = st.pages.get(&page).ok_or_else(|| Error::Config("page vanished".into()))?;
+        let p = st.pages.get(&page).ok_or_else(|| Error::internal("page vanished"))?;
         Ok(p.page.entries[idx].clone())
     }
 
@@ -598,7 +594,7 @@ impl Volume {
         let (page, idx) = Self::page_of(st, stripe);
         self.load_page(st, page)?;
         let tick = st.tick;
-        let p = st.pages.get_mut(&page).ok_or_else(|| Error::Config("page vanished".into()))?;
+        let p = st.pages.get_mut(&page).ok_or_else(|| Error::internal("page vanished"))?;
         let old = std::mem::replace(&mut p.page.entries[idx], e);
         p.dirty = true;
         p.last_use = tick;
@@ -673,7 +669,7 @@ impl Volume {
         }
         st.tick += 1;
         let tick = st.tick;
-        let c = st.stripes.get_mut(&stripe).ok_or_else(|| Error::Config("stripe vanished".into()))?;
+        let c = st.stripes.get_mut(&stripe).ok_or_else(|| Error::internal("stripe vanished"))?;
         c.dirty = true;
         c.last_use = tick;
         Ok(c)
@@ -690,7 +686,7 @@ impl Volume {
         enc.clear();
         enc.resize(k * sl, 0);
         {
-            let c = st.stripes.get(&stripe).ok_or_else(|| Error::Config("stripe vanished".into()))?;
+            let c = st.stripes.get(&stripe).ok_or_else(|| Error::internal("stripe vanished"))?;
             enc[..ss].copy_from_slice(&c.data);
         }
         self.xts.encrypt(&mut enc[..ss], stripe * (ss / SECTOR) as u64);
@@ -732,7 +728,7 @@ impl Volume {
         let gen = st.sb.next_gen;
         st.sb.next_gen += 1;
         let bytes = {
-            let p = st.pages.get_mut(&page).ok_or_else(|| Error::Config("page vanished".into()))?;
+            let p = st.pages.get_mut(&page).ok_or_else(|| Error::internal("page vanished"))?;
             p.page.gen = gen;
             p.page.encode()
         };
@@ -817,7 +813,7 @@ impl Volume {
 /// Checks a stripe size for `bf volume create`.
 pub fn validate_stripe_size(stripe_size: u32, k: usize) -> Result<()> {
     if erasure::shard_len(stripe_size as u64, k) * k != stripe_size as usize {
-        return Err(Error::Config("stripe size must divide evenly into k shards".into()));
+        return Err(Error::InvalidArgument("stripe size must divide evenly into k shards".into()));
     }
     Ok(())
 }

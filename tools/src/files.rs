@@ -8,9 +8,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use blockframe::catalog::{self, Entry};
-use blockframe::commit::{commit, CommitReport, CommitRequest};
-use blockframe::read::{read_to, verify_file, OpenFile};
+use blockframe::files::catalog::{self, Entry};
+use blockframe::files::commit::{commit, CommitReport, CommitRequest};
+use blockframe::files::read::{read_to, verify_file, OpenFile};
 use blockframe::store::{self, InitOptions, KeySource, Store};
 use blockframe::Error;
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use blockframe::catalog;
+use blockframe::files::catalog;
 use blockframe::recover::{recover, Fallback};
 use blockframe::scrub::state::ScrubState;
 use blockframe::scrub::{self, FileReport, Health, LocationState, RunControl, ScrubOptions, ScrubReport, Selection};

@@ -48,7 +48,7 @@ pub enum LocationEntry {
     /// A path, `file:///path` or `s3://bucket/prefix`.
     Spec(String),
     /// An object-store location with endpoint, region and credentials.
-    Table(blockframe::locspec::S3Settings),
+    Table(blockframe::location::spec::S3Settings),
 }
 
 impl LocationEntry {
@@ -129,7 +129,7 @@ impl Settings {
             LocationEntry::Table(t) => Some(t.clone()),
             LocationEntry::Spec(_) => None,
         });
-        blockframe::locspec::configure(tables.collect());
+        blockframe::location::spec::configure(tables.collect());
         Ok(Settings { store, store_is_default, key_file, log_level, workers, file })
     }
 

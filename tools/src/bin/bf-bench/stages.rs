@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Result};
 use serde_json::json;
 
-use blockframe::commit::shard_leaf;
+use blockframe::codec::SECTOR;
 use blockframe::crypto::{MasterKey, TAG_LEN};
 use blockframe::erasure::{shard_len, Codec};
-use blockframe::fault::test_bytes;
-use blockframe::xts::SECTOR;
+use blockframe::files::commit::shard_leaf;
+use blockframe::testing::test_bytes;
 
 /// What to measure.
 pub struct Params {

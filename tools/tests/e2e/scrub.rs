@@ -1,11 +1,11 @@
 //! `bf scrub`, `bf status` and `bf recover` end to end, with faults injected into real location directories by
-//! the library's seeded fault planner (`blockframe::fault`). A failing seed is printed; replay it with
+//! the library's seeded fault planner (`blockframe::testing::fault`). A failing seed is printed; replay it with
 //! `BF_FAULT_SEED=<seed> cargo test -p bf --test e2e scrub`.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use blockframe::fault::{self, Fault, LocalDirs, PlanOptions, ShardId};
+use blockframe::testing::fault::{self, Fault, LocalDirs, PlanOptions, ShardId};
 use serde_json::Value;
 
 use crate::util::{data, files_under, Env};

@@ -4,12 +4,27 @@
 
 use std::collections::BTreeMap;
 
-use crate::commit::{now_unix_ns, remove_shards, validate_name};
-use crate::error::{Error, Result};
+use crate::codec::merkle::Hash;
+use crate::error::{Error, LocationFailure, Result};
+use crate::format::manifest::{manifest_key, parse_manifest_name, FileMeta, Manifest, ManifestBody};
 use crate::location::LocationExt;
-use crate::manifest::{manifest_key, parse_manifest_name, FileMeta, Manifest, ManifestBody};
-use crate::merkle::Hash;
 use crate::store::Store;
+
+/// Checks that a store name is a clean relative path.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 4096
+        && !name.starts_with('/')
+        && !name.contains('\0')
+        && name.split('/').all(|c| !c.is_empty() && c != "." && c != "..");
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "invalid name {name:?}: use a relative path without '.', '..' or empty parts"
+        )))
+    }
+}
 
 /// A file known from manifest object names (nothing read yet).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -204,22 +219,18 @@ fn remove_ref(store: &Store, file: &FileRef) -> Result<()> {
     let mut failures = Vec::new();
     for loc in store.locations() {
         if let Err(e) = loc.delete(&mkey).and_then(|_| loc.sync()) {
-            failures.push(format!("{}: {e}", loc.name()));
+            failures.push(LocationFailure::new(loc.name(), e));
         }
     }
     if !failures.is_empty() {
-        return Err(Error::WriteQuorum {
-            what: "removal of every manifest copy".into(),
-            ok: store.locations().len() - failures.len(),
-            need: store.locations().len(),
-            detail: failures.join("; "),
-        });
+        let n = store.locations().len();
+        return Err(Error::write_quorum("removal of every manifest copy", n - failures.len(), n, failures));
     }
     // Shards are shared by every manifest naming their file id (see [`reseal`]): remove them only when no
     // manifest is left. When the catalog cannot be listed, keep them: garbage is better than loss.
     let still_used = scan(store).map(|fs| fs.iter().any(|f| f.file_id == file.file_id)).unwrap_or(true);
     if !still_used {
-        remove_shards(store, &file.file_id);
+        store.remove_shards(&file.file_id);
     }
     Ok(())
 }
@@ -234,13 +245,14 @@ pub fn reseal(store: &Store, entry: &Entry, meta: &FileMeta, replace: bool) -> R
     validate_name(&meta.name)?;
     let old = &entry.manifest.body;
     if meta.size != old.plain_size() {
-        return Err(Error::Config(format!("reseal of {:?} cannot change its size", meta.name)));
+        return Err(Error::InvalidArgument(format!("reseal of {:?} cannot change its size", meta.name)));
     }
-    let meta_bytes = postcard::to_allocvec(meta).map_err(|e| Error::Config(e.to_string()))?;
+    let meta_bytes =
+        postcard::to_allocvec(meta).map_err(|e| Error::internal(format!("encoding file metadata: {e}")))?;
     let (sealed_meta, meta_nonce) = key.seal_metadata(&old.file_id, &meta_bytes)?;
     let body = ManifestBody {
         name_tag: key.name_tag(&meta.name),
-        committed_unix_ns: now_unix_ns(),
+        committed_unix_ns: crate::clock::unix_ns(),
         meta_nonce,
         sealed_meta,
         ..old.clone()

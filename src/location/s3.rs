@@ -22,8 +22,8 @@ use object_store::path::Path;
 use object_store::{BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectStore, PutPayload, RetryConfig};
 
 use crate::error::{Error, Result};
+use crate::location::spec::S3Resolved;
 use crate::location::{validate_key, Location};
-use crate::locspec::S3Resolved;
 
 /// How long a location that failed stays marked unavailable before it is tried again.
 pub const DOWN_FOR: Duration = Duration::from_secs(30);

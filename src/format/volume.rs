@@ -7,11 +7,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::MasterKey;
-use crate::erasure;
+use crate::codec::crypto::MasterKey;
+use crate::codec::erasure;
+use crate::codec::merkle::Hash;
 use crate::error::{Error, Result};
 use crate::format;
-use crate::merkle::Hash;
 
 /// Magic of a volume superblock copy.
 pub const MAGIC_SUPERBLOCK: [u8; 8] = *b"BFVOLSB\0";
@@ -108,10 +108,10 @@ impl SuperBody {
         if erasure::validate(self.k as usize, self.m as usize).is_err() {
             return bad("invalid k/m");
         }
-        if self.stripe_size == 0 || !(self.stripe_size as usize).is_multiple_of(crate::xts::SECTOR) {
+        if self.stripe_size == 0 || !(self.stripe_size as usize).is_multiple_of(crate::codec::xts::SECTOR) {
             return bad("stripe size is not a multiple of 4 KiB");
         }
-        if self.size == 0 || !self.size.is_multiple_of(crate::xts::SECTOR as u64) {
+        if self.size == 0 || !self.size.is_multiple_of(crate::codec::xts::SECTOR as u64) {
             return bad("volume size is not a positive multiple of 4 KiB");
         }
         if self.entries_per_page == 0 {

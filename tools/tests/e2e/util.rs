@@ -89,7 +89,7 @@ impl Env {
     }
 }
 
-pub use blockframe::fault::test_bytes as data;
+pub use blockframe::testing::test_bytes as data;
 
 /// Every regular file under `dir`.
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {

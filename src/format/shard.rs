@@ -6,9 +6,9 @@
 //! The shard carries the file id rather than the file root because the root is only known once the whole file
 //! has been streamed; the manifest ties the id to the root, and the Merkle leaf ties the shard to both.
 
+use crate::codec::merkle::{leaf_hash, Hash};
 use crate::error::{Error, Result};
 use crate::format::FORMAT_VERSION;
-use crate::merkle::{leaf_hash, Hash};
 
 /// Magic of a shard file.
 pub const MAGIC_SHARD: [u8; 8] = *b"BFSHARD\0";

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use blockframe::conformance;
-use blockframe::locspec::{self, LocationSpec, S3Settings};
-use blockframe::s3::S3Location;
+use blockframe::location::s3::S3Location;
+use blockframe::location::spec::{self as locspec, LocationSpec, S3Settings};
+use blockframe::testing::conformance;
 
 use crate::util::{data, Env};
 

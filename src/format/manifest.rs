@@ -6,11 +6,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::{MasterKey, TAG_LEN};
-use crate::erasure;
+use crate::codec::crypto::{MasterKey, TAG_LEN};
+use crate::codec::erasure;
+use crate::codec::merkle::{self, Hash};
 use crate::error::{Error, Result};
 use crate::format::{self, MAGIC_MANIFEST};
-use crate::merkle::{self, Hash};
 
 /// One segment of a file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

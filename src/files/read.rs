@@ -6,35 +6,14 @@ use std::io::Write;
 use std::ops::Range;
 use std::sync::mpsc::sync_channel;
 
-use crate::catalog::Entry;
-use crate::crypto::{SegmentCipher, TAG_LEN};
-use crate::erasure::Codec;
+use crate::codec::crypto::{SegmentCipher, TAG_LEN};
+use crate::codec::erasure::Codec;
 use crate::error::{Error, Result};
-use crate::manifest::{FileMeta, ManifestBody};
-use crate::shard::ShardFault;
+use crate::files::catalog::Entry;
+use crate::format::manifest::{FileMeta, ManifestBody};
 use crate::store::{placement, shard_key, Store};
+pub use crate::stripe::ShardProblem;
 use crate::stripe::{self, read_stripe, StripeAddr, StripeBuffers, StripeError};
-
-/// Why a shard could not be used.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ShardProblem {
-    /// Not found on its location (nor elsewhere).
-    Missing,
-    /// Found but failed verification.
-    Fault(ShardFault),
-    /// The location could not be read.
-    Unreadable(String),
-}
-
-impl std::fmt::Display for ShardProblem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ShardProblem::Missing => f.write_str("missing"),
-            ShardProblem::Fault(x) => write!(f, "{x}"),
-            ShardProblem::Unreadable(e) => write!(f, "unreadable ({e})"),
-        }
-    }
-}
 
 /// Result of looking for one shard.
 #[derive(Clone, Debug)]
@@ -154,7 +133,7 @@ impl<'a> SegmentReader<'a> {
         let entry = *body
             .segments
             .get(segment as usize)
-            .ok_or_else(|| Error::Config(format!("segment {segment} out of range")))?;
+            .ok_or_else(|| Error::internal(format!("segment {segment} out of range")))?;
         let width = body.width();
         let leaves = &body.leaves[segment as usize * width..(segment as usize + 1) * width];
         let key_of = |i: usize| shard_key(&body.file_id, segment, i);
@@ -233,7 +212,7 @@ pub fn read_to(
         let mut written = 0u64;
         for seg in 0..segments {
             let (rx, back) = &lanes[(seg % workers as u64) as usize];
-            let plain = rx.recv().map_err(|_| Error::Config("reader thread ended early".into()))??;
+            let plain = rx.recv().map_err(|_| Error::internal("reader thread ended early"))??;
             out.write_all(&plain).map_err(|e| Error::io("writing output", e))?;
             written += plain.len() as u64;
             progress(written);

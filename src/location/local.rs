@@ -1,106 +1,15 @@
-//! Shard locations: the small storage trait every backend implements, and the local-directory backend.
-//!
-//! A location stores opaque objects under `/`-separated keys. `put` is atomic (readers see the old object or the
-//! new one, never a mix) and the object's bytes are durable when it returns; the *name* becomes durable after
-//! [`Location::sync`], which batches the directory fsyncs of many puts.
+//! The local-directory backend: objects are files under a root directory, written through a temporary file,
+//! fdatasync and rename (or, deferred, straight to their name and made durable by one syncfs).
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
+use super::{validate_key, Location};
 use crate::error::{Error, IoContext, Result};
-
-/// One place shards and manifest copies are kept (a disk, a node, an object store).
-pub trait Location: Send + Sync + std::fmt::Debug {
-    /// Human-readable name used in messages (a path or URL, never credentials).
-    fn name(&self) -> &str;
-    /// Atomically stores `parts` concatenated under `key`, replacing any previous object. The bytes are durable
-    /// when this returns; the name after [`Location::sync`].
-    fn put(&self, key: &str, parts: &[&[u8]]) -> Result<()>;
-    /// Like [`Location::put`] but durability of the bytes, too, is deferred to the next [`Location::sync`]
-    /// (for data nothing references until a later commit point).
-    fn put_deferred(&self, key: &str, parts: &[&[u8]]) -> Result<()> {
-        self.put(key, parts)
-    }
-    /// Reads the whole object into `buf` (cleared first).
-    fn get_into(&self, key: &str, buf: &mut Vec<u8>) -> Result<()>;
-    /// Reads `len` bytes at `offset` (fewer at the end of the object).
-    fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>>;
-    /// Names (not full keys) of the objects directly under the `prefix` directory; empty when it does not exist.
-    fn list(&self, prefix: &str) -> Result<Vec<String>>;
-    /// Deletes one object; deleting a missing object succeeds.
-    fn delete(&self, key: &str) -> Result<()>;
-    /// Renames an object (the target is replaced). Used to recycle the files of superseded objects: on local
-    /// disks a rename is far cheaper than an unlink (which may trigger a discard) plus a create.
-    fn rename(&self, from: &str, to: &str) -> Result<()> {
-        let mut bytes = Vec::new();
-        self.get_into(from, &mut bytes)?;
-        self.put(to, &[&bytes])?;
-        self.delete(from)
-    }
-    /// True when [`Location::rename`] is cheaper than writing a new object and deleting the old one (local
-    /// disks); object stores copy on rename, so recycling objects by renaming them does not pay there.
-    fn cheap_rename(&self) -> bool {
-        false
-    }
-    /// True for locations behind a network round trip (object stores): readers then fetch the shards of a
-    /// stripe concurrently instead of one after another.
-    fn remote(&self) -> bool {
-        false
-    }
-    /// Deletes every object under the `prefix` directory.
-    fn delete_prefix(&self, prefix: &str) -> Result<()>;
-    /// Makes all completed puts (with their bytes, for deferred ones) and deletes durable.
-    fn sync(&self) -> Result<()>;
-    /// Checks that the location is present and holds the expected marker; returns a reason when unusable.
-    fn probe(&self) -> Result<()>;
-    /// Last modification time of an object or of a `prefix` directory (the newest change among its direct
-    /// entries on backends that track it); `None` when the backend does not know. Scrub uses it to leave alone
-    /// the shards of a commit that may still be in progress.
-    fn modified(&self, key: &str) -> Result<Option<std::time::SystemTime>> {
-        let _ = key;
-        Ok(None)
-    }
-}
-
-/// Convenience wrappers over [`Location`].
-pub trait LocationExt: Location {
-    /// Reads a whole object.
-    fn get(&self, key: &str) -> Result<Vec<u8>> {
-        let mut v = Vec::new();
-        self.get_into(key, &mut v)?;
-        Ok(v)
-    }
-}
-impl<T: Location + ?Sized> LocationExt for T {}
-
-/// Checks that an object key is a clean relative `/`-separated path (no empty, `.` or `..` parts).
-pub fn validate_key(key: &str) -> Result<()> {
-    if key.is_empty() || key.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
-        return Err(Error::Config(format!("invalid object key {key:?}")));
-    }
-    Ok(())
-}
-
-/// Opens the location a spec names (see [`crate::locspec`]); relative paths are inside `store_dir`. Object-store
-/// locations take their connection settings from [`crate::locspec::configure`] and the environment.
-pub fn open_location(store_dir: &Path, spec: &str) -> Result<Arc<dyn Location>> {
-    match crate::locspec::parse(spec)? {
-        crate::locspec::LocationSpec::Local(p) => {
-            let p = if p.is_absolute() { p } else { store_dir.join(p) };
-            Ok(Arc::new(LocalDir::new(p)))
-        }
-        crate::locspec::LocationSpec::S3(s) => {
-            let table = crate::locspec::configured(&s.url);
-            let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-            let cfg = crate::locspec::resolve_s3(&s, table.as_ref(), &env);
-            Ok(Arc::new(crate::s3::S3Location::new(&cfg)?))
-        }
-    }
-}
 
 /// How a local location does its file I/O.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,7 +28,7 @@ impl IoEngine {
         match s {
             "std" => Ok(IoEngine::Std),
             "uring" | "io_uring" if cfg!(target_os = "linux") => {
-                if crate::uring::available() {
+                if super::uring::available() {
                     Ok(IoEngine::Uring)
                 } else {
                     Err(Error::Config("io_engine = \"uring\" but io_uring is not available here".into()))
@@ -131,7 +40,7 @@ impl IoEngine {
     }
 
     fn auto() -> IoEngine {
-        if cfg!(target_os = "linux") && crate::uring::available() {
+        if cfg!(target_os = "linux") && super::uring::available() {
             IoEngine::Uring
         } else {
             IoEngine::Std
@@ -221,7 +130,7 @@ impl LocalDir {
                 .open(&target)
                 .ctx(|| format!("creating {}", target.display()))?;
             match self.engine {
-                IoEngine::Uring => crate::uring::write_parts(&mut f, parts, durable)
+                IoEngine::Uring => super::uring::write_parts(&mut f, parts, durable)
                     .ctx(|| format!("writing {} (io_uring)", target.display()))?,
                 IoEngine::Std => {
                     for p in parts {
@@ -340,7 +249,7 @@ impl Location for LocalDir {
         let mut f = File::open(&path).ctx(|| format!("opening {}", path.display()))?;
         match self.engine {
             IoEngine::Uring => {
-                crate::uring::read_all(&mut f, buf).ctx(|| format!("reading {} (io_uring)", path.display()))
+                super::uring::read_all(&mut f, buf).ctx(|| format!("reading {} (io_uring)", path.display()))
             }
             IoEngine::Std => f.read_to_end(buf).map(|_| ()).ctx(|| format!("reading {}", path.display())),
         }
@@ -408,7 +317,7 @@ impl Location for LocalDir {
         }
         let dirs: Vec<PathBuf> = match self.dirty_dirs.lock() {
             Ok(mut d) => d.drain().collect(),
-            Err(_) => return Err(Error::Config("location state poisoned".into())),
+            Err(_) => return Err(Error::internal("location state poisoned")),
         };
         // Deepest first, so that a new directory's own entries are durable before its name is.
         let mut dirs = dirs;
@@ -444,10 +353,11 @@ impl Location for LocalDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::location::{uring, LocationExt};
 
     fn engines() -> Vec<IoEngine> {
         let mut v = vec![IoEngine::Std];
-        if crate::uring::available() {
+        if uring::available() {
             v.push(IoEngine::Uring);
         }
         v

@@ -10,13 +10,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Mutex;
 
-use crate::catalog;
-use crate::crypto::{random_bytes, SegmentCipher, TAG_LEN};
-use crate::erasure::{self, Codec};
+use crate::codec::crypto::{random_bytes, SegmentCipher, TAG_LEN};
+use crate::codec::erasure::{self, Codec};
+use crate::codec::merkle::{self, leaf_hash, Hash};
 use crate::error::{Error, IoContext, Result};
-use crate::manifest::{FileMeta, Manifest, ManifestBody, SegmentEntry};
-use crate::merkle::{self, leaf_hash, Hash};
-use crate::store::{shard_key, shard_prefix, Store};
+use crate::files::catalog;
+use crate::format::manifest::{FileMeta, Manifest, ManifestBody, SegmentEntry};
+use crate::store::{shard_key, Store};
 use crate::stripe::{write_stripe, StripeAddr};
 
 /// What to commit and how.
@@ -55,20 +55,6 @@ pub struct CommitReport {
     pub shards_not_stored: u64,
     /// Names of the locations that failed writes.
     pub failed_locations: Vec<String>,
-}
-
-/// Checks that a store name is a clean relative path.
-pub fn validate_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 4096
-        && !name.starts_with('/')
-        && !name.contains('\0')
-        && name.split('/').all(|c| !c.is_empty() && c != "." && c != "..");
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::Config(format!("invalid name {name:?}: use a relative path without '.', '..' or empty parts")))
-    }
 }
 
 struct Job {
@@ -174,19 +160,6 @@ fn read_full(input: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
-/// Deletes every shard of `file_id` (best effort: used to undo a failed commit).
-pub(crate) fn remove_shards(store: &Store, file_id: &[u8; 16]) {
-    for loc in store.locations() {
-        if let Err(e) = loc.delete_prefix(&shard_prefix(file_id)).and_then(|_| loc.sync()) {
-            tracing::warn!(location = loc.name(), error = %e, "could not remove shards of an unfinished commit");
-        }
-    }
-}
-
-pub(crate) fn now_unix_ns() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
-}
-
 /// Commits `input` under `req.name`. `progress` receives the plaintext bytes stored so far.
 pub fn commit(
     store: &Store,
@@ -195,7 +168,7 @@ pub fn commit(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<CommitReport> {
     let key = store.key()?;
-    validate_name(&req.name)?;
+    catalog::validate_name(&req.name)?;
     let name_tag = key.name_tag(&req.name);
     if !req.replace && catalog::name_is_taken(store, &name_tag)? {
         return Err(Error::AlreadyExists(req.name.clone()));
@@ -257,17 +230,17 @@ pub fn commit(
                     };
                     if sent_last {
                         if len > 0 {
-                            pipeline.fail(Error::Config("the input grew while it was being committed".into()));
+                            pipeline.fail(Error::InvalidArgument("the input grew while it was being committed".into()));
                         }
                         break;
                     }
                     let end = offset + len as u64;
                     if end > size {
-                        pipeline.fail(Error::Config("the input grew while it was being committed".into()));
+                        pipeline.fail(Error::InvalidArgument("the input grew while it was being committed".into()));
                         break;
                     }
                     if len < seg_size && end < size {
-                        pipeline.fail(Error::Config("the input shrank while it was being committed".into()));
+                        pipeline.fail(Error::InvalidArgument("the input shrank while it was being committed".into()));
                         break;
                     }
                     sent_last = len < seg_size || end >= size;
@@ -300,14 +273,14 @@ pub fn commit(
         drop(job_tx);
     });
     if let Some(e) = pipeline.failure.lock().ok().and_then(|mut f| f.take()) {
-        remove_shards(store, &file_id);
+        store.remove_shards(&file_id);
         return Err(e);
     }
     let mut results = pipeline.results.into_inner().unwrap_or_default();
     results.sort_by_key(|r| r.segment);
     let finish = || -> Result<CommitReport> {
         if results.is_empty() || results.iter().enumerate().any(|(i, r)| r.segment != i as u64) {
-            return Err(Error::Config("internal: segments missing from the commit pipeline".into()));
+            return Err(Error::internal("segments missing from the commit pipeline"));
         }
         for loc in store.locations() {
             loc.sync()?;
@@ -316,13 +289,14 @@ pub fn commit(
         let leaves: Vec<Hash> = results.iter().flat_map(|r| r.leaves.iter().copied()).collect();
         let size: u64 = segments.iter().map(|s| s.plain_len).sum();
         let meta = FileMeta { name: req.name.clone(), size, mtime_unix_ns: req.mtime_unix_ns, mode: req.mode };
-        let meta_bytes = postcard::to_allocvec(&meta).map_err(|e| Error::Config(e.to_string()))?;
+        let meta_bytes =
+            postcard::to_allocvec(&meta).map_err(|e| Error::internal(format!("encoding file metadata: {e}")))?;
         let (sealed_meta, meta_nonce) = key.seal_metadata(&file_id, &meta_bytes)?;
         let body = ManifestBody {
             store_id: d.store_id,
             file_id,
             name_tag,
-            committed_unix_ns: now_unix_ns(),
+            committed_unix_ns: crate::clock::unix_ns(),
             k: d.k,
             m: d.m,
             segment_size: d.segment_size,
@@ -357,7 +331,7 @@ pub fn commit(
     };
     let report = finish();
     if report.is_err() {
-        remove_shards(store, &file_id);
+        store.remove_shards(&file_id);
     }
     report
 }

@@ -2,8 +2,8 @@
 //! the in-memory and fault-injecting test locations, S3 object stores) runs it, so the store above can rely on
 //! the same behaviour everywhere. Test support: failures panic with the backend's name and the broken rule.
 
-use crate::fault::test_bytes;
 use crate::location::{Location, LocationExt};
+use crate::testing::test_bytes;
 
 /// Options for [`check`].
 pub struct Options {
@@ -116,14 +116,14 @@ pub fn check(loc: &dyn Location, opts: &Options) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fault::{FaultyLocation, MemLocation};
     use crate::location::{IoEngine, LocalDir};
+    use crate::testing::{fault::FaultyLocation, MemLocation};
     use std::sync::Arc;
 
     #[test]
     fn local_directories_conform() {
         let mut engines = vec![IoEngine::Std];
-        if crate::uring::available() {
+        if crate::location::uring::available() {
             engines.push(IoEngine::Uring);
         }
         for e in engines {

@@ -41,7 +41,7 @@ pub struct Codec {
 }
 
 fn rs_err(e: reed_solomon_simd::Error) -> Error {
-    Error::Config(format!("erasure coder: {e}"))
+    Error::internal(format!("erasure coder: {e}"))
 }
 
 impl Codec {
@@ -54,7 +54,7 @@ impl Codec {
     pub fn with_column(k: usize, m: usize, column: usize) -> Result<Self> {
         validate(k, m)?;
         if column == 0 || !column.is_multiple_of(64) {
-            return Err(Error::Config("erasure column must be a positive multiple of 64 bytes".into()));
+            return Err(Error::internal("erasure column must be a positive multiple of 64 bytes"));
         }
         Ok(Codec { k, m, column, encoder: None, decoder: None, parity: Vec::new() })
     }
@@ -84,7 +84,7 @@ impl Codec {
         use_parity: impl FnOnce(&[&[u8]]) -> R,
     ) -> Result<R> {
         if data.len() != self.k * shard_len || !shard_len.is_multiple_of(2) {
-            return Err(Error::Config("segment buffer does not match k * shard_len".into()));
+            return Err(Error::internal("segment buffer does not match k * shard_len"));
         }
         let (k, m) = (self.k, self.m);
         let mut parity = std::mem::take(&mut self.parity);

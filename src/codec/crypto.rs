@@ -112,10 +112,10 @@ impl MasterKey {
     }
 
     /// The AES-256-XTS cipher of one volume (two independent derived keys).
-    pub fn volume_xts(&self, vol_id: &[u8; 16]) -> crate::xts::Xts {
+    pub fn volume_xts(&self, vol_id: &[u8; 16]) -> crate::codec::xts::Xts {
         let mut d = self.derive(CTX_XTS_DATA, vol_id);
         let mut t = self.derive(CTX_XTS_TWEAK, vol_id);
-        let x = crate::xts::Xts::new(&d, &t);
+        let x = crate::codec::xts::Xts::new(&d, &t);
         d.zeroize();
         t.zeroize();
         x
@@ -144,7 +144,7 @@ impl MasterKey {
         let mut buf = plain.to_vec();
         let tag = aead
             .encrypt_in_place_detached(Nonce::from_slice(&nonce), file_id, &mut buf)
-            .map_err(|_| Error::Config("metadata too large to encrypt".into()))?;
+            .map_err(|_| Error::InvalidArgument("metadata too large to encrypt".into()))?;
         buf.extend_from_slice(&tag);
         Ok((buf, nonce))
     }
@@ -188,13 +188,13 @@ impl SegmentCipher {
     /// Encrypts `buf[..plain_len]` in place and writes the tag to `buf[plain_len..plain_len + 16]`.
     pub fn seal_segment(&self, segment: u64, last: bool, buf: &mut [u8], plain_len: usize) -> Result<()> {
         if buf.len() < plain_len + TAG_LEN {
-            return Err(Error::Config("segment buffer too small for the tag".into()));
+            return Err(Error::internal("segment buffer too small for the tag"));
         }
         let (nonce, aad) = self.nonce_and_aad(segment, plain_len as u64, last);
         let tag = self
             .aead
             .encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, &mut buf[..plain_len])
-            .map_err(|_| Error::Config("segment too large for AES-GCM".into()))?;
+            .map_err(|_| Error::InvalidArgument("segment too large for AES-GCM".into()))?;
         buf[plain_len..plain_len + TAG_LEN].copy_from_slice(&tag);
         Ok(())
     }

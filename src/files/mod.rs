@@ -1,0 +1,6 @@
+//! Files: committing a stream as an encrypted, erasure-coded file ([`commit`]), the catalog of committed files
+//! ([`catalog`]), reading and verifying them ([`read`]) and their quick health ([`health`]).
+
+pub mod catalog;
+pub mod commit;
+pub mod read;

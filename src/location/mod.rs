@@ -1,0 +1,90 @@
+//! Shard locations: the small storage trait every backend implements ([`Location`]), the backends (a local
+//! directory, [`local`]; an S3-compatible object store, [`s3`]), location specs ([`spec`]) and the factory that
+//! opens a spec ([`open_location`]).
+//!
+//! A location stores opaque objects under `/`-separated keys. `put` is atomic (readers see the old object or the
+//! new one, never a mix) and the object's bytes are durable when it returns; the *name* becomes durable after
+//! [`Location::sync`], which batches the directory fsyncs of many puts.
+
+pub mod local;
+mod open;
+pub mod s3;
+pub mod spec;
+pub(crate) mod uring;
+
+pub use local::{sync_dir, IoEngine, LocalDir};
+pub use open::open_location;
+
+use crate::error::{Error, Result};
+
+/// One place shards and manifest copies are kept (a disk, a node, an object store).
+pub trait Location: Send + Sync + std::fmt::Debug {
+    /// Human-readable name used in messages (a path or URL, never credentials).
+    fn name(&self) -> &str;
+    /// Atomically stores `parts` concatenated under `key`, replacing any previous object. The bytes are durable
+    /// when this returns; the name after [`Location::sync`].
+    fn put(&self, key: &str, parts: &[&[u8]]) -> Result<()>;
+    /// Like [`Location::put`] but durability of the bytes, too, is deferred to the next [`Location::sync`]
+    /// (for data nothing references until a later commit point).
+    fn put_deferred(&self, key: &str, parts: &[&[u8]]) -> Result<()> {
+        self.put(key, parts)
+    }
+    /// Reads the whole object into `buf` (cleared first).
+    fn get_into(&self, key: &str, buf: &mut Vec<u8>) -> Result<()>;
+    /// Reads `len` bytes at `offset` (fewer at the end of the object).
+    fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>>;
+    /// Names (not full keys) of the objects directly under the `prefix` directory; empty when it does not exist.
+    fn list(&self, prefix: &str) -> Result<Vec<String>>;
+    /// Deletes one object; deleting a missing object succeeds.
+    fn delete(&self, key: &str) -> Result<()>;
+    /// Renames an object (the target is replaced). Used to recycle the files of superseded objects: on local
+    /// disks a rename is far cheaper than an unlink (which may trigger a discard) plus a create.
+    fn rename(&self, from: &str, to: &str) -> Result<()> {
+        let mut bytes = Vec::new();
+        self.get_into(from, &mut bytes)?;
+        self.put(to, &[&bytes])?;
+        self.delete(from)
+    }
+    /// True when [`Location::rename`] is cheaper than writing a new object and deleting the old one (local
+    /// disks); object stores copy on rename, so recycling objects by renaming them does not pay there.
+    fn cheap_rename(&self) -> bool {
+        false
+    }
+    /// True for locations behind a network round trip (object stores): readers then fetch the shards of a
+    /// stripe concurrently instead of one after another.
+    fn remote(&self) -> bool {
+        false
+    }
+    /// Deletes every object under the `prefix` directory.
+    fn delete_prefix(&self, prefix: &str) -> Result<()>;
+    /// Makes all completed puts (with their bytes, for deferred ones) and deletes durable.
+    fn sync(&self) -> Result<()>;
+    /// Checks that the location is present and holds the expected marker; returns a reason when unusable.
+    fn probe(&self) -> Result<()>;
+    /// Last modification time of an object or of a `prefix` directory (the newest change among its direct
+    /// entries on backends that track it); `None` when the backend does not know. Scrub uses it to leave alone
+    /// the shards of a commit that may still be in progress.
+    fn modified(&self, key: &str) -> Result<Option<std::time::SystemTime>> {
+        let _ = key;
+        Ok(None)
+    }
+}
+
+/// Convenience wrappers over [`Location`].
+pub trait LocationExt: Location {
+    /// Reads a whole object.
+    fn get(&self, key: &str) -> Result<Vec<u8>> {
+        let mut v = Vec::new();
+        self.get_into(key, &mut v)?;
+        Ok(v)
+    }
+}
+impl<T: Location + ?Sized> LocationExt for T {}
+
+/// Checks that an object key is a clean relative `/`-separated path (no empty, `.` or `..` parts).
+pub fn validate_key(key: &str) -> Result<()> {
+    if key.is_empty() || key.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+        return Err(Error::InvalidArgument(format!("invalid object key {key:?}")));
+    }
+    Ok(())
+}

@@ -1,0 +1,54 @@
+//! Pure scrub policy: throttling, where a rebuilt shard goes, when an orphan may be deleted.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+/// Default orphan grace period: 24 hours.
+pub const DEFAULT_ORPHAN_GRACE: Duration = Duration::from_secs(24 * 3600);
+
+/// How long to sleep so that `done` bytes after `elapsed` do not exceed `rate` bytes per second.
+pub fn throttle_delay(done: u64, rate: u64, elapsed: Duration) -> Duration {
+    if rate == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_secs_f64(done as f64 / rate as f64).saturating_sub(elapsed)
+}
+
+/// A shared byte-rate limiter.
+#[derive(Debug)]
+pub(super) struct Throttle {
+    pub(super) rate: Option<u64>,
+    pub(super) start: Instant,
+    pub(super) done: AtomicU64,
+}
+
+impl Throttle {
+    pub(super) fn consume(&self, bytes: u64) -> u64 {
+        let done = self.done.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if let Some(rate) = self.rate {
+            let d = throttle_delay(done, rate, self.start.elapsed());
+            if !d.is_zero() {
+                std::thread::sleep(d);
+            }
+        }
+        done
+    }
+}
+
+/// Candidate locations for a rebuilt shard, best first: home when writable, then writable locations holding
+/// no shard of the segment (in rotation order after home), then the other writable ones, least loaded first.
+pub fn repair_targets(home: usize, writable: &[bool], occupied: &[u32]) -> Vec<usize> {
+    let n = writable.len();
+    let order: Vec<usize> = (0..n).map(|j| (home + j) % n).filter(|&i| writable[i]).collect();
+    let mut out: Vec<usize> = order.iter().copied().filter(|&i| i == home).collect();
+    out.extend(order.iter().copied().filter(|&i| i != home && occupied[i] == 0));
+    let mut rest: Vec<usize> = order.iter().copied().filter(|&i| i != home && occupied[i] > 0).collect();
+    rest.sort_by_key(|&i| occupied[i]);
+    out.extend(rest);
+    out
+}
+
+/// Whether an orphan whose newest change was at `changed` may be deleted at `now`.
+pub fn orphan_due(changed: SystemTime, now: SystemTime, grace: Duration) -> bool {
+    now.duration_since(changed).is_ok_and(|age| age >= grace)
+}
