@@ -24,18 +24,15 @@ use crate::handshake::*;
 use crate::proto::*;
 use crate::reply::*;
 use crate::request::*;
-use crate::server::ServerConfig;
+use crate::config::ServerConfig;
+use crate::negotiation::{handshake, read_exact_or_shutdown, Negotiated};
 
-/// Largest option payload accepted; larger ones are treated as a denial of
-/// service attempt and end the connection.
-pub const MAX_OPTION_LEN: u32 = 64 * 1024;
-
-type Reader<S> = BufReader<tokio::io::ReadHalf<S>>;
-type Writer<S> = BufWriter<tokio::io::WriteHalf<S>>;
+pub(crate) type Reader<S> = BufReader<tokio::io::ReadHalf<S>>;
+pub(crate) type Writer<S> = BufWriter<tokio::io::WriteHalf<S>>;
 
 /// Why a session ended early; only used for logging.
 #[derive(Debug)]
-enum End {
+pub(crate) enum End {
     Io(io::Error),
     Protocol(String),
     Shutdown,
@@ -113,244 +110,11 @@ pub(crate) async fn run_session<S>(
     info!(%peer, "session closed");
 }
 
-/// Result of a successful handshake.
-struct Negotiated {
-    name: String,
-    backend: Arc<dyn BlockBackend>,
-    params: TransmissionParams,
-}
-
-/// Per-connection negotiation state.
-struct HandshakeState {
-    no_zeroes: bool,
-    structured: bool,
-    /// Export name of the last successful `NBD_OPT_SET_META_CONTEXT` that
-    /// selected `base:allocation`.
-    meta_export: Option<String>,
-    /// Last export opened, reused by later options naming the same export.
-    cached: Option<(String, Arc<dyn BlockBackend>)>,
-}
-
-async fn read_exact_or_shutdown<R: AsyncRead + Unpin>(
-    rd: &mut R,
-    buf: &mut [u8],
-    shutdown: &CancellationToken,
-) -> Result<(), End> {
-    tokio::select! {
-        biased;
-        _ = shutdown.cancelled() => Err(End::Shutdown),
-        r = rd.read_exact(buf) => { r?; Ok(()) }
-    }
-}
-
-async fn send_option_reply<W: AsyncWrite + Unpin>(wr: &mut W, option: u32, reply: u32, data: &[u8]) -> io::Result<()> {
-    wr.write_all(&encode_option_reply(option, reply, data)).await
-}
-
-async fn open_export(
-    registry: &Arc<dyn ExportRegistry>,
-    st: &mut HandshakeState,
-    name: &str,
-) -> Result<Arc<dyn BlockBackend>, (u32, String)> {
-    if let Some((n, b)) = &st.cached {
-        if n == name {
-            return Ok(Arc::clone(b));
-        }
-    }
-    let reg = Arc::clone(registry);
-    let n = name.to_owned();
-    let opened = tokio::task::spawn_blocking(move || reg.open(&n))
-        .await
-        .map_err(|e| (NBD_REP_ERR_UNKNOWN, format!("opening export failed: {e}")))?;
-    match opened {
-        None => Err((NBD_REP_ERR_UNKNOWN, format!("export '{name}' not found"))),
-        Some(Err(e)) => {
-            warn!(export = name, error = %e, "failed to open export");
-            Err((NBD_REP_ERR_UNKNOWN, format!("export '{name}' is not available: {e}")))
-        }
-        Some(Ok(b)) => {
-            st.cached = Some((name.to_owned(), Arc::clone(&b)));
-            Ok(b)
-        }
-    }
-}
-
-fn params_for(st: &HandshakeState, name: &str, backend: &dyn BlockBackend, strict: bool) -> TransmissionParams {
-    let (min_block, _) = sanitize_block_sizes(backend.min_block_size(), backend.preferred_block_size());
-    TransmissionParams {
-        size: backend.size(),
-        read_only: backend.is_read_only(),
-        structured: st.structured,
-        base_allocation: st.structured && st.meta_export.as_deref() == Some(name),
-        strict_alignment: strict,
-        min_block,
-    }
-}
-
-/// Fixed newstyle handshake and option haggling. `Ok(None)` = client
-/// aborted cleanly.
-async fn handshake<S>(
-    rd: &mut Reader<S>,
-    wr: &mut Writer<S>,
-    registry: &Arc<dyn ExportRegistry>,
-    shutdown: &CancellationToken,
-) -> Result<Option<Negotiated>, End>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    wr.write_all(&server_greeting()).await?;
-    wr.flush().await?;
-    let mut flags = [0u8; 4];
-    read_exact_or_shutdown(rd, &mut flags, shutdown).await?;
-    let cflags = parse_client_flags(u32::from_be_bytes(flags)).map_err(|e| End::Protocol(e.to_string()))?;
-    let mut st = HandshakeState { no_zeroes: cflags.no_zeroes, structured: false, meta_export: None, cached: None };
-    loop {
-        let mut hdr = [0u8; OPTION_HEADER_LEN];
-        read_exact_or_shutdown(rd, &mut hdr, shutdown).await?;
-        let oh = parse_option_header(&hdr).map_err(|e| End::Protocol(e.to_string()))?;
-        if oh.length > MAX_OPTION_LEN {
-            return Err(End::Protocol(format!(
-                "option {} with {} bytes of data exceeds the {} byte limit",
-                oh.option, oh.length, MAX_OPTION_LEN
-            )));
-        }
-        let mut data = vec![0u8; oh.length as usize];
-        read_exact_or_shutdown(rd, &mut data, shutdown).await?;
-        debug!(option = oh.option, len = oh.length, "option");
-        let opt = oh.option;
-        if shutdown.is_cancelled() && opt != NBD_OPT_ABORT {
-            if opt == NBD_OPT_EXPORT_NAME {
-                return Err(End::Shutdown);
-            }
-            send_option_reply(wr, opt, NBD_REP_ERR_SHUTDOWN, b"server is shutting down").await?;
-            wr.flush().await?;
-            continue;
-        }
-        let parsed = match parse_option(opt, &data) {
-            Ok(p) => p,
-            Err(e) => {
-                if opt == NBD_OPT_EXPORT_NAME {
-                    return Err(End::Protocol(format!("bad NBD_OPT_EXPORT_NAME: {}", e.message)));
-                }
-                send_option_reply(wr, opt, e.reply, e.message.as_bytes()).await?;
-                wr.flush().await?;
-                continue;
-            }
-        };
-        match parsed {
-            ClientOption::Abort => {
-                send_option_reply(wr, opt, NBD_REP_ACK, &[]).await?;
-                wr.flush().await?;
-                let _ = wr.shutdown().await;
-                return Ok(None);
-            }
-            ClientOption::ExportName(name) => {
-                let backend = match open_export(registry, &mut st, &name).await {
-                    Ok(b) => b,
-                    // Cannot be answered with an error: hard disconnect.
-                    Err((_, msg)) => return Err(End::Protocol(msg)),
-                };
-                let params = params_for(&st, &name, backend.as_ref(), false);
-                let flags = params.transmission_flags(backend.can_multi_conn());
-                wr.write_all(&encode_export_name_reply(params.size, flags, st.no_zeroes)).await?;
-                wr.flush().await?;
-                return Ok(Some(Negotiated { name, backend, params }));
-            }
-            ClientOption::List => {
-                let reg = Arc::clone(registry);
-                let exports = tokio::task::spawn_blocking(move || reg.list()).await.unwrap_or_default();
-                for e in exports {
-                    send_option_reply(wr, opt, NBD_REP_SERVER, &encode_rep_server(&e.name, &e.description)).await?;
-                }
-                send_option_reply(wr, opt, NBD_REP_ACK, &[]).await?;
-            }
-            ClientOption::StartTls => {
-                send_option_reply(wr, opt, NBD_REP_ERR_UNSUP, b"TLS is not supported").await?;
-            }
-            ClientOption::StructuredReply => {
-                st.structured = true;
-                send_option_reply(wr, opt, NBD_REP_ACK, &[]).await?;
-            }
-            ClientOption::Info(req) | ClientOption::Go(req) => {
-                let go = opt == NBD_OPT_GO;
-                let backend = match open_export(registry, &mut st, &req.name).await {
-                    Ok(b) => b,
-                    Err((code, msg)) => {
-                        send_option_reply(wr, opt, code, msg.as_bytes()).await?;
-                        wr.flush().await?;
-                        continue;
-                    }
-                };
-                let strict = go && req.wants(NBD_INFO_BLOCK_SIZE);
-                let params = params_for(&st, &req.name, backend.as_ref(), strict);
-                let flags = params.transmission_flags(backend.can_multi_conn());
-                send_option_reply(wr, opt, NBD_REP_INFO, &encode_info_export(params.size, flags)).await?;
-                if req.wants(NBD_INFO_NAME) {
-                    send_option_reply(wr, opt, NBD_REP_INFO, &encode_info_string(NBD_INFO_NAME, &req.name)).await?;
-                }
-                if req.wants(NBD_INFO_DESCRIPTION) {
-                    let reg = Arc::clone(registry);
-                    let n = req.name.clone();
-                    let desc = tokio::task::spawn_blocking(move || reg.description(&n))
-                        .await
-                        .ok()
-                        .flatten()
-                        .unwrap_or_default();
-                    if !desc.is_empty() && desc.len() <= MAX_STRING_LEN {
-                        send_option_reply(wr, opt, NBD_REP_INFO, &encode_info_string(NBD_INFO_DESCRIPTION, &desc))
-                            .await?;
-                    }
-                }
-                // Always advertised (the default minimum, 512, is above the
-                // protocol's default of 1).
-                let (min, preferred) = sanitize_block_sizes(backend.min_block_size(), backend.preferred_block_size());
-                send_option_reply(wr, opt, NBD_REP_INFO, &encode_info_block_size(min, preferred, MAX_BLOCK_SIZE))
-                    .await?;
-                send_option_reply(wr, opt, NBD_REP_ACK, &[]).await?;
-                wr.flush().await?;
-                if go {
-                    return Ok(Some(Negotiated { name: req.name, backend, params }));
-                }
-            }
-            ClientOption::ListMetaContext(req) | ClientOption::SetMetaContext(req) => {
-                let set = opt == NBD_OPT_SET_META_CONTEXT;
-                if set {
-                    // Replaces the previous selection even if this one fails.
-                    st.meta_export = None;
-                    if !st.structured {
-                        send_option_reply(wr, opt, NBD_REP_ERR_INVALID, b"structured replies must be negotiated first")
-                            .await?;
-                        wr.flush().await?;
-                        continue;
-                    }
-                }
-                if let Err((code, msg)) = open_export(registry, &mut st, &req.export).await {
-                    send_option_reply(wr, opt, code, msg.as_bytes()).await?;
-                    wr.flush().await?;
-                    continue;
-                }
-                let contexts = match_meta_contexts(&req.queries, !set);
-                for (id, name) in &contexts {
-                    send_option_reply(wr, opt, NBD_REP_META_CONTEXT, &encode_meta_context(*id, name)).await?;
-                }
-                if set && !contexts.is_empty() {
-                    st.meta_export = Some(req.export.clone());
-                }
-                send_option_reply(wr, opt, NBD_REP_ACK, &[]).await?;
-            }
-            ClientOption::Unknown(o) => {
-                send_option_reply(wr, o, NBD_REP_ERR_UNSUP, b"option not supported").await?;
-            }
-        }
-        wr.flush().await?;
-    }
-}
-
 /// One encoded reply plus the resources it holds until it is written.
 struct Outgoing {
     head: Vec<u8>,
     data: Option<Vec<u8>>,
-    _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
+    _permits: Permits,
 }
 
 /// Result of executing a command on the backend.
@@ -462,60 +226,54 @@ async fn writer_task<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Ou
     }
 }
 
-async fn transmission<S>(
-    mut rd: Reader<S>,
-    wr: Writer<S>,
-    n: Negotiated,
-    config: &ServerConfig,
-    shutdown: &CancellationToken,
-    peer: &str,
-) where
+/// Semaphore permits a request holds until its reply is written: one request slot and, for reads and writes,
+/// its bytes.
+type Permits = (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>);
+
+/// Waits for `f` unless the server shuts down first.
+async fn or_shutdown<T>(shutdown: &CancellationToken, f: impl std::future::Future<Output = T>) -> Result<T, End> {
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => Err(End::Shutdown),
+        v = f => Ok(v),
+    }
+}
+
+fn closed<E>(_: E) -> End {
+    End::Protocol("semaphore closed".into())
+}
+
+/// The transmission phase of one session: reads requests, runs each as its own task and hands the replies to
+/// the writer task.
+struct Transmission<'a, S> {
+    rd: Reader<S>,
+    params: TransmissionParams,
+    backend: Arc<dyn BlockBackend>,
+    inflight: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+    tx: mpsc::Sender<Outgoing>,
+    dead: CancellationToken,
+    tasks: TaskTracker,
+    shutdown: &'a CancellationToken,
+}
+
+impl<S> Transmission<'_, S>
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let params = n.params;
-    let backend = n.backend;
-    let inflight = Arc::new(Semaphore::new(config.max_inflight_requests.max(1)));
-    let byte_budget = config.max_inflight_bytes.max(MAX_BLOCK_SIZE as usize);
-    let bytes = Arc::new(Semaphore::new(byte_budget));
-    let (tx, rx) = mpsc::channel::<Outgoing>(config.max_inflight_requests.max(1) + 1);
-    let dead = CancellationToken::new();
-    let writer = tokio::spawn(writer_task(wr, rx, dead.clone()));
-    let tasks = TaskTracker::new();
-
-    let reason: Result<&'static str, End> = async {
+    /// Serves requests until the client disconnects, the writer fails, the server shuts down or the peer
+    /// breaks the protocol; `Ok` carries why it ended normally.
+    async fn serve(&mut self) -> Result<&'static str, End> {
         loop {
-            let mut hdr = [0u8; REQUEST_HEADER_LEN];
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return Err(End::Shutdown),
-                _ = dead.cancelled() => return Ok("reply writer failed"),
-                r = rd.read_exact(&mut hdr) => match r {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok("client closed connection"),
-                    Err(e) => return Err(End::Io(e)),
-                },
-            }
-            let req = parse_request_header(&hdr).map_err(|e| End::Protocol(e.to_string()))?;
-            trace!(?req, "request");
-            let permit = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return Err(End::Shutdown),
-                p = Arc::clone(&inflight).acquire_owned() => p.map_err(|_| End::Protocol("semaphore closed".into()))?,
+            let req = match self.read_header().await? {
+                Ok(req) => req,
+                Err(reason) => return Ok(reason),
             };
-            let cmd = match validate_request(&req, &params) {
+            let permit = or_shutdown(self.shutdown, Arc::clone(&self.inflight).acquire_owned()).await?.map_err(closed)?;
+            let cmd = match validate_request(&req, &self.params) {
                 Ok(c) => c,
                 Err(e) => {
-                    debug!(cookie = req.cookie, typ = req.typ, errno = e.errno, msg = e.message, "request rejected");
-                    if req.has_payload() {
-                        tokio::select! {
-                            biased;
-                            _ = shutdown.cancelled() => return Err(End::Shutdown),
-                            r = discard(&mut rd, u64::from(req.length)) => r?,
-                        }
-                    }
-                    let (head, data) = error_reply(req.cookie, params.structured, e.errno, e.message);
-                    let out = Outgoing { head, data, _permits: (permit, None) };
-                    if tx.send(out).await.is_err() {
+                    if !self.reject(&req, &e, permit).await? {
                         return Ok("reply writer gone");
                     }
                     continue;
@@ -524,71 +282,114 @@ async fn transmission<S>(
             if cmd == Command::Disconnect {
                 return Ok("client sent NBD_CMD_DISC");
             }
-            let buffered = match cmd {
-                Command::Read { len, .. } | Command::Write { len, .. } => len,
-                _ => 0,
-            };
-            let byte_permit = if buffered > 0 {
-                tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => return Err(End::Shutdown),
-                    p = Arc::clone(&bytes).acquire_many_owned(buffered) => {
-                        Some(p.map_err(|_| End::Protocol("semaphore closed".into()))?)
-                    }
-                }
-            } else {
-                None
-            };
-            let payload = if let Command::Write { len, .. } = cmd {
-                let mut buf = vec![0u8; len as usize];
-                tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => return Err(End::Shutdown),
-                    r = rd.read_exact(&mut buf) => { r?; }
-                }
-                Some(buf)
-            } else {
-                None
-            };
-            let backend = Arc::clone(&backend);
-            let tx = tx.clone();
-            let cookie = req.cookie;
-            let structured = params.structured;
-            let size = params.size;
-            tasks.spawn(async move {
-                let b = Arc::clone(&backend);
-                let result = match tokio::task::spawn_blocking(move || execute(b.as_ref(), cmd, payload)).await {
-                    Ok(Ok(out)) => Ok(out),
-                    Ok(Err(e)) => {
-                        debug!(cookie, ?cmd, error = %e, "backend error");
-                        Err((errno_for(&e), e.to_string()))
-                    }
-                    Err(e) => {
-                        warn!(cookie, ?cmd, error = %e, "backend call panicked");
-                        Err((NBD_EIO, "internal server error".to_owned()))
-                    }
-                };
-                let (head, data) = encode_result(cookie, &cmd, structured, size, result);
-                let _ = tx.send(Outgoing { head, data, _permits: (permit, byte_permit) }).await;
-            });
+            let byte_permit = self.buffer_permit(&cmd).await?;
+            let payload = self.read_payload(&cmd).await?;
+            self.spawn(req.cookie, cmd, payload, (permit, byte_permit));
         }
     }
-    .await;
-    match reason {
-        Ok(r) => debug!(%peer, reason = r, "transmission ending"),
-        Err(End::Shutdown) => info!(%peer, "server shutting down; finishing in-flight requests"),
-        Err(End::Io(e))
-            if matches!(
-                e.kind(),
-                io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
-            ) =>
-        {
-            info!(%peer, error = %e, "client went away mid-request")
+
+    /// The next request header, or (`Ok(Err)`) why there is none.
+    async fn read_header(&mut self) -> Result<Result<RequestHeader, &'static str>, End> {
+        let mut hdr = [0u8; REQUEST_HEADER_LEN];
+        tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => return Err(End::Shutdown),
+            _ = self.dead.cancelled() => return Ok(Err("reply writer failed")),
+            r = self.rd.read_exact(&mut hdr) => match r {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Err("client closed connection")),
+                Err(e) => return Err(End::Io(e)),
+            },
         }
-        Err(e) => warn!(%peer, reason = %e, "dropping connection"),
+        let req = parse_request_header(&hdr).map_err(|e| End::Protocol(e.to_string()))?;
+        trace!(?req, "request");
+        Ok(Ok(req))
     }
-    // Finish every in-flight request and send its reply, then close. Once
-    // the server is shutting down this is bounded by the grace period.
+
+    /// Answers an invalid request with its error (skipping its payload); `false` when the writer is gone.
+    async fn reject(&mut self, req: &RequestHeader, e: &RequestError, permit: OwnedSemaphorePermit) -> Result<bool, End> {
+        debug!(cookie = req.cookie, typ = req.typ, errno = e.errno, msg = e.message, "request rejected");
+        if req.has_payload() {
+            or_shutdown(self.shutdown, discard(&mut self.rd, u64::from(req.length))).await??;
+        }
+        let (head, data) = error_reply(req.cookie, self.params.structured, e.errno, e.message);
+        Ok(self.tx.send(Outgoing { head, data, _permits: (permit, None) }).await.is_ok())
+    }
+
+    /// Reserves the buffer bytes of a READ or WRITE (back-pressure on the socket when the budget is spent).
+    async fn buffer_permit(&self, cmd: &Command) -> Result<Option<OwnedSemaphorePermit>, End> {
+        let buffered = match cmd {
+            Command::Read { len, .. } | Command::Write { len, .. } => *len,
+            _ => 0,
+        };
+        if buffered == 0 {
+            return Ok(None);
+        }
+        let p = or_shutdown(self.shutdown, Arc::clone(&self.bytes).acquire_many_owned(buffered)).await?;
+        Ok(Some(p.map_err(closed)?))
+    }
+
+    /// Reads the payload of a WRITE.
+    async fn read_payload(&mut self, cmd: &Command) -> Result<Option<Vec<u8>>, End> {
+        let Command::Write { len, .. } = cmd else { return Ok(None) };
+        let mut buf = vec![0u8; *len as usize];
+        or_shutdown(self.shutdown, self.rd.read_exact(&mut buf)).await??;
+        Ok(Some(buf))
+    }
+
+    /// Runs one request on the backend in its own task; its reply goes to the writer.
+    fn spawn(&self, cookie: u64, cmd: Command, payload: Option<Vec<u8>>, permits: Permits) {
+        let backend = Arc::clone(&self.backend);
+        let tx = self.tx.clone();
+        let (structured, size) = (self.params.structured, self.params.size);
+        self.tasks.spawn(async move {
+            let result = match tokio::task::spawn_blocking(move || execute(backend.as_ref(), cmd, payload)).await {
+                Ok(Ok(out)) => Ok(out),
+                Ok(Err(e)) => {
+                    debug!(cookie, ?cmd, error = %e, "backend error");
+                    Err((errno_for(&e), e.to_string()))
+                }
+                Err(e) => {
+                    warn!(cookie, ?cmd, error = %e, "backend call panicked");
+                    Err((NBD_EIO, "internal server error".to_owned()))
+                }
+            };
+            let (head, data) = encode_result(cookie, &cmd, structured, size, result);
+            let _ = tx.send(Outgoing { head, data, _permits: permits }).await;
+        });
+    }
+}
+
+/// Runs the transmission phase, then finishes every in-flight request and sends its reply before closing.
+async fn transmission<S>(
+    rd: Reader<S>,
+    wr: Writer<S>,
+    n: Negotiated,
+    config: &ServerConfig,
+    shutdown: &CancellationToken,
+    peer: &str,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let slots = config.max_inflight_requests.max(1);
+    let (tx, rx) = mpsc::channel::<Outgoing>(slots + 1);
+    let dead = CancellationToken::new();
+    let writer = tokio::spawn(writer_task(wr, rx, dead.clone()));
+    let mut t = Transmission {
+        rd,
+        params: n.params,
+        backend: n.backend,
+        inflight: Arc::new(Semaphore::new(slots)),
+        bytes: Arc::new(Semaphore::new(config.max_inflight_bytes.max(MAX_BLOCK_SIZE as usize))),
+        tx,
+        dead,
+        tasks: TaskTracker::new(),
+        shutdown,
+    };
+    let reason = t.serve().await;
+    log_end(peer, reason);
+    let Transmission { tasks, tx, .. } = t;
+    // Once the server is shutting down, finishing is bounded by the grace period.
     tasks.close();
     drop(tx);
     let writer_abort = writer.abort_handle();
@@ -607,6 +408,22 @@ async fn transmission<S>(
             warn!(%peer, "shutdown grace period expired; dropping connection with requests in flight");
             writer_abort.abort();
         }
+    }
+}
+
+fn log_end(peer: &str, reason: Result<&'static str, End>) {
+    match reason {
+        Ok(r) => debug!(%peer, reason = r, "transmission ending"),
+        Err(End::Shutdown) => info!(%peer, "server shutting down; finishing in-flight requests"),
+        Err(End::Io(e))
+            if matches!(
+                e.kind(),
+                io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            ) =>
+        {
+            info!(%peer, error = %e, "client went away mid-request")
+        }
+        Err(e) => warn!(%peer, reason = %e, "dropping connection"),
     }
 }
 

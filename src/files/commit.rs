@@ -161,6 +161,9 @@ fn read_full(input: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 /// Commits `input` under `req.name`. `progress` receives the plaintext bytes stored so far.
+///
+/// Four steps: prepare (check the name, pick a file id), stream (encode and store every segment), publish (the
+/// manifest, after every shard is durable), and, when anything failed, clean up (delete the shards written).
 pub fn commit(
     store: &Store,
     input: &mut dyn Read,
@@ -173,21 +176,45 @@ pub fn commit(
     if !req.replace && catalog::name_is_taken(store, &name_tag)? {
         return Err(Error::AlreadyExists(req.name.clone()));
     }
-    let d = store.descriptor();
     let file_id: [u8; 16] = random_bytes()?;
-    let n = store.locations().len();
-    let pipeline = Pipeline {
-        store,
-        cipher: key.segment_cipher(&file_id),
-        file_id,
-        placement_start: (u32::from_le_bytes([file_id[0], file_id[1], file_id[2], file_id[3]]) as usize % n) as u32,
-        failure: Mutex::new(None),
-        abort: AtomicBool::new(false),
-        done_bytes: AtomicU64::new(0),
-        results: Mutex::new(Vec::new()),
-    };
+    let pipeline = Pipeline::new(store, key.segment_cipher(&file_id), file_id);
     let span = tracing::info_span!("commit", name = %req.name);
     let _enter = span.enter();
+    let report = stream(&pipeline, input, req, progress).and_then(|results| {
+        let placement_start = pipeline.placement_start;
+        publish(store, req, Stored { file_id, name_tag, placement_start, results })
+    });
+    if report.is_err() {
+        store.remove_shards(&file_id);
+    }
+    report
+}
+
+impl<'a> Pipeline<'a> {
+    fn new(store: &'a Store, cipher: SegmentCipher, file_id: [u8; 16]) -> Self {
+        let n = store.locations().len();
+        Pipeline {
+            store,
+            cipher,
+            file_id,
+            placement_start: (u32::from_le_bytes([file_id[0], file_id[1], file_id[2], file_id[3]]) as usize % n) as u32,
+            failure: Mutex::new(None),
+            abort: AtomicBool::new(false),
+            done_bytes: AtomicU64::new(0),
+            results: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+/// Reads `input` segment by segment into pooled buffers and hands them to the workers, which store them;
+/// returns every segment's result in order, or the first failure.
+fn stream(
+    pipeline: &Pipeline<'_>,
+    input: &mut dyn Read,
+    req: &CommitRequest,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Vec<Done>> {
+    let d = pipeline.store.descriptor();
     let seg_size = d.segment_size as usize;
     let buf_cap = d.k as usize * erasure::shard_len((seg_size + TAG_LEN) as u64, d.k as usize);
     let workers = req.workers.clamp(1, 64);
@@ -202,138 +229,168 @@ pub fn commit(
         for _ in 0..workers {
             s.spawn(|| pipeline.worker(&job_rx, &free_tx, progress));
         }
-        let mut segment = 0u64;
-        let mut send = |buf: Vec<u8>, len: usize, last: bool| {
-            let ok = job_tx.send(Job { segment, buf, len, last }).is_ok();
-            segment += 1;
-            ok
-        };
-        let mut next_chunk = || -> Option<(Vec<u8>, usize)> {
-            let mut buf = free_rx.recv().ok()?;
-            buf.resize(buf_cap, 0);
-            match read_full(input, &mut buf[..seg_size]).ctx(|| "reading the input".into()) {
-                Ok(len) => Some((buf, len)),
-                Err(e) => {
-                    pipeline.fail(e);
-                    None
-                }
-            }
-        };
+        let mut feed = Feed { pipeline, input, free: &free_rx, jobs: job_tx, seg_size, buf_cap, segment: 0 };
         match req.size {
-            // Known size: a segment is last when it reaches the size; one more read confirms the end.
-            Some(size) => {
-                let mut offset = 0u64;
-                let mut sent_last = false;
-                while !pipeline.abort.load(Ordering::SeqCst) {
-                    let Some((buf, len)) = next_chunk() else {
-                        break;
-                    };
-                    if sent_last {
-                        if len > 0 {
-                            pipeline.fail(Error::InvalidArgument("the input grew while it was being committed".into()));
-                        }
-                        break;
-                    }
-                    let end = offset + len as u64;
-                    if end > size {
-                        pipeline.fail(Error::InvalidArgument("the input grew while it was being committed".into()));
-                        break;
-                    }
-                    if len < seg_size && end < size {
-                        pipeline.fail(Error::InvalidArgument("the input shrank while it was being committed".into()));
-                        break;
-                    }
-                    sent_last = len < seg_size || end >= size;
-                    if !send(buf, len, sent_last) {
-                        break;
-                    }
-                    offset = end;
-                }
-            }
-            // Unknown size (a pipe): hold one segment back until the next read shows whether it is the last.
-            None => {
-                let mut pending: Option<(Vec<u8>, usize)> = None;
-                while !pipeline.abort.load(Ordering::SeqCst) {
-                    let Some((buf, len)) = next_chunk() else {
-                        break;
-                    };
-                    if let Some((pbuf, plen)) = pending.take() {
-                        if !send(pbuf, plen, len == 0) || len == 0 {
-                            break;
-                        }
-                    }
-                    if len < seg_size {
-                        send(buf, len, true);
-                        break;
-                    }
-                    pending = Some((buf, len));
-                }
-            }
+            Some(size) => feed.known_size(size),
+            None => feed.unknown_size(),
         }
-        drop(job_tx);
     });
     if let Some(e) = pipeline.failure.lock().ok().and_then(|mut f| f.take()) {
-        store.remove_shards(&file_id);
         return Err(e);
     }
-    let mut results = pipeline.results.into_inner().unwrap_or_default();
+    let mut results = std::mem::take(&mut *pipeline.results.lock().map_err(|_| Error::internal("results poisoned"))?);
     results.sort_by_key(|r| r.segment);
-    let finish = || -> Result<CommitReport> {
-        if results.is_empty() || results.iter().enumerate().any(|(i, r)| r.segment != i as u64) {
-            return Err(Error::internal("segments missing from the commit pipeline"));
-        }
-        for loc in store.locations() {
-            loc.sync()?;
-        }
-        let segments: Vec<SegmentEntry> = results.iter().map(|r| r.entry).collect();
-        let leaves: Vec<Hash> = results.iter().flat_map(|r| r.leaves.iter().copied()).collect();
-        let size: u64 = segments.iter().map(|s| s.plain_len).sum();
-        let meta = FileMeta { name: req.name.clone(), size, mtime_unix_ns: req.mtime_unix_ns, mode: req.mode };
-        let meta_bytes =
-            postcard::to_allocvec(&meta).map_err(|e| Error::internal(format!("encoding file metadata: {e}")))?;
-        let (sealed_meta, meta_nonce) = key.seal_metadata(&file_id, &meta_bytes)?;
-        let body = ManifestBody {
-            store_id: d.store_id,
-            file_id,
-            name_tag,
-            committed_unix_ns: crate::clock::unix_ns(),
-            k: d.k,
-            m: d.m,
-            segment_size: d.segment_size,
-            placement_start: pipeline.placement_start,
-            root: merkle::root(&leaves),
-            segments,
-            leaves,
-            meta_nonce,
-            sealed_meta,
-        };
-        body.validate("new manifest")?;
-        let manifest = Manifest::new(body, key);
-        let replaced = catalog::publish(store, &manifest, &req.name, req.replace)?;
-        let mut failed: Vec<usize> = results.iter().flat_map(|r| r.missing.iter().copied()).collect();
-        let shards_not_stored = failed.len() as u64;
-        if shards_not_stored > 0 {
-            if let Err(e) = crate::pending::record(store, &file_id, shards_not_stored) {
-                tracing::warn!(error = %e, "could not record the pending repair (a scrub finds it anyway)");
+    if results.is_empty() || results.iter().enumerate().any(|(i, r)| r.segment != i as u64) {
+        return Err(Error::internal("segments missing from the commit pipeline"));
+    }
+    Ok(results)
+}
+
+/// The reading side of [`stream`]: cuts the input into segments and sends them to the workers.
+struct Feed<'p, 'a, 'i> {
+    pipeline: &'p Pipeline<'a>,
+    input: &'i mut dyn Read,
+    free: &'p Receiver<Vec<u8>>,
+    jobs: SyncSender<Job>,
+    seg_size: usize,
+    buf_cap: usize,
+    segment: u64,
+}
+
+impl Feed<'_, '_, '_> {
+    /// The next segment's bytes in a pooled buffer, or `None` after a failure (recorded in the pipeline).
+    fn next_chunk(&mut self) -> Option<(Vec<u8>, usize)> {
+        let mut buf = self.free.recv().ok()?;
+        buf.resize(self.buf_cap, 0);
+        match read_full(self.input, &mut buf[..self.seg_size]).ctx(|| "reading the input".into()) {
+            Ok(len) => Some((buf, len)),
+            Err(e) => {
+                self.pipeline.fail(e);
+                None
             }
         }
-        failed.sort_unstable();
-        failed.dedup();
-        Ok(CommitReport {
-            name: req.name.clone(),
-            root: manifest.body.root_hex(),
-            size,
-            segments: manifest.body.segments.len() as u64,
-            replaced,
-            shards_not_stored,
-            failed_locations: failed.iter().map(|&l| store.locations()[l].name().to_string()).collect(),
-        })
-    };
-    let report = finish();
-    if report.is_err() {
-        store.remove_shards(&file_id);
     }
-    report
+
+    fn send(&mut self, buf: Vec<u8>, len: usize, last: bool) -> bool {
+        let ok = self.jobs.send(Job { segment: self.segment, buf, len, last }).is_ok();
+        self.segment += 1;
+        ok
+    }
+
+    fn aborted(&self) -> bool {
+        self.pipeline.abort.load(Ordering::SeqCst)
+    }
+
+    /// Known size: a segment is last when it reaches the size; one more read confirms the end.
+    fn known_size(&mut self, size: u64) {
+        let mut offset = 0u64;
+        let mut sent_last = false;
+        while !self.aborted() {
+            let Some((buf, len)) = self.next_chunk() else { break };
+            let end = offset + len as u64;
+            let changed = if (sent_last && len > 0) || end > size {
+                Some("the input grew while it was being committed")
+            } else if !sent_last && len < self.seg_size && end < size {
+                Some("the input shrank while it was being committed")
+            } else {
+                None
+            };
+            if let Some(why) = changed {
+                self.pipeline.fail(Error::InvalidArgument(why.into()));
+            }
+            if sent_last || changed.is_some() {
+                break;
+            }
+            sent_last = len < self.seg_size || end >= size;
+            if !self.send(buf, len, sent_last) {
+                break;
+            }
+            offset = end;
+        }
+    }
+
+    /// Unknown size (a pipe): hold one segment back until the next read shows whether it is the last.
+    fn unknown_size(&mut self) {
+        let mut pending: Option<(Vec<u8>, usize)> = None;
+        while !self.aborted() {
+            let Some((buf, len)) = self.next_chunk() else { break };
+            if let Some((pbuf, plen)) = pending.take() {
+                if !self.send(pbuf, plen, len == 0) || len == 0 {
+                    break;
+                }
+            }
+            if len < self.seg_size {
+                self.send(buf, len, true);
+                break;
+            }
+            pending = Some((buf, len));
+        }
+    }
+}
+
+/// What [`stream`] stored: everything the manifest needs besides the metadata.
+struct Stored {
+    file_id: [u8; 16],
+    name_tag: Hash,
+    placement_start: u32,
+    results: Vec<Done>,
+}
+
+/// Makes every shard durable, then seals and publishes the manifest; records a pending repair when some shards
+/// were written short.
+fn publish(store: &Store, req: &CommitRequest, stored: Stored) -> Result<CommitReport> {
+    for loc in store.locations() {
+        loc.sync()?;
+    }
+    let manifest = seal_manifest(store, req, &stored)?;
+    let replaced = catalog::publish(store, &manifest, &req.name, req.replace)?;
+    let mut failed: Vec<usize> = stored.results.iter().flat_map(|r| r.missing.iter().copied()).collect();
+    let shards_not_stored = failed.len() as u64;
+    if shards_not_stored > 0 {
+        if let Err(e) = crate::pending::record(store, &stored.file_id, shards_not_stored) {
+            tracing::warn!(error = %e, "could not record the pending repair (a scrub finds it anyway)");
+        }
+    }
+    failed.sort_unstable();
+    failed.dedup();
+    Ok(CommitReport {
+        name: req.name.clone(),
+        root: manifest.body.root_hex(),
+        size: manifest.body.segments.iter().map(|s| s.plain_len).sum(),
+        segments: manifest.body.segments.len() as u64,
+        replaced,
+        shards_not_stored,
+        failed_locations: failed.iter().map(|&l| store.locations()[l].name().to_string()).collect(),
+    })
+}
+
+/// Builds, validates and MACs the manifest of what was stored.
+fn seal_manifest(store: &Store, req: &CommitRequest, stored: &Stored) -> Result<Manifest> {
+    let key = store.key()?;
+    let d = store.descriptor();
+    let segments: Vec<SegmentEntry> = stored.results.iter().map(|r| r.entry).collect();
+    let leaves: Vec<Hash> = stored.results.iter().flat_map(|r| r.leaves.iter().copied()).collect();
+    let size: u64 = segments.iter().map(|s| s.plain_len).sum();
+    let meta = FileMeta { name: req.name.clone(), size, mtime_unix_ns: req.mtime_unix_ns, mode: req.mode };
+    let meta_bytes = postcard::to_allocvec(&meta).map_err(|e| Error::internal(format!("encoding file metadata: {e}")))?;
+    let (sealed_meta, meta_nonce) = key.seal_metadata(&stored.file_id, &meta_bytes)?;
+    let body = ManifestBody {
+        store_id: d.store_id,
+        file_id: stored.file_id,
+        name_tag: stored.name_tag,
+        committed_unix_ns: crate::clock::unix_ns(),
+        k: d.k,
+        m: d.m,
+        segment_size: d.segment_size,
+        placement_start: stored.placement_start,
+        root: merkle::root(&leaves),
+        segments,
+        leaves,
+        meta_nonce,
+        sealed_meta,
+    };
+    body.validate("new manifest")?;
+    Ok(Manifest::new(body, key))
 }
 
 /// Leaf of a shard as the commit computes it (exposed for tests that forge shards).

@@ -3,4 +3,5 @@
 
 pub mod catalog;
 pub mod commit;
+pub mod health;
 pub mod read;

@@ -10,18 +10,7 @@ use crate::stripe::ShardProblem;
 
 use super::volumes;
 
-/// How healthy something is; ordered from best to worst.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Health {
-    /// Every shard and manifest copy verified.
-    #[default]
-    Healthy,
-    /// Data intact but redundancy reduced (bad shards or manifest copies, or an unusable location).
-    Degraded,
-    /// Some segment has fewer than k good shards, or a manifest has no valid copy.
-    Lost,
-}
+pub use crate::files::health::Health;
 
 /// State of one shard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,11 +1,10 @@
 //! `bf`: the BlockFrame command-line tool.
 
 mod cli;
-mod files;
-mod mount;
-mod scrub;
+mod cmd;
+mod open;
 mod settings;
-mod volumes;
+mod units;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -46,7 +45,7 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&settings.log_level);
-    match files::run(cli.command, &settings) {
+    match cmd::run(cli.command, &settings) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             // A closed pipe (`bf get x -o - | head`) is not an error.

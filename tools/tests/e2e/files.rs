@@ -18,7 +18,7 @@ fn edge_sizes_round_trip_and_survive_m_lost_locations() {
     for (i, len) in sizes.iter().enumerate() {
         let row = ls.as_array().unwrap().iter().find(|r| r["name"] == format!("in/f{i}")).unwrap();
         assert_eq!(row["size"], *len as u64);
-        assert_eq!(row["health"], "ok");
+        assert_eq!(row["health"], "healthy");
     }
     let check_all = |tag: &str| {
         for (i, len) in sizes.iter().enumerate() {

@@ -1,4 +1,4 @@
-//! The file commands: init, commit, get, ls, rm, verify (and the dispatch of every command).
+//! The file commands: commit, get, ls, rm, verify.
 
 use std::fs::File;
 use std::io::{IsTerminal, Write};
@@ -8,131 +8,18 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use blockframe::files::catalog::{self, Entry};
+use blockframe::files::catalog::{self};
 use blockframe::files::commit::{commit, CommitReport, CommitRequest};
+use blockframe::files::health::{quick_health, Health};
 use blockframe::files::read::{read_to, verify_file, OpenFile};
-use blockframe::store::{self, InitOptions, KeySource, Store};
+use blockframe::store::Store;
 use blockframe::Error;
 
-use crate::cli::{Command, CommitArgs, GetArgs, InitArgs, LsArgs, RmArgs, VerifyArgs};
+use crate::cli::{CommitArgs, GetArgs, InitArgs, LsArgs, RmArgs, VerifyArgs};
+use crate::cmd::init::init;
+use crate::open::open_keyed;
 use crate::settings::Settings;
 use crate::{EXIT_DEGRADED, EXIT_LOST, EXIT_OK};
-
-/// Runs one command; returns the exit status.
-pub fn run(cmd: Command, s: &Settings) -> Result<u8> {
-    match cmd {
-        Command::Init(a) => init(&a, s).map(|_| EXIT_OK),
-        Command::Commit(a) => cmd_commit(&a, s),
-        Command::Get(a) => get(&a, s),
-        Command::Ls(a) => ls(&a, s),
-        Command::Rm(a) => rm(&a, s),
-        Command::Verify(a) => verify(&a, s),
-        Command::Mount(a) => crate::mount::mount_cmd(&a, s),
-        Command::Umount(a) => crate::mount::umount_cmd(&a),
-        Command::Scrub(a) => crate::scrub::cmd_scrub(&a, s),
-        Command::Status(a) => crate::scrub::cmd_status(&a, s),
-        Command::Recover(a) => crate::scrub::cmd_recover(&a, s),
-        Command::Location(c) => crate::scrub::location_cmd(&c, s),
-        Command::Volume(c) => crate::volumes::volume_cmd(&c, s),
-        Command::Nbd(c) => crate::volumes::nbd_cmd(&c, s),
-    }
-}
-
-fn passphrase(prompt: &str) -> Result<Vec<u8>> {
-    if let Ok(p) = std::env::var("BF_PASSPHRASE") {
-        return Ok(p.into_bytes());
-    }
-    if !std::io::stdin().is_terminal() {
-        bail!("this needs a passphrase: set BF_PASSPHRASE or run on a terminal");
-    }
-    Ok(rpassword::prompt_password(prompt).context("reading the passphrase")?.into_bytes())
-}
-
-fn init(a: &InitArgs, s: &Settings) -> Result<Store> {
-    let f = &s.file;
-    let k = a.data_shards.or(f.data_shards).unwrap_or(store::DEFAULT_DATA_SHARDS);
-    let m = a.parity_shards.or(f.parity_shards).unwrap_or(store::DEFAULT_PARITY_SHARDS);
-    let segment_size = match a.segment_size_mb.or(f.segment_size_mb) {
-        Some(mb) if mb.is_finite() && mb > 0.0 => (mb * 1048576.0).round() as u64,
-        Some(mb) => bail!("invalid segment size {mb} MiB"),
-        None => store::DEFAULT_SEGMENT_SIZE,
-    };
-    let locations = if a.locations.is_empty() {
-        f.locations.iter().flatten().map(|l| l.spec().to_string()).collect()
-    } else {
-        a.locations.clone()
-    };
-    let width = k as usize + m as usize;
-    if !locations.is_empty() && locations.len() < width {
-        tracing::warn!(
-            "{} locations for {width} shards per segment: some locations hold several shards of a segment, \
-             so losing one of them costs more than one shard",
-            locations.len()
-        );
-    }
-    let key = if a.passphrase {
-        let p = passphrase("New passphrase: ")?;
-        if std::env::var("BF_PASSPHRASE").is_err() && passphrase("Repeat passphrase: ")? != p {
-            bail!("the passphrases differ");
-        }
-        KeySource::Passphrase(p)
-    } else {
-        KeySource::NewKeyFile(s.key_path())
-    };
-    let mut st = Store::init(&s.store, InitOptions { k, m, segment_size, locations, key })?;
-    apply_write_policy(&mut st, s)?;
-    let d = st.descriptor();
-    eprintln!(
-        "bf: created store {} (k={}, m={}, segment {} KiB, {} locations)",
-        s.store.display(),
-        d.k,
-        d.m,
-        d.segment_size >> 10,
-        d.locations.len()
-    );
-    if !a.passphrase {
-        eprintln!(
-            "bf: master key written to {} — back it up: without it the data cannot be read",
-            s.key_path().display()
-        );
-    }
-    Ok(st)
-}
-
-/// Opens the store without a key.
-pub(crate) fn open_keyless(s: &Settings) -> Result<Store> {
-    let mut st = Store::open(&s.store)?;
-    apply_write_policy(&mut st, s)?;
-    Ok(st)
-}
-
-fn apply_write_policy(st: &mut Store, s: &Settings) -> Result<()> {
-    if let Some(n) = s.file.min_shards_written {
-        st.set_min_shards_written(n).context("config min_shards_written")?;
-    }
-    Ok(())
-}
-
-/// Opens the store and loads its key.
-pub fn open_keyed(s: &Settings) -> Result<Store> {
-    let mut st = open_keyless(s)?;
-    unlock(&mut st, s)?;
-    Ok(st)
-}
-
-pub(crate) fn unlock(st: &mut Store, s: &Settings) -> Result<()> {
-    if st.descriptor().kdf.is_some() && s.key_file.is_none() {
-        let p = passphrase("Passphrase: ")?;
-        st.unlock_with_passphrase(&p)?;
-    } else {
-        let path = s.key_path();
-        if !path.exists() {
-            bail!("key file {} not found (set --key-file, BF_KEY_FILE or encryption_key_path)", path.display());
-        }
-        st.unlock(store::read_key_file(&path)?)?;
-    }
-    Ok(())
-}
 
 fn progress_bar(total: u64) -> Option<ProgressBar> {
     if !std::io::stderr().is_terminal() || total < (64 << 20) {
@@ -210,7 +97,7 @@ fn walk(dir: &Path, prefix: &str, out: &mut Vec<(PathBuf, String)>) -> Result<()
     Ok(())
 }
 
-fn cmd_commit(a: &CommitArgs, s: &Settings) -> Result<u8> {
+pub(crate) fn commit_cmd(a: &CommitArgs, s: &Settings) -> Result<u8> {
     let st = if s.store_is_default && !Store::exists(&s.store) {
         eprintln!("bf: no store yet at {}; creating the default one", s.store.display());
         let defaults = InitArgs {
@@ -229,7 +116,7 @@ fn cmd_commit(a: &CommitArgs, s: &Settings) -> Result<u8> {
         let start = Instant::now();
         let (mut input, size, mtime_unix_ns, mode): (Box<dyn std::io::Read>, u64, i64, u32) = if path.as_os_str() == "-"
         {
-            (Box::new(std::io::stdin().lock()), 0, now_ns(), 0o644)
+            (Box::new(std::io::stdin().lock()), 0, blockframe::clock::unix_ns() as i64, 0o644)
         } else {
             let f = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
             let md = f.metadata().with_context(|| format!("reading {}", path.display()))?;
@@ -277,10 +164,6 @@ fn cmd_commit(a: &CommitArgs, s: &Settings) -> Result<u8> {
     Ok(if degraded { EXIT_DEGRADED } else { EXIT_OK })
 }
 
-fn now_ns() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
-}
-
 fn mtime_ns(md: &std::fs::Metadata) -> i64 {
     md.modified()
         .ok()
@@ -299,7 +182,7 @@ fn mode_of(_: &std::fs::Metadata) -> u32 {
     0o644
 }
 
-fn get(a: &GetArgs, s: &Settings) -> Result<u8> {
+pub(crate) fn get(a: &GetArgs, s: &Settings) -> Result<u8> {
     let st = open_keyed(s)?;
     let entry = catalog::find(&st, &a.name)?;
     let file = OpenFile::new(&st, &entry)?;
@@ -355,15 +238,6 @@ fn get(a: &GetArgs, s: &Settings) -> Result<u8> {
     Ok(EXIT_OK)
 }
 
-/// Health of a file from the presence of its shards (cheap: no payload is read).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-enum Health {
-    Ok,
-    Degraded,
-    Lost,
-}
-
 #[derive(serde::Serialize)]
 struct LsRow {
     name: String,
@@ -374,35 +248,7 @@ struct LsRow {
     manifest_copies: usize,
 }
 
-fn quick_health(st: &Store, e: &Entry) -> Health {
-    let body = &e.manifest.body;
-    let n = st.locations().len();
-    let mut worst = Health::Ok;
-    let listed: Vec<Option<std::collections::HashSet<String>>> = st
-        .locations()
-        .iter()
-        .map(|l| l.list(&store::shard_prefix(&body.file_id)).ok().map(|v| v.into_iter().collect()))
-        .collect();
-    for seg in 0..body.segments.len() as u64 {
-        let present = (0..body.width())
-            .filter(|&i| {
-                let key = store::shard_key(&body.file_id, seg, i);
-                let name = key.rsplit('/').next().unwrap_or("");
-                let home = store::placement(body.placement_start, seg, i, n);
-                listed[home].as_ref().is_some_and(|set| set.contains(name))
-            })
-            .count();
-        if present < body.k as usize {
-            return Health::Lost;
-        }
-        if present < body.width() {
-            worst = Health::Degraded;
-        }
-    }
-    worst
-}
-
-fn ls(a: &LsArgs, s: &Settings) -> Result<u8> {
+pub(crate) fn ls(a: &LsArgs, s: &Settings) -> Result<u8> {
     let st = open_keyed(s)?;
     let (entries, bad) = catalog::list(&st)?;
     let rows: Vec<LsRow> = entries
@@ -412,7 +258,7 @@ fn ls(a: &LsArgs, s: &Settings) -> Result<u8> {
             size: e.meta.as_ref().map(|m| m.size).unwrap_or_else(|| e.manifest.body.plain_size()),
             segments: e.manifest.body.segments.len() as u64,
             root: e.manifest.body.root_hex(),
-            health: quick_health(&st, e),
+            health: quick_health(&st, &e.manifest.body),
             manifest_copies: e.file.copies.len() - e.bad_copies.len(),
         })
         .collect();
@@ -437,7 +283,7 @@ fn ls(a: &LsArgs, s: &Settings) -> Result<u8> {
     Ok(code)
 }
 
-fn rm(a: &RmArgs, s: &Settings) -> Result<u8> {
+pub(crate) fn rm(a: &RmArgs, s: &Settings) -> Result<u8> {
     let st = open_keyed(s)?;
     for name in &a.names {
         let entry = catalog::find(&st, name)?;
@@ -459,7 +305,7 @@ struct VerifyRow {
     problems: Vec<String>,
 }
 
-fn verify(a: &VerifyArgs, s: &Settings) -> Result<u8> {
+pub(crate) fn verify(a: &VerifyArgs, s: &Settings) -> Result<u8> {
     let mut st = open_keyless(s)?;
     // The key is optional here: without it files are named by root and manifests are checked structurally.
     let key_path = s.key_path();

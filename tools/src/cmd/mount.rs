@@ -14,7 +14,7 @@ use blockframe::vfs::{Vfs, VfsOptions};
 use fs_mount::{Mount, MountOptions};
 
 use crate::cli::{MountArgs, UmountArgs};
-use crate::files::open_keyed;
+use crate::open::open_keyed;
 use crate::settings::Settings;
 use crate::EXIT_OK;
 

@@ -1,4 +1,4 @@
-//! Block volume commands: `bf volume create/ls/rm` and `bf nbd serve`.
+//! `bf volume` (create, list, remove block volumes) and `bf nbd serve`.
 
 use std::sync::Arc;
 
@@ -8,34 +8,13 @@ use blockframe::volume::{self, VolumeOptions};
 use nbd_server::{CancellationToken, ListenAddr, Listener, StoreRegistry};
 
 use crate::cli::{NbdCommand, ServeArgs, VolumeCommand};
-use crate::files::open_keyed;
+use crate::open::open_keyed;
 use crate::settings::Settings;
+use crate::units::parse_size;
 use crate::EXIT_OK;
 
-/// Parses sizes like `20G`, `512M`, `64k`, `4096` (binary units).
-pub fn parse_size(s: &str) -> Result<u64> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        Some((i, _)) => {
-            let unit = s[i..].to_ascii_lowercase();
-            let m: u64 = match unit.trim_end_matches("ib").trim_end_matches('b') {
-                "" => 1,
-                "k" => 1 << 10,
-                "m" => 1 << 20,
-                "g" => 1 << 30,
-                "t" => 1 << 40,
-                _ => bail!("unknown size unit in {s:?} (use K, M, G or T)"),
-            };
-            (&s[..i], m)
-        }
-        None => (s, 1),
-    };
-    let n: u64 = num.trim().parse().with_context(|| format!("invalid size {s:?}"))?;
-    n.checked_mul(mult).with_context(|| format!("size {s:?} is too large"))
-}
-
 /// `bf volume ...`.
-pub fn volume_cmd(cmd: &VolumeCommand, s: &Settings) -> Result<u8> {
+pub(crate) fn volume_cmd(cmd: &VolumeCommand, s: &Settings) -> Result<u8> {
     let st = open_keyed(s)?;
     match cmd {
         VolumeCommand::Create { name, size, stripe_size } => {
@@ -66,7 +45,7 @@ pub fn volume_cmd(cmd: &VolumeCommand, s: &Settings) -> Result<u8> {
 }
 
 /// `bf nbd ...`.
-pub fn nbd_cmd(cmd: &NbdCommand, s: &Settings) -> Result<u8> {
+pub(crate) fn nbd_cmd(cmd: &NbdCommand, s: &Settings) -> Result<u8> {
     match cmd {
         NbdCommand::Serve(a) => serve(a, s),
     }
@@ -116,20 +95,5 @@ fn describe(addr: &ListenAddr) -> String {
     match addr {
         ListenAddr::Tcp(a) => format!("nbd://{a}"),
         ListenAddr::Unix(p) => format!("unix socket {}", p.display()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert_eq!(parse_size("20G").unwrap(), 20 << 30);
-        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
-        assert_eq!(parse_size("64k").unwrap(), 64 << 10);
-        assert!(parse_size("12X").is_err());
-        assert!(parse_size("99999999999T").is_err());
     }
 }

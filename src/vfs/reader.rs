@@ -1,0 +1,154 @@
+//! Reading committed files through the mount: segments decoded (verified, rebuilt, decrypted) by a bounded pool
+//! of decoders into the shared cache, with read-ahead for sequential readers.
+
+use super::*;
+
+impl Vfs {
+    /// Reads up to `size` bytes at `offset` (fewer at the end of the file).
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let h = self.file_handle(fh)?;
+        let Handle::File(h) = &*h else {
+            return Err(Error::fs(FsErrorKind::BadHandle, format!("handle {fh}")));
+        };
+        if let Some(spool) = h.writer.as_ref().and_then(|w| w.spool()) {
+            let len = spool.len();
+            let n = (size as u64).min(len.saturating_sub(offset)) as usize;
+            let mut buf = vec![0u8; n];
+            let got = spool.read_at(offset, &mut buf)?;
+            buf.truncate(got);
+            return Ok(buf);
+        }
+        match &h.committed {
+            Some(c) => self.shared.read_committed(h, &c.file(&self.shared.store)?, offset, size as usize, self),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    pub(super) fn prefetch(&self, file: &Arc<OpenFile>, segments: std::ops::RangeInclusive<u64>) {
+        let guard = lock(&self.prefetch);
+        let Some(tx) = guard.as_ref() else {
+            return;
+        };
+        for segment in segments {
+            if segment >= file.segments() || self.shared.cache.contains(&(file.body.file_id, segment)) {
+                continue;
+            }
+            match tx.try_send(Prefetch { file: file.clone(), segment }) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => return,
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// The verified plaintext of one segment, from the cache or decoded.
+    pub(super) fn segment(&self, file: &OpenFile, segment: u64) -> Result<Bytes> {
+        self.cache.get_or_load(&(file.body.file_id, segment), || {
+            // The decoded buffer itself goes into the cache (no copy); the decoder allocates a new one.
+            self.decoders.with(
+                file,
+                |r| {
+                    let mut out = Vec::new();
+                    r.read_swap(segment, &mut out).map(|()| out)
+                },
+                &self.store,
+            )
+        })
+    }
+
+    pub(super) fn read_committed(
+        &self,
+        h: &FileHandle,
+        file: &Arc<OpenFile>,
+        offset: u64,
+        size: usize,
+        vfs: &Vfs,
+    ) -> Result<Vec<u8>> {
+        let total = file.meta.size;
+        if offset >= total || size == 0 {
+            return Ok(Vec::new());
+        }
+        let end = offset.saturating_add(size as u64).min(total);
+        let seg_size = file.body.segment_size;
+        let (first, last) = (offset / seg_size, (end - 1) / seg_size);
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        for seg in first..=last {
+            let data = self.segment(file, seg)?;
+            let start = seg * seg_size;
+            let a = (offset.max(start) - start) as usize;
+            let b = (end.min(start + data.len() as u64) - start) as usize;
+            if a >= b {
+                return Err(Error::corrupt(
+                    format!("segment {seg} of {}", file.meta.name),
+                    "shorter than the manifest says",
+                ));
+            }
+            out.extend_from_slice(&data[a..b]);
+        }
+        // Read-ahead when this read continues the previous one (the kernel's own read-ahead reorders reads a
+        // little, hence the window).
+        let prev = h.last_end.swap(end, Ordering::Relaxed);
+        if offset.abs_diff(prev) <= 4 << 20 {
+            let cache_segments = (self.opts.cache_bytes as u64 / seg_size).max(1);
+            let ahead = self.opts.read_ahead_bytes.div_ceil(seg_size).clamp(1, 32).min((cache_segments / 2).max(1));
+            vfs.prefetch(file, last + 1..=last + ahead);
+        }
+        Ok(out)
+    }
+}
+
+impl DecoderPool {
+    fn with<R>(
+        &self,
+        file: &OpenFile,
+        f: impl FnOnce(&mut SegmentReader<'_>) -> Result<R>,
+        store: &Store,
+    ) -> Result<R> {
+        let parts = {
+            let mut g = lock(&self.free);
+            while g.0.is_empty() && g.1 >= self.max {
+                g = self.returned.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+            g.1 += 1;
+            g.0.pop()
+        };
+        // Give the slot back however `f` ends.
+        struct Slot<'a> {
+            pool: &'a DecoderPool,
+            parts: Option<(Codec, StripeBuffers)>,
+        }
+        impl Drop for Slot<'_> {
+            fn drop(&mut self) {
+                let mut g = lock(&self.pool.free);
+                g.1 -= 1;
+                if let Some(p) = self.parts.take() {
+                    g.0.push(p);
+                }
+                drop(g);
+                self.pool.returned.notify_one();
+            }
+        }
+        let mut slot = Slot { pool: self, parts: None };
+        let (codec, bufs) = match parts {
+            Some(p) => p,
+            None => (Codec::new(file.body.k as usize, file.body.m as usize)?, StripeBuffers::default()),
+        };
+        let mut reader = SegmentReader::with_parts(store, file, codec, bufs)?;
+        let r = f(&mut reader);
+        slot.parts = Some(reader.into_parts());
+        r
+    }
+}
+
+pub(super) fn prefetch_loop(shared: &Shared, rx: &Mutex<Receiver<Prefetch>>) {
+    loop {
+        let job = match lock(rx).recv() {
+            Ok(j) => j,
+            Err(_) => return,
+        };
+        if let Err(e) = shared.segment(&job.file, job.segment) {
+            tracing::debug!(segment = job.segment, error = %e, "read-ahead failed");
+        }
+    }
+}

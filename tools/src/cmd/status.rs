@@ -1,0 +1,121 @@
+//! `bf status`: the store, its locations, the last scrub and the data at risk.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use blockframe::files::catalog;
+use blockframe::recover::{recover, Fallback};
+use blockframe::scrub::state::ScrubState;
+use blockframe::scrub::{self, FileReport, Health, LocationState, RunControl, ScrubOptions, ScrubReport, Selection};
+use blockframe::store::{self, Store};
+
+use crate::open::{open_keyless, open_optional_key, unlock};
+use crate::settings::Settings;
+use crate::units::{format_utc, parse_duration};
+use crate::{EXIT_DEGRADED, EXIT_LOST, EXIT_OK};
+use crate::cli::StatusArgs;
+use super::scrub::{health_word, location_word};
+
+#[derive(serde::Serialize)]
+struct StatusReport {
+    store: String,
+    store_id: String,
+    k: u16,
+    m: u16,
+    segment_size: u64,
+    files: usize,
+    locations: Vec<(String, LocationState)>,
+    last_scrub: Option<scrub::state::RunSummary>,
+    interrupted_scrub: Option<scrub::state::RunSummary>,
+    files_not_healthy: u64,
+    bytes_at_risk: u64,
+    bytes_lost: u64,
+    /// Files and volumes written short (a location was down), waiting for `bf scrub --repair`.
+    pending_repairs: u64,
+}
+
+/// `bf status`.
+pub(crate) fn status_cmd(a: &StatusArgs, s: &Settings) -> Result<u8> {
+    let st = open_keyless(s)?;
+    let d = st.descriptor();
+    let state = match ScrubState::load(st.dir(), &d.store_id) {
+        Ok(x) => x.unwrap_or_else(|| ScrubState::new(d.store_id)),
+        Err(e) => {
+            eprintln!("bf: warning: scrub state unreadable ({e}); showing no scrub history");
+            ScrubState::new(d.store_id)
+        }
+    };
+    let (bad_files, at_risk, lost) = state.at_risk();
+    let report = StatusReport {
+        store: st.dir().display().to_string(),
+        store_id: hex::encode(d.store_id),
+        k: d.k,
+        m: d.m,
+        segment_size: d.segment_size,
+        files: catalog::scan(&st).map(|f| f.len()).unwrap_or(0),
+        locations: st
+            .locations()
+            .iter()
+            .map(|l| l.name().to_string())
+            .zip(scrub::check_locations(&st, false))
+            .collect(),
+        last_scrub: state.last.clone(),
+        interrupted_scrub: state.running.as_ref().map(|r| r.summary.clone()),
+        files_not_healthy: bad_files,
+        bytes_at_risk: at_risk,
+        bytes_lost: lost,
+        pending_repairs: blockframe::pending::list(&st).len() as u64,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(EXIT_OK);
+    }
+    println!("store {} (id {})", report.store, report.store_id);
+    println!("k={} m={} segment {} KiB, {} files", d.k, d.m, d.segment_size >> 10, report.files);
+    for (name, state) in &report.locations {
+        println!("  location {name}: {}", location_word(state));
+    }
+    if report.pending_repairs > 0 {
+        println!(
+            "{} files or volumes were written with shards missing (a location was down): run `bf scrub --repair`",
+            report.pending_repairs
+        );
+    }
+    match &report.last_scrub {
+        None => println!("last scrub: never (run `bf scrub`)"),
+        Some(l) => {
+            println!(
+                "last scrub: {} ({}), {} files, {:.1} MB verified: {}{}",
+                format_utc(l.finished_unix),
+                if l.repair { "with repair" } else { "check only" },
+                l.files,
+                l.bytes_verified as f64 / 1e6,
+                health_word(l.health),
+                if l.repair && l.health != l.health_after {
+                    format!(", after repair {}", health_word(l.health_after))
+                } else {
+                    String::new()
+                }
+            );
+            println!(
+                "  {} bad shards, {} repaired, {} bad manifest copies, {} orphans",
+                l.shards_bad, l.shards_repaired, l.manifest_copies_bad, l.orphans
+            );
+        }
+    }
+    if let Some(r) = &report.interrupted_scrub {
+        println!(
+            "interrupted scrub started {}: {} files done; continue with `bf scrub --resume`",
+            format_utc(r.started_unix),
+            r.files
+        );
+    }
+    println!(
+        "data at risk: {} bytes in {} files not healthy; data lost: {} bytes",
+        report.bytes_at_risk, report.files_not_healthy, report.bytes_lost
+    );
+    Ok(EXIT_OK)
+}
