@@ -38,21 +38,21 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+mod config;
 pub mod handshake;
 pub mod mem;
+mod negotiation;
 pub mod proto;
 pub mod reply;
 pub mod request;
-mod config;
-mod negotiation;
 mod server;
 mod session;
 pub mod store_backend;
 
 pub use backend::{errno_for, BlockBackend, ExportInfo, ExportRegistry, Extent, SimpleRegistry};
 pub use mem::{MemBackend, MEM_CHUNK_SIZE};
-pub use server::{serve, serve_blocking, serve_connection, serve_with_config, ListenAddr, Listener, ServerConfig};
 pub use negotiation::MAX_OPTION_LEN;
+pub use server::{serve, serve_blocking, serve_connection, serve_with_config, ListenAddr, Listener, ServerConfig};
 pub use store_backend::{StoreRegistry, VolumeBackend};
 /// Re-export of the cancellation token type used for shutdown.
 pub use tokio_util::sync::CancellationToken;

@@ -11,7 +11,7 @@ use tracing::{debug, warn};
 use crate::backend::{BlockBackend, ExportRegistry};
 use crate::handshake::*;
 use crate::proto::*;
-use crate::request::TransmissionParams;
+use crate::request::{sanitize_block_sizes, TransmissionParams};
 use crate::session::{End, Reader, Writer};
 
 /// Largest option payload accepted; larger ones are treated as a denial of

@@ -20,12 +20,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, trace, warn};
 
 use crate::backend::{errno_for, BlockBackend, ExportRegistry, Extent};
-use crate::handshake::*;
+use crate::config::ServerConfig;
+use crate::negotiation::{handshake, Negotiated};
 use crate::proto::*;
 use crate::reply::*;
 use crate::request::*;
-use crate::config::ServerConfig;
-use crate::negotiation::{handshake, read_exact_or_shutdown, Negotiated};
 
 pub(crate) type Reader<S> = BufReader<tokio::io::ReadHalf<S>>;
 pub(crate) type Writer<S> = BufWriter<tokio::io::WriteHalf<S>>;
@@ -269,7 +268,8 @@ where
                 Ok(req) => req,
                 Err(reason) => return Ok(reason),
             };
-            let permit = or_shutdown(self.shutdown, Arc::clone(&self.inflight).acquire_owned()).await?.map_err(closed)?;
+            let permit =
+                or_shutdown(self.shutdown, Arc::clone(&self.inflight).acquire_owned()).await?.map_err(closed)?;
             let cmd = match validate_request(&req, &self.params) {
                 Ok(c) => c,
                 Err(e) => {
@@ -307,7 +307,12 @@ where
     }
 
     /// Answers an invalid request with its error (skipping its payload); `false` when the writer is gone.
-    async fn reject(&mut self, req: &RequestHeader, e: &RequestError, permit: OwnedSemaphorePermit) -> Result<bool, End> {
+    async fn reject(
+        &mut self,
+        req: &RequestHeader,
+        e: &RequestError,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<bool, End> {
         debug!(cookie = req.cookie, typ = req.typ, errno = e.errno, msg = e.message, "request rejected");
         if req.has_payload() {
             or_shutdown(self.shutdown, discard(&mut self.rd, u64::from(req.length))).await??;

@@ -372,7 +372,8 @@ fn seal_manifest(store: &Store, req: &CommitRequest, stored: &Stored) -> Result<
     let leaves: Vec<Hash> = stored.results.iter().flat_map(|r| r.leaves.iter().copied()).collect();
     let size: u64 = segments.iter().map(|s| s.plain_len).sum();
     let meta = FileMeta { name: req.name.clone(), size, mtime_unix_ns: req.mtime_unix_ns, mode: req.mode };
-    let meta_bytes = postcard::to_allocvec(&meta).map_err(|e| Error::internal(format!("encoding file metadata: {e}")))?;
+    let meta_bytes =
+        postcard::to_allocvec(&meta).map_err(|e| Error::internal(format!("encoding file metadata: {e}")))?;
     let (sealed_meta, meta_nonce) = key.seal_metadata(&stored.file_id, &meta_bytes)?;
     let body = ManifestBody {
         store_id: d.store_id,

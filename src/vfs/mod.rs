@@ -15,11 +15,11 @@
 //! Lock order (outer to inner): a writer's `op` → `heavy` → `ns` → `state` → a writer's `spool`.
 
 pub mod cache;
-mod reader;
-mod writer;
 pub mod handles;
+mod reader;
 pub mod spool;
 pub mod tree;
+mod writer;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -190,7 +190,6 @@ struct WriterOp {
     base: Option<Arc<Committed>>,
 }
 
-
 /// What a file node holds: its committed version and, while open for writing, its write state.
 struct FileSlot {
     committed: Option<Arc<Committed>>,
@@ -231,7 +230,6 @@ struct DecoderPool {
     returned: Condvar,
     max: usize,
 }
-
 
 struct Prefetch {
     file: Arc<OpenFile>,
@@ -309,7 +307,7 @@ impl Vfs {
         let threads = (0..shared.opts.decoders.max(1))
             .map(|_| {
                 let (shared, rx) = (shared.clone(), rx.clone());
-                std::thread::spawn(move || prefetch_loop(&shared, &rx))
+                std::thread::spawn(move || reader::prefetch_loop(&shared, &rx))
             })
             .collect();
         Ok(Vfs { shared, prefetch: Mutex::new(Some(tx)), threads: Mutex::new(threads) })
@@ -544,9 +542,6 @@ impl Drop for Vfs {
         }
     }
 }
-
-
-
 
 impl Shared {
     fn attr(&self, st: &State, ino: Ino) -> Result<Attr> {

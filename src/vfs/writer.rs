@@ -349,7 +349,7 @@ impl Writer {
         })
     }
 
-    fn spool(&self) -> Option<Arc<Spool>> {
+    pub(super) fn spool(&self) -> Option<Arc<Spool>> {
         self.spool.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }

@@ -1,11 +1,9 @@
 //! The write-back stripe cache: stripes are loaded (verified, rebuilt from parity, decrypted) on demand, written
 //! in place in memory, and written back as a new generation of shards when evicted or flushed.
 
-use crate::codec::erasure;
 use crate::codec::xts::SECTOR;
 use crate::error::{Error, Result};
 use crate::format::volume::*;
-use crate::location::LocationExt;
 use crate::stripe::{read_stripe, write_stripe, StripeAddr, StripeError};
 
 use super::*;
@@ -105,7 +103,12 @@ impl Volume {
         Ok(())
     }
 
-    pub(super) fn stripe_for_write<'s>(&self, st: &'s mut State, stripe: u64, whole: bool) -> Result<&'s mut CachedStripe> {
+    pub(super) fn stripe_for_write<'s>(
+        &self,
+        st: &'s mut State,
+        stripe: u64,
+        whole: bool,
+    ) -> Result<&'s mut CachedStripe> {
         if !st.stripes.contains_key(&stripe) {
             if whole {
                 let ss = st.sb.stripe_size as usize;

@@ -1,12 +1,8 @@
 //! Making a volume durable: a flush writes back dirty stripes and map pages, then commits a new superblock on
 //! every location, then collects what the old superblock referenced and the new one does not.
 
-use crate::codec::erasure;
-use crate::codec::xts::SECTOR;
 use crate::error::{Error, Result};
 use crate::format::volume::*;
-use crate::location::LocationExt;
-use crate::stripe::{read_stripe, write_stripe, StripeAddr, StripeError};
 
 use super::*;
 

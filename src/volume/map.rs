@@ -1,12 +1,9 @@
 //! The volume's stripe map: map pages (stripe -> generation and Merkle leaves), loaded on demand into a bounded
 //! cache and written out as uncommitted objects when dirty pages must leave it.
 
-use crate::codec::erasure;
-use crate::codec::xts::SECTOR;
 use crate::error::{Error, Result};
 use crate::format::volume::*;
 use crate::location::LocationExt;
-use crate::stripe::{read_stripe, write_stripe, StripeAddr, StripeError};
 
 use super::*;
 

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use blockframe::files::catalog::{self};
+use blockframe::files::catalog::{self, Entry};
 use blockframe::files::commit::{commit, CommitReport, CommitRequest};
 use blockframe::files::health::{quick_health, Health};
 use blockframe::files::read::{read_to, verify_file, OpenFile};
@@ -17,7 +17,7 @@ use blockframe::Error;
 
 use crate::cli::{CommitArgs, GetArgs, InitArgs, LsArgs, RmArgs, VerifyArgs};
 use crate::cmd::init::init;
-use crate::open::open_keyed;
+use crate::open::{open_keyed, open_keyless, unlock};
 use crate::settings::Settings;
 use crate::{EXIT_DEGRADED, EXIT_LOST, EXIT_OK};
 

@@ -1,23 +1,14 @@
 //! `bf location ls` and `bf location replace`.
 
-use std::io::IsTerminal;
-use std::time::Duration;
+use anyhow::{Context, Result};
 
-use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use blockframe::scrub::{self, LocationState, Selection};
 
-use blockframe::files::catalog;
-use blockframe::recover::{recover, Fallback};
-use blockframe::scrub::state::ScrubState;
-use blockframe::scrub::{self, FileReport, Health, LocationState, RunControl, ScrubOptions, ScrubReport, Selection};
-use blockframe::store::{self, Store};
-
-use crate::open::{open_keyless, open_optional_key, unlock};
-use crate::settings::Settings;
-use crate::units::{format_utc, parse_duration};
-use crate::{EXIT_DEGRADED, EXIT_LOST, EXIT_OK};
-use crate::cli::LocationCommand;
 use super::scrub::{location_word, scrub_once, scrub_options};
+use crate::cli::LocationCommand;
+use crate::open::{open_keyless, open_optional_key};
+use crate::settings::Settings;
+use crate::{EXIT_DEGRADED, EXIT_OK};
 
 /// `bf location ...`.
 pub(crate) fn location_cmd(c: &LocationCommand, s: &Settings) -> Result<u8> {

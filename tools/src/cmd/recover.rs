@@ -1,22 +1,13 @@
 //! `bf recover`: rebuild a lost store descriptor from the locations and the key file.
 
-use std::io::IsTerminal;
-use std::time::Duration;
+use anyhow::{bail, Result};
 
-use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
-
-use blockframe::files::catalog;
 use blockframe::recover::{recover, Fallback};
-use blockframe::scrub::state::ScrubState;
-use blockframe::scrub::{self, FileReport, Health, LocationState, RunControl, ScrubOptions, ScrubReport, Selection};
-use blockframe::store::{self, Store};
+use blockframe::store::{self};
 
-use crate::open::{open_keyless, open_optional_key, unlock};
-use crate::settings::Settings;
-use crate::units::{format_utc, parse_duration};
-use crate::{EXIT_DEGRADED, EXIT_LOST, EXIT_OK};
 use crate::cli::RecoverArgs;
+use crate::settings::Settings;
+use crate::EXIT_OK;
 
 /// `bf recover`.
 pub(crate) fn recover_cmd(a: &RecoverArgs, s: &Settings) -> Result<u8> {

@@ -3,20 +3,18 @@
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use blockframe::files::catalog;
-use blockframe::recover::{recover, Fallback};
-use blockframe::scrub::state::ScrubState;
 use blockframe::scrub::{self, FileReport, Health, LocationState, RunControl, ScrubOptions, ScrubReport, Selection};
-use blockframe::store::{self, Store};
+use blockframe::store::Store;
 
-use crate::open::{open_keyless, open_optional_key, unlock};
-use crate::settings::Settings;
-use crate::units::{format_utc, parse_duration};
-use crate::{EXIT_DEGRADED, EXIT_LOST, EXIT_OK};
 use crate::cli::ScrubArgs;
+use crate::open::open_optional_key;
+use crate::settings::Settings;
+use crate::units::parse_duration;
+use crate::{EXIT_DEGRADED, EXIT_LOST, EXIT_OK};
 
 pub(crate) fn exit_code(h: Health) -> u8 {
     match h {
@@ -31,7 +29,12 @@ fn options(a: &ScrubArgs, s: &Settings) -> Result<ScrubOptions> {
 }
 
 /// Scrub options from flags (when given) over the config file.
-pub(crate) fn scrub_options(repair: bool, rate: Option<f64>, grace_hours: Option<f64>, s: &Settings) -> Result<ScrubOptions> {
+pub(crate) fn scrub_options(
+    repair: bool,
+    rate: Option<f64>,
+    grace_hours: Option<f64>,
+    s: &Settings,
+) -> Result<ScrubOptions> {
     let rate_mb = rate.or(s.file.scrub_rate_mb);
     let rate_bytes_per_sec = match rate_mb {
         Some(r) if r.is_finite() && r > 0.0 => Some((r * 1e6) as u64),

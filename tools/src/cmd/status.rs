@@ -1,23 +1,17 @@
 //! `bf status`: the store, its locations, the last scrub and the data at risk.
 
-use std::io::IsTerminal;
-use std::time::Duration;
-
-use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use anyhow::Result;
 
 use blockframe::files::catalog;
-use blockframe::recover::{recover, Fallback};
 use blockframe::scrub::state::ScrubState;
-use blockframe::scrub::{self, FileReport, Health, LocationState, RunControl, ScrubOptions, ScrubReport, Selection};
-use blockframe::store::{self, Store};
+use blockframe::scrub::{self, LocationState};
 
-use crate::open::{open_keyless, open_optional_key, unlock};
-use crate::settings::Settings;
-use crate::units::{format_utc, parse_duration};
-use crate::{EXIT_DEGRADED, EXIT_LOST, EXIT_OK};
-use crate::cli::StatusArgs;
 use super::scrub::{health_word, location_word};
+use crate::cli::StatusArgs;
+use crate::open::open_keyless;
+use crate::settings::Settings;
+use crate::units::format_utc;
+use crate::EXIT_OK;
 
 #[derive(serde::Serialize)]
 struct StatusReport {

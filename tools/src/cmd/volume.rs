@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 use blockframe::volume::{self, VolumeOptions};
 use nbd_server::{CancellationToken, ListenAddr, Listener, StoreRegistry};
