@@ -39,6 +39,7 @@
 
 pub mod backend;
 mod config;
+mod conn;
 pub mod handshake;
 pub mod mem;
 mod negotiation;

@@ -4,15 +4,15 @@
 use std::io;
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::backend::{BlockBackend, ExportRegistry};
+use crate::conn::{read_exact_or_shutdown, End, Reader, Writer};
 use crate::handshake::*;
 use crate::proto::*;
 use crate::request::{sanitize_block_sizes, TransmissionParams};
-use crate::session::{End, Reader, Writer};
 
 /// Largest option payload accepted; larger ones are treated as a denial of
 /// service attempt and end the connection.
@@ -34,18 +34,6 @@ struct HandshakeState {
     meta_export: Option<String>,
     /// Last export opened, reused by later options naming the same export.
     cached: Option<(String, Arc<dyn BlockBackend>)>,
-}
-
-pub(crate) async fn read_exact_or_shutdown<R: AsyncRead + Unpin>(
-    rd: &mut R,
-    buf: &mut [u8],
-    shutdown: &CancellationToken,
-) -> Result<(), End> {
-    tokio::select! {
-        biased;
-        _ = shutdown.cancelled() => Err(End::Shutdown),
-        r = rd.read_exact(buf) => { r?; Ok(()) }
-    }
 }
 
 async fn send_option_reply<W: AsyncWrite + Unpin>(wr: &mut W, option: u32, reply: u32, data: &[u8]) -> io::Result<()> {

@@ -21,37 +21,11 @@ use tracing::{debug, info, trace, warn};
 
 use crate::backend::{errno_for, BlockBackend, ExportRegistry, Extent};
 use crate::config::ServerConfig;
+use crate::conn::{End, Reader, Writer};
 use crate::negotiation::{handshake, Negotiated};
 use crate::proto::*;
 use crate::reply::*;
 use crate::request::*;
-
-pub(crate) type Reader<S> = BufReader<tokio::io::ReadHalf<S>>;
-pub(crate) type Writer<S> = BufWriter<tokio::io::WriteHalf<S>>;
-
-/// Why a session ended early; only used for logging.
-#[derive(Debug)]
-pub(crate) enum End {
-    Io(io::Error),
-    Protocol(String),
-    Shutdown,
-}
-
-impl std::fmt::Display for End {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            End::Io(e) => write!(f, "I/O error: {e}"),
-            End::Protocol(m) => write!(f, "protocol violation: {m}"),
-            End::Shutdown => write!(f, "server shutdown"),
-        }
-    }
-}
-
-impl From<io::Error> for End {
-    fn from(e: io::Error) -> Self {
-        End::Io(e)
-    }
-}
 
 /// Run one client session to completion. Never panics on peer input; all
 /// errors end only this session.
