@@ -7,6 +7,7 @@
 //! - [`location`]: where objects are kept (the [`location::Location`] trait, local directories, S3, specs);
 //! - [`store`]: a store's descriptor, locations, markers, placement and shard keys; `stripe` (internal) writes,
 //!   reads and verifies one erasure-coded stripe over them;
+//! - [`log`]: the log-structured block store (appends into stripes sealed whole; replay; checkpoints);
 //! - [`files`] (commit, catalog, read) and [`volume`] (block volumes): the two kinds of data;
 //! - [`scrub`] (keyless check and repair), [`recover`] (rebuild a lost descriptor) and [`vfs`] (the filesystem
 //!   view mount adapters use) on top.
@@ -20,6 +21,7 @@ pub mod error;
 pub mod files;
 pub mod format;
 pub mod location;
+pub mod log;
 pub mod pending;
 pub mod recover;
 pub mod scrub;

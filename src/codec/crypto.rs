@@ -21,6 +21,7 @@ const CTX_META_KEY: &str = "blockframe 2026-11 file metadata key";
 const CTX_VOLUME_MAC: &str = "blockframe 2026-11 volume superblock mac key";
 const CTX_XTS_DATA: &str = "blockframe 2026-11 volume xts data key";
 const CTX_XTS_TWEAK: &str = "blockframe 2026-11 volume xts tweak key";
+const CTX_LOG_MAC: &str = "blockframe 2026-12 log record and checkpoint mac key";
 
 /// The store's 256-bit master key; zeroed on drop.
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]
@@ -108,6 +109,12 @@ impl MasterKey {
     /// MAC over a volume superblock body.
     pub fn volume_mac(&self, body: &[u8]) -> [u8; 32] {
         let key = self.derive(CTX_VOLUME_MAC, &[]);
+        *blake3::keyed_hash(&key, body).as_bytes()
+    }
+
+    /// MAC over a log stripe record or log checkpoint body.
+    pub fn log_mac(&self, body: &[u8]) -> [u8; 32] {
+        let key = self.derive(CTX_LOG_MAC, &[]);
         *blake3::keyed_hash(&key, body).as_bytes()
     }
 

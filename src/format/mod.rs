@@ -1,8 +1,9 @@
 //! Every on-disk record (documented in `docs/FORMAT.md`): the checksummed envelope shared by small records
-//! ([`envelope`], re-exported here), shard headers ([`shard`]), file manifests ([`manifest`]) and block-volume
-//! records ([`volume`]).
+//! ([`envelope`], re-exported here), shard headers ([`shard`]), file manifests ([`manifest`]), block-volume
+//! records ([`volume`]) and the log-structured block store's records ([`log`]).
 
 mod envelope;
+pub mod log;
 pub mod manifest;
 pub mod shard;
 pub mod volume;
