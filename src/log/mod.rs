@@ -16,6 +16,7 @@
 //!
 //! On-disk records: [`crate::format::log`].
 
+mod clean;
 mod map;
 mod stripe_io;
 
@@ -32,7 +33,8 @@ use crate::location::LocationExt;
 use crate::store::Store;
 
 use map::BlockMap;
-use stripe_io::{Layout, StripeData};
+use stripe_io::StripeData;
+pub(crate) use stripe_io::{put_shard, Layout};
 
 /// Tuning of an open log.
 #[derive(Clone, Copy, Debug)]
@@ -163,7 +165,7 @@ impl BlockLog {
     /// Opens a log: reads the newest checkpoint, replays the stripes written after it, and starts the
     /// background checkpointer.
     pub fn open(store: Arc<Store>, vol_id: &[u8; 16], opts: LogOptions) -> Result<Arc<BlockLog>> {
-        let ckpt = read_checkpoint(&store, vol_id)?;
+        let ckpt = load_checkpoint(&store, vol_id)?;
         let layout = Layout { vol_id: *vol_id, k: ckpt.k, m: ckpt.m, placement_start: ckpt.placement_start };
         let xts = store.key()?.volume_xts(vol_id);
         let opts = LogOptions { stripe_blocks: ckpt.stripe_blocks, ..opts };
@@ -305,7 +307,11 @@ impl BlockLog {
         let n = hashes.len() as u32;
         st.open.data.extend_from_slice(cipher);
         st.open.hashes.extend_from_slice(hashes);
-        st.open.extents.push(Extent { lba, len: n, slot: first });
+        match st.open.extents.last_mut() {
+            // Contiguous with the last run (sequential writes, cleaned runs): extend it.
+            Some(e) if !e.is_zero() && e.lba + e.len as u64 == lba && e.slot + e.len == first => e.len += n,
+            _ => st.open.extents.push(Extent { lba, len: n, slot: first }),
+        }
         st.stripes.entry(seq).or_insert(StripeInfo { seq, blocks: 0, record_len: 0, live: 0 }).blocks = first + n;
         for i in 0..n {
             self.set_entry(st, lba + i as u64, MapEntry { seq, slot: first + i })?;
@@ -636,6 +642,10 @@ impl BlockLog {
         let mut seq = st.ckpt.seq + 1;
         while found.get(&seq).is_some_and(|n| *n >= need) {
             let Some(rec) = stripe_io::fetch_record_any(&self.store, &self.layout, seq) else { break };
+            if found.get(&seq).is_some_and(|n| *n < width) {
+                // A crash interrupted this stripe's writes after k shards: give it back its redundancy.
+                self.restore(&rec);
+            }
             self.apply(&mut st, &rec)?;
             seq += 1;
         }
@@ -650,6 +660,18 @@ impl BlockLog {
             stripe_io::delete_stripe(&self.store, &self.layout, s);
         }
         Ok(true)
+    }
+
+    /// Restores the missing shards of a replayed stripe (best effort: a scrub finds what stays missing).
+    fn restore(&self, rec: &RecordBody) {
+        let outcome = self.codec().and_then(|mut c| stripe_io::restore(&self.store, &mut c, &self.layout, rec));
+        match outcome {
+            Ok(0) => tracing::info!(seq = rec.seq, "restored the missing shards of an interrupted log stripe"),
+            Ok(n) => {
+                let _ = crate::pending::record(&self.store, &self.layout.vol_id, n as u64);
+            }
+            Err(e) => tracing::warn!(seq = rec.seq, error = %e, "could not restore an interrupted log stripe"),
+        }
     }
 
     /// Applies one replayed stripe's record to the map.
@@ -743,28 +765,31 @@ fn remember_record(st: &mut State, opts: &LogOptions, rec: Arc<RecordBody>) {
     }
 }
 
-/// The newest valid checkpoint copy on any location.
-fn read_checkpoint(store: &Store, vol_id: &[u8; 16]) -> Result<CheckpointBody> {
-    let key = checkpoint_key(vol_id);
+/// The newest valid checkpoint copy of log `id` on any location (MAC checked when the store has the key).
+pub fn load_checkpoint(store: &Store, id: &[u8; 16]) -> Result<CheckpointBody> {
+    let key = checkpoint_key(id);
     let mut best: Option<CheckpointBody> = None;
-    let mut first_err = None;
+    let mut problems = Vec::new();
     for loc in store.locations() {
-        let what = format!("log checkpoint on {}", loc.name());
-        match loc.get(&key).and_then(|b| decode_checkpoint(&b, Some(store.key()?), &what)) {
-            Ok(c) if &c.vol_id == vol_id => {
+        let what = format!("checkpoint of volume {} on {}", hex::encode(id), loc.name());
+        match loc.get(&key).and_then(|b| decode_checkpoint(&b, store.key_opt(), &what)) {
+            Ok(c) if &c.vol_id == id && c.store_id == store.descriptor().store_id => {
                 if best.as_ref().is_none_or(|b| c.generation > b.generation) {
                     best = Some(c);
                 }
             }
-            Ok(_) => first_err = first_err.or(Some(Error::corrupt(what, "checkpoint of another volume"))),
-            Err(e) => first_err = first_err.or(Some(e)),
+            Ok(_) => problems.push(format!("{what}: belongs elsewhere")),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => problems.push(e.to_string()),
         }
     }
-    best.ok_or_else(|| first_err.unwrap_or_else(|| Error::NotFound(hex::encode(vol_id))))
+    best.ok_or_else(|| {
+        Error::corrupt(format!("volume {}", hex::encode(id)), format!("no valid checkpoint ({})", problems.join("; ")))
+    })
 }
 
 /// Stripes above `after` on the locations, with how many of their shards exist.
-fn list_stripes(store: &Store, layout: &Layout, after: u64) -> BTreeMap<u64, usize> {
+pub(crate) fn list_stripes(store: &Store, layout: &Layout, after: u64) -> BTreeMap<u64, usize> {
     let mut found: BTreeMap<u64, usize> = BTreeMap::new();
     let first_dir = (after + 1) / STRIPES_PER_DIR;
     let root = format!("{}/log", log_prefix(&layout.vol_id));
@@ -791,17 +816,30 @@ fn list_stripes(store: &Store, layout: &Layout, after: u64) -> BTreeMap<u64, usi
     found
 }
 
-/// The background checkpointer: wakes when a checkpoint is due (or every few seconds) while the log is open.
+/// Most blocks the background cleaner moves between two checkpoints (64 MiB).
+const CLEAN_BLOCKS_PER_ROUND: u64 = 16384;
+
+/// The background checkpointer and cleaner: wakes when a checkpoint is due (or every few seconds) while the log is open.
 fn checkpointer(log: Weak<BlockLog>) {
     loop {
         let Some(l) = log.upgrade() else { return };
         if l.stop.lock().map(|s| *s).unwrap_or(true) {
             return;
         }
-        if l.checkpoint_due() {
+        let mut busy = false;
+        if l.clean_due() {
+            match l.clean(CLEAN_BLOCKS_PER_ROUND) {
+                Ok(moved) => busy = moved > 0,
+                Err(e) => tracing::warn!(error = %e, "cleaning failed"),
+            }
+        }
+        if busy || l.checkpoint_due() {
             if let Err(e) = l.checkpoint() {
                 tracing::warn!(error = %e, "background checkpoint failed (the log replays instead)");
             }
+        }
+        if busy {
+            continue;
         }
         let Ok(guard) = l.stop.lock() else { return };
         let _ = l.wake.wait_timeout(guard, Duration::from_secs(2));

@@ -13,11 +13,11 @@ use crate::store::{placement, Store};
 
 /// Where a volume's stripes live.
 #[derive(Clone, Copy, Debug)]
-pub(super) struct Layout {
-    pub(super) vol_id: [u8; 16],
-    pub(super) k: u16,
-    pub(super) m: u16,
-    pub(super) placement_start: u32,
+pub(crate) struct Layout {
+    pub(crate) vol_id: [u8; 16],
+    pub(crate) k: u16,
+    pub(crate) m: u16,
+    pub(crate) placement_start: u32,
 }
 
 impl Layout {
@@ -26,7 +26,7 @@ impl Layout {
     }
 
     /// Location index of shard `i` of stripe `seq`.
-    pub(super) fn home(&self, store: &Store, seq: u64, i: usize) -> usize {
+    pub(crate) fn home(&self, store: &Store, seq: u64, i: usize) -> usize {
         placement(self.placement_start, seq, i, store.locations().len())
     }
 }
@@ -113,42 +113,40 @@ pub(super) fn write_stripe(
     Ok((record, record_bytes.len() as u32))
 }
 
-/// Writes every shard of a stripe (header, data part, record, record length), each followed by a sync of its
-/// location, all in parallel.
+/// Writes every shard of a stripe, each followed by a sync of its location, all in parallel.
 fn put_shards(store: &Store, layout: &Layout, seq: u64, parts: &[&[u8]], record: &[u8]) -> Vec<Result<()>> {
-    let len = (record.len() as u32).to_le_bytes();
     std::thread::scope(|s| {
         let handles: Vec<_> = parts
             .iter()
             .enumerate()
-            .map(|(i, data)| {
-                let len = &len;
-                s.spawn(move || {
-                    let mut h = blake3::Hasher::new();
-                    h.update(data);
-                    h.update(record);
-                    h.update(len);
-                    let header = ShardHeader {
-                        store_id: store.descriptor().store_id,
-                        file_id: layout.vol_id,
-                        segment: seq,
-                        shard: i as u16,
-                        k: layout.k,
-                        m: layout.m,
-                        payload_len: (data.len() + record.len() + 4) as u32,
-                        payload_hash: *h.finalize().as_bytes(),
-                    };
-                    let loc = &store.locations()[layout.home(store, seq, i)];
-                    let key = stripe_key(&layout.vol_id, seq, i);
-                    loc.put(&key, &[&header.encode(), data, record, len]).and_then(|_| loc.sync())
-                })
-            })
+            .map(|(i, data)| s.spawn(move || put_shard(store, layout, seq, i, data, record)))
             .collect();
         handles
             .into_iter()
             .map(|h| h.join().unwrap_or_else(|_| Err(Error::internal("shard writer panicked"))))
             .collect()
     })
+}
+
+/// Writes shard `i` of stripe `seq` (header, data part, record, record length) to its home location, durably.
+pub(crate) fn put_shard(store: &Store, layout: &Layout, seq: u64, i: usize, data: &[u8], record: &[u8]) -> Result<()> {
+    let len = (record.len() as u32).to_le_bytes();
+    let mut h = blake3::Hasher::new();
+    h.update(data);
+    h.update(record);
+    h.update(&len);
+    let header = ShardHeader {
+        store_id: store.descriptor().store_id,
+        file_id: layout.vol_id,
+        segment: seq,
+        shard: i as u16,
+        k: layout.k,
+        m: layout.m,
+        payload_len: (data.len() + record.len() + 4) as u32,
+        payload_hash: *h.finalize().as_bytes(),
+    };
+    let loc = &store.locations()[layout.home(store, seq, i)];
+    loc.put(&stripe_key(&layout.vol_id, seq, i), &[&header.encode(), data, record, &len]).and_then(|_| loc.sync())
 }
 
 /// Byte range of a stripe's record within each of its shard objects.
@@ -306,6 +304,42 @@ fn fetch_shard_data(store: &Store, layout: &Layout, rec: &RecordBody, i: usize) 
         return Err(Error::corrupt(&what, "data differs from the record"));
     }
     Ok(data.to_vec())
+}
+
+/// Rewrites the shards of a stripe that are missing or bad, rebuilt from k good ones (a stripe a crash left
+/// with fewer than k+m shards, found by replay); returns how many could not be restored.
+pub(super) fn restore(store: &Store, codec: &mut Codec, layout: &Layout, rec: &RecordBody) -> Result<usize> {
+    let width = layout.width();
+    let bad: Vec<usize> = (0..width).filter(|&i| fetch_shard_data(store, layout, rec, i).is_err()).collect();
+    if bad.is_empty() {
+        return Ok(0);
+    }
+    let k = layout.k as usize;
+    let sl = rec.blocks_per_shard() * BLOCK;
+    let data = rebuild(store, codec, layout, rec)?;
+    let mut parity = Vec::new();
+    if sl > 0 {
+        codec.encode(&data, sl, &mut parity)?;
+    }
+    let record = encode_record(rec, store.key()?)?;
+    let mut failed = 0;
+    for i in bad {
+        let part = if sl == 0 {
+            &[][..]
+        } else if i < k {
+            &data[i * sl..(i + 1) * sl]
+        } else {
+            &parity[(i - k) * sl..(i - k + 1) * sl]
+        };
+        if rec.shard_hashes[i] != *blake3::hash(part).as_bytes() {
+            return Err(Error::corrupt(format!("log stripe {} shard {i}", rec.seq), "rebuilt shard differs"));
+        }
+        if let Err(e) = put_shard(store, layout, rec.seq, i, part, &record) {
+            tracing::warn!(seq = rec.seq, shard = i, error = %e, "could not restore a log shard; left for scrub");
+            failed += 1;
+        }
+    }
+    Ok(failed)
 }
 
 /// Deletes every shard object of stripe `seq` (best effort).

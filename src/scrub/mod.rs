@@ -14,6 +14,7 @@
 //! never touched. Resumable runs and per-file results are kept in [`state`].
 
 mod files;
+pub mod log_volumes;
 mod orphans;
 mod policy;
 mod repair;

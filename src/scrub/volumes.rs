@@ -17,7 +17,8 @@ use crate::format::volume::{page_key, stripe_shard_key, superblock_key, MapPage,
 use crate::location::LocationExt;
 use crate::store::Store;
 use crate::stripe::{fetch_shard, StripeAddr};
-use crate::volume::{load_superblock, scan_ids, try_lock_volume};
+use crate::volume::cow::{load_superblock, scan_ids};
+use crate::volume::try_lock_volume;
 
 /// Result of scrubbing one volume.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -88,10 +89,13 @@ impl VolumeReport {
 
 /// Scrubs every volume of the store.
 pub fn scrub_volumes(store: &Store, repair: bool) -> Vec<VolumeReport> {
-    scan_ids(store).into_iter().map(|id| scrub_volume(store, &id, repair)).collect()
+    let logs =
+        crate::volume::log_ids(store).into_iter().map(|id| super::log_volumes::scrub_log_volume(store, &id, repair));
+    let cows = scan_ids(store).into_iter().map(|id| scrub_volume(store, &id, repair));
+    logs.chain(cows).collect()
 }
 
-/// Scrubs one volume.
+/// Scrubs one copy-on-write volume.
 pub fn scrub_volume(store: &Store, id: &[u8; 16], repair: bool) -> VolumeReport {
     let mut r = VolumeReport { id: hex::encode(id), label: format!("id:{}", hex::encode(id)), ..Default::default() };
     let lock = try_lock_volume(store, id).ok();
@@ -354,7 +358,7 @@ mod tests {
         )
         .unwrap();
         let st = Arc::new(st);
-        volume::create(&st, "v", 16 * SS as u64, SS).unwrap();
+        volume::cow::create(&st, "v", 16 * SS as u64, SS).unwrap();
         let data: Vec<u8> = (0..6 * SS as usize).map(|i| (i * 13 % 251) as u8).collect();
         {
             let v = Volume::open(st.clone(), "v", VolumeOptions::default()).unwrap();

@@ -1,47 +1,32 @@
-//! Block volumes: a virtual disk stored as encrypted (AES-256-XTS per 4 KiB sector), erasure-coded stripes.
+//! Block volumes: virtual disks whose bytes at rest are encrypted (AES-256-XTS per 4 KiB sector, tweak = the
+//! logical sector), erasure-coded and spread over the store's locations.
 //!
-//! Crash consistency comes from copy-on-write: a stripe is never rewritten in place; a write-back produces
-//! shards of a new generation, the stripe map points at them, and only a new superblock (written atomically on
-//! every location, at least m+1 must accept it) makes them current. [`Volume::flush`] writes back every dirty
-//! stripe and map page, then the superblock, then deletes what the previous superblock referenced and the new
-//! one does not. After a crash the volume opens at its last committed superblock, i.e. at or after the last
-//! completed flush; objects written after it are deleted on open.
-//!
-//! Memory is bounded by the stripe cache (`cache_bytes`) and the map page cache, not by the volume size: map pages
-//! are loaded on demand, and dirty ones are written out early (as uncommitted objects) when the cache is full.
+//! New volumes are log-structured ([`crate::log`]): writes are appended into stripes that are erasure-coded when
+//! sealed, so small random writes cost sequential I/O and a FLUSH one parallel round of writes. Volumes of the
+//! first format (copy-on-write stripes, [`cow`]) still open, serve and scrub as before, and `bf volume migrate`
+//! copies one onto the log. This module is the one API over both: listing, creating, removing, opening by name.
 
-use std::collections::{HashMap, HashSet};
+pub mod cow;
+mod logged;
+
 use std::fs::File;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
-use crate::codec::crypto::random_bytes;
-use crate::codec::erasure::{self, Codec};
-use crate::codec::xts::{Xts, SECTOR};
 use crate::error::{Error, IoContext, Result};
-use crate::format::volume::*;
-use crate::location::LocationExt;
 use crate::store::Store;
-use crate::stripe::StripeBuffers;
 
-mod cache;
-mod commit;
-mod map;
+pub use logged::LogVolume;
 
-/// Default stripe size: 1 MiB (see the volume benchmark: small enough that a 4 KiB random write rewrites
-/// little, large enough that sequential I/O moves 256 KiB shards).
-pub const DEFAULT_STRIPE_SIZE: u32 = 1 << 20;
-/// Stripes per map page.
-pub const ENTRIES_PER_PAGE: u32 = 256;
-/// Default stripe cache: 64 MiB.
+/// Default data per stripe of new volumes: 4 MiB (1 MiB shards at k = 4; a FLUSH seals shorter stripes).
+pub const DEFAULT_STRIPE_SIZE: u32 = 4 << 20;
+/// Default memory for a volume's caches: 64 MiB.
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
-const PAGE_CACHE_LIMIT: usize = 64;
-/// Superseded shard files kept for reuse per location.
-const RECYCLE_LIMIT: usize = 256;
 
 /// Tuning for an open volume.
 #[derive(Clone, Copy, Debug)]
 pub struct VolumeOptions {
-    /// Bytes of stripe cache (write-back and read cache together).
+    /// Bytes of cache: the stripe cache of copy-on-write volumes; the map pages and stripe records of log
+    /// volumes.
     pub cache_bytes: usize,
 }
 
@@ -60,150 +45,75 @@ pub struct VolumeInfo {
     pub id: String,
     /// Size in bytes.
     pub size: u64,
-    /// Stripe size.
+    /// Stripe size (most data bytes per stripe).
     pub stripe_size: u32,
-    /// Committed generation.
+    /// Committed generation (superblock or checkpoint).
     pub generation: u64,
+    /// `log` (log-structured) or `cow` (the first, copy-on-write format).
+    pub format: String,
 }
 
-/// Reads the newest valid superblock copy of a volume (checking the MAC when the store has the key).
-pub fn load_superblock(store: &Store, vol_id: &[u8; 16]) -> Result<Superblock> {
-    let key = superblock_key(vol_id);
-    let mut best: Option<Superblock> = None;
-    let mut problems = Vec::new();
-    for loc in store.locations() {
-        let what = format!("superblock of volume {} on {}", hex::encode(vol_id), loc.name());
-        match loc.get(&key).and_then(|b| Superblock::decode(&b, store.key_opt(), &what)) {
-            Ok(sb) if sb.body.vol_id == *vol_id && sb.body.store_id == store.descriptor().store_id => {
-                if best.as_ref().is_none_or(|b| sb.body.generation > b.body.generation) {
-                    best = Some(sb);
-                }
-            }
-            Ok(_) => problems.push(format!("{what}: belongs elsewhere")),
-            Err(e) if e.is_not_found() => {}
-            Err(e) => problems.push(e.to_string()),
-        }
+/// Which format a volume is stored in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// Log-structured (the current format).
+    Log,
+    /// Copy-on-write stripes (the first format).
+    Cow,
+}
+
+/// Checks a volume name.
+pub(crate) fn validate_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 255 || name.contains('/') || name.contains('\0') {
+        return Err(Error::InvalidArgument(format!("invalid volume name {name:?}")));
     }
-    best.ok_or_else(|| {
-        Error::corrupt(
-            format!("volume {}", hex::encode(vol_id)),
-            format!("no valid superblock ({})", problems.join("; ")),
-        )
-    })
+    Ok(())
 }
 
-/// Ids of every volume found on any location.
-pub fn scan_ids(store: &Store) -> Vec<[u8; 16]> {
-    let mut ids = HashSet::new();
-    for loc in store.locations() {
-        for name in loc.list("volumes").unwrap_or_default() {
-            let mut id = [0u8; 16];
-            if hex::decode_to_slice(&name, &mut id).is_ok() {
-                ids.insert(id);
-            }
-        }
+/// The id and format of the volume called `name`, if there is one.
+pub fn find(store: &Store, name: &str) -> Result<Option<([u8; 16], Format)>> {
+    if let Some(id) = logged::find_id(store, name)? {
+        return Ok(Some((id, Format::Log)));
     }
-    let mut v: Vec<_> = ids.into_iter().collect();
-    v.sort();
-    v
+    Ok(cow::find_id(store, name)?.map(|id| (id, Format::Cow)))
 }
 
-/// Every readable volume.
+/// Every readable volume of either format, by name.
 pub fn list(store: &Store) -> Result<Vec<VolumeInfo>> {
-    let mut out = Vec::new();
-    for id in scan_ids(store) {
-        let sb = load_superblock(store, &id)?;
-        let name = match store.key_opt() {
-            Some(k) => sb.meta(k)?.name,
-            None => format!("id:{}", hex::encode(id)),
-        };
-        out.push(VolumeInfo {
-            name,
-            id: hex::encode(id),
-            size: sb.body.size,
-            stripe_size: sb.body.stripe_size,
-            generation: sb.body.generation,
-        });
-    }
+    let mut out = logged::list(store)?;
+    out.extend(cow::list(store)?);
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
 }
 
-fn find_id(store: &Store, name: &str) -> Result<Option<[u8; 16]>> {
-    let tag = store.key()?.name_tag(&format!("volume:{name}"));
-    for id in scan_ids(store) {
-        if load_superblock(store, &id)?.body.name_tag == tag {
-            return Ok(Some(id));
-        }
-    }
-    Ok(None)
-}
-
-/// Writes a superblock copy to every location; fails unless at least m+1 accept it.
-fn publish_superblock(store: &Store, body: &SuperBody) -> Result<()> {
-    let key = superblock_key(&body.vol_id);
-    let bytes = Superblock::encode(body, store.key()?);
-    store.put_replicated(&key, &bytes, "a volume superblock")
-}
-
-/// Creates a thin volume (nothing allocated).
+/// Creates a thin log-structured volume (nothing allocated) of `size` bytes with stripes of up to
+/// `stripe_size` data bytes (a multiple of 4 KiB).
 pub fn create(store: &Store, name: &str, size: u64, stripe_size: u32) -> Result<()> {
-    let key = store.key()?;
-    if name.is_empty() || name.len() > 255 || name.contains('/') || name.contains('\0') {
-        return Err(Error::InvalidArgument(format!("invalid volume name {name:?}")));
-    }
-    if size == 0 || !size.is_multiple_of(SECTOR as u64) {
-        return Err(Error::InvalidArgument(format!("volume size {size} must be a positive multiple of 4096")));
-    }
-    if stripe_size < 64 << 10 || !stripe_size.is_power_of_two() {
+    validate_name(name)?;
+    if stripe_size == 0 || !stripe_size.is_multiple_of(4096) || stripe_size > 64 << 20 {
         return Err(Error::InvalidArgument(format!(
-            "stripe size {stripe_size} must be a power of two of at least 64 KiB"
+            "stripe size {stripe_size} must be a multiple of 4 KiB of at most 64 MiB"
         )));
     }
     let _lock = store.lock_catalog()?;
-    if find_id(store, name)?.is_some() {
+    if find(store, name)?.is_some() {
         return Err(Error::AlreadyExists(format!("volume {name}")));
     }
-    let d = store.descriptor();
-    let vol_id: [u8; 16] = random_bytes()?;
-    let meta = VolumeMeta { name: name.into(), created_unix: crate::clock::unix_secs() };
-    let (sealed_meta, meta_nonce) = key.seal_metadata(
-        &vol_id,
-        &postcard::to_allocvec(&meta).map_err(|e| Error::internal(format!("encoding volume metadata: {e}")))?,
-    )?;
-    let stripes = size.div_ceil(stripe_size as u64);
-    let body = SuperBody {
-        store_id: d.store_id,
-        vol_id,
-        name_tag: key.name_tag(&format!("volume:{name}")),
-        generation: 1,
-        next_gen: 1,
-        size,
-        stripe_size,
-        k: d.k,
-        m: d.m,
-        entries_per_page: ENTRIES_PER_PAGE,
-        placement_start: (vol_id[0] as usize % store.locations().len()) as u32,
-        pages: vec![PageRef::default(); stripes.div_ceil(ENTRIES_PER_PAGE as u64) as usize],
-        meta_nonce,
-        sealed_meta,
-    };
-    body.validate("new superblock")?;
-    publish_superblock(store, &body)
+    logged::create(store, name, size, stripe_size / 4096)
 }
 
-/// Removes a volume: superblocks first (so it disappears), then every object under it.
+/// Removes a volume of either format.
 pub fn remove(store: &Store, name: &str) -> Result<()> {
-    let _lock = store.lock_catalog()?;
-    let id = find_id(store, name)?.ok_or_else(|| Error::NotFound(format!("volume {name}")))?;
-    let _vlock = lock_volume(store, &id)?;
-    for loc in store.locations() {
-        loc.delete(&superblock_key(&id)).and_then(|_| loc.sync())?;
+    match find(store, name)? {
+        Some((id, Format::Log)) => logged::remove(store, &id),
+        Some((_, Format::Cow)) => cow::remove(store, name),
+        None => Err(Error::NotFound(format!("volume {name}"))),
     }
-    for loc in store.locations() {
-        loc.delete_prefix(&volume_prefix(&id)).and_then(|_| loc.sync())?;
-    }
-    Ok(())
+}
+
+/// Ids of every log-structured volume on any location.
+pub fn log_ids(store: &Store) -> Vec<[u8; 16]> {
+    logged::scan_ids(store)
 }
 
 /// Takes a volume's lock file without waiting (fails while a server or another process has the volume open).
@@ -223,253 +133,89 @@ fn lock_volume(store: &Store, id: &[u8; 16]) -> Result<File> {
     }
 }
 
-struct CachedStripe {
-    data: Vec<u8>,
-    dirty: bool,
-    last_use: u64,
-}
-
-struct CachedPage {
-    page: MapPage,
-    dirty: bool,
-    last_use: u64,
-}
-
-struct State {
-    sb: SuperBody,
-    pages: HashMap<u32, CachedPage>,
-    stripes: HashMap<u64, CachedStripe>,
-    /// Objects the committed superblock references but the pending state no longer does.
-    superseded: Vec<String>,
-    /// Shard objects of the previous stripe generations the last commit superseded, per location: their files
-    /// are renamed into new shards instead of being deleted and created again.
-    recycle: Vec<Vec<String>>,
-    codec: Codec,
-    bufs: StripeBuffers,
-    enc: Vec<u8>,
-    tick: u64,
-    /// The page table changed since the last committed superblock.
-    sb_dirty: bool,
-    /// A write-back or commit failed; the volume refuses further writes until reopened.
-    poisoned: Option<String>,
-    /// Shards not stored since the volume was opened (locations down, within the write policy).
-    shortfall: u64,
-}
-
-/// An open volume. All methods are safe to call from many threads; FLUSH is coherent across them (one
-/// instance per volume per process, guarded by a lock file against other processes).
-pub struct Volume {
-    store: Arc<Store>,
-    id: [u8; 16],
-    name: String,
-    xts: Xts,
-    cache_stripes: usize,
-    state: Mutex<State>,
-    _lock: File,
-}
-
-/// Where a byte range falls within stripes: (stripe, offset within stripe, length).
-fn split_range(offset: u64, len: u64, stripe_size: u64) -> impl Iterator<Item = (u64, usize, usize)> {
-    let end = offset + len;
-    let mut pos = offset;
-    std::iter::from_fn(move || {
-        if pos >= end {
-            return None;
-        }
-        let stripe = pos / stripe_size;
-        let within = pos % stripe_size;
-        let n = (stripe_size - within).min(end - pos);
-        pos += n;
-        Some((stripe, within as usize, n as usize))
-    })
+/// An open volume of either format. All methods are safe to call from many threads; FLUSH is coherent across
+/// them (one instance per volume per process, guarded by a lock file against other processes).
+pub enum Volume {
+    /// A log-structured volume.
+    Log(LogVolume),
+    /// A copy-on-write volume.
+    Cow(Box<cow::CowVolume>),
 }
 
 impl Volume {
-    /// Opens a volume by name (needs the key). Deletes objects a crash left uncommitted.
+    /// Opens a volume by name (needs the key).
     pub fn open(store: Arc<Store>, name: &str, opts: VolumeOptions) -> Result<Volume> {
-        let id = find_id(&store, name)?.ok_or_else(|| Error::NotFound(format!("volume {name}")))?;
-        let lock = lock_volume(&store, &id)?;
-        let sb = load_superblock(&store, &id)?;
-        let key = store.key()?;
-        let xts = key.volume_xts(&id);
-        let codec = Codec::new(sb.body.k as usize, sb.body.m as usize)?;
-        let cache_stripes = (opts.cache_bytes / sb.body.stripe_size as usize).max(2);
-        let vol = Volume {
-            store,
-            id,
-            name: name.into(),
-            xts,
-            cache_stripes,
-            state: Mutex::new(State {
-                sb: sb.body,
-                pages: HashMap::new(),
-                stripes: HashMap::new(),
-                superseded: Vec::new(),
-                recycle: Vec::new(),
-                shortfall: 0,
-                codec,
-                bufs: StripeBuffers::default(),
-                enc: Vec::new(),
-                tick: 0,
-                sb_dirty: false,
-                poisoned: None,
-            }),
-            _lock: lock,
-        };
-        vol.collect_garbage()?;
-        Ok(vol)
+        match find(&store, name)? {
+            Some((id, Format::Log)) => Ok(Volume::Log(LogVolume::open(store, name, &id, opts)?)),
+            Some((_, Format::Cow)) => Ok(Volume::Cow(Box::new(cow::CowVolume::open(store, name, opts)?))),
+            None => Err(Error::NotFound(format!("volume {name}"))),
+        }
     }
 
     /// Volume name.
     pub fn name(&self) -> &str {
-        &self.name
+        match self {
+            Volume::Log(v) => v.name(),
+            Volume::Cow(v) => v.name(),
+        }
     }
 
     /// Size in bytes.
     pub fn size(&self) -> u64 {
-        self.lock().map(|s| s.sb.size).unwrap_or(0)
+        match self {
+            Volume::Log(v) => v.size(),
+            Volume::Cow(v) => v.size(),
+        }
     }
 
-    /// Stripe size in bytes.
+    /// Most data bytes per stripe.
     pub fn stripe_size(&self) -> u32 {
-        self.lock().map(|s| s.sb.stripe_size).unwrap_or(DEFAULT_STRIPE_SIZE)
-    }
-
-    fn lock(&self) -> Result<MutexGuard<'_, State>> {
-        self.state.lock().map_err(|_| Error::internal("volume state poisoned by a panic"))
-    }
-
-    fn check_range(st: &State, offset: u64, len: u64) -> Result<()> {
-        match offset.checked_add(len) {
-            Some(end) if end <= st.sb.size => Ok(()),
-            _ => Err(Error::OutOfRange { what: "the volume".into(), offset, len, size: st.sb.size }),
+        match self {
+            Volume::Log(v) => v.stripe_size(),
+            Volume::Cow(v) => v.stripe_size(),
         }
     }
 
-    /// Reads `buf.len()` bytes at `offset`. Uncached stripes are read without holding the volume lock and only
-    /// the data shards covering the range are fetched (each verified against its leaf); only when one of them
-    /// is missing or corrupt is the whole stripe rebuilt from parity.
+    /// Reads `buf.len()` bytes at `offset` (any alignment).
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let ss = {
-            let st = self.lock()?;
-            Self::check_range(&st, offset, buf.len() as u64)?;
-            st.sb.stripe_size as u64
-        };
-        let mut done = 0;
-        for (stripe, within, n) in split_range(offset, buf.len() as u64, ss) {
-            let out = &mut buf[done..done + n];
-            done += n;
-            let (entry, shape) = {
-                let mut st = self.lock()?;
-                st.tick += 1;
-                let tick = st.tick;
-                if let Some(c) = st.stripes.get_mut(&stripe) {
-                    c.last_use = tick;
-                    out.copy_from_slice(&c.data[within..within + n]);
-                    continue;
-                }
-                let e = self.entry(&mut st, stripe)?;
-                if e.gen == 0 {
-                    out.fill(0);
-                    continue;
-                }
-                (e, (st.sb.shard_len(), st.sb.placement_start))
-            };
-            if let Err(e) = self.read_partial(stripe, &entry, shape, ss as usize, within, out) {
-                tracing::debug!(stripe, error = %e, "direct shard read failed; rebuilding the stripe");
-                let mut st = self.lock()?;
-                self.load_stripe(&mut st, stripe)?;
-                let c = st.stripes.get(&stripe).ok_or_else(|| Error::internal("stripe vanished from cache"))?;
-                out.copy_from_slice(&c.data[within..within + n]);
-                self.evict(&mut st)?;
-            }
+        match self {
+            Volume::Log(v) => v.read(offset, buf),
+            Volume::Cow(v) => v.read(offset, buf),
         }
-        Ok(())
     }
 
-    /// Writes `data` at `offset`; with `fua` the write is durable (committed) when this returns.
+    /// Writes `data` at `offset` (any alignment); with `fua`, durably before returning.
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
-        {
-            let mut st = self.lock()?;
-            Self::check_range(&st, offset, data.len() as u64)?;
-            Self::check_poisoned(&st)?;
-            let ss = st.sb.stripe_size as u64;
-            let mut done = 0;
-            for (stripe, within, n) in split_range(offset, data.len() as u64, ss) {
-                let c = self.stripe_for_write(&mut st, stripe, n == ss as usize)?;
-                c.data[within..within + n].copy_from_slice(&data[done..done + n]);
-                done += n;
-                self.evict(&mut st)?;
-            }
+        match self {
+            Volume::Log(v) => v.write(offset, data, fua),
+            Volume::Cow(v) => v.write(offset, data, fua),
         }
-        if fua {
-            self.flush()?;
-        }
-        Ok(())
     }
 
-    /// Makes `[offset, offset+len)` read as zeros. Whole stripes become holes (freed) unless `keep_allocated`;
-    /// partial stripes are zero-filled.
+    /// Makes a range read as zeros; `keep_allocated` asks for allocated zeros (WRITE_ZEROES without NO_HOLE is
+    /// free to trim).
     pub fn zero(&self, offset: u64, len: u64, keep_allocated: bool, fua: bool) -> Result<()> {
-        {
-            let mut st = self.lock()?;
-            Self::check_range(&st, offset, len)?;
-            Self::check_poisoned(&st)?;
-            let ss = st.sb.stripe_size as u64;
-            for (stripe, within, n) in split_range(offset, len, ss) {
-                if n == ss as usize && !keep_allocated {
-                    st.stripes.remove(&stripe);
-                    self.set_entry(&mut st, stripe, StripeEntry::default())?;
-                } else {
-                    let c = self.stripe_for_write(&mut st, stripe, n == ss as usize)?;
-                    c.data[within..within + n].fill(0);
-                    self.evict(&mut st)?;
-                }
-            }
+        match self {
+            Volume::Log(v) => v.zero(offset, len, fua),
+            Volume::Cow(v) => v.zero(offset, len, keep_allocated, fua),
         }
-        if fua {
-            self.flush()?;
-        }
-        Ok(())
     }
 
-    /// Allocation status: `(offset, length, allocated)` runs covering `[offset, offset+len)`, per stripe.
+    /// Allocation of a range: `(offset, length, allocated)` runs.
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64, bool)>> {
-        let mut st = self.lock()?;
-        Self::check_range(&st, offset, len)?;
-        let ss = st.sb.stripe_size as u64;
-        let mut out: Vec<(u64, u64, bool)> = Vec::new();
-        let mut pos = offset;
-        for (stripe, _, n) in split_range(offset, len, ss) {
-            let allocated = st.stripes.get(&stripe).is_some_and(|c| c.dirty) || self.entry(&mut st, stripe)?.gen != 0;
-            match out.last_mut() {
-                Some(last) if last.2 == allocated => last.1 += n as u64,
-                _ => out.push((pos, n as u64, allocated)),
-            }
-            pos += n as u64;
+        match self {
+            Volume::Log(v) => v.block_status(offset, len),
+            Volume::Cow(v) => v.block_status(offset, len),
         }
-        Ok(out)
     }
 
-    /// Makes every write completed before this call durable: writes back dirty stripes and map pages, commits
-    /// a new superblock, then deletes superseded objects.
+    /// Makes every completed write durable.
     pub fn flush(&self) -> Result<()> {
-        let mut st = self.lock()?;
-        Self::check_poisoned(&st)?;
-        let r = self.commit(&mut st);
-        if let Err(e) = &r {
-            st.poisoned = Some(e.to_string());
+        match self {
+            Volume::Log(v) => v.flush(),
+            Volume::Cow(v) => v.flush(),
         }
-        r
     }
-}
-
-/// Checks a stripe size for `bf volume create`.
-pub fn validate_stripe_size(stripe_size: u32, k: usize) -> Result<()> {
-    if erasure::shard_len(stripe_size as u64, k) * k != stripe_size as usize {
-        return Err(Error::InvalidArgument("stripe size must divide evenly into k shards".into()));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -75,6 +75,18 @@ impl Env {
         self.ok(&["init", "-k", &k.to_string(), "-m", &m.to_string(), "--segment-size-mb", "0.0625"]);
     }
 
+    /// The log file servers started by the tests append their stderr to (`server.log` in the env).
+    pub fn log_file(&self) -> std::fs::File {
+        std::fs::OpenOptions::new().create(true).append(true).open(self.path("server.log")).expect("server log")
+    }
+
+    /// The last lines of the servers' log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.path("server.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
     pub fn location(&self, i: usize) -> PathBuf {
         self.store().join(format!("locations/loc-{i:02}"))
     }

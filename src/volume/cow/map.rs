@@ -7,7 +7,7 @@ use crate::location::LocationExt;
 
 use super::*;
 
-impl Volume {
+impl CowVolume {
     pub(super) fn page_of(st: &State, stripe: u64) -> (u32, usize) {
         let per = st.sb.entries_per_page as u64;
         ((stripe / per) as u32, (stripe % per) as usize)

@@ -6,7 +6,7 @@ use crate::format::volume::*;
 
 use super::*;
 
-impl Volume {
+impl CowVolume {
     pub(super) fn check_poisoned(st: &State) -> Result<()> {
         match &st.poisoned {
             Some(p) => Err(Error::ReadOnly(format!("the volume (after a failed write-back: {p})"))),

@@ -8,7 +8,7 @@ use crate::stripe::{read_stripe, write_stripe, StripeAddr, StripeError};
 
 use super::*;
 
-impl Volume {
+impl CowVolume {
     /// Reads `[within, within + out.len())` of a stripe from just the data shards that hold it.
     pub(super) fn read_partial(
         &self,

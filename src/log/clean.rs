@@ -1,0 +1,114 @@
+//! The cleaner: copies the live blocks of mostly-dead stripes into the open stripe (their ciphertext as is: the
+//! XTS tweak is the logical block, not the place), so the next checkpoint can delete the old stripes. Victims
+//! are stripes a checkpoint covers, emptiest first; the work per call is bounded, and the state lock is held
+//! only to look up and to append, never while reading.
+
+use crate::error::Result;
+use crate::format::log::{MapEntry, RecordBody, StripeInfo, BLOCK};
+
+use super::{stripe_io, BlockLog, State};
+
+/// A stripe is worth cleaning when less than this share of its blocks is live.
+const LIVE_BELOW: f64 = 0.5;
+
+impl BlockLog {
+    /// True when the stripes hold more than twice the live blocks (the log has garbage worth reclaiming).
+    pub(super) fn clean_due(&self) -> bool {
+        self.state.lock().is_ok_and(|st| {
+            let (blocks, live) =
+                st.stripes.values().fold((0u64, 0u64), |(b, l), s| (b + s.blocks as u64, l + s.live as u64));
+            st.failed.is_none() && blocks > 2 * live + self.opts.stripe_blocks as u64
+        })
+    }
+
+    /// Moves the live blocks of up to `budget` blocks' worth of victim stripes into the open stripe; returns
+    /// how many blocks were moved. The victims die when the moved blocks are stored and a checkpoint covers
+    /// them.
+    pub fn clean(&self, budget: u64) -> Result<u64> {
+        let mut moved = 0;
+        for victim in self.victims()? {
+            if moved >= budget {
+                break;
+            }
+            moved += self.clean_one(&victim)?;
+        }
+        Ok(moved)
+    }
+
+    /// Candidate stripes, emptiest first.
+    fn victims(&self) -> Result<Vec<StripeInfo>> {
+        let st = self.lock()?;
+        let covered = st.ckpt.seq.min(st.durable);
+        let mut v: Vec<StripeInfo> = st
+            .stripes
+            .range(..=covered)
+            .map(|(_, s)| *s)
+            .filter(|s| s.blocks > 0 && s.live > 0 && (s.live as f64) < LIVE_BELOW * s.blocks as f64)
+            .collect();
+        v.sort_by_key(|s| (s.live as u64 * 1_000_000) / s.blocks as u64);
+        Ok(v)
+    }
+
+    /// Copies the live blocks of one stripe; returns how many.
+    fn clean_one(&self, victim: &StripeInfo) -> Result<u64> {
+        let rec = self.record(victim.seq)?;
+        let live = self.live_runs(&rec)?;
+        let mut moved = 0;
+        for (lba, slot, n) in live {
+            let mut cipher = vec![0u8; n as usize * BLOCK];
+            let mut codec = self.codec()?;
+            let r = stripe_io::read_blocks(&self.store, &mut codec, &self.layout, &rec, slot, &mut cipher);
+            if let Ok(mut pool) = self.codecs.lock() {
+                pool.push(codec);
+            }
+            r?;
+            moved += self.move_blocks(&rec, lba, slot, &cipher)?;
+        }
+        Ok(moved)
+    }
+
+    /// Runs `(lba, slot, blocks)` of the stripe's blocks the map still points at.
+    fn live_runs(&self, rec: &RecordBody) -> Result<Vec<(u64, u32, u32)>> {
+        let mut st = self.lock()?;
+        let mut runs: Vec<(u64, u32, u32)> = Vec::new();
+        for e in rec.extents.iter().filter(|e| !e.is_zero()) {
+            for i in 0..e.len {
+                let (lba, slot) = (e.lba + i as u64, e.slot + i);
+                if self.points_at(&mut st, lba, rec.seq, slot)? {
+                    match runs.last_mut() {
+                        Some(r) if r.0 + r.2 as u64 == lba && r.1 + r.2 == slot => r.2 += 1,
+                        _ => runs.push((lba, slot, 1)),
+                    }
+                }
+            }
+        }
+        Ok(runs)
+    }
+
+    fn points_at(&self, st: &mut State, lba: u64, seq: u64, slot: u32) -> Result<bool> {
+        self.ensure_page(st, lba)?;
+        Ok(st.map.get(lba) == Some(MapEntry { seq, slot }))
+    }
+
+    /// Appends the blocks that are still live (a write may have replaced some meanwhile) to the open stripe.
+    fn move_blocks(&self, rec: &RecordBody, lba: u64, slot: u32, cipher: &[u8]) -> Result<u64> {
+        let mut moved = 0;
+        for (i, block) in cipher.chunks_exact(BLOCK).enumerate() {
+            let mut st = self.writable()?;
+            if !self.points_at(&mut st, lba + i as u64, rec.seq, slot + i as u32)? {
+                continue;
+            }
+            let hash = rec.block_hashes[(slot as usize) + i];
+            self.append(&mut st, lba + i as u64, block, &[hash])?;
+            moved += 1;
+            if st.open.blocks() >= self.opts.stripe_blocks {
+                let sealed = self.take_open(&mut st);
+                drop(st);
+                if let Some((seq, stripe)) = sealed {
+                    self.seal(seq, stripe);
+                }
+            }
+        }
+        Ok(moved)
+    }
+}
