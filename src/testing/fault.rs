@@ -79,6 +79,10 @@ impl Location for FaultyLocation {
         self.check_writable()?;
         self.inner.put(key, parts)
     }
+    fn put_new(&self, key: &str, parts: &[&[u8]]) -> Result<()> {
+        self.check_writable()?;
+        self.inner.put_new(key, parts)
+    }
     fn put_deferred(&self, key: &str, parts: &[&[u8]]) -> Result<()> {
         self.check_writable()?;
         self.inner.put_deferred(key, parts)
@@ -618,15 +622,18 @@ mod tests {
         f.put("k", &[b"v"]).unwrap();
         f.set_read_only(true);
         assert!(f.put("k", &[b"w"]).is_err());
+        assert_eq!(f.put_new("new", &[b"w"]).unwrap_err().kind(), crate::ErrorKind::ReadOnly);
         assert!(f.delete("k").is_err());
         assert_eq!(f.get("k").unwrap(), b"v");
         f.set_gone(true);
         assert!(f.get("k").unwrap_err().is_not_found());
         assert!(f.probe().is_err() && f.list("x").is_err());
+        assert_eq!(f.put_new("new", &[b"w"]).unwrap_err().kind(), crate::ErrorKind::NotFound);
         f.set_gone(false);
         f.set_read_only(false);
         f.put("k", &[b"w"]).unwrap();
         assert_eq!(f.get("k").unwrap(), b"w");
+        assert!(f.get("new").unwrap_err().is_not_found(), "refused creates store nothing");
     }
 
     fn sample_inventory() -> Inventory {
