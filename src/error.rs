@@ -266,6 +266,13 @@ impl Error {
         Error::io(what.into(), std::io::Error::new(std::io::ErrorKind::NotFound, "no such object"))
     }
 
+    /// The error a location returns when a create-only put ([`crate::location::Location::put_new`]) finds an
+    /// object under its key already (`what` names the object and where); its [`Error::kind`] is
+    /// [`ErrorKind::AlreadyExists`].
+    pub fn already_exists_object(what: impl Into<String>) -> Error {
+        Error::io(what.into(), std::io::Error::new(std::io::ErrorKind::AlreadyExists, "object already exists"))
+    }
+
     /// True when the error means "the object does not exist" (as opposed to "is damaged").
     pub fn is_not_found(&self) -> bool {
         matches!(self, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
@@ -390,5 +397,8 @@ mod tests {
         assert_eq!(range.fs_kind(), FsErrorKind::InvalidArgument);
         assert_eq!(Error::ReadOnly("volume v".into()).kind(), ErrorKind::ReadOnly);
         assert_eq!(Error::internal("poisoned").kind(), ErrorKind::Internal);
+        assert_eq!(io(libc::EEXIST).kind(), ErrorKind::AlreadyExists);
+        assert_eq!(Error::already_exists_object("m: k").kind(), ErrorKind::AlreadyExists);
+        assert_eq!(Error::already_exists_object("m: k").fs_kind(), FsErrorKind::AlreadyExists);
     }
 }

@@ -149,10 +149,44 @@ pub fn recover(dir: &Path, locations: &[String], key: &MasterKey, fallback: &Fal
     }
     let given = open_given(locations)?;
     let (store_id, ordered, blank) = order_locations(&given)?;
+    let (newest, checked) = newest_manifest(&given, &ordered, &store_id, key)?;
+    let (k, m, segment_size) = geometry(newest.as_ref(), fallback)?;
+    crate::codec::erasure::validate(k as usize, m as usize)?;
+    if let Some(n) = &newest {
+        check_placement(&n.body, &given, &ordered, &blank)?;
+    }
+    for (i, g) in ordered.iter().enumerate() {
+        if blank.contains(g) {
+            write_marker(given[*g].loc.as_ref(), &store_id, i)?;
+        }
+    }
+    let descriptor = StoreDescriptor {
+        store_id,
+        k,
+        m,
+        segment_size,
+        locations: descriptor_locations(dir, &given, &ordered)?,
+        key_check: key.check_value(),
+        kdf: None,
+        created_unix: crate::clock::unix_secs(),
+    };
+    write_descriptor(dir, &descriptor)?;
+    let new_locations = blank.iter().map(|&g| given[g].spec.clone()).collect();
+    Ok(Recovered { descriptor, manifests_checked: checked, new_locations })
+}
+
+/// Reads every manifest copy on the locations with `key`; returns the newest of this store's and how many the
+/// key authenticated. Fails with [`Error::WrongKey`] when copies exist but none authenticates.
+fn newest_manifest(
+    given: &[Given],
+    ordered: &[usize],
+    store_id: &[u8; 16],
+    key: &MasterKey,
+) -> Result<(Option<Manifest>, usize)> {
     let mut newest: Option<Manifest> = None;
     let mut checked = 0;
     let mut rejected = 0;
-    for &g in &ordered {
+    for &g in ordered {
         let loc = &given[g].loc;
         for name in loc.list("manifests")? {
             if parse_manifest_name(&name).is_none() {
@@ -160,7 +194,7 @@ pub fn recover(dir: &Path, locations: &[String], key: &MasterKey, fallback: &Fal
             }
             let what = format!("manifest {name} on {}", given[g].spec);
             match loc.get(&format!("manifests/{name}")).and_then(|b| Manifest::decode(&b, Some(key), &what)) {
-                Ok(m) if m.body.store_id == store_id => {
+                Ok(m) if m.body.store_id == *store_id => {
                     checked += 1;
                     if newest.as_ref().is_none_or(|n| m.body.committed_unix_ns > n.body.committed_unix_ns) {
                         newest = Some(m);
@@ -177,46 +211,38 @@ pub fn recover(dir: &Path, locations: &[String], key: &MasterKey, fallback: &Fal
     if checked == 0 && rejected > 0 {
         return Err(Error::WrongKey);
     }
-    let (k, m, segment_size) = match (&newest, fallback) {
-        (Some(n), _) => (n.body.k, n.body.m, n.body.segment_size),
-        (None, Fallback { k: Some(k), m: Some(m), segment_size: Some(s) }) => (*k, *m, *s),
+    Ok((newest, checked))
+}
+
+/// k, m and the segment size: from the newest manifest, else from the fallback settings.
+fn geometry(newest: Option<&Manifest>, fallback: &Fallback) -> Result<(u16, u16, u64)> {
+    match (newest, fallback) {
+        (Some(n), _) => Ok((n.body.k, n.body.m, n.body.segment_size)),
+        (None, Fallback { k: Some(k), m: Some(m), segment_size: Some(s) }) => Ok((*k, *m, *s)),
         (None, _) => {
-            return Err(Error::Config(
-                "no manifest left to read k, m and the segment size from; give them explicitly".into(),
-            ))
-        }
-    };
-    crate::codec::erasure::validate(k as usize, m as usize)?;
-    if let Some(n) = &newest {
-        check_placement(&n.body, &given, &ordered, &blank)?;
-    }
-    for (i, g) in ordered.iter().enumerate() {
-        if blank.contains(g) {
-            write_marker(given[*g].loc.as_ref(), &store_id, i)?;
+            Err(Error::Config("no manifest left to read k, m and the segment size from; give them explicitly".into()))
         }
     }
+}
+
+/// The descriptor's location list, in store order: locations inside the store directory stay relative, as
+/// `bf init` wrote them.
+fn descriptor_locations(dir: &Path, given: &[Given], ordered: &[usize]) -> Result<Vec<String>> {
     let abs_dir = std::path::absolute(dir).map_err(|e| Error::io("resolving the store directory", e))?;
-    let paths: Vec<String> = ordered
+    Ok(ordered
         .iter()
         .map(|&g| {
             let spec = &given[g].spec;
             match Path::new(spec).strip_prefix(&abs_dir) {
-                // Locations inside the store directory stay relative, as `bf init` wrote them.
                 Ok(rel) if spec.starts_with('/') => rel.display().to_string(),
                 _ => spec.clone(),
             }
         })
-        .collect();
-    let descriptor = StoreDescriptor {
-        store_id,
-        k,
-        m,
-        segment_size,
-        locations: paths,
-        key_check: key.check_value(),
-        kdf: None,
-        created_unix: crate::clock::unix_secs(),
-    };
+        .collect())
+}
+
+/// Writes `<dir>/store.bf` atomically, keeping a damaged one as `store.bf.damaged`.
+fn write_descriptor(dir: &Path, descriptor: &StoreDescriptor) -> Result<()> {
     let old = dir.join("store.bf");
     if old.exists() {
         let keep = dir.join("store.bf.damaged");
@@ -224,7 +250,5 @@ pub fn recover(dir: &Path, locations: &[String], key: &MasterKey, fallback: &Fal
         tracing::warn!(path = %keep.display(), "kept the damaged descriptor");
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-    crate::store::write_atomic(&dir.join("store.bf"), &format::seal(MAGIC_STORE, &descriptor), 0o644)?;
-    let new_locations = blank.iter().map(|&g| given[g].spec.clone()).collect();
-    Ok(Recovered { descriptor, manifests_checked: checked, new_locations })
+    crate::store::write_atomic(&dir.join("store.bf"), &format::seal(MAGIC_STORE, descriptor), 0o644)
 }

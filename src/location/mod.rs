@@ -4,7 +4,8 @@
 //!
 //! A location stores opaque objects under `/`-separated keys. `put` is atomic (readers see the old object or the
 //! new one, never a mix) and the object's bytes are durable when it returns; the *name* becomes durable after
-//! [`Location::sync`], which batches the directory fsyncs of many puts.
+//! [`Location::sync`], which batches the directory fsyncs of many puts. `put_new` is the create-only form: it
+//! never replaces an object, even when several writers race for one key.
 
 pub mod local;
 mod open;
@@ -24,6 +25,12 @@ pub trait Location: Send + Sync + std::fmt::Debug {
     /// Atomically stores `parts` concatenated under `key`, replacing any previous object. The bytes are durable
     /// when this returns; the name after [`Location::sync`].
     fn put(&self, key: &str, parts: &[&[u8]]) -> Result<()>;
+    /// Like [`Location::put`] (atomic; the bytes durable when this returns, the name after [`Location::sync`])
+    /// but create-only: when an object with this key exists already, it is left untouched and the call fails
+    /// with an error whose [`Error::kind`] is [`crate::ErrorKind::AlreadyExists`] (see
+    /// [`Error::already_exists_object`]). Of concurrent callers for one absent key, one succeeds and the
+    /// others get that error (barring other failures).
+    fn put_new(&self, key: &str, parts: &[&[u8]]) -> Result<()>;
     /// Like [`Location::put`] but durability of the bytes, too, is deferred to the next [`Location::sync`]
     /// (for data nothing references until a later commit point).
     fn put_deferred(&self, key: &str, parts: &[&[u8]]) -> Result<()> {

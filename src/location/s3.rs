@@ -2,7 +2,8 @@
 //! `object_store` crate.
 //!
 //! Every write is one PUT (or a multipart upload above the configured threshold), which S3 makes visible
-//! atomically and durable when acknowledged, so [`Location::sync`] has nothing to do. Requests are bounded by
+//! atomically and durable when acknowledged, so [`Location::sync`] has nothing to do; a create-only put is one
+//! conditional PUT (`If-None-Match: *`), which S3 decides atomically. Requests are bounded by
 //! per-request timeouts and retried with exponential backoff on 5xx and transport errors; a location whose
 //! requests still fail is marked unavailable for [`DOWN_FOR`] so the next requests fail at once instead of each
 //! waiting out the timeouts (callers read from, or write to, the other locations meanwhile).
@@ -19,7 +20,9 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path;
-use object_store::{BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectStore, PutPayload, RetryConfig};
+use object_store::{
+    BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig,
+};
 
 use crate::error::{Error, Result};
 use crate::location::spec::S3Resolved;
@@ -29,6 +32,11 @@ use crate::location::{validate_key, Location};
 pub const DOWN_FOR: Duration = Duration::from_secs(30);
 /// Part size of multipart uploads.
 const PART_SIZE: usize = 16 << 20;
+/// The largest object one PUT may carry (S3's limit); create-only puts are single conditional PUTs.
+const MAX_SINGLE_PUT: usize = 5 << 30;
+/// How often a create-only put is retried when S3 answers 409 Conflict (another conditional write of the key
+/// in flight, or a delete racing it), which AWS documents as retryable.
+const CREATE_CONFLICT_RETRIES: u32 = 3;
 
 fn runtime() -> Result<&'static tokio::runtime::Runtime> {
     static RT: OnceLock<std::result::Result<tokio::runtime::Runtime, String>> = OnceLock::new();
@@ -203,6 +211,38 @@ impl S3Location {
     }
 }
 
+/// What a conditional create found.
+enum Created {
+    /// The object was stored.
+    Stored,
+    /// An object exists under the key; nothing was written.
+    Exists,
+}
+
+/// One conditional PUT (`If-None-Match: *`), retried on 409 conflicts. "Exists" is only reported for the answers
+/// that mean it (412 Precondition Failed, 304 Not Modified, which object_store turns into `AlreadyExists` with
+/// the precondition error as its source) or for a conflict that outlasts the retries.
+async fn create_object(store: &AmazonS3, path: &Path, payload: PutPayload) -> object_store::Result<Created> {
+    let mut conflicts = 0;
+    loop {
+        match store.put_opts(path, payload.clone(), PutOptions::from(PutMode::Create)).await {
+            Ok(_) => return Ok(Created::Stored),
+            Err(object_store::Error::AlreadyExists { source, .. }) => {
+                let precondition = matches!(
+                    source.downcast_ref::<object_store::Error>(),
+                    Some(object_store::Error::Precondition { .. } | object_store::Error::NotModified { .. })
+                );
+                if precondition || conflicts == CREATE_CONFLICT_RETRIES {
+                    return Ok(Created::Exists);
+                }
+                conflicts += 1;
+                tokio::time::sleep(Duration::from_millis(50 << conflicts)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Replaces every secret in `text` by `***` (errors from the HTTP stack may echo request details).
 fn redact(text: &str, secrets: &[String]) -> String {
     secrets.iter().fold(text.to_string(), |t, s| t.replace(s.as_str(), "***"))
@@ -215,6 +255,27 @@ impl Location for S3Location {
 
     fn put(&self, key: &str, parts: &[&[u8]]) -> Result<()> {
         self.upload(key, parts)
+    }
+
+    /// One conditional PUT (`If-None-Match: *`), whatever the multipart threshold: S3 decides atomically which
+    /// of racing creators wins. Objects above 5 GiB (S3's single-PUT limit) are refused. Servers that ignore the
+    /// header overwrite instead, and some (s3s-fs) check for the object before writing, so racing creators
+    /// may both succeed there.
+    fn put_new(&self, key: &str, parts: &[&[u8]]) -> Result<()> {
+        let path = self.path(key)?;
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        if total > MAX_SINGLE_PUT {
+            return Err(Error::InvalidArgument(format!(
+                "{}: {key}: a create-only put is one request, at most {MAX_SINGLE_PUT} bytes ({total} given)",
+                self.name
+            )));
+        }
+        let payload: PutPayload = parts.iter().map(|p| Bytes::copy_from_slice(p)).collect();
+        let store = self.store.clone();
+        match self.run("creating", key, async move { create_object(&store, &path, payload).await })? {
+            Created::Stored => Ok(()),
+            Created::Exists => Err(Error::already_exists_object(format!("creating {}: {key}", self.name))),
+        }
     }
 
     fn get_into(&self, key: &str, buf: &mut Vec<u8>) -> Result<()> {

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use crate::codec::erasure::Codec;
+use crate::codec::merkle::Hash;
 use crate::error::{Error, Result};
 use crate::files::catalog::{self, FileRef};
 use crate::format::manifest::{manifest_key, Manifest, ManifestBody};
@@ -250,36 +251,7 @@ impl Scrubber<'_> {
         let mut found_at: Vec<Option<usize>> = vec![None; width];
         for (i, slot) in found_at.iter_mut().enumerate() {
             let Some(leaf) = body.leaf(seg, i) else { continue };
-            let (res, home) = fetch_shard(self.store, &addr, i, leaf, &mut bufs.io);
-            let status = match res {
-                Ok((range, loc)) => {
-                    bufs.shards[i * sl..(i + 1) * sl].copy_from_slice(&bufs.io[range]);
-                    *slot = Some(loc);
-                    out.bytes += (sl + HEADER_LEN) as u64;
-                    out.relocated += u64::from(loc != home);
-                    self.tally(|t| {
-                        t[home].0.add(ShardStatus::Ok);
-                        if loc != home {
-                            t[home].0.relocated += 1;
-                        }
-                    });
-                    ShardStatus::Ok
-                }
-                Err(p) => {
-                    let status = classify(&p);
-                    self.tally(|t| t[home].0.add(status));
-                    out.issues.push(ShardIssue {
-                        segment: seg,
-                        shard: i as u16,
-                        location: home,
-                        status,
-                        detail: p.to_string(),
-                        repaired_to: None,
-                    });
-                    status
-                }
-            };
-            out.statuses.push(status);
+            *slot = self.check_shard(&addr, i, leaf, bufs, &mut out);
         }
         out.good = found_at.iter().filter(|f| f.is_some()).count();
         if self.opts.repair && !out.issues.is_empty() && out.good >= body.k as usize {
@@ -288,6 +260,49 @@ impl Scrubber<'_> {
             }
         }
         out
+    }
+
+    /// Fetches and verifies shard `i` of a segment into its slot of `bufs.shards`, recording its status (and, when
+    /// bad, an issue) in `out` and the tallies; returns the location it was found good on.
+    fn check_shard(
+        &self,
+        addr: &StripeAddr<'_>,
+        i: usize,
+        leaf: &Hash,
+        bufs: &mut SegmentBuffers,
+        out: &mut SegmentOutcome,
+    ) -> Option<usize> {
+        let sl = addr.shard_len;
+        let (res, home) = fetch_shard(self.store, addr, i, leaf, &mut bufs.io);
+        match res {
+            Ok((range, loc)) => {
+                bufs.shards[i * sl..(i + 1) * sl].copy_from_slice(&bufs.io[range]);
+                out.bytes += (sl + HEADER_LEN) as u64;
+                out.relocated += u64::from(loc != home);
+                self.tally(|t| {
+                    t[home].0.add(ShardStatus::Ok);
+                    if loc != home {
+                        t[home].0.relocated += 1;
+                    }
+                });
+                out.statuses.push(ShardStatus::Ok);
+                Some(loc)
+            }
+            Err(p) => {
+                let status = classify(&p);
+                self.tally(|t| t[home].0.add(status));
+                out.issues.push(ShardIssue {
+                    segment: addr.segment,
+                    shard: i as u16,
+                    location: home,
+                    status,
+                    detail: p.to_string(),
+                    repaired_to: None,
+                });
+                out.statuses.push(status);
+                None
+            }
+        }
     }
 
     /// Rebuilds every bad shard of a segment from the verified ones, checks each against its leaf, and writes it.
@@ -322,18 +337,7 @@ impl Scrubber<'_> {
                 }
             }
         })?;
-        // Check every rebuilt shard against its leaf before anything is written.
-        for issue in &out.issues {
-            let i = issue.shard as usize;
-            let payload = &bufs.shards[i * sl..(i + 1) * sl];
-            let leaf = crate::files::commit::shard_leaf(&body.file_id, seg, issue.shard, payload);
-            if body.leaf(seg, i) != Some(&leaf) {
-                return Err(Error::corrupt(
-                    format!("segment {seg} shard {i}"),
-                    "rebuilt shard does not match its Merkle leaf; nothing written",
-                ));
-            }
-        }
+        check_rebuilt(body, seg, sl, &bufs.shards, &out.issues)?;
         let mut occupied = vec![0u32; self.writable.len()];
         for loc in found_at.iter().flatten() {
             occupied[*loc] += 1;
@@ -386,4 +390,21 @@ impl Scrubber<'_> {
         }
         Ok(target)
     }
+}
+
+/// Checks every rebuilt shard (one per issue, in `shards`, `sl` bytes each) against its Merkle leaf, before
+/// anything is written.
+fn check_rebuilt(body: &ManifestBody, seg: u64, sl: usize, shards: &[u8], issues: &[ShardIssue]) -> Result<()> {
+    for issue in issues {
+        let i = issue.shard as usize;
+        let payload = &shards[i * sl..(i + 1) * sl];
+        let leaf = crate::files::commit::shard_leaf(&body.file_id, seg, issue.shard, payload);
+        if body.leaf(seg, i) != Some(&leaf) {
+            return Err(Error::corrupt(
+                format!("segment {seg} shard {i}"),
+                "rebuilt shard does not match its Merkle leaf; nothing written",
+            ));
+        }
+    }
+    Ok(())
 }

@@ -186,33 +186,13 @@ pub fn run(
     selection: Selection,
     ctl: &RunControl<'_>,
 ) -> Result<(ScrubReport, StateWarning)> {
-    let store_id = store.descriptor().store_id;
-    let mut warning = None;
-    let mut st = match state::ScrubState::load(store.dir(), &store_id) {
-        Ok(s) => s.unwrap_or_else(|| state::ScrubState::new(store_id)),
-        Err(e) => {
-            tracing::warn!(error = %e, "ignoring a damaged scrub state record");
-            warning = Some(e);
-            state::ScrubState::new(store_id)
-        }
+    let mut rec = Record::load(store, opts, &selection);
+    let files = match selection {
+        Selection::Files(f) => f,
+        Selection::All | Selection::Resume => catalog::scan(store)?,
     };
-    let full = !matches!(selection, Selection::Files(_));
-    let (files, mut running) = match selection {
-        Selection::Files(f) => (f, None),
-        Selection::Resume if st.running.is_some() => (catalog::scan(store)?, st.running.take()),
-        Selection::All | Selection::Resume => (catalog::scan(store)?, None),
-    };
-    let mut running = running.take().unwrap_or_else(|| state::Running {
-        summary: state::RunSummary {
-            started_unix: crate::clock::unix_secs(),
-            repair: opts.repair,
-            ..Default::default()
-        },
-        cursor: None,
-    });
-    let skip = |f: &FileRef| full && running.cursor.is_some_and(|c| (f.name_tag, f.file_id) <= c);
-    let resumed = files.iter().filter(|f| skip(f)).count() as u64;
-    let todo: Vec<&FileRef> = files.iter().filter(|f| !skip(f)).collect();
+    let resumed = files.iter().filter(|f| rec.done_before(f)).count() as u64;
+    let todo: Vec<&FileRef> = files.iter().filter(|f| !rec.done_before(f)).collect();
     if let Some(total) = ctl.total {
         let bytes = todo.iter().filter_map(|f| catalog::load(store, f).ok()).map(|e| shard_bytes(&e.manifest.body));
         total(bytes.sum());
@@ -226,14 +206,103 @@ pub fn run(
         pending_found: pending.len() as u64,
         ..Default::default()
     };
+    check_files(&scrubber, &todo, ctl, &mut rec, &mut report);
+    report.locations = scrubber.location_reports();
+    let whole_store = rec.full && report.complete;
+    if whole_store {
+        finish_full_run(&scrubber, &files, &mut rec, &mut report)?;
+    } else if rec.full {
+        rec.st.running = Some(rec.running.clone());
+    }
+    if opts.repair {
+        report.pending_cleared = clear_pending(store, &pending, &report, whole_store, &files);
+    }
+    report.bytes_verified = scrubber.bytes_verified() + report.volumes.iter().map(|v| v.bytes_verified).sum::<u64>();
+    report.elapsed_secs = scrubber.elapsed_secs();
+    rec.save(store);
+    Ok((report, rec.warning))
+}
+
+/// The store's scrub state record as a run updates it.
+struct Record {
+    st: state::ScrubState,
+    /// The whole-store run this one is or continues (unused, and never saved, for a run over chosen files).
+    running: state::Running,
+    /// A whole-store run (not over chosen files).
+    full: bool,
+    /// The first problem loading or saving the record.
+    warning: StateWarning,
+}
+
+impl Record {
+    /// Loads the record (a damaged one is replaced, with a warning) and picks the run: the interrupted one when
+    /// resuming and there is one, else a new one.
+    fn load(store: &Store, opts: &ScrubOptions, selection: &Selection) -> Record {
+        let store_id = store.descriptor().store_id;
+        let mut warning = None;
+        let mut st = match state::ScrubState::load(store.dir(), &store_id) {
+            Ok(s) => s.unwrap_or_else(|| state::ScrubState::new(store_id)),
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring a damaged scrub state record");
+                warning = Some(e);
+                state::ScrubState::new(store_id)
+            }
+        };
+        let interrupted = if matches!(selection, Selection::Resume) { st.running.take() } else { None };
+        let running = interrupted.unwrap_or_else(|| state::Running {
+            summary: state::RunSummary {
+                started_unix: crate::clock::unix_secs(),
+                repair: opts.repair,
+                ..Default::default()
+            },
+            cursor: None,
+        });
+        Record { st, running, full: !matches!(selection, Selection::Files(_)), warning }
+    }
+
+    /// Whether the interrupted run this one continues has checked `f` already.
+    fn done_before(&self, f: &FileRef) -> bool {
+        self.full && self.running.cursor.is_some_and(|c| (f.name_tag, f.file_id) <= c)
+    }
+
+    /// Records one file's result (and, in a whole-store run, that the run got past it).
+    fn file_done(&mut self, f: &FileRef, fr: &FileReport) {
+        self.st.files.insert(f.file_id, state::FileRecord::of(fr, crate::clock::unix_secs()));
+        if self.full {
+            self.running.summary.add_file(fr);
+            self.running.cursor = Some((f.name_tag, f.file_id));
+        }
+    }
+
+    /// Saves the record with the run's progress, so an interruption after this resumes from here.
+    fn checkpoint(&mut self, store: &Store) {
+        if self.full {
+            self.st.running = Some(self.running.clone());
+        }
+        self.save(store);
+    }
+
+    fn save(&mut self, store: &Store) {
+        if let Err(e) = self.st.save(store.dir()) {
+            self.warning.get_or_insert(e);
+        }
+    }
+}
+
+/// Checks the files of `todo` in order, recording each result and saving the record at most once a second.
+/// Stops (the report marked incomplete) after the file during which the time limit passed, unless it was the
+/// last.
+fn check_files(
+    scrubber: &Scrubber<'_>,
+    todo: &[&FileRef],
+    ctl: &RunControl<'_>,
+    rec: &mut Record,
+    report: &mut ScrubReport,
+) {
     let mut saved = Instant::now();
     for (n, f) in todo.iter().enumerate() {
         let fr = scrubber.file(f, ctl.progress);
-        st.files.insert(f.file_id, state::FileRecord::of(&fr, crate::clock::unix_secs()));
-        if full {
-            running.summary.add_file(&fr);
-            running.cursor = Some((f.name_tag, f.file_id));
-        }
+        rec.file_done(f, &fr);
         report.files.push(fr);
         let out_of_time = ctl.max_duration.is_some_and(|d| scrubber.start.elapsed() >= d);
         if out_of_time && n + 1 < todo.len() {
@@ -241,36 +310,28 @@ pub fn run(
             break;
         }
         if saved.elapsed() >= Duration::from_secs(1) {
-            if full {
-                st.running = Some(running.clone());
-            }
-            if let Err(e) = st.save(store.dir()) {
-                warning.get_or_insert(e);
-            }
+            rec.checkpoint(scrubber.store);
             saved = Instant::now();
         }
     }
-    report.locations = scrubber.location_reports();
-    if full && report.complete {
-        report.orphans = scrubber.orphans(&mut st.orphans_seen)?;
-        report.volumes = volumes::scrub_volumes(store, opts.repair);
-        let live: BTreeSet<[u8; 16]> = files.iter().map(|f| f.file_id).collect();
-        st.files.retain(|id, _| live.contains(id));
-        running.summary.finish(&report, crate::clock::unix_secs());
-        st.last = Some(running.summary);
-        st.running = None;
-    } else if full {
-        st.running = Some(running);
-    }
-    if opts.repair {
-        report.pending_cleared = clear_pending(store, &pending, &report, full && report.complete, &files);
-    }
-    report.bytes_verified = scrubber.bytes_verified() + report.volumes.iter().map(|v| v.bytes_verified).sum::<u64>();
-    report.elapsed_secs = scrubber.elapsed_secs();
-    if let Err(e) = st.save(store.dir()) {
-        warning.get_or_insert(e);
-    }
-    Ok((report, warning))
+}
+
+/// Ends a complete whole-store run: checks orphans and volumes, drops the records of files that no longer
+/// exist, and records the run as the store's last scrub.
+fn finish_full_run(
+    scrubber: &Scrubber<'_>,
+    files: &[FileRef],
+    rec: &mut Record,
+    report: &mut ScrubReport,
+) -> Result<()> {
+    report.orphans = scrubber.orphans(&mut rec.st.orphans_seen)?;
+    report.volumes = volumes::scrub_volumes(scrubber.store, scrubber.opts.repair);
+    let live: BTreeSet<[u8; 16]> = files.iter().map(|f| f.file_id).collect();
+    rec.st.files.retain(|id, _| live.contains(id));
+    rec.running.summary.finish(report, crate::clock::unix_secs());
+    rec.st.last = Some(std::mem::take(&mut rec.running.summary));
+    rec.st.running = None;
+    Ok(())
 }
 
 /// Clears the pending-repair records whose file or volume this run left whole; after a complete whole-store run

@@ -2,6 +2,7 @@
 //! the in-memory and fault-injecting test locations, S3 object stores) runs it, so the store above can rely on
 //! the same behaviour everywhere. Test support: failures panic with the backend's name and the broken rule.
 
+use crate::error::{ErrorKind, Result};
 use crate::location::{Location, LocationExt};
 use crate::testing::test_bytes;
 
@@ -9,21 +10,38 @@ use crate::testing::test_bytes;
 pub struct Options {
     /// Size of the large-object round trip (pick it above an object store's multipart threshold).
     pub large_object: usize,
+    /// Whether racing [`Location::put_new`] calls on one key must have exactly one winner. Every backend of
+    /// this crate guarantees it (and so does AWS S3); test servers that check for the object before writing
+    /// (s3s-fs) do not, and are held only to "every loser is refused and the object is one winner's bytes".
+    pub atomic_create: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { large_object: 3 << 20 }
+        Options { large_object: 3 << 20, atomic_create: true }
     }
 }
 
 /// Runs the whole suite on an empty location. Uses keys under `conformance/`.
 pub fn check(loc: &dyn Location, opts: &Options) {
     let who = loc.name().to_string();
-    let fail = |rule: &str| -> ! { panic!("{who}: {rule}") };
-    loc.probe().unwrap_or_else(|e| fail(&format!("probe of a present location failed: {e}")));
+    loc.probe().unwrap_or_else(|e| panic!("{who}: probe of a present location failed: {e}"));
+    put_get_and_ranges(loc, &who);
+    list_rename_delete(loc, &who);
+    deferred_large_and_concurrent(loc, &who, opts);
+    create_only(loc, &who, opts);
+    // Keys that could escape the location are refused.
+    for bad in ["../x", "a//b", "a/./b", ""] {
+        assert!(loc.put(bad, &[b"x"]).is_err(), "{who}: key {bad:?} must be refused");
+        assert!(loc.put_new(bad, &[b"x"]).is_err(), "{who}: key {bad:?} must be refused by put_new");
+    }
+    loc.delete_prefix("conformance").unwrap();
+    loc.sync().unwrap();
+}
 
-    // put / get: parts are concatenated; a second put replaces the object.
+/// put / get (parts concatenated, a second put replaces), missing objects, ranges.
+fn put_get_and_ranges(loc: &dyn Location, who: &str) {
+    let fail = |rule: &str| -> ! { panic!("{who}: {rule}") };
     loc.put("conformance/a/one", &[b"hello ", b"", b"world"]).unwrap_or_else(|e| fail(&format!("put: {e}")));
     loc.sync().unwrap_or_else(|e| fail(&format!("sync: {e}")));
     assert_eq!(loc.get("conformance/a/one").unwrap(), b"hello world", "{who}: get returns the put bytes");
@@ -47,7 +65,11 @@ pub fn check(loc: &dyn Location, opts: &Options) {
     assert_eq!(loc.get_range("conformance/a/two", 9_990, 50).unwrap(), &data[9_990..], "{who}: range past the end");
     assert!(loc.get_range("conformance/a/two", 10_000, 5).unwrap().is_empty(), "{who}: range at the end");
     assert!(loc.get_range("conformance/a/two", 20_000, 5).unwrap().is_empty(), "{who}: range beyond the end");
+}
 
+/// Listing, timestamps, rename, delete and delete_prefix (on the objects [`put_get_and_ranges`] left).
+fn list_rename_delete(loc: &dyn Location, who: &str) {
+    let fail = |rule: &str| -> ! { panic!("{who}: {rule}") };
     // Listing: the direct children (objects and "directories"), sorted, once each; missing prefix is empty.
     loc.put("conformance/a/sub/x", &[b"x"]).unwrap();
     loc.put("conformance/a/sub/y", &[b"y"]).unwrap();
@@ -80,7 +102,10 @@ pub fn check(loc: &dyn Location, opts: &Options) {
     assert!(loc.list("conformance/a").unwrap().is_empty(), "{who}: delete_prefix");
     assert_eq!(loc.get("conformance/ab/z").unwrap(), b"z", "{who}: delete_prefix spares conformance/ab");
     loc.delete_prefix("conformance/never").unwrap_or_else(|e| fail(&format!("delete_prefix of nothing: {e}")));
+}
 
+/// Deferred puts, a large object in several parts, concurrent puts of different keys.
+fn deferred_large_and_concurrent(loc: &dyn Location, who: &str, opts: &Options) {
     // Deferred puts are readable at once and durable after sync.
     loc.put_deferred("conformance/d/x", &[b"deferred"]).unwrap();
     loc.sync().unwrap();
@@ -89,7 +114,8 @@ pub fn check(loc: &dyn Location, opts: &Options) {
     // A large object, written in several parts, round-trips.
     let big = test_bytes(opts.large_object, 9);
     let third = big.len() / 3;
-    loc.put("conformance/big", &[&big[..third], &big[third..]]).unwrap_or_else(|e| fail(&format!("large put: {e}")));
+    let put = loc.put("conformance/big", &[&big[..third], &big[third..]]);
+    put.unwrap_or_else(|e| panic!("{who}: large put: {e}"));
     assert!(loc.get("conformance/big").unwrap() == big, "{who}: large object round trip");
     assert_eq!(loc.get_range("conformance/big", third as u64 - 5, 10).unwrap(), &big[third - 5..third + 5]);
 
@@ -104,13 +130,63 @@ pub fn check(loc: &dyn Location, opts: &Options) {
         }
     });
     assert_eq!(loc.list("conformance/c").unwrap().len(), 20, "{who}: concurrent puts");
+}
 
-    // Keys that could escape the location are refused.
-    for bad in ["../x", "a//b", "a/./b", ""] {
-        assert!(loc.put(bad, &[b"x"]).is_err(), "{who}: key {bad:?} must be refused");
-    }
-    loc.delete_prefix("conformance").unwrap();
+/// put_new: creates a new object, refuses an existing one (whoever wrote it) with `AlreadyExists` and leaves
+/// it untouched, and of racing creators lets exactly one win.
+fn create_only(loc: &dyn Location, who: &str, opts: &Options) {
+    let refused = |key: &str, parts: &[&[u8]], rule: &str| match loc.put_new(key, parts) {
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+        other => panic!("{who}: {rule}: put_new must fail with AlreadyExists, got {other:?}"),
+    };
+    loc.put_new("conformance/n/one", &[b"first ", b"bytes"]).unwrap_or_else(|e| panic!("{who}: put_new: {e}"));
     loc.sync().unwrap();
+    assert_eq!(loc.get("conformance/n/one").unwrap(), b"first bytes", "{who}: put_new reads back");
+    refused("conformance/n/one", &[b"second"], "over a put_new object");
+    assert_eq!(loc.get("conformance/n/one").unwrap(), b"first bytes", "{who}: put_new keeps the old bytes");
+    loc.put("conformance/n/two", &[b"put"]).unwrap();
+    refused("conformance/n/two", &[b"other"], "over a put object");
+    assert_eq!(loc.get("conformance/n/two").unwrap(), b"put", "{who}: put_new keeps a put object");
+    loc.put("conformance/n/one", &[b"replaced"]).unwrap();
+    assert_eq!(loc.get("conformance/n/one").unwrap(), b"replaced", "{who}: put replaces a put_new object");
+    loc.delete("conformance/n/one").unwrap();
+    loc.put_new("conformance/n/one", &[b"again"]).unwrap_or_else(|e| panic!("{who}: put_new after delete: {e}"));
+    assert_eq!(loc.get("conformance/n/one").unwrap(), b"again", "{who}: put_new after delete");
+    assert_eq!(loc.list("conformance/n").unwrap(), ["one", "two"], "{who}: put_new leaves no temporary objects");
+    racing_creates(loc, who, opts);
+}
+
+/// Many threads call put_new on one key at once, each with its own bytes.
+fn racing_creates(loc: &dyn Location, who: &str, opts: &Options) {
+    const RACERS: usize = 8;
+    let key = "conformance/n/race";
+    let payloads: Vec<Vec<u8>> = (0..RACERS).map(|t| test_bytes(64 << 10, 100 + t as u64)).collect();
+    let start = std::sync::Barrier::new(RACERS);
+    let results: Vec<Result<()>> = std::thread::scope(|s| {
+        let threads: Vec<_> = payloads
+            .iter()
+            .map(|p| {
+                let start = &start;
+                s.spawn(move || {
+                    start.wait();
+                    loc.put_new(key, &[p])
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap_or_else(|_| panic!("{who}: a racer panicked"))).collect()
+    });
+    let winners: Vec<usize> = (0..RACERS).filter(|&t| results[t].is_ok()).collect();
+    for r in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(r.kind(), ErrorKind::AlreadyExists, "{who}: a losing racer must get AlreadyExists, got {r}");
+    }
+    if opts.atomic_create {
+        assert_eq!(winners.len(), 1, "{who}: exactly one of {RACERS} racing put_new calls succeeds");
+    } else {
+        assert!(!winners.is_empty(), "{who}: one of {RACERS} racing put_new calls succeeds");
+    }
+    let stored = loc.get(key).unwrap();
+    assert!(winners.iter().any(|&t| stored == payloads[t]), "{who}: the raced object holds a winner's bytes");
+    assert_eq!(loc.list("conformance/n").unwrap(), ["one", "race", "two"], "{who}: racing leaves no temporaries");
 }
 
 #[cfg(test)]

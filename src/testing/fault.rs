@@ -79,6 +79,10 @@ impl Location for FaultyLocation {
         self.check_writable()?;
         self.inner.put(key, parts)
     }
+    fn put_new(&self, key: &str, parts: &[&[u8]]) -> Result<()> {
+        self.check_writable()?;
+        self.inner.put_new(key, parts)
+    }
     fn put_deferred(&self, key: &str, parts: &[&[u8]]) -> Result<()> {
         self.check_writable()?;
         self.inner.put_deferred(key, parts)
@@ -324,90 +328,123 @@ impl Budget {
 /// damaged at most once. Pure: the same seed and inventory give the same plan.
 pub fn plan(seed: u64, inv: &Inventory, opts: &PlanOptions) -> FaultPlan {
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut budget = Budget::default();
-    let mut touched: BTreeSet<(usize, String)> = BTreeSet::new();
     let mut faults = Vec::new();
     // The read-only location (if any) is chosen first, so no manifest copy is damaged where no repair can write.
     let read_only = (opts.read_only && inv.locations > 1 && rng.gen_bool(0.3)).then(|| rng.gen_range(0..inv.locations));
     if let Some(location) = read_only {
         faults.push(Fault::ReadOnly { location });
     }
+    let mut p = Planner { inv, opts, rng, read_only, budget: Budget::default(), touched: BTreeSet::new() };
     // Bounded: a fixed number of attempts, whatever the budgets allow.
     for _ in 0..opts.faults * 8 {
         if faults.len() >= opts.faults {
             break;
         }
-        let kind = rng.gen_range(0..100u32);
+        let kind = p.rng.gen_range(0..100u32);
         let fault = if kind < 8 && opts.location_faults && inv.locations > 1 {
-            let location = rng.gen_range(0..inv.locations);
-            if budget.dead_locations.contains(&location)
-                || read_only == Some(location)
-                || touched.iter().any(|(l, _)| *l == location)
-            {
-                continue;
-            }
-            let ids: Vec<ShardId> = inv.shards.iter().filter(|s| s.location == location).map(|s| s.id).collect();
-            let hits: Vec<(usize, [u8; 16])> =
-                inv.manifests.iter().filter(|m| m.location == location).map(|m| (location, m.file_id)).collect();
-            if !budget.shard_ok(&ids, opts.max_bad_per_segment)
-                || !budget.manifest_ok(inv, &hits, opts.min_good_manifests)
-            {
-                continue;
-            }
-            budget.take_shards(&ids);
-            budget.take_manifests(&hits);
-            budget.dead_locations.insert(location);
-            if rng.gen_bool(0.5) {
-                Fault::Wipe { location }
-            } else {
-                Fault::Remove { location }
-            }
+            p.location_fault()
         } else if kind < 20 && !inv.manifests.is_empty() {
-            let m = &inv.manifests[rng.gen_range(0..inv.manifests.len())];
-            let hit = [(m.location, m.file_id)];
-            if budget.dead_locations.contains(&m.location)
-                || read_only == Some(m.location)
-                || touched.contains(&(m.location, m.key.clone()))
-                || !budget.manifest_ok(inv, &hit, opts.min_good_manifests)
-            {
-                continue;
-            }
-            budget.take_manifests(&hit);
-            touched.insert((m.location, m.key.clone()));
-            object_fault(&mut rng, m.location, m.key.clone())
+            p.manifest_fault()
         } else if kind < 30 && inv.shards.len() > 1 {
-            let a = &inv.shards[rng.gen_range(0..inv.shards.len())];
-            let b = &inv.shards[rng.gen_range(0..inv.shards.len())];
-            let ids = [a.id, b.id];
-            if a == b
-                || [a, b].iter().any(|s| {
-                    budget.dead_locations.contains(&s.location) || touched.contains(&(s.location, s.key.clone()))
-                })
-                || !budget.shard_ok(&ids, opts.max_bad_per_segment)
-            {
-                continue;
-            }
-            budget.take_shards(&ids);
-            touched.insert((a.location, a.key.clone()));
-            touched.insert((b.location, b.key.clone()));
-            Fault::Swap { a: (a.location, a.key.clone()), b: (b.location, b.key.clone()) }
+            p.swap_fault()
         } else if !inv.shards.is_empty() {
-            let s = &inv.shards[rng.gen_range(0..inv.shards.len())];
-            if budget.dead_locations.contains(&s.location)
-                || touched.contains(&(s.location, s.key.clone()))
-                || !budget.shard_ok(&[s.id], opts.max_bad_per_segment)
-            {
-                continue;
-            }
-            budget.take_shards(&[s.id]);
-            touched.insert((s.location, s.key.clone()));
-            object_fault(&mut rng, s.location, s.key.clone())
+            p.shard_fault()
         } else {
-            continue;
+            None
         };
-        faults.push(fault);
+        faults.extend(fault);
     }
     FaultPlan { seed, faults }
+}
+
+/// The state of [`plan`] between attempts. Each `*_fault` method draws one candidate from the random stream
+/// and returns it when the budgets allow (then charged to them), else `None`.
+struct Planner<'a> {
+    inv: &'a Inventory,
+    opts: &'a PlanOptions,
+    rng: StdRng,
+    read_only: Option<usize>,
+    budget: Budget,
+    /// Objects damaged already, as (location, key).
+    touched: BTreeSet<(usize, String)>,
+}
+
+impl Planner<'_> {
+    /// A whole location wiped or removed (one no other fault has touched).
+    fn location_fault(&mut self) -> Option<Fault> {
+        let (inv, opts) = (self.inv, self.opts);
+        let location = self.rng.gen_range(0..inv.locations);
+        if self.budget.dead_locations.contains(&location)
+            || self.read_only == Some(location)
+            || self.touched.iter().any(|(l, _)| *l == location)
+        {
+            return None;
+        }
+        let ids: Vec<ShardId> = inv.shards.iter().filter(|s| s.location == location).map(|s| s.id).collect();
+        let hits: Vec<(usize, [u8; 16])> =
+            inv.manifests.iter().filter(|m| m.location == location).map(|m| (location, m.file_id)).collect();
+        if !self.budget.shard_ok(&ids, opts.max_bad_per_segment)
+            || !self.budget.manifest_ok(inv, &hits, opts.min_good_manifests)
+        {
+            return None;
+        }
+        self.budget.take_shards(&ids);
+        self.budget.take_manifests(&hits);
+        self.budget.dead_locations.insert(location);
+        Some(if self.rng.gen_bool(0.5) { Fault::Wipe { location } } else { Fault::Remove { location } })
+    }
+
+    /// One manifest copy damaged.
+    fn manifest_fault(&mut self) -> Option<Fault> {
+        let inv = self.inv;
+        let m = &inv.manifests[self.rng.gen_range(0..inv.manifests.len())];
+        let hit = [(m.location, m.file_id)];
+        if self.budget.dead_locations.contains(&m.location)
+            || self.read_only == Some(m.location)
+            || self.touched.contains(&(m.location, m.key.clone()))
+            || !self.budget.manifest_ok(inv, &hit, self.opts.min_good_manifests)
+        {
+            return None;
+        }
+        self.budget.take_manifests(&hit);
+        self.touched.insert((m.location, m.key.clone()));
+        Some(object_fault(&mut self.rng, m.location, m.key.clone()))
+    }
+
+    /// Two shards' contents exchanged (a misdirected write).
+    fn swap_fault(&mut self) -> Option<Fault> {
+        let inv = self.inv;
+        let a = &inv.shards[self.rng.gen_range(0..inv.shards.len())];
+        let b = &inv.shards[self.rng.gen_range(0..inv.shards.len())];
+        let ids = [a.id, b.id];
+        if a == b
+            || [a, b].iter().any(|s| {
+                self.budget.dead_locations.contains(&s.location) || self.touched.contains(&(s.location, s.key.clone()))
+            })
+            || !self.budget.shard_ok(&ids, self.opts.max_bad_per_segment)
+        {
+            return None;
+        }
+        self.budget.take_shards(&ids);
+        self.touched.insert((a.location, a.key.clone()));
+        self.touched.insert((b.location, b.key.clone()));
+        Some(Fault::Swap { a: (a.location, a.key.clone()), b: (b.location, b.key.clone()) })
+    }
+
+    /// One shard damaged.
+    fn shard_fault(&mut self) -> Option<Fault> {
+        let inv = self.inv;
+        let s = &inv.shards[self.rng.gen_range(0..inv.shards.len())];
+        if self.budget.dead_locations.contains(&s.location)
+            || self.touched.contains(&(s.location, s.key.clone()))
+            || !self.budget.shard_ok(&[s.id], self.opts.max_bad_per_segment)
+        {
+            return None;
+        }
+        self.budget.take_shards(&[s.id]);
+        self.touched.insert((s.location, s.key.clone()));
+        Some(object_fault(&mut self.rng, s.location, s.key.clone()))
+    }
 }
 
 fn object_fault(rng: &mut StdRng, location: usize, key: String) -> Fault {
@@ -618,15 +655,18 @@ mod tests {
         f.put("k", &[b"v"]).unwrap();
         f.set_read_only(true);
         assert!(f.put("k", &[b"w"]).is_err());
+        assert_eq!(f.put_new("new", &[b"w"]).unwrap_err().kind(), crate::ErrorKind::ReadOnly);
         assert!(f.delete("k").is_err());
         assert_eq!(f.get("k").unwrap(), b"v");
         f.set_gone(true);
         assert!(f.get("k").unwrap_err().is_not_found());
         assert!(f.probe().is_err() && f.list("x").is_err());
+        assert_eq!(f.put_new("new", &[b"w"]).unwrap_err().kind(), crate::ErrorKind::NotFound);
         f.set_gone(false);
         f.set_read_only(false);
         f.put("k", &[b"w"]).unwrap();
         assert_eq!(f.get("k").unwrap(), b"w");
+        assert!(f.get("new").unwrap_err().is_not_found(), "refused creates store nothing");
     }
 
     fn sample_inventory() -> Inventory {

@@ -1,5 +1,6 @@
 //! An in-memory [`Location`] and a store built over such locations, for tests.
 
+use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -65,6 +66,18 @@ impl Location for MemLocation {
         let bytes = parts.concat();
         self.objects()?.insert(key.to_string(), MemObject { bytes, modified: SystemTime::now() });
         Ok(())
+    }
+
+    fn put_new(&self, key: &str, parts: &[&[u8]]) -> Result<()> {
+        crate::location::validate_key(key)?;
+        // One lock covers the check and the insert, so racing creators cannot both win.
+        match self.objects()?.entry(key.to_string()) {
+            Entry::Occupied(_) => Err(Error::already_exists_object(format!("{}: {key}", self.name))),
+            Entry::Vacant(slot) => {
+                slot.insert(MemObject { bytes: parts.concat(), modified: SystemTime::now() });
+                Ok(())
+            }
+        }
     }
 
     fn get_into(&self, key: &str, buf: &mut Vec<u8>) -> Result<()> {

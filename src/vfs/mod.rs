@@ -428,79 +428,12 @@ impl Vfs {
         self.writable()?;
         check_component(new_name)?;
         let mut loaded = lock(&self.shared.ns);
-        let (ino, src_path, dst_path, files, target) = {
-            let st = lock(&self.shared.state);
-            let ino = st.tree.lookup(parent, name).ok_or_else(|| Error::fs(FsErrorKind::NotFound, name))?;
-            let target = st.tree.check_rename(ino, new_parent, new_name)?;
-            if target == Some(ino) {
-                return Ok(());
-            }
-            if no_replace && target.is_some() {
-                return Err(Error::fs(FsErrorKind::AlreadyExists, new_name));
-            }
-            let src_path = st.tree.path(ino).unwrap_or_default();
-            let dst_path =
-                st.tree.child_path(new_parent, new_name).ok_or_else(|| Error::fs(FsErrorKind::NotFound, new_name))?;
-            validate_name(&dst_path).map_err(|_| Error::fs(FsErrorKind::InvalidArgument, &dst_path))?;
-            let files: Vec<(Ino, String, Option<Arc<Committed>>)> = st
-                .tree
-                .files_below(ino)
-                .into_iter()
-                .map(|(i, p)| (i, p, st.tree.file(i).and_then(|s| s.committed.clone())))
-                .collect();
-            let target = target.map(|t| {
-                (t, st.tree.file(t).and_then(|s| s.committed.clone()), st.tree.file(t).and_then(|s| s.writer.clone()))
-            });
-            (ino, src_path, dst_path, files, target)
+        let Some(plan) = self.shared.plan_rename(parent, name, new_parent, new_name, no_replace)? else {
+            return Ok(());
         };
-        let new_path = |p: &str| format!("{dst_path}{}", &p[src_path.len()..]);
-        let src_committed = files.iter().any(|(i, _, c)| *i == ino && c.is_some());
-        // The replaced target: its pending writes are dropped; when nothing will be committed over it, its
-        // committed version is removed now (rename(2) replaces the target at once).
-        if let Some((_, target_committed, target_writer)) = &target {
-            if let Some(w) = target_writer {
-                w.unlinked.store(true, Ordering::SeqCst);
-            }
-            if let (Some(tc), false) = (target_committed, src_committed) {
-                catalog::remove(&self.shared.store, &tc.entry)?;
-                loaded.by_key.remove(&tc.key());
-            }
-        }
-        let mut moved = Vec::new();
-        for (i, p, c) in &files {
-            let Some(c) = c else {
-                continue;
-            };
-            let meta = FileMeta { name: new_path(p), ..c.meta.clone() };
-            match catalog::reseal(&self.shared.store, &c.entry, &meta, true).and_then(Committed::new) {
-                Ok(n) => moved.push((*i, p.clone(), Arc::new(n))),
-                Err(e) => {
-                    // Part of a directory moved: rebuild the namespace from the store, which is consistent.
-                    tracing::warn!(error = %e, from = %p, "rename failed part-way; re-reading the catalog");
-                    if let Err(e2) = self.shared.refresh_locked(&mut loaded) {
-                        tracing::warn!(error = %e2, "re-reading the catalog failed");
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        let mut st = lock(&self.shared.state);
-        if let Some((t, _, _)) = &target {
-            if let Some(p) = st.tree.path(*t) {
-                st.known.remove(&p);
-            }
-        }
-        st.tree.rename(ino, new_parent, new_name)?;
-        for (i, old, c) in moved {
-            loaded.by_key.insert(c.key(), c.clone());
-            st.known.remove(&old);
-            st.known.insert(c.meta.name.clone(), c.clone());
-            // A writer's base keeps the old entry: it names the same shards, so copying from it still works.
-            if let Some(slot) = st.tree.file_mut(i) {
-                slot.committed = Some(c);
-            }
-        }
-        Ok(())
+        self.shared.drop_rename_target(&plan, &mut loaded)?;
+        let moved = self.shared.reseal_moved(&plan, &mut loaded)?;
+        self.shared.apply_rename(&plan, moved, &mut loaded)
     }
 
     /// Commits every file with uncommitted writes (at unmount or on a signal); returns the failures.
@@ -580,27 +513,26 @@ impl Shared {
     /// Re-reads the catalog (object listings, plus manifests not seen before) and applies the differences to
     /// the tree. Files with uncommitted writes in this mount are left alone.
     fn refresh_locked(&self, loaded: &mut Loaded) -> Result<()> {
+        let by_name = self.read_catalog(loaded)?;
+        let mut st = lock(&self.state);
+        let old = std::mem::take(&mut st.known);
+        remove_vanished(&mut st.tree, &old, &by_name);
+        show_changed(&mut st.tree, &old, &by_name);
+        st.known = by_name;
+        st.refreshed = Instant::now();
+        Ok(())
+    }
+
+    /// The newest committed version of every name in the catalog. `loaded` keeps what was read for the next
+    /// refresh and forgets files that are gone.
+    fn read_catalog(&self, loaded: &mut Loaded) -> Result<HashMap<String, Arc<Committed>>> {
         let refs = catalog::scan(&self.store)?;
         let mut present = HashSet::new();
         let mut by_name: HashMap<String, Arc<Committed>> = HashMap::new();
         for f in refs {
-            let key = (f.name_tag, f.file_id);
-            present.insert(key);
-            let c = match loaded.by_key.get(&key) {
-                Some(c) => c.clone(),
-                None if loaded.failed.contains(&key) => continue,
-                None => match catalog::load(&self.store, &f).and_then(Committed::new) {
-                    Ok(c) => {
-                        let c = Arc::new(c);
-                        loaded.by_key.insert(key, c.clone());
-                        c
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "a file is not shown: its manifest cannot be read");
-                        loaded.failed.insert(key);
-                        continue;
-                    }
-                },
+            present.insert((f.name_tag, f.file_id));
+            let Some(c) = self.committed(loaded, &f) else {
+                continue;
             };
             match by_name.get(&c.meta.name) {
                 Some(cur) if cur.entry.manifest.body.committed_unix_ns >= c.entry.manifest.body.committed_unix_ns => {}
@@ -611,46 +543,209 @@ impl Shared {
         }
         loaded.by_key.retain(|k, _| present.contains(k));
         loaded.failed.retain(|k| present.contains(k));
-        let mut st = lock(&self.state);
-        let old = std::mem::take(&mut st.known);
-        for (name, c) in &old {
-            if by_name.contains_key(name) {
-                continue;
+        Ok(by_name)
+    }
+
+    /// The committed version `f` refers to: as read before, else read now. `None` when its manifest cannot be
+    /// read (which is remembered, so it is not read again on every refresh).
+    fn committed(&self, loaded: &mut Loaded, f: &catalog::FileRef) -> Option<Arc<Committed>> {
+        let key = (f.name_tag, f.file_id);
+        if let Some(c) = loaded.by_key.get(&key) {
+            return Some(c.clone());
+        }
+        if loaded.failed.contains(&key) {
+            return None;
+        }
+        match catalog::load(&self.store, f).and_then(Committed::new) {
+            Ok(c) => {
+                let c = Arc::new(c);
+                loaded.by_key.insert(key, c.clone());
+                Some(c)
             }
-            let Some(ino) = st.tree.resolve(name) else {
-                continue;
-            };
-            let remove = match st.tree.file_mut(ino) {
-                Some(slot) => {
-                    if slot.committed.as_ref().is_some_and(|x| Arc::ptr_eq(x, c)) {
-                        slot.committed = None;
-                    }
-                    slot.committed.is_none() && slot.writer.is_none()
-                }
-                None => false,
-            };
-            if remove {
-                let _ = st.tree.remove(ino, false);
+            Err(e) => {
+                tracing::warn!(error = %e, "a file is not shown: its manifest cannot be read");
+                loaded.failed.insert(key);
+                None
             }
         }
-        for (name, c) in &by_name {
-            if old.get(name).is_some_and(|o| Arc::ptr_eq(o, c)) {
-                continue;
-            }
-            let ino = st.tree.resolve(name);
-            match ino.and_then(|i| st.tree.file_mut(i)) {
-                Some(slot) => slot.committed = Some(c.clone()),
-                None => {
-                    let slot = FileSlot { committed: Some(c.clone()), writer: None };
-                    if let Err(e) = st.tree.insert_file(name, slot) {
-                        tracing::warn!(name = %name, error = %e, "a file is not shown: its path collides with a directory");
-                    }
-                }
-            }
+    }
+
+    /// What a rename moves and replaces, read under the state lock; `None` when the source is the target.
+    fn plan_rename(
+        &self,
+        parent: Ino,
+        name: &str,
+        new_parent: Ino,
+        new_name: &str,
+        no_replace: bool,
+    ) -> Result<Option<RenamePlan>> {
+        let st = lock(&self.state);
+        let ino = st.tree.lookup(parent, name).ok_or_else(|| Error::fs(FsErrorKind::NotFound, name))?;
+        let target = st.tree.check_rename(ino, new_parent, new_name)?;
+        if target == Some(ino) {
+            return Ok(None);
         }
-        st.known = by_name;
-        st.refreshed = Instant::now();
+        if no_replace && target.is_some() {
+            return Err(Error::fs(FsErrorKind::AlreadyExists, new_name));
+        }
+        let src_path = st.tree.path(ino).unwrap_or_default();
+        let dst_path =
+            st.tree.child_path(new_parent, new_name).ok_or_else(|| Error::fs(FsErrorKind::NotFound, new_name))?;
+        validate_name(&dst_path).map_err(|_| Error::fs(FsErrorKind::InvalidArgument, &dst_path))?;
+        let files = st
+            .tree
+            .files_below(ino)
+            .into_iter()
+            .map(|(i, p)| (i, p, st.tree.file(i).and_then(|s| s.committed.clone())))
+            .collect();
+        let target = target.map(|t| RenameTarget {
+            ino: t,
+            committed: st.tree.file(t).and_then(|s| s.committed.clone()),
+            writer: st.tree.file(t).and_then(|s| s.writer.clone()),
+        });
+        Ok(Some(RenamePlan { ino, new_parent, new_name: new_name.to_string(), src_path, dst_path, files, target }))
+    }
+
+    /// The replaced target: its pending writes are dropped; when nothing will be committed over it, its
+    /// committed version is removed now (rename(2) replaces the target at once).
+    fn drop_rename_target(&self, plan: &RenamePlan, loaded: &mut Loaded) -> Result<()> {
+        let Some(target) = &plan.target else {
+            return Ok(());
+        };
+        if let Some(w) = &target.writer {
+            w.unlinked.store(true, Ordering::SeqCst);
+        }
+        let src_committed = plan.files.iter().any(|(i, _, c)| *i == plan.ino && c.is_some());
+        if let (Some(tc), false) = (&target.committed, src_committed) {
+            catalog::remove(&self.store, &tc.entry)?;
+            loaded.by_key.remove(&tc.key());
+        }
         Ok(())
+    }
+
+    /// Re-seals every committed file being moved under its new name; returns (inode, old path, new version).
+    /// On a failure part of a directory may have moved: the namespace is rebuilt from the store, which is
+    /// consistent.
+    fn reseal_moved(&self, plan: &RenamePlan, loaded: &mut Loaded) -> Result<Vec<(Ino, String, Arc<Committed>)>> {
+        let mut moved = Vec::new();
+        for (i, p, c) in &plan.files {
+            let Some(c) = c else {
+                continue;
+            };
+            let meta = FileMeta { name: plan.new_path(p), ..c.meta.clone() };
+            match catalog::reseal(&self.store, &c.entry, &meta, true).and_then(Committed::new) {
+                Ok(n) => moved.push((*i, p.clone(), Arc::new(n))),
+                Err(e) => {
+                    tracing::warn!(error = %e, from = %p, "rename failed part-way; re-reading the catalog");
+                    if let Err(e2) = self.refresh_locked(loaded) {
+                        tracing::warn!(error = %e2, "re-reading the catalog failed");
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Moves the node in the tree and shows the re-sealed versions under their new names.
+    fn apply_rename(
+        &self,
+        plan: &RenamePlan,
+        moved: Vec<(Ino, String, Arc<Committed>)>,
+        loaded: &mut Loaded,
+    ) -> Result<()> {
+        let mut st = lock(&self.state);
+        if let Some(p) = plan.target.as_ref().and_then(|t| st.tree.path(t.ino)) {
+            st.known.remove(&p);
+        }
+        st.tree.rename(plan.ino, plan.new_parent, &plan.new_name)?;
+        for (i, old, c) in moved {
+            loaded.by_key.insert(c.key(), c.clone());
+            st.known.remove(&old);
+            st.known.insert(c.meta.name.clone(), c.clone());
+            // A writer's base keeps the old entry: it names the same shards, so copying from it still works.
+            if let Some(slot) = st.tree.file_mut(i) {
+                slot.committed = Some(c);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a rename moves, gathered under the state lock before any manifest is re-sealed.
+struct RenamePlan {
+    ino: Ino,
+    new_parent: Ino,
+    new_name: String,
+    src_path: String,
+    dst_path: String,
+    /// Every file at or below the source: inode, path and committed version.
+    files: Vec<(Ino, String, Option<Arc<Committed>>)>,
+    /// The node the rename replaces.
+    target: Option<RenameTarget>,
+}
+
+impl RenamePlan {
+    /// Where the file at `path` (at or below the source) lands.
+    fn new_path(&self, path: &str) -> String {
+        format!("{}{}", self.dst_path, &path[self.src_path.len()..])
+    }
+}
+
+/// The node a rename replaces, with its committed version and write state.
+struct RenameTarget {
+    ino: Ino,
+    committed: Option<Arc<Committed>>,
+    writer: Option<Arc<Writer>>,
+}
+
+/// Takes out of the tree the files of `old` that the catalog no longer has (keeping those with writes pending).
+fn remove_vanished(
+    tree: &mut Tree<FileSlot>,
+    old: &HashMap<String, Arc<Committed>>,
+    by_name: &HashMap<String, Arc<Committed>>,
+) {
+    for (name, c) in old {
+        if by_name.contains_key(name) {
+            continue;
+        }
+        let Some(ino) = tree.resolve(name) else {
+            continue;
+        };
+        let remove = match tree.file_mut(ino) {
+            Some(slot) => {
+                if slot.committed.as_ref().is_some_and(|x| Arc::ptr_eq(x, c)) {
+                    slot.committed = None;
+                }
+                slot.committed.is_none() && slot.writer.is_none()
+            }
+            None => false,
+        };
+        if remove {
+            let _ = tree.remove(ino, false);
+        }
+    }
+}
+
+/// Shows the files of the catalog that are new or have a new committed version since `old`.
+fn show_changed(
+    tree: &mut Tree<FileSlot>,
+    old: &HashMap<String, Arc<Committed>>,
+    by_name: &HashMap<String, Arc<Committed>>,
+) {
+    for (name, c) in by_name {
+        if old.get(name).is_some_and(|o| Arc::ptr_eq(o, c)) {
+            continue;
+        }
+        match tree.resolve(name).and_then(|i| tree.file_mut(i)) {
+            Some(slot) => slot.committed = Some(c.clone()),
+            None => {
+                let slot = FileSlot { committed: Some(c.clone()), writer: None };
+                if let Err(e) = tree.insert_file(name, slot) {
+                    tracing::warn!(name = %name, error = %e, "a file is not shown: its path collides with a directory");
+                }
+            }
+        }
     }
 }
 

@@ -305,6 +305,7 @@ struct VerifyRow {
     problems: Vec<String>,
 }
 
+/// `bf verify`.
 pub(crate) fn verify(a: &VerifyArgs, s: &Settings) -> Result<u8> {
     let mut st = open_keyless(s)?;
     // The key is optional here: without it files are named by root and manifests are checked structurally.
@@ -321,57 +322,11 @@ pub(crate) fn verify(a: &VerifyArgs, s: &Settings) -> Result<u8> {
     } else {
         a.names.iter().map(|n| catalog::find(&st, n)).collect::<Result<_, Error>>()?
     };
-    let mut rows = Vec::new();
-    for e in &entries {
-        let body = &e.manifest.body;
-        let checks = verify_file(&st, body);
-        let mut row = VerifyRow {
-            name: e.label(),
-            root: body.root_hex(),
-            segments: body.segments.len() as u64,
-            shards_ok: 0,
-            shards_bad: 0,
-            segments_degraded: 0,
-            segments_lost: vec![],
-            problems: vec![],
-        };
-        for (seg, shards) in checks.iter().enumerate() {
-            let good = shards.iter().filter(|c| c.outcome.is_ok()).count();
-            row.shards_ok += good;
-            row.shards_bad += shards.len() - good;
-            if good < body.k as usize {
-                row.segments_lost.push(seg as u64);
-            } else if good < shards.len() {
-                row.segments_degraded += 1;
-            }
-            for c in shards {
-                if let Err(p) = &c.outcome {
-                    row.problems.push(format!(
-                        "segment {seg} shard {} on {}: {p}",
-                        c.shard,
-                        st.locations()[c.location].name()
-                    ));
-                }
-            }
-        }
-        rows.push(row);
-    }
+    let rows: Vec<VerifyRow> = entries.iter().map(|e| verify_row(&st, e)).collect();
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        for r in &rows {
-            let state = if !r.segments_lost.is_empty() {
-                format!("LOST segments {:?}", r.segments_lost)
-            } else if r.shards_bad > 0 {
-                format!("degraded ({} bad shards in {} segments, repairable)", r.shards_bad, r.segments_degraded)
-            } else {
-                "ok".into()
-            };
-            println!("{}: {state} ({} shards ok)", r.name, r.shards_ok);
-            for p in &r.problems {
-                println!("  {p}");
-            }
-        }
+        rows.iter().for_each(print_verify_row);
     }
     Ok(if rows.iter().any(|r| !r.segments_lost.is_empty()) {
         EXIT_LOST
@@ -380,4 +335,50 @@ pub(crate) fn verify(a: &VerifyArgs, s: &Settings) -> Result<u8> {
     } else {
         EXIT_OK
     })
+}
+
+/// Reads and checks every shard of one file.
+fn verify_row(st: &Store, e: &Entry) -> VerifyRow {
+    let body = &e.manifest.body;
+    let mut row = VerifyRow {
+        name: e.label(),
+        root: body.root_hex(),
+        segments: body.segments.len() as u64,
+        shards_ok: 0,
+        shards_bad: 0,
+        segments_degraded: 0,
+        segments_lost: vec![],
+        problems: vec![],
+    };
+    for (seg, shards) in verify_file(st, body).iter().enumerate() {
+        let good = shards.iter().filter(|c| c.outcome.is_ok()).count();
+        row.shards_ok += good;
+        row.shards_bad += shards.len() - good;
+        if good < body.k as usize {
+            row.segments_lost.push(seg as u64);
+        } else if good < shards.len() {
+            row.segments_degraded += 1;
+        }
+        for c in shards {
+            if let Err(p) = &c.outcome {
+                let loc = st.locations().get(c.location).map(|l| l.name()).unwrap_or("?");
+                row.problems.push(format!("segment {seg} shard {} on {loc}: {p}", c.shard));
+            }
+        }
+    }
+    row
+}
+
+fn print_verify_row(r: &VerifyRow) {
+    let state = if !r.segments_lost.is_empty() {
+        format!("LOST segments {:?}", r.segments_lost)
+    } else if r.shards_bad > 0 {
+        format!("degraded ({} bad shards in {} segments, repairable)", r.shards_bad, r.segments_degraded)
+    } else {
+        "ok".into()
+    };
+    println!("{}: {state} ({} shards ok)", r.name, r.shards_ok);
+    for p in &r.problems {
+        println!("  {p}");
+    }
 }

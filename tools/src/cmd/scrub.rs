@@ -7,7 +7,10 @@ use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use blockframe::files::catalog;
-use blockframe::scrub::{self, FileReport, Health, LocationState, RunControl, ScrubOptions, ScrubReport, Selection};
+use blockframe::scrub::volumes::VolumeReport;
+use blockframe::scrub::{
+    self, FileReport, Health, LocationReport, LocationState, RunControl, ScrubOptions, ScrubReport, Selection,
+};
 use blockframe::store::Store;
 
 use crate::cli::ScrubArgs;
@@ -147,39 +150,11 @@ fn file_line(f: &FileReport) -> String {
 }
 
 fn print_report(st: &Store, r: &ScrubReport) {
-    const MAX_ISSUES: usize = 20;
     for f in r.files.iter().filter(|f| f.health() != Health::Healthy) {
-        println!("{}", file_line(f));
-        for i in f.issues.iter().take(MAX_ISSUES) {
-            let loc = st.locations().get(i.location).map(|l| l.name()).unwrap_or("?");
-            let fix = match i.repaired_to.and_then(|t| st.locations().get(t)) {
-                Some(t) => format!(" -> rebuilt on {}", t.name()),
-                None => String::new(),
-            };
-            println!("  segment {} shard {} on {loc}: {:?}: {}{fix}", i.segment, i.shard, i.status, i.detail);
-        }
-        if f.issues.len() > MAX_ISSUES {
-            println!("  ... and {} more", f.issues.len() - MAX_ISSUES);
-        }
-        for e in &f.repair_errors {
-            println!("  repair failed: {e}");
-        }
+        print_file(st, f);
     }
     for l in &r.locations {
-        let c = &l.shards;
-        println!(
-            "location {}: {}: shards {} ok ({} served from elsewhere), {} corrupt, {} missing, {} misplaced; {} bad \
-             manifest copies; {} written",
-            l.name,
-            location_word(&l.state),
-            c.ok,
-            c.relocated,
-            c.corrupt,
-            c.missing,
-            c.misplaced,
-            l.manifests_bad,
-            l.written
-        );
+        print_location(l);
     }
     for o in &r.orphans {
         let age = o.age_secs.map(|a| format!("{:.1} h old", a as f64 / 3600.0)).unwrap_or_else(|| "age unknown".into());
@@ -187,32 +162,78 @@ fn print_report(st: &Store, r: &ScrubReport) {
         println!("orphan {}: {} shards on {} locations, {age}: {what}", o.file_id, o.shards, o.locations.len());
     }
     for v in &r.volumes {
-        let c = &v.shards;
-        println!(
-            "volume {} (generation {}): {}: {} stripes, shards {} ok, {} corrupt, {} missing, {} misplaced; {} at risk, \
-             {} lost; {} bad superblock and {} bad map page copies; {} shards repaired{}",
-            v.label,
-            v.generation,
-            health_word(v.health()),
-            v.stripes,
-            c.ok,
-            c.corrupt,
-            c.missing,
-            c.misplaced,
-            v.stripes_at_risk.len(),
-            v.stripes_lost.len(),
-            v.superblocks_bad,
-            v.pages_bad,
-            v.shards_repaired,
-            if v.exclusive { "" } else { " (in use: verified only, not repaired)" }
-        );
-        if !v.stripes_lost.is_empty() {
-            println!("  lost stripes: {:?}", v.stripes_lost);
-        }
-        for e in &v.errors {
-            println!("  {e}");
-        }
+        print_volume(v);
     }
+    print_summary(r);
+}
+
+/// A file that is not healthy: its line, its first issues and its repair failures.
+fn print_file(st: &Store, f: &FileReport) {
+    const MAX_ISSUES: usize = 20;
+    println!("{}", file_line(f));
+    for i in f.issues.iter().take(MAX_ISSUES) {
+        let loc = st.locations().get(i.location).map(|l| l.name()).unwrap_or("?");
+        let fix = match i.repaired_to.and_then(|t| st.locations().get(t)) {
+            Some(t) => format!(" -> rebuilt on {}", t.name()),
+            None => String::new(),
+        };
+        println!("  segment {} shard {} on {loc}: {:?}: {}{fix}", i.segment, i.shard, i.status, i.detail);
+    }
+    if f.issues.len() > MAX_ISSUES {
+        println!("  ... and {} more", f.issues.len() - MAX_ISSUES);
+    }
+    for e in &f.repair_errors {
+        println!("  repair failed: {e}");
+    }
+}
+
+fn print_location(l: &LocationReport) {
+    let c = &l.shards;
+    println!(
+        "location {}: {}: shards {} ok ({} served from elsewhere), {} corrupt, {} missing, {} misplaced; {} bad \
+         manifest copies; {} written",
+        l.name,
+        location_word(&l.state),
+        c.ok,
+        c.relocated,
+        c.corrupt,
+        c.missing,
+        c.misplaced,
+        l.manifests_bad,
+        l.written
+    );
+}
+
+fn print_volume(v: &VolumeReport) {
+    let c = &v.shards;
+    println!(
+        "volume {} (generation {}): {}: {} stripes, shards {} ok, {} corrupt, {} missing, {} misplaced; {} at risk, \
+         {} lost; {} bad superblock and {} bad map page copies; {} shards repaired{}",
+        v.label,
+        v.generation,
+        health_word(v.health()),
+        v.stripes,
+        c.ok,
+        c.corrupt,
+        c.missing,
+        c.misplaced,
+        v.stripes_at_risk.len(),
+        v.stripes_lost.len(),
+        v.superblocks_bad,
+        v.pages_bad,
+        v.shards_repaired,
+        if v.exclusive { "" } else { " (in use: verified only, not repaired)" }
+    );
+    if !v.stripes_lost.is_empty() {
+        println!("  lost stripes: {:?}", v.stripes_lost);
+    }
+    for e in &v.errors {
+        println!("  {e}");
+    }
+}
+
+/// The run's totals, its result and what to do next.
+fn print_summary(r: &ScrubReport) {
     let total = scrub::total_counts(&r.files);
     let lost: usize = r.files.iter().map(|f| f.segments_lost.len()).sum();
     let risk: usize = r.files.iter().map(|f| f.segments_at_risk.len()).sum();

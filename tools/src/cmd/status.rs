@@ -3,8 +3,9 @@
 use anyhow::Result;
 
 use blockframe::files::catalog;
-use blockframe::scrub::state::ScrubState;
+use blockframe::scrub::state::{RunSummary, ScrubState};
 use blockframe::scrub::{self, LocationState};
+use blockframe::store::Store;
 
 use super::scrub::{health_word, location_word};
 use crate::cli::StatusArgs;
@@ -22,8 +23,8 @@ struct StatusReport {
     segment_size: u64,
     files: usize,
     locations: Vec<(String, LocationState)>,
-    last_scrub: Option<scrub::state::RunSummary>,
-    interrupted_scrub: Option<scrub::state::RunSummary>,
+    last_scrub: Option<RunSummary>,
+    interrupted_scrub: Option<RunSummary>,
     files_not_healthy: u64,
     bytes_at_risk: u64,
     bytes_lost: u64,
@@ -34,41 +35,51 @@ struct StatusReport {
 /// `bf status`.
 pub(crate) fn status_cmd(a: &StatusArgs, s: &Settings) -> Result<u8> {
     let st = open_keyless(s)?;
-    let d = st.descriptor();
-    let state = match ScrubState::load(st.dir(), &d.store_id) {
-        Ok(x) => x.unwrap_or_else(|| ScrubState::new(d.store_id)),
+    let report = status_report(&st);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(EXIT_OK);
+    }
+    print_status(&report);
+    Ok(EXIT_OK)
+}
+
+/// The scrub state record; an unreadable one is reported and treated as no history.
+fn scrub_state(st: &Store) -> ScrubState {
+    let id = st.descriptor().store_id;
+    match ScrubState::load(st.dir(), &id) {
+        Ok(x) => x.unwrap_or_else(|| ScrubState::new(id)),
         Err(e) => {
             eprintln!("bf: warning: scrub state unreadable ({e}); showing no scrub history");
-            ScrubState::new(d.store_id)
+            ScrubState::new(id)
         }
-    };
+    }
+}
+
+fn status_report(st: &Store) -> StatusReport {
+    let d = st.descriptor();
+    let state = scrub_state(st);
     let (bad_files, at_risk, lost) = state.at_risk();
-    let report = StatusReport {
+    StatusReport {
         store: st.dir().display().to_string(),
         store_id: hex::encode(d.store_id),
         k: d.k,
         m: d.m,
         segment_size: d.segment_size,
-        files: catalog::scan(&st).map(|f| f.len()).unwrap_or(0),
-        locations: st
-            .locations()
-            .iter()
-            .map(|l| l.name().to_string())
-            .zip(scrub::check_locations(&st, false))
-            .collect(),
+        files: catalog::scan(st).map(|f| f.len()).unwrap_or(0),
+        locations: st.locations().iter().map(|l| l.name().to_string()).zip(scrub::check_locations(st, false)).collect(),
         last_scrub: state.last.clone(),
         interrupted_scrub: state.running.as_ref().map(|r| r.summary.clone()),
         files_not_healthy: bad_files,
         bytes_at_risk: at_risk,
         bytes_lost: lost,
-        pending_repairs: blockframe::pending::list(&st).len() as u64,
-    };
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(EXIT_OK);
+        pending_repairs: blockframe::pending::list(st).len() as u64,
     }
+}
+
+fn print_status(report: &StatusReport) {
     println!("store {} (id {})", report.store, report.store_id);
-    println!("k={} m={} segment {} KiB, {} files", d.k, d.m, d.segment_size >> 10, report.files);
+    println!("k={} m={} segment {} KiB, {} files", report.k, report.m, report.segment_size >> 10, report.files);
     for (name, state) in &report.locations {
         println!("  location {name}: {}", location_word(state));
     }
@@ -80,25 +91,7 @@ pub(crate) fn status_cmd(a: &StatusArgs, s: &Settings) -> Result<u8> {
     }
     match &report.last_scrub {
         None => println!("last scrub: never (run `bf scrub`)"),
-        Some(l) => {
-            println!(
-                "last scrub: {} ({}), {} files, {:.1} MB verified: {}{}",
-                format_utc(l.finished_unix),
-                if l.repair { "with repair" } else { "check only" },
-                l.files,
-                l.bytes_verified as f64 / 1e6,
-                health_word(l.health),
-                if l.repair && l.health != l.health_after {
-                    format!(", after repair {}", health_word(l.health_after))
-                } else {
-                    String::new()
-                }
-            );
-            println!(
-                "  {} bad shards, {} repaired, {} bad manifest copies, {} orphans",
-                l.shards_bad, l.shards_repaired, l.manifest_copies_bad, l.orphans
-            );
-        }
+        Some(l) => print_last_scrub(l),
     }
     if let Some(r) = &report.interrupted_scrub {
         println!(
@@ -111,5 +104,24 @@ pub(crate) fn status_cmd(a: &StatusArgs, s: &Settings) -> Result<u8> {
         "data at risk: {} bytes in {} files not healthy; data lost: {} bytes",
         report.bytes_at_risk, report.files_not_healthy, report.bytes_lost
     );
-    Ok(EXIT_OK)
+}
+
+fn print_last_scrub(l: &RunSummary) {
+    println!(
+        "last scrub: {} ({}), {} files, {:.1} MB verified: {}{}",
+        format_utc(l.finished_unix),
+        if l.repair { "with repair" } else { "check only" },
+        l.files,
+        l.bytes_verified as f64 / 1e6,
+        health_word(l.health),
+        if l.repair && l.health != l.health_after {
+            format!(", after repair {}", health_word(l.health_after))
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "  {} bad shards, {} repaired, {} bad manifest copies, {} orphans",
+        l.shards_bad, l.shards_repaired, l.manifest_copies_bad, l.orphans
+    );
 }

@@ -189,12 +189,16 @@ fn s3_location(server: &S3Server, url: &str, secret: &str, multipart_mb: usize) 
 fn s3_location_passes_the_conformance_suite() {
     let env = Env::new();
     let server = S3Server::start(env.path("s3"), "bkt");
+    // s3s-fs (0.14.1) honours `If-None-Match: *` (a create-only put over an existing object gets 412, which the
+    // suite checks), but it tests for the object before writing instead of deciding atomically: in a trial 4 of
+    // 8 racing creators succeeded. The suite holds it to the weaker race rule only; AWS S3 decides atomically.
+    let atomic_create = false;
     // With a key prefix, and with objects above the multipart threshold (5 MiB): 12 MiB goes up in parts.
     let loc = s3_location(&server, "s3://bkt/some/prefix", SECRET, 5);
-    conformance::check(&loc, &conformance::Options { large_object: 12 << 20 });
+    conformance::check(&loc, &conformance::Options { large_object: 12 << 20, atomic_create });
     // At the bucket root too.
     let loc = s3_location(&server, "s3://bkt", SECRET, 64);
-    conformance::check(&loc, &conformance::Options::default());
+    conformance::check(&loc, &conformance::Options { atomic_create, ..Default::default() });
     // A missing bucket and wrong credentials are clear errors that never show the secret.
     use blockframe::location::Location;
     let e = s3_location(&server, "s3://nosuchbucket/p", SECRET, 64).probe().unwrap_err().to_string();
