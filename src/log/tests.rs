@@ -210,6 +210,10 @@ impl Location for Countdown {
         self.spend()?;
         self.inner.put(key, parts)
     }
+    fn put_new(&self, key: &str, parts: &[&[u8]]) -> Result<()> {
+        self.spend()?;
+        self.inner.put_new(key, parts)
+    }
     fn get_into(&self, key: &str, buf: &mut Vec<u8>) -> Result<()> {
         self.inner.get_into(key, buf)
     }
