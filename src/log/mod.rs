@@ -690,10 +690,15 @@ impl BlockLog {
         Ok(())
     }
 
+    /// A checkpoint is due after `checkpoint_stripes` sealed stripes, when too many map pages are dirty, or
+    /// when enough stripes are dead that deleting them is worth one.
     fn checkpoint_due(&self) -> bool {
         self.state.lock().is_ok_and(|st| {
+            let dead = st.stripes.range(..=st.durable).filter(|(_, s)| s.live == 0).count();
             st.failed.is_none()
-                && (st.sealed_since_ckpt >= self.opts.checkpoint_stripes || st.map.dirty_count() > self.opts.map_pages)
+                && (st.sealed_since_ckpt >= self.opts.checkpoint_stripes
+                    || st.map.dirty_count() > self.opts.map_pages
+                    || dead >= DEAD_STRIPES_FOR_CHECKPOINT)
         })
     }
 
@@ -815,6 +820,9 @@ pub(crate) fn list_stripes(store: &Store, layout: &Layout, after: u64) -> BTreeM
     }
     found
 }
+
+/// Dead stripes that make a checkpoint due (it deletes them).
+const DEAD_STRIPES_FOR_CHECKPOINT: usize = 8;
 
 /// Most blocks the background cleaner moves between two checkpoints (64 MiB).
 const CLEAN_BLOCKS_PER_ROUND: u64 = 16384;
