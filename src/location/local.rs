@@ -357,16 +357,18 @@ impl Location for LocalDir {
     }
 
     fn sync(&self) -> Result<()> {
-        if self.deferred.swap(false, Ordering::SeqCst) {
-            // One syncfs(2) makes every deferred object's bytes and names durable at once, far cheaper than an
-            // fsync per object.
-            let f = File::open(&self.root).ctx(|| format!("opening {}", self.root.display()))?;
-            sync_filesystem(&f).ctx(|| format!("syncing the filesystem of {}", self.root.display()))?;
-        }
+        // Taken before a syncfs, so that every directory changed before it is covered by it.
         let dirs: Vec<PathBuf> = match self.dirty_dirs.lock() {
             Ok(mut d) => d.drain().collect(),
             Err(_) => return Err(Error::internal("location state poisoned")),
         };
+        if self.deferred.swap(false, Ordering::SeqCst) {
+            // One syncfs(2) makes every deferred object's bytes and names durable at once, far cheaper than an
+            // fsync per object; it covers the directories too.
+            let f = File::open(&self.root).ctx(|| format!("opening {}", self.root.display()))?;
+            sync_filesystem(&f).ctx(|| format!("syncing the filesystem of {}", self.root.display()))?;
+            return Ok(());
+        }
         // Deepest first, so that a new directory's own entries are durable before its name is.
         let mut dirs = dirs;
         dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));

@@ -146,7 +146,8 @@ pub(crate) fn put_shard(store: &Store, layout: &Layout, seq: u64, i: usize, data
         payload_hash: *h.finalize().as_bytes(),
     };
     let loc = &store.locations()[layout.home(store, seq, i)];
-    loc.put(&stripe_key(&layout.vol_id, seq, i), &[&header.encode(), data, record, &len]).and_then(|_| loc.sync())
+    loc.put_deferred(&stripe_key(&layout.vol_id, seq, i), &[&header.encode(), data, record, &len])
+        .and_then(|_| loc.sync())
 }
 
 /// Byte range of a stripe's record within each of its shard objects.

@@ -35,7 +35,19 @@ fn init_logging(level: &str) {
         .try_init();
 }
 
+/// Caps glibc's malloc arenas at two. Each thread that allocates otherwise gets an arena of its own, and the
+/// many short-lived I/O threads of `bf nbd serve` (one per request in flight) left about 150 MiB of freed but
+/// unreturned arena memory behind: peak RSS 295 MiB against 141 MiB with two arenas, at the same throughput.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; it is called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = cli::Cli::parse();
     let settings = match settings::Settings::resolve(&cli.global) {
         Ok(s) => s,
