@@ -163,23 +163,7 @@ fn removal_deletes_manifests_and_shards() {
     }
 }
 
-/// Every regular file under `dir`.
-pub(crate) fn all_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
+pub(crate) use crate::testing::files_under as all_files;
 
 /// Number of files under `dir` whose name passes `pred`.
 pub(crate) fn count_files(dir: &std::path::Path, pred: impl Fn(&str) -> bool) -> usize {

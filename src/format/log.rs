@@ -131,23 +131,35 @@ pub fn blocks_per_shard(blocks: u32, k: u16) -> usize {
     (blocks as usize).div_ceil(k.max(1) as usize)
 }
 
-/// Encodes a record, MACed with the volume key.
-pub fn encode_record(body: &RecordBody, key: &MasterKey) -> Result<Vec<u8>> {
+/// Seals `body` in an envelope as `(postcard(body), MAC)` with the log MAC key.
+fn seal_maced<T: Serialize>(magic: [u8; 8], body: &T, key: &MasterKey) -> Result<Vec<u8>> {
     let body_bytes = postcard::to_allocvec(body).map_err(|e| Error::internal(format!("encoding a record: {e}")))?;
     let mac = key.log_mac(&body_bytes);
-    Ok(format::seal(MAGIC_LOG_RECORD, &(&body_bytes, &mac)))
+    Ok(format::seal(magic, &(&body_bytes, &mac)))
+}
+
+/// Opens what [`seal_maced`] sealed; checks the MAC when a key is given. Never panics.
+fn open_maced<T: serde::de::DeserializeOwned>(
+    magic: [u8; 8],
+    bytes: &[u8],
+    key: Option<&MasterKey>,
+    what: &str,
+) -> Result<T> {
+    let (body_bytes, mac): (Vec<u8>, Hash) = format::open(magic, what, bytes)?;
+    if key.is_some_and(|k| k.log_mac(&body_bytes) != mac) {
+        return Err(Error::corrupt(what, "MAC mismatch (tampered, or written with another key)"));
+    }
+    postcard::from_bytes(&body_bytes).map_err(|e| Error::corrupt(what, format!("undecodable: {e}")))
+}
+
+/// Encodes a record, MACed with the volume key.
+pub fn encode_record(body: &RecordBody, key: &MasterKey) -> Result<Vec<u8>> {
+    seal_maced(MAGIC_LOG_RECORD, body, key)
 }
 
 /// Decodes a record; checks the MAC when a key is given. Never panics.
 pub fn decode_record(bytes: &[u8], key: Option<&MasterKey>, what: &str) -> Result<RecordBody> {
-    let (body_bytes, mac): (Vec<u8>, Hash) = format::open(MAGIC_LOG_RECORD, what, bytes)?;
-    if let Some(key) = key {
-        if key.log_mac(&body_bytes) != mac {
-            return Err(Error::corrupt(what, "MAC mismatch (tampered, or written with another key)"));
-        }
-    }
-    let body: RecordBody =
-        postcard::from_bytes(&body_bytes).map_err(|e| Error::corrupt(what, format!("undecodable: {e}")))?;
+    let body: RecordBody = open_maced(MAGIC_LOG_RECORD, bytes, key, what)?;
     body.validate(what)?;
     Ok(body)
 }
@@ -299,21 +311,12 @@ impl CheckpointBody {
 
 /// Encodes a checkpoint copy, MACed with the volume key.
 pub fn encode_checkpoint(body: &CheckpointBody, key: &MasterKey) -> Result<Vec<u8>> {
-    let body_bytes = postcard::to_allocvec(body).map_err(|e| Error::internal(format!("encoding a checkpoint: {e}")))?;
-    let mac = key.log_mac(&body_bytes);
-    Ok(format::seal(MAGIC_CHECKPOINT, &(&body_bytes, &mac)))
+    seal_maced(MAGIC_CHECKPOINT, body, key)
 }
 
 /// Decodes a checkpoint copy; checks the MAC when a key is given. Never panics.
 pub fn decode_checkpoint(bytes: &[u8], key: Option<&MasterKey>, what: &str) -> Result<CheckpointBody> {
-    let (body_bytes, mac): (Vec<u8>, Hash) = format::open(MAGIC_CHECKPOINT, what, bytes)?;
-    if let Some(key) = key {
-        if key.log_mac(&body_bytes) != mac {
-            return Err(Error::corrupt(what, "MAC mismatch (tampered, or written with another key)"));
-        }
-    }
-    let body: CheckpointBody =
-        postcard::from_bytes(&body_bytes).map_err(|e| Error::corrupt(what, format!("undecodable: {e}")))?;
+    let body: CheckpointBody = open_maced(MAGIC_CHECKPOINT, bytes, key, what)?;
     body.validate(what)?;
     Ok(body)
 }

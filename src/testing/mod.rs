@@ -7,5 +7,5 @@ pub mod data;
 pub mod fault;
 pub mod mem;
 
-pub use data::test_bytes;
+pub use data::{files_under, test_bytes};
 pub use mem::{mem_store, MemLocation, MemStore};

@@ -114,7 +114,7 @@ pub enum VolumeCommand {
         /// Size, e.g. 20G, 512M (a multiple of 4 KiB).
         #[arg(long)]
         size: String,
-        /// Stripe size (power of two, at least 64K) [default: 1M]
+        /// Most data per log stripe (a multiple of 4K, at most 64M; a FLUSH seals shorter ones) [default: 4M]
         #[arg(long)]
         stripe_size: Option<String>,
     },
@@ -153,7 +153,7 @@ pub struct ServeArgs {
     /// Export read-only.
     #[arg(long)]
     pub read_only: bool,
-    /// Stripe cache per volume in MiB (write-back and read cache) [config: volume_cache_mb; default 64]
+    /// Cache per volume in MiB (map pages and stripe records) [config: volume_cache_mb; default 64]
     #[arg(long)]
     pub cache_mb: Option<usize>,
 }
