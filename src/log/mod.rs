@@ -639,10 +639,18 @@ impl BlockLog {
         let Some(&max) = found.keys().next_back() else { return Ok(false) };
         let width = self.layout.k as usize + self.layout.m as usize;
         let need = (self.layout.k as usize).max(1).min(width);
+        // Only the last stripes can have been in flight at a crash, their shards written in place and possibly
+        // torn: those are read and verified whole; earlier ones were complete when later ones began.
+        let recent: BTreeSet<u64> = found.keys().rev().take(VERIFY_TAIL).copied().collect();
         let mut seq = st.ckpt.seq + 1;
-        while found.get(&seq).is_some_and(|n| *n >= need) {
+        while let Some(&listed) = found.get(&seq).filter(|n| **n >= need) {
             let Some(rec) = stripe_io::fetch_record_any(&self.store, &self.layout, seq) else { break };
-            if found.get(&seq).is_some_and(|n| *n < width) {
+            let good =
+                if recent.contains(&seq) { stripe_io::good_shards(&self.store, &self.layout, &rec) } else { listed };
+            if good < need {
+                break;
+            }
+            if good < width {
                 // A crash interrupted this stripe's writes after k shards: give it back its redundancy.
                 self.restore(&rec);
             }
@@ -820,6 +828,9 @@ pub(crate) fn list_stripes(store: &Store, layout: &Layout, after: u64) -> BTreeM
     }
     found
 }
+
+/// Stripes at the end of the log that replay verifies shard by shard (more than can be in flight at once).
+const VERIFY_TAIL: usize = 16;
 
 /// Dead stripes that make a checkpoint due (it deletes them).
 const DEAD_STRIPES_FOR_CHECKPOINT: usize = 8;

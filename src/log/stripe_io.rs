@@ -307,6 +307,11 @@ fn fetch_shard_data(store: &Store, layout: &Layout, rec: &RecordBody, i: usize) 
     Ok(data.to_vec())
 }
 
+/// How many shards of the stripe `rec` describes are whole and match it.
+pub(super) fn good_shards(store: &Store, layout: &Layout, rec: &RecordBody) -> usize {
+    (0..layout.width()).filter(|&i| fetch_shard_data(store, layout, rec, i).is_ok()).count()
+}
+
 /// Rewrites the shards of a stripe that are missing or bad, rebuilt from k good ones (a stripe a crash left
 /// with fewer than k+m shards, found by replay); returns how many could not be restored.
 pub(super) fn restore(store: &Store, codec: &mut Codec, layout: &Layout, rec: &RecordBody) -> Result<usize> {
