@@ -16,13 +16,17 @@
 //!
 //! On-disk records: [`crate::format::log`].
 
+mod checkpoint;
 mod clean;
 mod map;
+mod replay;
 mod stripe_io;
 
+pub(crate) use replay::list_stripes;
+pub use replay::load_checkpoint;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::codec::erasure::Codec;
 use crate::codec::merkle::Hash;
@@ -202,7 +206,7 @@ impl BlockLog {
         let weak = Arc::downgrade(&log);
         std::thread::Builder::new()
             .name("bf-log-checkpoint".into())
-            .spawn(move || checkpointer(weak))
+            .spawn(move || checkpoint::checkpointer(weak))
             .map_err(|e| Error::io("starting the checkpoint thread", e))?;
         Ok(log)
     }
@@ -562,163 +566,6 @@ impl BlockLog {
         }
         Ok(LogStats { stripes, blocks, live_blocks: live, checkpoint_seq: st.ckpt.seq })
     }
-
-    /// Writes a checkpoint now: seals the open stripe, then writes the dirty map pages and the checkpoint record
-    /// on every location, then deletes the stripes and page objects it made dead.
-    pub fn checkpoint(&self) -> Result<()> {
-        let _one = self.checkpoints.lock().map_err(|_| Error::internal("checkpoint lock poisoned"))?;
-        let mut st = self.lock()?;
-        let sealed = self.take_open(&mut st);
-        let snap = snapshot(&mut st);
-        drop(st);
-        if let Some((seq, stripe)) = sealed {
-            self.seal(seq, stripe);
-        }
-        self.wait_durable(snap.body.seq)?;
-        let mut snap = snap;
-        self.fill_record_lens(&mut snap.body)?;
-        for (key, bytes, _, _) in &snap.pages {
-            self.store.put_replicated(key, bytes, "a log map page")?;
-        }
-        let bytes = encode_checkpoint(&snap.body, self.store.key()?)?;
-        self.store.put_replicated(&checkpoint_key(&self.layout.vol_id), &bytes, "a log checkpoint")?;
-        let old = self.install(snap)?;
-        for (page, gen) in old.pages {
-            for loc in self.store.locations() {
-                let _ = loc.delete(&log_page_key(&self.layout.vol_id, page, gen));
-            }
-        }
-        for seq in old.stripes {
-            stripe_io::delete_stripe(&self.store, &self.layout, seq);
-        }
-        Ok(())
-    }
-
-    /// Fills in the record lengths of stripes that were still being written when the snapshot was taken.
-    fn fill_record_lens(&self, body: &mut CheckpointBody) -> Result<()> {
-        let st = self.lock()?;
-        for s in body.stripes.iter_mut() {
-            if let Some(cur) = st.stripes.get(&s.seq) {
-                s.record_len = cur.record_len;
-            }
-            if s.record_len == 0 {
-                return Err(Error::internal(format!("log stripe {} has no record length after sealing", s.seq)));
-            }
-        }
-        Ok(())
-    }
-
-    /// Makes a written checkpoint current; returns what it superseded.
-    fn install(&self, snap: Snapshot) -> Result<Superseded> {
-        let mut st = self.lock()?;
-        let mut old = Superseded::default();
-        for (_, _, page, version) in &snap.pages {
-            st.map.written(*page, *version);
-            let prev = st.ckpt.pages[*page as usize].gen;
-            if prev != 0 {
-                old.pages.push((*page, prev));
-            }
-        }
-        for seq in &snap.dead {
-            if st.stripes.get(seq).is_some_and(|s| s.live == 0) {
-                st.stripes.remove(seq);
-                st.records.remove(seq);
-                old.stripes.push(*seq);
-            }
-        }
-        st.sealed_since_ckpt = 0;
-        st.ckpt = snap.body;
-        Ok(old)
-    }
-
-    /// Rebuilds the map from the stripes written after the checkpoint; returns true when anything was found
-    /// (replayed or dropped), so that a checkpoint should cover it.
-    fn replay(&self) -> Result<bool> {
-        let mut st = self.lock()?;
-        let found = list_stripes(&self.store, &self.layout, st.ckpt.seq);
-        let Some(&max) = found.keys().next_back() else { return Ok(false) };
-        let width = self.layout.k as usize + self.layout.m as usize;
-        let need = (self.layout.k as usize).max(1).min(width);
-        // Only the last stripes can have been in flight at a crash, their shards written in place and possibly
-        // torn: those are read and verified whole; earlier ones were complete when later ones began.
-        let recent: BTreeSet<u64> = found.keys().rev().take(VERIFY_TAIL).copied().collect();
-        let mut seq = st.ckpt.seq + 1;
-        while let Some(&listed) = found.get(&seq).filter(|n| **n >= need) {
-            let Some(rec) = stripe_io::fetch_record_any(&self.store, &self.layout, seq) else { break };
-            let good =
-                if recent.contains(&seq) { stripe_io::good_shards(&self.store, &self.layout, &rec) } else { listed };
-            if good < need {
-                break;
-            }
-            if good < width {
-                // A crash interrupted this stripe's writes after k shards: give it back its redundancy.
-                self.restore(&rec);
-            }
-            self.apply(&mut st, &rec)?;
-            seq += 1;
-        }
-        let dropped: Vec<u64> = found.range(seq..).map(|(s, _)| *s).collect();
-        if !dropped.is_empty() {
-            tracing::warn!(first = seq, count = dropped.len(), "dropping incomplete log stripes at the tail");
-        }
-        st.next_seq = max + 1;
-        st.durable = max;
-        drop(st);
-        for s in dropped {
-            stripe_io::delete_stripe(&self.store, &self.layout, s);
-        }
-        Ok(true)
-    }
-
-    /// Restores the missing shards of a replayed stripe (best effort: a scrub finds what stays missing).
-    fn restore(&self, rec: &RecordBody) {
-        let outcome = self.codec().and_then(|mut c| stripe_io::restore(&self.store, &mut c, &self.layout, rec));
-        match outcome {
-            Ok(0) => tracing::info!(seq = rec.seq, "restored the missing shards of an interrupted log stripe"),
-            Ok(n) => {
-                let _ = crate::pending::record(&self.store, &self.layout.vol_id, n as u64);
-            }
-            Err(e) => tracing::warn!(seq = rec.seq, error = %e, "could not restore an interrupted log stripe"),
-        }
-    }
-
-    /// Applies one replayed stripe's record to the map.
-    fn apply(&self, st: &mut State, rec: &RecordBody) -> Result<()> {
-        let record_len = encode_record(rec, self.store.key()?)?.len() as u32;
-        st.stripes.insert(rec.seq, StripeInfo { seq: rec.seq, blocks: rec.blocks, record_len, live: 0 });
-        for e in &rec.extents {
-            for i in 0..e.len as u64 {
-                let entry =
-                    if e.is_zero() { MapEntry::HOLE } else { MapEntry { seq: rec.seq, slot: e.slot + i as u32 } };
-                self.check_range(e.lba + i, 1)?;
-                self.set_entry(st, e.lba + i, entry)?;
-            }
-        }
-        remember_record(st, &self.opts, Arc::new(rec.clone()));
-        Ok(())
-    }
-
-    /// A checkpoint is due after `checkpoint_stripes` sealed stripes, when too many map pages are dirty, or
-    /// when enough stripes are dead that deleting them is worth one.
-    fn checkpoint_due(&self) -> bool {
-        self.state.lock().is_ok_and(|st| {
-            let dead = st.stripes.range(..=st.durable).filter(|(_, s)| s.live == 0).count();
-            st.failed.is_none()
-                && (st.sealed_since_ckpt >= self.opts.checkpoint_stripes
-                    || st.map.dirty_count() > self.opts.map_pages
-                    || dead >= DEAD_STRIPES_FOR_CHECKPOINT)
-        })
-    }
-
-    /// Stops the background checkpointer and writes a last checkpoint (a clean close replays nothing).
-    pub fn close(&self) -> Result<()> {
-        if let Ok(mut s) = self.stop.lock() {
-            *s = true;
-        }
-        self.wake.notify_all();
-        self.flush()?;
-        self.checkpoint()
-    }
 }
 
 /// A run of blocks to read from one stripe: `len` blocks at block `at` of the request, from slot `slot`.
@@ -727,40 +574,6 @@ struct Run {
     seq: u64,
     slot: u32,
     len: usize,
-}
-
-/// What a checkpoint writes: page objects `(key, bytes, page, version)`, the body, and stripes it may delete.
-struct Snapshot {
-    pages: Vec<(String, Vec<u8>, u32, u64)>,
-    body: CheckpointBody,
-    dead: Vec<u64>,
-}
-
-/// What a new checkpoint superseded: page objects `(page, gen)` and dead stripes.
-#[derive(Default)]
-struct Superseded {
-    pages: Vec<(u32, u64)>,
-    stripes: Vec<u64>,
-}
-
-/// Captures, under the lock, the map and stripe table as of the last sealed stripe.
-fn snapshot(st: &mut State) -> Snapshot {
-    let seq = st.next_seq - 1;
-    let mut body = st.ckpt.clone();
-    body.generation += 1;
-    body.seq = seq;
-    let mut pages = Vec::new();
-    for (page, version, entries) in st.map.dirty() {
-        let gen = body.next_gen;
-        body.next_gen += 1;
-        let bytes = LogMapPage { vol_id: body.vol_id, page, gen, entries }.encode();
-        body.pages[page as usize] = PageRef { gen, hash: *blake3::hash(&bytes).as_bytes() };
-        pages.push((log_page_key(&body.vol_id, page, gen), bytes, page, version));
-    }
-    let covered = st.stripes.range(..=seq).map(|(_, s)| *s);
-    let (live, dead): (Vec<StripeInfo>, Vec<StripeInfo>) = covered.partition(|s| s.live > 0);
-    body.stripes = live;
-    Snapshot { pages, body, dead: dead.into_iter().map(|s| s.seq).collect() }
 }
 
 fn remember_record(st: &mut State, opts: &LogOptions, rec: Arc<RecordBody>) {
@@ -775,93 +588,6 @@ fn remember_record(st: &mut State, opts: &LogOptions, rec: Arc<RecordBody>) {
             }
             None => break,
         }
-    }
-}
-
-/// The newest valid checkpoint copy of log `id` on any location (MAC checked when the store has the key).
-pub fn load_checkpoint(store: &Store, id: &[u8; 16]) -> Result<CheckpointBody> {
-    let key = checkpoint_key(id);
-    let mut best: Option<CheckpointBody> = None;
-    let mut problems = Vec::new();
-    for loc in store.locations() {
-        let what = format!("checkpoint of volume {} on {}", hex::encode(id), loc.name());
-        match loc.get(&key).and_then(|b| decode_checkpoint(&b, store.key_opt(), &what)) {
-            Ok(c) if &c.vol_id == id && c.store_id == store.descriptor().store_id => {
-                if best.as_ref().is_none_or(|b| c.generation > b.generation) {
-                    best = Some(c);
-                }
-            }
-            Ok(_) => problems.push(format!("{what}: belongs elsewhere")),
-            Err(e) if e.is_not_found() => {}
-            Err(e) => problems.push(e.to_string()),
-        }
-    }
-    best.ok_or_else(|| {
-        Error::corrupt(format!("volume {}", hex::encode(id)), format!("no valid checkpoint ({})", problems.join("; ")))
-    })
-}
-
-/// Stripes above `after` on the locations, with how many of their shards exist.
-pub(crate) fn list_stripes(store: &Store, layout: &Layout, after: u64) -> BTreeMap<u64, usize> {
-    let mut found: BTreeMap<u64, usize> = BTreeMap::new();
-    let first_dir = (after + 1) / STRIPES_PER_DIR;
-    let root = format!("{}/log", log_prefix(&layout.vol_id));
-    for loc in store.locations() {
-        let dirs = match loc.list(&root) {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::warn!(location = loc.name(), error = %e, "cannot list log stripes");
-                continue;
-            }
-        };
-        for dir in dirs.iter().filter_map(|d| parse_stripe_dir(d)).filter(|d| *d >= first_dir) {
-            let names = loc.list(&stripe_dir(&layout.vol_id, dir)).unwrap_or_else(|e| {
-                tracing::warn!(location = loc.name(), error = %e, "cannot list log stripes");
-                Vec::new()
-            });
-            for name in names {
-                if let Some((seq, _)) = parse_stripe_name(&name).filter(|(s, _)| *s > after) {
-                    *found.entry(seq).or_default() += 1;
-                }
-            }
-        }
-    }
-    found
-}
-
-/// Stripes at the end of the log that replay verifies shard by shard (more than can be in flight at once).
-const VERIFY_TAIL: usize = 16;
-
-/// Dead stripes that make a checkpoint due (it deletes them).
-const DEAD_STRIPES_FOR_CHECKPOINT: usize = 8;
-
-/// Most blocks the background cleaner moves between two checkpoints (64 MiB).
-const CLEAN_BLOCKS_PER_ROUND: u64 = 16384;
-
-/// The background checkpointer and cleaner: wakes when a checkpoint is due (or every few seconds) while the log is open.
-fn checkpointer(log: Weak<BlockLog>) {
-    loop {
-        let Some(l) = log.upgrade() else { return };
-        if l.stop.lock().map(|s| *s).unwrap_or(true) {
-            return;
-        }
-        let mut busy = false;
-        if l.clean_due() {
-            match l.clean(CLEAN_BLOCKS_PER_ROUND) {
-                Ok(moved) => busy = moved > 0,
-                Err(e) => tracing::warn!(error = %e, "cleaning failed"),
-            }
-        }
-        if busy || l.checkpoint_due() {
-            if let Err(e) = l.checkpoint() {
-                tracing::warn!(error = %e, "background checkpoint failed (the log replays instead)");
-            }
-        }
-        if busy {
-            continue;
-        }
-        let Ok(guard) = l.stop.lock() else { return };
-        let _ = l.wake.wait_timeout(guard, Duration::from_secs(2));
     }
 }
 

@@ -1,0 +1,127 @@
+//! Recovery: opening a log replays, in sequence order, the stripes written after its checkpoint, up to the first
+//! one that is not complete.
+
+use super::*;
+
+impl BlockLog {
+    /// Rebuilds the map from the stripes written after the checkpoint; returns true when anything was found
+    /// (replayed or dropped), so that a checkpoint should cover it.
+    pub(super) fn replay(&self) -> Result<bool> {
+        let mut st = self.lock()?;
+        let found = list_stripes(&self.store, &self.layout, st.ckpt.seq);
+        let Some(&max) = found.keys().next_back() else { return Ok(false) };
+        let width = self.layout.k as usize + self.layout.m as usize;
+        let need = (self.layout.k as usize).max(1).min(width);
+        // Only the last stripes can have been in flight at a crash, their shards written in place and possibly
+        // torn: those are read and verified whole; earlier ones were complete when later ones began.
+        let recent: BTreeSet<u64> = found.keys().rev().take(VERIFY_TAIL).copied().collect();
+        let mut seq = st.ckpt.seq + 1;
+        while let Some(&listed) = found.get(&seq).filter(|n| **n >= need) {
+            let Some(rec) = stripe_io::fetch_record_any(&self.store, &self.layout, seq) else { break };
+            let good =
+                if recent.contains(&seq) { stripe_io::good_shards(&self.store, &self.layout, &rec) } else { listed };
+            if good < need {
+                break;
+            }
+            if good < width {
+                // A crash interrupted this stripe's writes after k shards: give it back its redundancy.
+                self.restore(&rec);
+            }
+            self.apply(&mut st, &rec)?;
+            seq += 1;
+        }
+        let dropped: Vec<u64> = found.range(seq..).map(|(s, _)| *s).collect();
+        if !dropped.is_empty() {
+            tracing::warn!(first = seq, count = dropped.len(), "dropping incomplete log stripes at the tail");
+        }
+        st.next_seq = max + 1;
+        st.durable = max;
+        drop(st);
+        for s in dropped {
+            stripe_io::delete_stripe(&self.store, &self.layout, s);
+        }
+        Ok(true)
+    }
+
+    /// Restores the missing shards of a replayed stripe (best effort: a scrub finds what stays missing).
+    fn restore(&self, rec: &RecordBody) {
+        let outcome = self.codec().and_then(|mut c| stripe_io::restore(&self.store, &mut c, &self.layout, rec));
+        match outcome {
+            Ok(0) => tracing::info!(seq = rec.seq, "restored the missing shards of an interrupted log stripe"),
+            Ok(n) => {
+                let _ = crate::pending::record(&self.store, &self.layout.vol_id, n as u64);
+            }
+            Err(e) => tracing::warn!(seq = rec.seq, error = %e, "could not restore an interrupted log stripe"),
+        }
+    }
+
+    /// Applies one replayed stripe's record to the map.
+    fn apply(&self, st: &mut State, rec: &RecordBody) -> Result<()> {
+        let record_len = encode_record(rec, self.store.key()?)?.len() as u32;
+        st.stripes.insert(rec.seq, StripeInfo { seq: rec.seq, blocks: rec.blocks, record_len, live: 0 });
+        for e in &rec.extents {
+            for i in 0..e.len as u64 {
+                let entry =
+                    if e.is_zero() { MapEntry::HOLE } else { MapEntry { seq: rec.seq, slot: e.slot + i as u32 } };
+                self.check_range(e.lba + i, 1)?;
+                self.set_entry(st, e.lba + i, entry)?;
+            }
+        }
+        remember_record(st, &self.opts, Arc::new(rec.clone()));
+        Ok(())
+    }
+}
+
+/// The newest valid checkpoint copy of log `id` on any location (MAC checked when the store has the key).
+pub fn load_checkpoint(store: &Store, id: &[u8; 16]) -> Result<CheckpointBody> {
+    let key = checkpoint_key(id);
+    let mut best: Option<CheckpointBody> = None;
+    let mut problems = Vec::new();
+    for loc in store.locations() {
+        let what = format!("checkpoint of volume {} on {}", hex::encode(id), loc.name());
+        match loc.get(&key).and_then(|b| decode_checkpoint(&b, store.key_opt(), &what)) {
+            Ok(c) if &c.vol_id == id && c.store_id == store.descriptor().store_id => {
+                if best.as_ref().is_none_or(|b| c.generation > b.generation) {
+                    best = Some(c);
+                }
+            }
+            Ok(_) => problems.push(format!("{what}: belongs elsewhere")),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    best.ok_or_else(|| {
+        Error::corrupt(format!("volume {}", hex::encode(id)), format!("no valid checkpoint ({})", problems.join("; ")))
+    })
+}
+
+/// Stripes above `after` on the locations, with how many of their shards exist.
+pub(crate) fn list_stripes(store: &Store, layout: &Layout, after: u64) -> BTreeMap<u64, usize> {
+    let mut found: BTreeMap<u64, usize> = BTreeMap::new();
+    let first_dir = (after + 1) / STRIPES_PER_DIR;
+    let root = format!("{}/log", log_prefix(&layout.vol_id));
+    for loc in store.locations() {
+        let dirs = match loc.list(&root) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(location = loc.name(), error = %e, "cannot list log stripes");
+                continue;
+            }
+        };
+        for dir in dirs.iter().filter_map(|d| parse_stripe_dir(d)).filter(|d| *d >= first_dir) {
+            let names = loc.list(&stripe_dir(&layout.vol_id, dir)).unwrap_or_else(|e| {
+                tracing::warn!(location = loc.name(), error = %e, "cannot list log stripes");
+                Vec::new()
+            });
+            for name in names {
+                if let Some((seq, _)) = parse_stripe_name(&name).filter(|(s, _)| *s > after) {
+                    *found.entry(seq).or_default() += 1;
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Stripes at the end of the log that replay verifies shard by shard (more than can be in flight at once).
+const VERIFY_TAIL: usize = 16;
