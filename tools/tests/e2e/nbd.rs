@@ -382,3 +382,51 @@ fn scrub_repairs_volume_shards() {
     ok(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&img).arg(srv.uri("disk")));
     srv.stop();
 }
+
+/// xfstests' fsx and fsstress (built by `scripts/test` from `../shared/third_party/fs-exercisers`) on ext4 over a
+/// log volume, through nbdfuse and a loop device; then `e2fsck -fn` is clean after a server restart.
+#[test]
+fn fsx_and_fsstress_on_ext4_over_a_volume() {
+    let tools = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/fs-exercisers");
+    let (fsx, fsstress) = (tools.join("fsx"), tools.join("fsstress"));
+    if !fsx.exists() || !fsstress.exists() || !have("nbdfuse") || !have("losetup") || !crate::util::is_root() {
+        eprintln!("skipped: needs root, nbdfuse, losetup and the fs exercisers in target/tools");
+        return;
+    }
+    let env = volume_env("256M");
+    let (fuse, mnt) = (env.path("fuse"), env.path("mnt"));
+    std::fs::create_dir_all(&fuse).unwrap();
+    std::fs::create_dir_all(&mnt).unwrap();
+    let run = |srv: &Server, f: &dyn Fn(&str)| {
+        let mut nbdfuse = Command::new("nbdfuse").arg(&fuse).arg(srv.uri("disk")).spawn().unwrap();
+        let file = fuse.join("nbd");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !file.exists() {
+            assert!(Instant::now() < deadline, "nbdfuse did not mount");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let loopdev = ok(Command::new("losetup").args(["--find", "--show"]).arg(&file)).trim().to_string();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&loopdev)));
+        let _ = Command::new("umount").arg(&mnt).status();
+        let _ = Command::new("losetup").args(["-d", &loopdev]).status();
+        let _ = Command::new("fusermount3").arg("-u").arg(&fuse).status();
+        let _ = nbdfuse.wait();
+        if let Err(p) = r {
+            std::panic::resume_unwind(p);
+        }
+    };
+    let srv = Server::start(&env, &[]);
+    run(&srv, &|dev| {
+        ok(Command::new("mkfs.ext4").args(["-q", "-F", dev]));
+        ok(Command::new("mount").arg(dev).arg(&mnt));
+        ok(Command::new(&fsstress).arg("-d").arg(mnt.join("stress")).args(["-n", "1500", "-p", "4", "-s", "7"]));
+        ok(Command::new(&fsx).args(["-N", "3000", "-S", "11", "-q"]).arg(mnt.join("fsx.file")));
+        ok(Command::new("umount").arg(&mnt));
+    });
+    srv.stop();
+    let srv = Server::start(&env, &["--read-only"]);
+    run(&srv, &|dev| {
+        ok(Command::new("e2fsck").args(["-fn", dev]));
+    });
+    srv.stop();
+}
