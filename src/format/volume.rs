@@ -91,6 +91,26 @@ pub struct VolumeMeta {
     pub created_unix: u64,
 }
 
+impl VolumeMeta {
+    /// The metadata of a volume called `name` created now.
+    pub fn new(name: &str) -> Self {
+        VolumeMeta { name: name.into(), created_unix: crate::clock::unix_secs() }
+    }
+
+    /// Encrypts it under the volume's metadata key: `(sealed bytes, nonce)`, as superblocks and checkpoints keep it.
+    pub fn seal(&self, key: &MasterKey, vol_id: &[u8; 16]) -> Result<(Vec<u8>, [u8; 12])> {
+        let plain =
+            postcard::to_allocvec(self).map_err(|e| Error::internal(format!("encoding volume metadata: {e}")))?;
+        key.seal_metadata(vol_id, &plain)
+    }
+
+    /// Decrypts what [`VolumeMeta::seal`] sealed.
+    pub fn open(key: &MasterKey, vol_id: &[u8; 16], nonce: &[u8; 12], sealed: &[u8]) -> Result<Self> {
+        let plain = key.open_metadata(vol_id, nonce, sealed)?;
+        postcard::from_bytes(&plain).map_err(|e| Error::corrupt("volume metadata", e.to_string()))
+    }
+}
+
 impl SuperBody {
     /// Number of stripes.
     pub fn stripes(&self) -> u64 {
@@ -158,8 +178,7 @@ impl Superblock {
 
     /// Decrypts the metadata.
     pub fn meta(&self, key: &MasterKey) -> Result<VolumeMeta> {
-        let plain = key.open_metadata(&self.body.vol_id, &self.body.meta_nonce, &self.body.sealed_meta)?;
-        postcard::from_bytes(&plain).map_err(|e| Error::corrupt("volume metadata", e.to_string()))
+        VolumeMeta::open(key, &self.body.vol_id, &self.body.meta_nonce, &self.body.sealed_meta)
     }
 }
 

@@ -13,13 +13,12 @@ impl BlockLog {
         let _one = self.checkpoints.lock().map_err(|_| Error::internal("checkpoint lock poisoned"))?;
         let mut st = self.lock()?;
         let sealed = self.take_open(&mut st);
-        let snap = snapshot(&mut st);
+        let mut snap = snapshot(&mut st);
         drop(st);
         if let Some((seq, stripe)) = sealed {
             self.seal(seq, stripe);
         }
         self.wait_durable(snap.body.seq)?;
-        let mut snap = snap;
         self.fill_record_lens(&mut snap.body)?;
         for (key, bytes, _, _) in &snap.pages {
             self.store.put_replicated(key, bytes, "a log map page")?;
@@ -75,15 +74,18 @@ impl BlockLog {
         Ok(old)
     }
 
+    /// The cheap part of [`Self::checkpoint_due`], checked after every seal: `checkpoint_stripes` sealed
+    /// stripes, or too many dirty map pages.
+    pub(super) fn checkpoint_due_in(&self, st: &State) -> bool {
+        st.sealed_since_ckpt >= self.opts.checkpoint_stripes || st.map.dirty_count() > self.opts.map_pages
+    }
+
     /// A checkpoint is due after `checkpoint_stripes` sealed stripes, when too many map pages are dirty, or
     /// when enough stripes are dead that deleting them is worth one.
     fn checkpoint_due(&self) -> bool {
         self.state.lock().is_ok_and(|st| {
             let dead = st.stripes.range(..=st.durable).filter(|(_, s)| s.live == 0).count();
-            st.failed.is_none()
-                && (st.sealed_since_ckpt >= self.opts.checkpoint_stripes
-                    || st.map.dirty_count() > self.opts.map_pages
-                    || dead >= DEAD_STRIPES_FOR_CHECKPOINT)
+            st.failed.is_none() && (self.checkpoint_due_in(&st) || dead >= DEAD_STRIPES_FOR_CHECKPOINT)
         })
     }
 

@@ -56,12 +56,7 @@ impl BlockLog {
         let mut moved = 0;
         for (lba, slot, n) in live {
             let mut cipher = vec![0u8; n as usize * BLOCK];
-            let mut codec = self.codec()?;
-            let r = stripe_io::read_blocks(&self.store, &mut codec, &self.layout, &rec, slot, &mut cipher);
-            if let Ok(mut pool) = self.codecs.lock() {
-                pool.push(codec);
-            }
-            r?;
+            self.with_codec(|c| stripe_io::read_blocks(&self.store, c, &self.layout, &rec, slot, &mut cipher))?;
             moved += self.move_blocks(&rec, lba, slot, &cipher)?;
         }
         Ok(moved)

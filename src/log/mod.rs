@@ -38,7 +38,7 @@ use crate::store::Store;
 
 use map::BlockMap;
 use stripe_io::StripeData;
-pub(crate) use stripe_io::{put_shard, Layout};
+pub(crate) use stripe_io::{complete_parts, put_shard, Layout};
 
 /// Tuning of an open log.
 #[derive(Clone, Copy, Debug)]
@@ -385,14 +385,7 @@ impl BlockLog {
 
     /// Writes a sealed stripe and records the outcome (a failure turns the log read-only).
     fn seal(&self, seq: u64, stripe: Arc<StripeData>) {
-        let mut codec = match self.codec() {
-            Ok(c) => c,
-            Err(e) => return self.finish_seal(seq, Err(e)),
-        };
-        let r = stripe_io::write_stripe(&self.store, &mut codec, &self.layout, seq, &stripe);
-        if let Ok(mut pool) = self.codecs.lock() {
-            pool.push(codec);
-        }
+        let r = self.with_codec(|c| stripe_io::write_stripe(&self.store, c, &self.layout, seq, &stripe));
         self.finish_seal(seq, r);
     }
 
@@ -411,7 +404,7 @@ impl BlockLog {
                     st.durable += 1;
                 }
                 st.sealed_since_ckpt += 1;
-                if st.sealed_since_ckpt >= self.opts.checkpoint_stripes || st.map.dirty_count() > self.opts.map_pages {
+                if self.checkpoint_due_in(st) {
                     self.wake.notify_all();
                 }
             }
@@ -423,19 +416,26 @@ impl BlockLog {
         self.changed.notify_all();
     }
 
-    fn codec(&self) -> Result<Codec> {
-        if let Some(c) = self.codecs.lock().ok().and_then(|mut p| p.pop()) {
-            return Ok(c);
+    /// Runs `f` with a coder from the pool (made when the pool is empty) and puts it back afterwards.
+    fn with_codec<T>(&self, f: impl FnOnce(&mut Codec) -> Result<T>) -> Result<T> {
+        let pooled = self.codecs.lock().ok().and_then(|mut p| p.pop());
+        let mut codec = match pooled {
+            Some(c) => c,
+            None => Codec::new(self.layout.k as usize, self.layout.m as usize)?,
+        };
+        let r = f(&mut codec);
+        if let Ok(mut pool) = self.codecs.lock() {
+            pool.push(codec);
         }
-        Codec::new(self.layout.k as usize, self.layout.m as usize)
+        r
     }
 
     /// Makes every write that returned before this call durable: seals the open stripe and waits for every
     /// stripe up to it.
     pub fn flush(&self) -> Result<()> {
         let mut st = self.lock()?;
-        let target = if st.open.is_empty() { st.next_seq - 1 } else { st.next_seq };
         let sealed = self.take_open(&mut st);
+        let target = st.next_seq - 1;
         drop(st);
         if let Some((seq, stripe)) = sealed {
             self.seal(seq, stripe);
@@ -483,13 +483,8 @@ impl BlockLog {
         let (runs, holes) = self.resolve(lba, buf)?;
         for run in runs {
             let rec = self.record(run.seq)?;
-            let mut codec = self.codec()?;
             let out = &mut buf[run.at * BLOCK..(run.at + run.len) * BLOCK];
-            let r = stripe_io::read_blocks(&self.store, &mut codec, &self.layout, &rec, run.slot, out);
-            if let Ok(mut pool) = self.codecs.lock() {
-                pool.push(codec);
-            }
-            r?;
+            self.with_codec(|c| stripe_io::read_blocks(&self.store, c, &self.layout, &rec, run.slot, out))?;
         }
         Ok(holes)
     }

@@ -17,17 +17,19 @@ impl BlockLog {
         let recent: BTreeSet<u64> = found.keys().rev().take(VERIFY_TAIL).copied().collect();
         let mut seq = st.ckpt.seq + 1;
         while let Some(&listed) = found.get(&seq).filter(|n| **n >= need) {
-            let Some(rec) = stripe_io::fetch_record_any(&self.store, &self.layout, seq) else { break };
-            let good =
-                if recent.contains(&seq) { stripe_io::good_shards(&self.store, &self.layout, &rec) } else { listed };
+            let Some((rec, record_len)) = stripe_io::fetch_record_any(&self.store, &self.layout, seq) else { break };
+            // Read whole only where it matters: a recent stripe, or one listed with shards missing.
+            let parts = (recent.contains(&seq) || listed < width)
+                .then(|| stripe_io::shard_parts(&self.store, &self.layout, &rec));
+            let good = parts.as_ref().map_or(listed, |p| p.iter().flatten().count());
             if good < need {
                 break;
             }
-            if good < width {
+            if let Some(parts) = parts.filter(|_| good < width) {
                 // A crash interrupted this stripe's writes after k shards: give it back its redundancy.
-                self.restore(&rec);
+                self.restore(&rec, parts);
             }
-            self.apply(&mut st, &rec)?;
+            self.apply(&mut st, &rec, record_len)?;
             seq += 1;
         }
         let dropped: Vec<u64> = found.range(seq..).map(|(s, _)| *s).collect();
@@ -44,8 +46,8 @@ impl BlockLog {
     }
 
     /// Restores the missing shards of a replayed stripe (best effort: a scrub finds what stays missing).
-    fn restore(&self, rec: &RecordBody) {
-        let outcome = self.codec().and_then(|mut c| stripe_io::restore(&self.store, &mut c, &self.layout, rec));
+    fn restore(&self, rec: &RecordBody, parts: Vec<Option<Vec<u8>>>) {
+        let outcome = self.with_codec(|c| stripe_io::restore(&self.store, c, &self.layout, rec, parts));
         match outcome {
             Ok(0) => tracing::info!(seq = rec.seq, "restored the missing shards of an interrupted log stripe"),
             Ok(n) => {
@@ -56,8 +58,7 @@ impl BlockLog {
     }
 
     /// Applies one replayed stripe's record to the map.
-    fn apply(&self, st: &mut State, rec: &RecordBody) -> Result<()> {
-        let record_len = encode_record(rec, self.store.key()?)?.len() as u32;
+    fn apply(&self, st: &mut State, rec: &RecordBody, record_len: u32) -> Result<()> {
         st.stripes.insert(rec.seq, StripeInfo { seq: rec.seq, blocks: rec.blocks, record_len, live: 0 });
         for e in &rec.extents {
             for i in 0..e.len as u64 {

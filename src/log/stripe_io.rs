@@ -176,9 +176,9 @@ pub(super) fn fetch_record(store: &Store, layout: &Layout, info: &StripeInfo) ->
 }
 
 /// Reads the record of stripe `seq` when the stripe table does not know it yet (replay): from the first shard
-/// whose header, record length and record check out, with three small ranged reads. Returns `None` when no
-/// shard yields a valid record.
-pub(super) fn fetch_record_any(store: &Store, layout: &Layout, seq: u64) -> Option<RecordBody> {
+/// whose header, record length and record check out, with three small ranged reads; returns it with its encoded
+/// length. `None` when no shard yields a valid record.
+pub(super) fn fetch_record_any(store: &Store, layout: &Layout, seq: u64) -> Option<(RecordBody, u32)> {
     let what = format!("record of log stripe {seq}");
     let key = store.key().ok()?;
     (0..layout.width()).find_map(|i| {
@@ -191,7 +191,7 @@ pub(super) fn fetch_record_any(store: &Store, layout: &Layout, seq: u64) -> Opti
         let start = end.checked_sub(4 + record_len).filter(|s| *s >= HEADER_LEN as u64)?;
         let bytes = loc.get_range(&name, start, record_len as usize).ok()?;
         let r = decode_record(&bytes, Some(key), &what).ok()?;
-        (r.seq == seq && r.vol_id == layout.vol_id).then_some(r)
+        (r.seq == seq && r.vol_id == layout.vol_id).then_some((r, record_len as u32))
     })
 }
 
@@ -307,39 +307,68 @@ fn fetch_shard_data(store: &Store, layout: &Layout, rec: &RecordBody, i: usize) 
     Ok(data.to_vec())
 }
 
-/// How many shards of the stripe `rec` describes are whole and match it.
-pub(super) fn good_shards(store: &Store, layout: &Layout, rec: &RecordBody) -> usize {
-    (0..layout.width()).filter(|&i| fetch_shard_data(store, layout, rec, i).is_ok()).count()
+/// The data part of every shard of the stripe `rec` describes, read whole and checked against its header and
+/// the record; `None` where a shard is missing or bad.
+pub(super) fn shard_parts(store: &Store, layout: &Layout, rec: &RecordBody) -> Vec<Option<Vec<u8>>> {
+    (0..layout.width()).map(|i| fetch_shard_data(store, layout, rec, i).ok()).collect()
 }
 
-/// Rewrites the shards of a stripe that are missing or bad, rebuilt from k good ones (a stripe a crash left
-/// with fewer than k+m shards, found by replay); returns how many could not be restored.
-pub(super) fn restore(store: &Store, codec: &mut Codec, layout: &Layout, rec: &RecordBody) -> Result<usize> {
-    let width = layout.width();
-    let bad: Vec<usize> = (0..width).filter(|&i| fetch_shard_data(store, layout, rec, i).is_err()).collect();
+/// Fills every missing part from k good ones (data rebuilt, parity re-encoded) and checks each against the
+/// record before it may be written.
+pub(crate) fn complete_parts(codec: &mut Codec, rec: &RecordBody, parts: &mut [Option<Vec<u8>>]) -> Result<()> {
+    let (k, m) = (rec.k as usize, rec.m as usize);
+    let sl = rec.blocks_per_shard() * BLOCK;
+    if sl > 0 {
+        let mut data = vec![0u8; k * sl];
+        let mut have = vec![false; k];
+        for i in 0..k {
+            if let Some(p) = &parts[i] {
+                data[i * sl..(i + 1) * sl].copy_from_slice(p);
+                have[i] = true;
+            }
+        }
+        let parity: Vec<(usize, &[u8])> = (0..m).filter_map(|j| parts[k + j].as_deref().map(|p| (j, p))).collect();
+        codec.reconstruct(&mut data, sl, &have, parity)?;
+        let mut fresh = Vec::new();
+        codec.encode(&data, sl, &mut fresh)?;
+        for (i, chunk) in data.chunks_exact(sl).chain(fresh.chunks_exact(sl)).enumerate() {
+            parts[i].get_or_insert_with(|| chunk.to_vec());
+        }
+    } else {
+        parts.iter_mut().for_each(|p| {
+            p.get_or_insert_with(Vec::new);
+        });
+    }
+    for (i, p) in parts.iter().enumerate() {
+        let ok = p.as_ref().is_some_and(|p| rec.shard_hashes[i] == *blake3::hash(p).as_bytes());
+        if !ok {
+            return Err(Error::corrupt(
+                format!("log stripe {} shard {i}", rec.seq),
+                "rebuilt shard differs from the record",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Rewrites the shards of a stripe that `parts` (from [`shard_parts`]) lacks, rebuilt from k good ones (a
+/// stripe a crash left with fewer than k+m shards, found by replay); returns how many could not be written.
+pub(super) fn restore(
+    store: &Store,
+    codec: &mut Codec,
+    layout: &Layout,
+    rec: &RecordBody,
+    mut parts: Vec<Option<Vec<u8>>>,
+) -> Result<usize> {
+    let bad: Vec<usize> = (0..parts.len()).filter(|&i| parts[i].is_none()).collect();
     if bad.is_empty() {
         return Ok(0);
     }
-    let k = layout.k as usize;
-    let sl = rec.blocks_per_shard() * BLOCK;
-    let data = rebuild(store, codec, layout, rec)?;
-    let mut parity = Vec::new();
-    if sl > 0 {
-        codec.encode(&data, sl, &mut parity)?;
-    }
+    complete_parts(codec, rec, &mut parts)?;
     let record = encode_record(rec, store.key()?)?;
     let mut failed = 0;
     for i in bad {
-        let part = if sl == 0 {
-            &[][..]
-        } else if i < k {
-            &data[i * sl..(i + 1) * sl]
-        } else {
-            &parity[(i - k) * sl..(i - k + 1) * sl]
-        };
-        if rec.shard_hashes[i] != *blake3::hash(part).as_bytes() {
-            return Err(Error::corrupt(format!("log stripe {} shard {i}", rec.seq), "rebuilt shard differs"));
-        }
+        let part = parts[i].as_deref().unwrap_or_default();
         if let Err(e) = put_shard(store, layout, rec.seq, i, part, &record) {
             tracing::warn!(seq = rec.seq, shard = i, error = %e, "could not restore a log shard; left for scrub");
             failed += 1;

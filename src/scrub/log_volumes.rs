@@ -5,13 +5,14 @@
 //! parity re-encoded, and written back to their home location with the stripe's record, then read back.
 
 use crate::codec::erasure::Codec;
-use crate::error::{Error, Result};
+use crate::error::Error;
 use crate::format::log::*;
 use crate::format::shard::{ShardHeader, HEADER_LEN};
 use crate::location::LocationExt;
-use crate::log::{list_stripes, load_checkpoint, Layout};
+use crate::log::{complete_parts, list_stripes, load_checkpoint, Layout};
 use crate::store::Store;
 
+use super::repair::rewrite_copies;
 use super::report::{ShardIssue, ShardStatus};
 use super::volumes::VolumeReport;
 use crate::volume::try_lock_volume;
@@ -60,8 +61,8 @@ pub fn scrub_log_volume(store: &Store, id: &[u8; 16], repair: bool) -> VolumeRep
 }
 
 fn label(store: &Store, c: &CheckpointBody) -> Option<String> {
-    let plain = store.key_opt()?.open_metadata(&c.vol_id, &c.meta_nonce, &c.sealed_meta).ok()?;
-    postcard::from_bytes::<crate::format::volume::VolumeMeta>(&plain).ok().map(|m| m.name)
+    let key = store.key_opt()?;
+    crate::format::volume::VolumeMeta::open(key, &c.vol_id, &c.meta_nonce, &c.sealed_meta).ok().map(|m| m.name)
 }
 
 /// Every location should hold the newest checkpoint; rewrites stale, missing or corrupt copies (the bytes are
@@ -106,16 +107,6 @@ fn check_page(store: &Store, ckpt: &CheckpointBody, page: u32, repair: bool, r: 
         r.errors.push(format!("no valid copy of map page {page}"));
     }
     rewrite_copies(store, &key, good.as_deref(), &bad, repair, &mut r.pages_repaired);
-}
-
-fn rewrite_copies(store: &Store, key: &str, good: Option<&[u8]>, bad: &[usize], repair: bool, done: &mut u64) {
-    let (true, Some(bytes)) = (repair, good) else { return };
-    for &i in bad {
-        let loc = &store.locations()[i];
-        if loc.put(key, &[bytes]).and_then(|_| loc.sync()).is_ok() {
-            *done += 1;
-        }
-    }
 }
 
 /// One shard as found: its data part and record bytes when its header and payload hash check out.
@@ -191,50 +182,12 @@ fn check_stripe(store: &Store, layout: &Layout, seq: u64, repair: bool, codec: &
         r.stripes_at_risk.push(seq);
     }
     if repair && !issues.is_empty() && good >= k {
-        match rebuild(codec, &rec, &mut parts) {
+        match complete_parts(codec, &rec, &mut parts) {
             Ok(()) => repair_shards(store, layout, &rec, &rec_bytes, &parts, &mut issues, r),
             Err(e) => r.errors.push(format!("log stripe {seq}: {e}")),
         }
     }
     r.issues.extend(issues);
-}
-
-/// Fills every missing part from k good ones (data rebuilt, parity re-encoded) and checks each against the
-/// record before it may be written.
-fn rebuild(codec: &mut Codec, rec: &RecordBody, parts: &mut [Option<Vec<u8>>]) -> Result<()> {
-    let (k, m) = (rec.k as usize, rec.m as usize);
-    let sl = rec.blocks_per_shard() * BLOCK;
-    if sl > 0 {
-        let mut data = vec![0u8; k * sl];
-        let mut have = vec![false; k];
-        for i in 0..k {
-            if let Some(p) = &parts[i] {
-                data[i * sl..(i + 1) * sl].copy_from_slice(p);
-                have[i] = true;
-            }
-        }
-        let parity: Vec<(usize, &[u8])> = (0..m).filter_map(|j| parts[k + j].as_deref().map(|p| (j, p))).collect();
-        codec.reconstruct(&mut data, sl, &have, parity)?;
-        let mut fresh = Vec::new();
-        codec.encode(&data, sl, &mut fresh)?;
-        for (i, chunk) in data.chunks_exact(sl).chain(fresh.chunks_exact(sl)).enumerate() {
-            parts[i].get_or_insert_with(|| chunk.to_vec());
-        }
-    } else {
-        parts.iter_mut().for_each(|p| {
-            p.get_or_insert_with(Vec::new);
-        });
-    }
-    for (i, p) in parts.iter().enumerate() {
-        let ok = p.as_ref().is_some_and(|p| rec.shard_hashes[i] == *blake3::hash(p).as_bytes());
-        if !ok {
-            return Err(Error::corrupt(
-                format!("log stripe {} shard {i}", rec.seq),
-                "rebuilt shard differs from the record",
-            ));
-        }
-    }
-    Ok(())
 }
 
 fn repair_shards(

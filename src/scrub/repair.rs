@@ -40,3 +40,22 @@ pub(super) fn write_rebuilt(
     }
     Err(Error::write_quorum(format!("rebuilt shard {}", header.shard), 0, 1, failures))
 }
+
+/// Rewrites the copies of a replicated object (superblock, checkpoint, map page) on the locations `bad` from the
+/// bytes of a good copy, when repairing; counts the copies rewritten in `done`.
+pub(super) fn rewrite_copies(
+    store: &Store,
+    key: &str,
+    good: Option<&[u8]>,
+    bad: &[usize],
+    repair: bool,
+    done: &mut u64,
+) {
+    let (true, Some(bytes)) = (repair, good) else { return };
+    for &i in bad {
+        let loc = &store.locations()[i];
+        if loc.put(key, &[bytes]).and_then(|_| loc.sync()).is_ok() {
+            *done += 1;
+        }
+    }
+}

@@ -7,7 +7,7 @@
 
 use serde::Serialize;
 
-use super::repair::write_rebuilt;
+use super::repair::{rewrite_copies, write_rebuilt};
 use super::{classify, Counts, Health, ShardIssue};
 use crate::codec::erasure::Codec;
 use crate::codec::merkle::{leaf_hash, Hash};
@@ -158,14 +158,7 @@ fn check_superblocks(store: &Store, body: &SuperBody, repair: bool, r: &mut Volu
         }
     }
     r.superblocks_bad = bad.len() as u64;
-    if let (true, Some(bytes)) = (repair, best) {
-        for i in bad {
-            let loc = &store.locations()[i];
-            if loc.put(&key, &[&bytes]).and_then(|_| loc.sync()).is_ok() {
-                r.superblocks_repaired += 1;
-            }
-        }
-    }
+    rewrite_copies(store, &key, best.as_deref(), &bad, repair, &mut r.superblocks_repaired);
 }
 
 /// Loads a map page from any good copy (its hash is in the superblock), counting and repairing bad copies.
@@ -189,14 +182,7 @@ fn check_page(store: &Store, sb: &SuperBody, page: u32, repair: bool, r: &mut Vo
         r.errors.push(format!("no valid copy of map page {page}"));
         return None;
     };
-    if repair {
-        for i in bad {
-            let loc = &store.locations()[i];
-            if loc.put(&key, &[&bytes]).and_then(|_| loc.sync()).is_ok() {
-                r.pages_repaired += 1;
-            }
-        }
-    }
+    rewrite_copies(store, &key, Some(&bytes), &bad, repair, &mut r.pages_repaired);
     Some(page_v)
 }
 

@@ -2,13 +2,12 @@
 //! blocks). A write that covers part of a block reads that block, merges and writes it whole; such merges are
 //! serialised so two partial writes of one block never lose each other's bytes.
 
-use std::collections::HashSet;
 use std::fs::File;
 use std::sync::{Arc, Mutex};
 
 use crate::codec::crypto::random_bytes;
 use crate::error::{Error, Result};
-use crate::format::log::{checkpoint_key, log_prefix, CheckpointBody, BLOCK};
+use crate::format::log::{checkpoint_key, log_prefix, BLOCK};
 use crate::format::volume::VolumeMeta;
 use crate::log::{load_checkpoint, BlockLog, LogOptions, NewLog};
 use crate::store::Store;
@@ -20,23 +19,7 @@ const ROOT: &str = "logvol";
 
 /// Ids of every log volume found on any location.
 pub(super) fn scan_ids(store: &Store) -> Vec<[u8; 16]> {
-    let mut ids = HashSet::new();
-    for loc in store.locations() {
-        for name in loc.list(ROOT).unwrap_or_default() {
-            let mut id = [0u8; 16];
-            if hex::decode_to_slice(&name, &mut id).is_ok() {
-                ids.insert(id);
-            }
-        }
-    }
-    let mut v: Vec<_> = ids.into_iter().collect();
-    v.sort();
-    v
-}
-
-fn meta(store: &Store, c: &CheckpointBody) -> Result<VolumeMeta> {
-    let plain = store.key()?.open_metadata(&c.vol_id, &c.meta_nonce, &c.sealed_meta)?;
-    postcard::from_bytes(&plain).map_err(|e| Error::corrupt("volume metadata", e.to_string()))
+    super::ids_under(store, ROOT)
 }
 
 /// Every readable log volume.
@@ -45,7 +28,7 @@ pub(super) fn list(store: &Store) -> Result<Vec<VolumeInfo>> {
     for id in scan_ids(store) {
         let c = load_checkpoint(store, &id)?;
         let name = match store.key_opt() {
-            Some(_) => meta(store, &c)?.name,
+            Some(key) => VolumeMeta::open(key, &c.vol_id, &c.meta_nonce, &c.sealed_meta)?.name,
             None => format!("id:{}", hex::encode(id)),
         };
         out.push(VolumeInfo {
@@ -75,9 +58,7 @@ pub(super) fn find_id(store: &Store, name: &str) -> Result<Option<[u8; 16]>> {
 pub(super) fn create(store: &Store, name: &str, size: u64, stripe_blocks: u32) -> Result<()> {
     let key = store.key()?;
     let vol_id: [u8; 16] = random_bytes()?;
-    let meta = VolumeMeta { name: name.into(), created_unix: crate::clock::unix_secs() };
-    let plain = postcard::to_allocvec(&meta).map_err(|e| Error::internal(format!("encoding volume metadata: {e}")))?;
-    let (sealed, nonce) = key.seal_metadata(&vol_id, &plain)?;
+    let (sealed, nonce) = VolumeMeta::new(name).seal(key, &vol_id)?;
     let new = NewLog {
         vol_id,
         name_tag: key.name_tag(&format!("volume:{name}")),
@@ -222,7 +203,7 @@ impl LogVolume {
             .into_iter()
             .map(|(lba, n, alloc)| {
                 let start = (lba * b).max(offset);
-                ((start), ((lba + n) * b).min(end) - start, alloc)
+                (start, ((lba + n) * b).min(end) - start, alloc)
             })
             .collect())
     }

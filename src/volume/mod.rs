@@ -111,6 +111,20 @@ pub fn remove(store: &Store, name: &str) -> Result<()> {
     }
 }
 
+/// Ids (hex directory names) found under `dir` on any location, sorted.
+fn ids_under(store: &Store, dir: &str) -> Vec<[u8; 16]> {
+    let mut ids = std::collections::BTreeSet::new();
+    for loc in store.locations() {
+        for name in loc.list(dir).unwrap_or_default() {
+            let mut id = [0u8; 16];
+            if hex::decode_to_slice(&name, &mut id).is_ok() {
+                ids.insert(id);
+            }
+        }
+    }
+    ids.into_iter().collect()
+}
+
 /// Ids of every log-structured volume on any location.
 pub fn log_ids(store: &Store) -> Vec<[u8; 16]> {
     logged::scan_ids(store)

@@ -65,18 +65,7 @@ pub fn load_superblock(store: &Store, vol_id: &[u8; 16]) -> Result<Superblock> {
 
 /// Ids of every volume found on any location.
 pub fn scan_ids(store: &Store) -> Vec<[u8; 16]> {
-    let mut ids = HashSet::new();
-    for loc in store.locations() {
-        for name in loc.list("volumes").unwrap_or_default() {
-            let mut id = [0u8; 16];
-            if hex::decode_to_slice(&name, &mut id).is_ok() {
-                ids.insert(id);
-            }
-        }
-    }
-    let mut v: Vec<_> = ids.into_iter().collect();
-    v.sort();
-    v
+    super::ids_under(store, "volumes")
 }
 
 /// Every readable copy-on-write volume.
@@ -136,11 +125,7 @@ pub fn create(store: &Store, name: &str, size: u64, stripe_size: u32) -> Result<
     }
     let d = store.descriptor();
     let vol_id: [u8; 16] = random_bytes()?;
-    let meta = VolumeMeta { name: name.into(), created_unix: crate::clock::unix_secs() };
-    let (sealed_meta, meta_nonce) = key.seal_metadata(
-        &vol_id,
-        &postcard::to_allocvec(&meta).map_err(|e| Error::internal(format!("encoding volume metadata: {e}")))?,
-    )?;
+    let (sealed_meta, meta_nonce) = VolumeMeta::new(name).seal(key, &vol_id)?;
     let stripes = size.div_ceil(stripe_size as u64);
     let body = SuperBody {
         store_id: d.store_id,
