@@ -132,14 +132,14 @@ pub fn blocks_per_shard(blocks: u32, k: u16) -> usize {
 }
 
 /// Seals `body` in an envelope as `(postcard(body), MAC)` with the log MAC key.
-fn seal_maced<T: Serialize>(magic: [u8; 8], body: &T, key: &MasterKey) -> Result<Vec<u8>> {
+pub(crate) fn seal_maced<T: Serialize>(magic: [u8; 8], body: &T, key: &MasterKey) -> Result<Vec<u8>> {
     let body_bytes = postcard::to_allocvec(body).map_err(|e| Error::internal(format!("encoding a record: {e}")))?;
     let mac = key.log_mac(&body_bytes);
     Ok(format::seal(magic, &(&body_bytes, &mac)))
 }
 
 /// Opens what [`seal_maced`] sealed; checks the MAC when a key is given. Never panics.
-fn open_maced<T: serde::de::DeserializeOwned>(
+pub(crate) fn open_maced<T: serde::de::DeserializeOwned>(
     magic: [u8; 8],
     bytes: &[u8],
     key: Option<&MasterKey>,

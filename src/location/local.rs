@@ -2,12 +2,12 @@
 //! fdatasync and rename (create-only: a hard link, which refuses an existing name), or, deferred, straight to
 //! their name and made durable by one syncfs.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::{validate_key, Location};
 use crate::error::{Error, IoContext, Result};
@@ -70,6 +70,8 @@ pub struct LocalDir {
     dirty_dirs: Mutex<HashSet<PathBuf>>,
     tmp_counter: AtomicU64,
     deferred: std::sync::atomic::AtomicBool,
+    /// Open files of preallocated objects, kept for in-place writes.
+    in_place: Mutex<HashMap<PathBuf, Arc<File>>>,
 }
 
 impl LocalDir {
@@ -89,6 +91,7 @@ impl LocalDir {
             dirty_dirs: Mutex::new(HashSet::new()),
             tmp_counter: AtomicU64::new(0),
             deferred: std::sync::atomic::AtomicBool::new(false),
+            in_place: Mutex::new(HashMap::new()),
         }
     }
 
@@ -142,6 +145,43 @@ impl LocalDir {
         }
         self.mark_dirty(parent);
         Ok(())
+    }
+
+    /// Writes a zero-filled file of `len` bytes at `path`, durably, name included. Zeros are written rather than
+    /// fallocated: the first write into a fallocated (unwritten) extent changes metadata, and then a data sync
+    /// of an in-place write would no longer be enough.
+    fn write_zeros(&self, path: &Path, len: u64) -> Result<()> {
+        self.ensure_parent(path)?;
+        let parent = path.parent().unwrap_or(&self.root).to_path_buf();
+        let temp = self.temp_path(path, &parent);
+        let zeros = vec![0u8; 1 << 20];
+        let result = (|| {
+            let mut f = File::create(&temp).ctx(|| format!("creating {}", temp.display()))?;
+            let mut left = len;
+            while left > 0 {
+                let n = left.min(zeros.len() as u64) as usize;
+                f.write_all(&zeros[..n]).ctx(|| format!("writing {}", temp.display()))?;
+                left -= n as u64;
+            }
+            f.sync_all().ctx(|| format!("syncing {}", temp.display()))?;
+            fs::rename(&temp, path).ctx(|| format!("renaming into {}", path.display()))
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&temp);
+            return result;
+        }
+        sync_dir(&parent)
+    }
+
+    /// The open file of a preallocated object.
+    fn in_place_file(&self, path: &Path) -> Result<Arc<File>> {
+        let mut files = self.in_place.lock().map_err(|_| Error::internal("location state poisoned"))?;
+        if let Some(f) = files.get(path) {
+            return Ok(Arc::clone(f));
+        }
+        let f = Arc::new(OpenOptions::new().write(true).open(path).ctx(|| format!("opening {}", path.display()))?);
+        files.insert(path.to_path_buf(), Arc::clone(&f));
+        Ok(f)
     }
 
     /// A fresh temporary name next to `path` (hidden, unique within this process and location).
@@ -289,6 +329,35 @@ impl Location for LocalDir {
         // Set only once the object is complete: any sync() that starts after this put returned runs syncfs.
         self.deferred.store(true, Ordering::SeqCst);
         Ok(())
+    }
+
+    fn preallocate(&self, key: &str, len: u64) -> Result<bool> {
+        let path = self.path(key)?;
+        if fs::metadata(&path).is_ok_and(|m| m.len() == len) {
+            return Ok(true);
+        }
+        if let Ok(mut files) = self.in_place.lock() {
+            files.remove(&path);
+        }
+        self.write_zeros(&path, len)?;
+        Ok(true)
+    }
+
+    fn write_at(&self, key: &str, offset: u64, parts: &[&[u8]]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let path = self.path(key)?;
+        let f = self.in_place_file(&path)?;
+        let total: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        let len = f.metadata().ctx(|| format!("reading {}", path.display()))?.len();
+        if offset.checked_add(total).is_none_or(|end| end > len) {
+            return Err(Error::InvalidArgument(format!("write beyond the end of {}", path.display())));
+        }
+        let mut at = offset;
+        for p in parts {
+            f.write_all_at(p, at).ctx(|| format!("writing {}", path.display()))?;
+            at += p.len() as u64;
+        }
+        f.sync_data().ctx(|| format!("syncing {}", path.display()))
     }
 
     fn get_into(&self, key: &str, buf: &mut Vec<u8>) -> Result<()> {

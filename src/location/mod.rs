@@ -62,6 +62,20 @@ pub trait Location: Send + Sync + std::fmt::Debug {
     fn remote(&self) -> bool {
         false
     }
+    /// Makes `key` an object of exactly `len` bytes that [`Location::write_at`] can overwrite in place (a
+    /// journal ring), keeping its bytes when it has that length already; the object and its name are durable
+    /// when this returns. `Ok(false)` when this backend cannot overwrite objects in place (object stores):
+    /// callers then write whole objects instead.
+    fn preallocate(&self, key: &str, len: u64) -> Result<bool> {
+        let _ = (key, len);
+        Ok(false)
+    }
+    /// Overwrites `parts`, concatenated, at `offset` of an object made by [`Location::preallocate`], durably
+    /// when this returns. Never changes the object's length or name, so one data sync suffices.
+    fn write_at(&self, key: &str, offset: u64, parts: &[&[u8]]) -> Result<()> {
+        let _ = (offset, parts);
+        Err(Error::InvalidArgument(format!("{}: {key} cannot be overwritten in place", self.name())))
+    }
     /// Deletes every object under the `prefix` directory.
     fn delete_prefix(&self, prefix: &str) -> Result<()>;
     /// Makes all completed puts (with their bytes, for deferred ones) and deletes durable.

@@ -18,6 +18,7 @@
 
 mod checkpoint;
 mod clean;
+mod journal;
 mod map;
 mod replay;
 mod stripe_io;
@@ -53,11 +54,21 @@ pub struct LogOptions {
     pub checkpoint_stripes: u64,
     /// Stripes being written at once before writers wait.
     pub max_sealing: usize,
+    /// Bytes of the flush journal on each of its m+1 locations: `None` sizes it by the volume (1/128 of it,
+    /// 4 to 32 MiB), `Some(0)` turns it off (every FLUSH seals a stripe).
+    pub journal_bytes: Option<u64>,
 }
 
 impl Default for LogOptions {
     fn default() -> Self {
-        LogOptions { stripe_blocks: 1024, map_pages: 1024, records: 4096, checkpoint_stripes: 256, max_sealing: 4 }
+        LogOptions {
+            stripe_blocks: 1024,
+            map_pages: 1024,
+            records: 4096,
+            checkpoint_stripes: 256,
+            max_sealing: 4,
+            journal_bytes: None,
+        }
     }
 }
 
@@ -104,6 +115,7 @@ pub struct BlockLog {
     checkpoints: Mutex<()>,
     stop: Mutex<bool>,
     wake: Condvar,
+    journal: std::sync::OnceLock<journal::Journal>,
 }
 
 struct State {
@@ -126,6 +138,7 @@ struct State {
     /// The last checkpoint written.
     ckpt: CheckpointBody,
     sealed_since_ckpt: u64,
+    journal: journal::JournalState,
 }
 
 impl BlockLog {
@@ -186,6 +199,7 @@ impl BlockLog {
             record_order: VecDeque::new(),
             sealed_since_ckpt: 0,
             ckpt,
+            journal: Default::default(),
         };
         let log = Arc::new(BlockLog {
             blocks: state.ckpt.blocks(),
@@ -199,8 +213,11 @@ impl BlockLog {
             checkpoints: Mutex::new(()),
             stop: Mutex::new(false),
             wake: Condvar::new(),
+            journal: std::sync::OnceLock::new(),
         });
-        if log.replay()? {
+        let (replayed, first_missing) = log.replay()?;
+        let recovered = log.open_journal(first_missing)?;
+        if replayed || recovered {
             log.checkpoint()?;
         }
         let weak = Arc::downgrade(&log);
@@ -430,9 +447,19 @@ impl BlockLog {
         r
     }
 
-    /// Makes every write that returned before this call durable: seals the open stripe and waits for every
-    /// stripe up to it.
+    /// Makes every write that returned before this call durable: through the journal when it can take the new
+    /// data, else by sealing the open stripe; and waits for every stripe before it.
     pub fn flush(&self) -> Result<()> {
+        if let Some(j) = self.journal.get() {
+            if self.journal_flush(j)? {
+                return Ok(());
+            }
+        }
+        self.seal_flush()
+    }
+
+    /// Seals the open stripe and waits for every stripe up to it.
+    fn seal_flush(&self) -> Result<()> {
         let mut st = self.lock()?;
         let sealed = self.take_open(&mut st);
         let target = st.next_seq - 1;
@@ -586,5 +613,7 @@ fn remember_record(st: &mut State, opts: &LogOptions, rec: Arc<RecordBody>) {
     }
 }
 
+#[cfg(test)]
+mod journal_tests;
 #[cfg(test)]
 mod tests;

@@ -4,12 +4,12 @@
 use super::*;
 
 impl BlockLog {
-    /// Rebuilds the map from the stripes written after the checkpoint; returns true when anything was found
-    /// (replayed or dropped), so that a checkpoint should cover it.
-    pub(super) fn replay(&self) -> Result<bool> {
+    /// Rebuilds the map from the stripes written after the checkpoint. Returns whether anything was found
+    /// (replayed or dropped), so that a checkpoint should cover it, and the first stripe not replayed.
+    pub(super) fn replay(&self) -> Result<(bool, u64)> {
         let mut st = self.lock()?;
         let found = list_stripes(&self.store, &self.layout, st.ckpt.seq);
-        let Some(&max) = found.keys().next_back() else { return Ok(false) };
+        let Some(&max) = found.keys().next_back() else { return Ok((false, st.ckpt.seq + 1)) };
         let width = self.layout.k as usize + self.layout.m as usize;
         let need = (self.layout.k as usize).max(1).min(width);
         // Only the last stripes can have been in flight at a crash, their shards written in place and possibly
@@ -42,7 +42,7 @@ impl BlockLog {
         for s in dropped {
             stripe_io::delete_stripe(&self.store, &self.layout, s);
         }
-        Ok(true)
+        Ok((true, seq))
     }
 
     /// Restores the missing shards of a replayed stripe (best effort: a scrub finds what stays missing).

@@ -13,21 +13,28 @@ use crate::location::Location;
 use crate::store::read_key_file;
 use crate::testing::{mem_store, test_bytes, MemLocation};
 
-const BLOCKS: u64 = 2048;
+pub(super) const BLOCKS: u64 = 2048;
 
-fn opts() -> LogOptions {
-    LogOptions { stripe_blocks: 16, map_pages: 1, records: 4, checkpoint_stripes: 6, max_sealing: 2 }
+pub(super) fn opts() -> LogOptions {
+    LogOptions {
+        stripe_blocks: 16,
+        map_pages: 1,
+        records: 4,
+        checkpoint_stripes: 6,
+        max_sealing: 2,
+        journal_bytes: Some(64 << 10),
+    }
 }
 
 /// A store in `dir` whose locations are `locs` (the descriptor and key are the ones [`mem_store`] wrote).
-fn store_over(dir: &Path, locs: Vec<Arc<dyn Location>>) -> Arc<Store> {
+pub(super) fn store_over(dir: &Path, locs: Vec<Arc<dyn Location>>) -> Arc<Store> {
     let mut st = Store::open(dir).unwrap();
     st.set_locations(locs).unwrap();
     st.unlock(read_key_file(&dir.join("master.key")).unwrap()).unwrap();
     Arc::new(st)
 }
 
-fn new_log(dir: &Path, k: u16, m: u16, n: usize) -> Vec<Arc<MemLocation>> {
+pub(super) fn new_log(dir: &Path, k: u16, m: u16, n: usize) -> Vec<Arc<MemLocation>> {
     let ms = mem_store(dir, k, m, n, crate::store::MIN_SEGMENT_SIZE).unwrap();
     let new = NewLog {
         vol_id: [7; 16],
@@ -40,21 +47,21 @@ fn new_log(dir: &Path, k: u16, m: u16, n: usize) -> Vec<Arc<MemLocation>> {
     ms.mem
 }
 
-fn as_locations(mem: &[Arc<MemLocation>]) -> Vec<Arc<dyn Location>> {
+pub(super) fn as_locations(mem: &[Arc<MemLocation>]) -> Vec<Arc<dyn Location>> {
     mem.iter().map(|m| m.clone() as Arc<dyn Location>).collect()
 }
 
-fn open(dir: &Path, locs: Vec<Arc<dyn Location>>) -> Arc<BlockLog> {
+pub(super) fn open(dir: &Path, locs: Vec<Arc<dyn Location>>) -> Arc<BlockLog> {
     BlockLog::open(store_over(dir, locs), &[7; 16], opts()).unwrap()
 }
 
 /// The bytes every block should hold.
-struct Model {
-    blocks: Vec<Vec<u8>>,
+pub(super) struct Model {
+    pub(super) blocks: Vec<Vec<u8>>,
 }
 
 impl Model {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Model { blocks: vec![vec![0; BLOCK]; BLOCKS as usize] }
     }
 }
@@ -95,7 +102,7 @@ fn step(rng: &mut StdRng, log: &BlockLog, model: &mut Model, check: bool) -> Res
     Ok(false)
 }
 
-fn assert_reads(log: &BlockLog, model: &Model) {
+pub(super) fn assert_reads(log: &BlockLog, model: &Model) {
     let mut buf = vec![0u8; BLOCKS as usize * BLOCK];
     log.read(0, &mut buf).unwrap();
     for (i, b) in buf.chunks_exact(BLOCK).enumerate() {
@@ -171,18 +178,18 @@ fn a_crash_keeps_everything_flushed() {
 /// A location that stops storing anything after a shared budget of puts (a machine losing power in the middle
 /// of an operation): puts, deletes and syncs fail from then on.
 #[derive(Debug)]
-struct Countdown {
+pub(super) struct Countdown {
     inner: Arc<MemLocation>,
     budget: Arc<AtomicI64>,
 }
 
 impl Countdown {
-    fn wrap(mem: &[Arc<MemLocation>], puts: i64) -> Vec<Arc<Countdown>> {
+    pub(super) fn wrap(mem: &[Arc<MemLocation>], puts: i64) -> Vec<Arc<Countdown>> {
         let budget = Arc::new(AtomicI64::new(puts));
         mem.iter().map(|m| Arc::new(Countdown { inner: m.clone(), budget: budget.clone() })).collect()
     }
 
-    fn crash(all: &[Arc<Countdown>]) {
+    pub(super) fn crash(all: &[Arc<Countdown>]) {
         all[0].budget.store(0, Ordering::SeqCst);
     }
 
@@ -213,6 +220,14 @@ impl Location for Countdown {
     fn put_new(&self, key: &str, parts: &[&[u8]]) -> Result<()> {
         self.spend()?;
         self.inner.put_new(key, parts)
+    }
+    fn preallocate(&self, key: &str, len: u64) -> Result<bool> {
+        self.spend()?;
+        self.inner.preallocate(key, len)
+    }
+    fn write_at(&self, key: &str, offset: u64, parts: &[&[u8]]) -> Result<()> {
+        self.spend()?;
+        self.inner.write_at(key, offset, parts)
     }
     fn get_into(&self, key: &str, buf: &mut Vec<u8>) -> Result<()> {
         self.inner.get_into(key, buf)
@@ -424,7 +439,10 @@ fn replay_restores_a_stripe_left_with_k_shards() {
     let dir = tempfile::tempdir().unwrap();
     let mem = new_log(dir.path(), 2, 1, 3);
     let cds = Countdown::wrap(&mem, 2);
-    let log = open(dir.path(), cds.iter().map(|c| c.clone() as Arc<dyn Location>).collect());
+    let locs = cds.iter().map(|c| c.clone() as Arc<dyn Location>).collect();
+    // No journal: the two puts the budget allows are two shards of the stripe the flush seals.
+    let log = BlockLog::open(store_over(dir.path(), locs), &[7; 16], LogOptions { journal_bytes: Some(0), ..opts() })
+        .unwrap();
     let data = test_bytes(16 * BLOCK, 77);
     log.write(0, &data, false).unwrap();
     assert!(log.flush().is_err(), "2 of 3 shards is below the write policy (k+1)");

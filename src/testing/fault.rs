@@ -103,6 +103,14 @@ impl Location for FaultyLocation {
         self.check_writable()?;
         self.inner.delete(key)
     }
+    fn preallocate(&self, key: &str, len: u64) -> Result<bool> {
+        self.check_writable()?;
+        self.inner.preallocate(key, len)
+    }
+    fn write_at(&self, key: &str, offset: u64, parts: &[&[u8]]) -> Result<()> {
+        self.check_writable()?;
+        self.inner.write_at(key, offset, parts)
+    }
     fn cheap_rename(&self) -> bool {
         self.inner.cheap_rename()
     }

@@ -113,6 +113,29 @@ impl Location for MemLocation {
         Ok(())
     }
 
+    fn preallocate(&self, key: &str, len: u64) -> Result<bool> {
+        crate::location::validate_key(key)?;
+        let mut objects = self.objects()?;
+        let o = objects.entry(key.to_string()).or_insert(MemObject { bytes: Vec::new(), modified: SystemTime::now() });
+        if o.bytes.len() as u64 != len {
+            o.bytes = vec![0; len as usize];
+        }
+        Ok(true)
+    }
+
+    fn write_at(&self, key: &str, offset: u64, parts: &[&[u8]]) -> Result<()> {
+        let mut objects = self.objects()?;
+        let o = objects.get_mut(key).ok_or_else(|| Error::object_not_found(format!("{}: {key}", self.name)))?;
+        let bytes = parts.concat();
+        let end = offset.checked_add(bytes.len() as u64).filter(|e| *e <= o.bytes.len() as u64);
+        let Some(end) = end else {
+            return Err(Error::InvalidArgument(format!("{}: write beyond the end of {key}", self.name)));
+        };
+        o.bytes[offset as usize..end as usize].copy_from_slice(&bytes);
+        o.modified = SystemTime::now();
+        Ok(())
+    }
+
     fn delete_prefix(&self, prefix: &str) -> Result<()> {
         let p = dir_prefix(prefix);
         self.objects()?.retain(|k, _| !k.starts_with(&p));

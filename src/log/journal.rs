@@ -1,0 +1,387 @@
+//! The flush journal: a FLUSH (or FUA write) with little new data makes it durable by appending one entry to a
+//! preallocated ring replicated on m+1 locations (one in-place write and one data sync per copy, in parallel)
+//! instead of sealing a short stripe into k+m new objects. The open stripe stays open and is sealed full, as
+//! usual; its journal entries are dead once it is stored.
+//!
+//! One entry is written at a time; flushes that arrive meanwhile are served together by the next one (group
+//! commit). When the ring has no room, the new data is large, or a copy cannot be written, the flush seals the
+//! open stripe instead, which is always correct. Records: [`crate::format::journal`].
+
+use super::*;
+use crate::codec::crypto::MasterKey;
+use crate::format::journal::*;
+
+/// Most new blocks a journal entry carries; a flush with more seals a short stripe instead (1 MiB: beyond that,
+/// writing m+1 copies costs more than the k+m shards of a short stripe).
+const MAX_ENTRY_BLOCKS: u32 = 256;
+/// Journal size when the options leave it to the volume size: 1/128 of it, within these bounds.
+const AUTO_MIN: u64 = 4 << 20;
+const AUTO_MAX: u64 = 32 << 20;
+
+/// The journal of an open log: where its copies are and which generation it writes.
+pub(super) struct Journal {
+    key: String,
+    len: u64,
+    gen: u64,
+    /// Indices of the locations holding a copy.
+    copies: Vec<usize>,
+}
+
+/// Journal bookkeeping, under the log's state lock.
+#[derive(Default)]
+pub(super) struct JournalState {
+    /// The stripe whose chain of entries is being written.
+    seq: u64,
+    next_part: u32,
+    /// Blocks and extents of stripe `seq` that are durable in the journal.
+    blocks: u32,
+    extents: u32,
+    /// An entry is being written.
+    busy: bool,
+    /// A copy could not be written: flushes seal stripes from now on.
+    broken: bool,
+    /// Entries still needed, `(stripe, start, end)`, oldest first.
+    ring: VecDeque<(u64, u64, u64)>,
+    head: u64,
+}
+
+/// An entry ready to be written at `start`.
+struct Pending {
+    seq: u64,
+    start: u64,
+    bytes: Vec<u8>,
+    blocks: u32,
+    extents: u32,
+}
+
+impl BlockLog {
+    /// Makes the open stripe durable through the journal; `Ok(false)` when the journal cannot take it (the
+    /// caller seals the stripe instead).
+    pub(super) fn journal_flush(&self, j: &Journal) -> Result<bool> {
+        let mut st = self.lock()?;
+        let (seq, blocks, extents) = (st.next_seq, st.open.blocks(), st.open.extents.len() as u32);
+        loop {
+            if let Some(f) = &st.failed {
+                return Err(Error::ReadOnly(format!("the volume (a stripe could not be stored: {f})")));
+            }
+            let jr = &st.journal;
+            let covered = extents == 0 || (jr.seq == seq && jr.blocks >= blocks && jr.extents >= extents);
+            if st.durable >= seq || (covered && st.next_seq == seq) {
+                drop(st);
+                self.wait_durable(seq - 1)?;
+                return Ok(true);
+            }
+            if st.next_seq > seq || jr.busy {
+                // Our stripe is being sealed, or another flush is writing an entry that may cover us.
+                st = self.changed.wait(st).map_err(|_| Error::internal("log state poisoned by a panic"))?;
+                continue;
+            }
+            if jr.broken {
+                return Ok(false);
+            }
+            let Some(p) = self.prepare_entry(&mut st, j)? else { return Ok(false) };
+            st.journal.busy = true;
+            drop(st);
+            let outcome = self.write_entry(j, &p);
+            st = self.lock()?;
+            st.journal.busy = false;
+            self.changed.notify_all();
+            match outcome {
+                Ok(()) => {
+                    let jr = &mut st.journal;
+                    (jr.blocks, jr.extents, jr.next_part, jr.head) =
+                        (p.blocks, p.extents, jr.next_part + 1, p.start + p.bytes.len() as u64);
+                    jr.ring.push_back((p.seq, p.start, jr.head));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the flush journal cannot be written; flushes seal stripes from now on");
+                    st.journal.broken = true;
+                    return Ok(false);
+                }
+            }
+        }
+    }
+
+    /// Encodes the entry that brings the journal up to the open stripe and finds room for it in the ring;
+    /// `None` when it is too large or the ring has no room.
+    fn prepare_entry(&self, st: &mut State, j: &Journal) -> Result<Option<Pending>> {
+        let seq = st.next_seq;
+        let durable = st.durable;
+        let jr = &mut st.journal;
+        if jr.seq != seq {
+            (jr.seq, jr.next_part, jr.blocks, jr.extents) = (seq, 0, 0, 0);
+        }
+        while jr.ring.front().is_some_and(|(s, _, _)| *s <= durable) {
+            jr.ring.pop_front();
+        }
+        let (from, to) = (jr.blocks, st.open.blocks());
+        if to - from > MAX_ENTRY_BLOCKS {
+            return Ok(None);
+        }
+        let ext_from = jr.extents.saturating_sub(1);
+        let entry = JournalEntry {
+            store_id: self.store.descriptor().store_id,
+            vol_id: self.layout.vol_id,
+            gen: j.gen,
+            seq,
+            part: jr.next_part,
+            slot_from: from,
+            ext_from,
+            extents: st.open.extents[ext_from as usize..].to_vec(),
+            block_hashes: st.open.hashes[from as usize..to as usize].to_vec(),
+        };
+        let data = &st.open.data[from as usize * BLOCK..to as usize * BLOCK];
+        let bytes = encode_journal_entry(&entry, data, self.store.key()?)?;
+        let size = bytes.len() as u64;
+        let start = if jr.head.max(JOURNAL_ALIGN) + size <= j.len { jr.head.max(JOURNAL_ALIGN) } else { JOURNAL_ALIGN };
+        let overlaps = jr.ring.iter().any(|(_, s, e)| start < *e && *s < start + size);
+        if start + size > j.len || overlaps {
+            return Ok(None);
+        }
+        Ok(Some(Pending { seq, start, bytes, blocks: to, extents: st.open.extents.len() as u32 }))
+    }
+
+    /// Writes an entry to every copy of the journal, in parallel, each durably.
+    fn write_entry(&self, j: &Journal, p: &Pending) -> Result<()> {
+        let locations = self.store.locations();
+        let outcomes: Vec<Result<()>> = std::thread::scope(|s| {
+            let handles: Vec<_> = j
+                .copies
+                .iter()
+                .map(|&i| s.spawn(move || locations[i].write_at(&j.key, p.start, &[&p.bytes])))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(Error::internal("journal writer panicked"))))
+                .collect()
+        });
+        outcomes.into_iter().collect()
+    }
+
+    /// At open, after the stripes are replayed: rebuilds from the journal what it holds of stripe `first_missing`
+    /// (the first one not on the locations) and stores it as a stripe; then starts a new journal generation.
+    /// Returns true when anything was recovered.
+    pub(super) fn open_journal(&self, first_missing: u64) -> Result<bool> {
+        let Some(len) = self.journal_len() else { return Ok(false) };
+        let key = journal_key(&self.layout.vol_id);
+        let (gen, holders) = self.journal_headers(&key);
+        let recovered = gen > 0 && self.recover(&key, gen, &holders, first_missing)?;
+        let header =
+            JournalHeader { store_id: self.store.descriptor().store_id, vol_id: self.layout.vol_id, gen: gen + 1, len };
+        let page = encode_journal_header(&header, self.store.key()?)?;
+        let n = self.store.locations().len();
+        let want = (self.layout.m as usize + 1).min(n);
+        let mut copies = Vec::new();
+        for i in (0..n).map(|i| (self.layout.placement_start as usize + i) % n) {
+            let loc = &self.store.locations()[i];
+            if copies.len() < want {
+                match loc.preallocate(&key, len).and_then(|ok| {
+                    if ok {
+                        loc.write_at(&key, 0, &[&page]).map(|()| true)
+                    } else {
+                        Ok(false)
+                    }
+                }) {
+                    Ok(true) => copies.push(i),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(location = loc.name(), error = %e, "cannot prepare the flush journal"),
+                }
+            } else if holders.contains(&i) {
+                // An older copy elsewhere: mark it stale too.
+                let _ = loc.write_at(&key, 0, &[&page]);
+            }
+        }
+        if copies.len() < want {
+            tracing::warn!(
+                copies = copies.len(),
+                want,
+                "no flush journal (too few locations take one); flushes seal stripes"
+            );
+        } else {
+            let _ = self.journal.set(Journal { key, len, gen: gen + 1, copies });
+        }
+        Ok(recovered)
+    }
+
+    /// Journal size for this volume, or `None` when the journal is off.
+    fn journal_len(&self) -> Option<u64> {
+        let len = match self.opts.journal_bytes {
+            Some(0) => return None,
+            Some(n) => n,
+            None => (self.size() / 128).clamp(AUTO_MIN, AUTO_MAX),
+        };
+        Some(align_up(len.max(2 * JOURNAL_ALIGN)))
+    }
+
+    /// The newest journal generation on any location, and which locations hold a journal of this volume.
+    fn journal_headers(&self, key: &str) -> (u64, Vec<usize>) {
+        let (mut gen, mut holders) = (0, Vec::new());
+        let Ok(mkey) = self.store.key() else { return (0, holders) };
+        for (i, loc) in self.store.locations().iter().enumerate() {
+            let what = format!("journal header on {}", loc.name());
+            match loc.get_range(key, 0, JOURNAL_ALIGN as usize).and_then(|p| decode_journal_header(&p, mkey, &what)) {
+                Ok(h) if h.vol_id == self.layout.vol_id && h.store_id == self.store.descriptor().store_id => {
+                    gen = gen.max(h.gen);
+                    holders.push(i);
+                }
+                Ok(_) => tracing::warn!(location = loc.name(), "a journal of another volume; ignored"),
+                Err(e) if e.is_not_found() => {}
+                Err(e) => tracing::warn!(location = loc.name(), error = %e, "unreadable journal header"),
+            }
+        }
+        (gen, holders)
+    }
+
+    /// Rebuilds the open stripe `seq` from the unbroken chain of its journal entries of generation `gen`,
+    /// points the map at it and stores it as a stripe. Returns true when the chain held anything.
+    fn recover(&self, key: &str, gen: u64, holders: &[usize], seq: u64) -> Result<bool> {
+        let mkey = self.store.key()?;
+        let mut parts: BTreeMap<u32, (JournalEntry, Vec<u8>)> = BTreeMap::new();
+        for &i in holders {
+            let loc = &self.store.locations()[i];
+            let bytes = match loc.get(key) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(location = loc.name(), error = %e, "cannot read the flush journal");
+                    continue;
+                }
+            };
+            let what = format!("journal on {}", loc.name());
+            scan(&bytes, mkey, gen, &what, |e, blocks| {
+                let ours = e.seq == seq && e.vol_id == self.layout.vol_id;
+                if ours && !parts.contains_key(&e.part) {
+                    parts.insert(e.part, (e, blocks.to_vec()));
+                }
+            });
+        }
+        let stripe = chain(parts, self.opts.stripe_blocks);
+        if stripe.is_empty() {
+            return Ok(false);
+        }
+        tracing::info!(stripe = seq, blocks = stripe.blocks(), "recovered flushed writes from the journal");
+        let mut st = self.lock()?;
+        let at = st.next_seq;
+        st.stripes.insert(at, StripeInfo { seq: at, blocks: stripe.blocks(), record_len: 0, live: 0 });
+        for e in &stripe.extents {
+            for i in 0..e.len {
+                let entry = if e.is_zero() { MapEntry::HOLE } else { MapEntry { seq: at, slot: e.slot + i } };
+                self.check_range(e.lba + i as u64, 1)?;
+                self.set_entry(&mut st, e.lba + i as u64, entry)?;
+            }
+        }
+        st.open = stripe;
+        drop(st);
+        self.seal_flush()?;
+        Ok(true)
+    }
+}
+
+/// Calls `found` with every valid entry of generation `gen` in a journal object.
+fn scan<'a>(bytes: &'a [u8], key: &MasterKey, gen: u64, what: &str, mut found: impl FnMut(JournalEntry, &'a [u8])) {
+    let mut at = JOURNAL_ALIGN as usize;
+    while at < bytes.len() {
+        let rest = &bytes[at..];
+        if rest.starts_with(&MAGIC_JOURNAL_ENTRY) {
+            if let Some((e, blocks, len)) = decode_journal_entry(rest, key, gen, what) {
+                found(e, blocks);
+                at += align_up(len as u64) as usize;
+                continue;
+            }
+        }
+        at += JOURNAL_ALIGN as usize;
+    }
+}
+
+/// The open stripe that the unbroken chain of parts 0, 1, ... describes (empty when there is none).
+fn chain(parts: BTreeMap<u32, (JournalEntry, Vec<u8>)>, stripe_blocks: u32) -> StripeData {
+    let mut s = StripeData::default();
+    for (expect, (part, (e, blocks))) in parts.into_iter().enumerate() {
+        let fits = s.blocks() as u64 + e.block_hashes.len() as u64 <= stripe_blocks as u64;
+        if part as usize != expect || e.slot_from != s.blocks() || e.ext_from as usize > s.extents.len() || !fits {
+            break;
+        }
+        s.extents.truncate(e.ext_from as usize);
+        s.extents.extend_from_slice(&e.extents);
+        s.hashes.extend_from_slice(&e.block_hashes);
+        s.data.extend_from_slice(&blocks);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(
+        gen: u64,
+        part: u32,
+        slot_from: u32,
+        ext_from: u32,
+        extents: Vec<Extent>,
+        n: u32,
+    ) -> (JournalEntry, Vec<u8>) {
+        let blocks = crate::testing::test_bytes(n as usize * BLOCK, (gen << 8) + part as u64);
+        let e = JournalEntry {
+            store_id: [1; 16],
+            vol_id: [2; 16],
+            gen,
+            seq: 5,
+            part,
+            slot_from,
+            ext_from,
+            extents,
+            block_hashes: blocks.chunks_exact(BLOCK).map(block_hash).collect(),
+        };
+        (e, blocks)
+    }
+
+    #[test]
+    fn scan_finds_the_entries_of_one_generation_between_stale_and_torn_ones() {
+        let key = MasterKey::from_bytes([9; 32]);
+        let mut ring = vec![0u8; JOURNAL_ALIGN as usize];
+        let mut expect = Vec::new();
+        for (i, gen) in [3u64, 4, 3, 4, 4].into_iter().enumerate() {
+            let (e, blocks) = entry(gen, i as u32, 0, 0, vec![Extent { lba: i as u64, len: 1, slot: 0 }], 1);
+            let mut bytes = encode_journal_entry(&e, &blocks, &key).unwrap();
+            if i == 4 {
+                let last = bytes.len() - 1;
+                bytes[last] ^= 1; // torn: its block no longer matches its hash
+            } else if gen == 4 {
+                expect.push(e.part);
+            }
+            ring.extend_from_slice(&bytes);
+        }
+        let mut found = Vec::new();
+        scan(&ring, &key, 4, "ring", |e, b| {
+            assert_eq!(b.len(), BLOCK);
+            found.push(e.part)
+        });
+        assert_eq!(found, expect);
+    }
+
+    #[test]
+    fn chain_stops_at_the_first_gap_and_replaces_the_grown_last_extent() {
+        let parts = |list: Vec<(JournalEntry, Vec<u8>)>| -> BTreeMap<u32, (JournalEntry, Vec<u8>)> {
+            list.into_iter().map(|p| (p.0.part, p)).collect()
+        };
+        let p0 = entry(1, 0, 0, 0, vec![Extent { lba: 10, len: 2, slot: 0 }], 2);
+        // The extent at 10 grew by one block, then a trim of 50 came.
+        let p1 = entry(
+            1,
+            1,
+            2,
+            0,
+            vec![Extent { lba: 10, len: 3, slot: 0 }, Extent { lba: 50, len: 4, slot: ZERO_SLOT }],
+            1,
+        );
+        let p3 = entry(1, 3, 3, 1, vec![Extent { lba: 90, len: 1, slot: 3 }], 1);
+        let s = chain(parts(vec![p0.clone(), p1.clone(), p3]), 16);
+        assert_eq!(s.blocks(), 3, "part 2 is missing: part 3 is not used");
+        assert_eq!(s.extents, vec![Extent { lba: 10, len: 3, slot: 0 }, Extent { lba: 50, len: 4, slot: ZERO_SLOT }]);
+        assert_eq!(s.data, [p0.1.clone(), p1.1.clone()].concat());
+        let wrong_slot = entry(1, 1, 1, 0, vec![Extent { lba: 10, len: 2, slot: 0 }], 1);
+        assert_eq!(chain(parts(vec![p0.clone(), wrong_slot]), 16).blocks(), 2);
+        assert_eq!(chain(parts(vec![p0]), 1).blocks(), 0, "more blocks than a stripe holds");
+        assert!(chain(parts(vec![p1]), 16).is_empty(), "no part 0");
+    }
+}
