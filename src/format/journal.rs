@@ -10,9 +10,10 @@
 //! The header ([`JournalHeader`], MACed) names the journal's *generation*; every open of the volume starts a
 //! new one, so entries of an earlier generation are never replayed. An entry ([`JournalEntry`], MACed, its
 //! blocks checked by their hashes) carries the blocks appended to the open stripe `seq` since the previous
-//! entry of that stripe (`part` numbers them 0, 1, ...), with the stripe's extents from `ext_from` on. Replay
-//! rebuilds the open stripe from the unbroken chain of parts 0, 1, ... of the first stripe that is not on the
-//! locations.
+//! entry of that stripe (`part` numbers them 0, 1, ...), with the stripe's extents from `ext_from` on; a
+//! `last` entry carries the rest of a stripe that was sealed but not yet stored. Replay rebuilds, from the
+//! first stripe that is not on the locations on, each stripe from the unbroken chain of its parts 0, 1, ...,
+//! going on to the next stripe only after a chain that ended with its `last` entry.
 
 use serde::{Deserialize, Serialize};
 
@@ -53,6 +54,8 @@ pub struct JournalEntry {
     pub seq: u64,
     /// Position of this entry in the stripe's chain (0, 1, ...).
     pub part: u32,
+    /// The stripe was sealed and this entry carries the rest of it: the chain holds the whole stripe.
+    pub last: bool,
     /// Slot of the first block carried (the blocks carried before, by earlier parts).
     pub slot_from: u32,
     /// The stripe's extents from this index on replace those known from earlier parts (the last one may have
@@ -152,6 +155,7 @@ mod tests {
             gen: 7,
             seq: 9,
             part: 0,
+            last: false,
             slot_from: 0,
             ext_from: 0,
             extents: vec![Extent { lba: 40, len: 2, slot: 0 }],

@@ -30,115 +30,179 @@ pub(super) struct Journal {
 /// Journal bookkeeping, under the log's state lock.
 #[derive(Default)]
 pub(super) struct JournalState {
-    /// The stripe whose chain of entries is being written.
-    seq: u64,
-    next_part: u32,
-    /// Blocks and extents of stripe `seq` that are durable in the journal.
-    blocks: u32,
-    extents: u32,
-    /// An entry is being written.
-    busy: bool,
+    /// What the journal holds of each stripe not yet stored.
+    chains: BTreeMap<u64, Chain>,
+    /// Entries being written.
+    in_flight: usize,
     /// A copy could not be written: flushes seal stripes from now on.
     broken: bool,
-    /// Entries still needed, `(stripe, start, end)`, oldest first.
-    ring: VecDeque<(u64, u64, u64)>,
+    /// Entries still needed or still being written, oldest first.
+    ring: VecDeque<Slot>,
     head: u64,
+}
+
+/// How far a chain of entries reaches into its stripe.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Marks {
+    blocks: u32,
+    extents: u32,
+    /// The rest of a sealed stripe was carried: the chain holds all of it.
+    last: bool,
+}
+
+impl Marks {
+    /// True when these marks reach `want` (blocks and extents), or the whole stripe.
+    fn reach(&self, want: Option<(u32, u32)>) -> bool {
+        self.last || want.is_some_and(|(b, e)| self.blocks >= b && self.extents >= e)
+    }
+}
+
+/// The entries of one stripe: those prepared, and the unbroken prefix of them that is durable. Entries may
+/// finish out of order; a later one counts only once every earlier one is durable.
+#[derive(Clone, Debug, Default)]
+struct Chain {
+    next_part: u32,
+    /// Marks after the last entry prepared.
+    taken: Marks,
+    /// Marks after the durable prefix, which is parts `0..durable_parts`.
+    durable: Marks,
+    durable_parts: u32,
+    /// Entries durable before an earlier one.
+    early: BTreeMap<u32, Marks>,
+}
+
+impl Chain {
+    fn finished(&mut self, part: u32, marks: Marks) {
+        self.early.insert(part, marks);
+        while let Some(m) = self.early.remove(&self.durable_parts) {
+            self.durable = m;
+            self.durable_parts += 1;
+        }
+    }
+}
+
+/// What a flush needs next.
+enum Need {
+    /// Everything it covers is stored or journaled.
+    Done,
+    /// An entry for this stripe.
+    Entry(u64),
+    /// Entries being written, or a stripe being stored.
+    Wait,
+    /// The journal cannot take it: seal the open stripe.
+    Seal,
+}
+
+/// Entries written at once (later flushes do not wait for an entry in flight to start theirs).
+const MAX_IN_FLIGHT: usize = 4;
+
+/// Where an entry lies in the ring.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    seq: u64,
+    start: u64,
+    end: u64,
+    /// Being written: its space is not reused even once its stripe is stored, or a late write could land
+    /// over a newer entry.
+    writing: bool,
 }
 
 /// An entry ready to be written at `start`.
 struct Pending {
     seq: u64,
+    part: u32,
     start: u64,
     bytes: Vec<u8>,
-    blocks: u32,
-    extents: u32,
+    marks: Marks,
 }
 
 impl BlockLog {
-    /// Makes the open stripe durable through the journal; `Ok(false)` when the journal cannot take it (the
-    /// caller seals the stripe instead).
+    /// Makes every write that returned before the call durable through the journal (the open stripe's new
+    /// blocks, and the rest of stripes still being stored); `Ok(false)` when the journal cannot (the caller
+    /// seals the open stripe instead).
     pub(super) fn journal_flush(&self, j: &Journal) -> Result<bool> {
         let mut st = self.lock()?;
-        let (seq, blocks, extents) = (st.next_seq, st.open.blocks(), st.open.extents.len() as u32);
+        let target = (st.next_seq, st.open.blocks(), st.open.extents.len() as u32);
         loop {
             if let Some(f) = &st.failed {
                 return Err(Error::ReadOnly(format!("the volume (a stripe could not be stored: {f})")));
             }
-            let jr = &st.journal;
-            let covered = extents == 0 || (jr.seq == seq && jr.blocks >= blocks && jr.extents >= extents);
-            if st.durable >= seq || (covered && st.next_seq == seq) {
-                drop(st);
-                self.wait_durable(seq - 1)?;
-                return Ok(true);
-            }
-            if st.next_seq > seq || jr.busy {
-                // Our stripe is being sealed, or another flush is writing an entry that may cover us.
-                st = self.changed.wait(st).map_err(|_| Error::internal("log state poisoned by a panic"))?;
-                continue;
-            }
-            if jr.broken {
-                return Ok(false);
-            }
-            let Some(p) = self.prepare_entry(&mut st, j)? else { return Ok(false) };
-            st.journal.busy = true;
+            let seq = match journal_need(&st, target) {
+                Need::Done => return Ok(true),
+                Need::Seal => return Ok(false),
+                Need::Wait => {
+                    st = self.changed.wait(st).map_err(|_| Error::internal("log state poisoned by a panic"))?;
+                    continue;
+                }
+                Need::Entry(seq) => seq,
+            };
+            let Some(p) = self.prepare_entry(&mut st, j, seq)? else { return Ok(false) };
             drop(st);
             let outcome = self.write_entry(j, &p);
             st = self.lock()?;
-            st.journal.busy = false;
+            st.journal.in_flight -= 1;
+            if let Some(slot) = st.journal.ring.iter_mut().find(|r| r.start == p.start && r.writing) {
+                slot.writing = false;
+            }
             self.changed.notify_all();
             match outcome {
                 Ok(()) => {
-                    let jr = &mut st.journal;
-                    (jr.blocks, jr.extents, jr.next_part, jr.head) =
-                        (p.blocks, p.extents, jr.next_part + 1, p.start + p.bytes.len() as u64);
-                    jr.ring.push_back((p.seq, p.start, jr.head));
+                    if let Some(c) = st.journal.chains.get_mut(&p.seq) {
+                        c.finished(p.part, p.marks);
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "the flush journal cannot be written; flushes seal stripes from now on");
                     st.journal.broken = true;
-                    return Ok(false);
                 }
             }
         }
     }
 
-    /// Encodes the entry that brings the journal up to the open stripe and finds room for it in the ring;
-    /// `None` when it is too large or the ring has no room.
-    fn prepare_entry(&self, st: &mut State, j: &Journal) -> Result<Option<Pending>> {
-        let seq = st.next_seq;
+    /// Encodes the next entry of stripe `seq` (the open one, or one being stored: then all of its rest), finds
+    /// room for it in the ring and takes it; `None` when the ring has no room.
+    fn prepare_entry(&self, st: &mut State, j: &Journal, seq: u64) -> Result<Option<Pending>> {
         let durable = st.durable;
         let jr = &mut st.journal;
-        if jr.seq != seq {
-            (jr.seq, jr.next_part, jr.blocks, jr.extents) = (seq, 0, 0, 0);
-        }
-        while jr.ring.front().is_some_and(|(s, _, _)| *s <= durable) {
+        while jr.ring.front().is_some_and(|r| r.seq <= durable && !r.writing) {
             jr.ring.pop_front();
         }
-        let (from, to) = (jr.blocks, st.open.blocks());
-        if to - from > MAX_ENTRY_BLOCKS {
+        jr.chains.retain(|s, _| *s > durable);
+        let last = seq != st.next_seq;
+        let Some(stripe) = (if last { st.sealing.get(&seq).map(|s| &**s) } else { Some(&st.open) }) else {
             return Ok(None);
-        }
-        let ext_from = jr.extents.saturating_sub(1);
+        };
+        let chain = jr.chains.entry(seq).or_default();
+        let (from, to) = (chain.taken.blocks, stripe.blocks());
+        let ext_from = chain.taken.extents.saturating_sub(1);
         let entry = JournalEntry {
             store_id: self.store.descriptor().store_id,
             vol_id: self.layout.vol_id,
             gen: j.gen,
             seq,
-            part: jr.next_part,
+            part: chain.next_part,
+            last,
             slot_from: from,
             ext_from,
-            extents: st.open.extents[ext_from as usize..].to_vec(),
-            block_hashes: st.open.hashes[from as usize..to as usize].to_vec(),
+            extents: stripe.extents[ext_from as usize..].to_vec(),
+            block_hashes: stripe.hashes[from as usize..to as usize].to_vec(),
         };
-        let data = &st.open.data[from as usize * BLOCK..to as usize * BLOCK];
+        let data = &stripe.data[from as usize * BLOCK..to as usize * BLOCK];
         let bytes = encode_journal_entry(&entry, data, self.store.key()?)?;
         let size = bytes.len() as u64;
-        let start = if jr.head.max(JOURNAL_ALIGN) + size <= j.len { jr.head.max(JOURNAL_ALIGN) } else { JOURNAL_ALIGN };
-        let overlaps = jr.ring.iter().any(|(_, s, e)| start < *e && *s < start + size);
+        let head = jr.head.max(JOURNAL_ALIGN);
+        let start = if head + size <= j.len { head } else { JOURNAL_ALIGN };
+        let overlaps = jr.ring.iter().any(|r| start < r.end && r.start < start + size);
         if start + size > j.len || overlaps {
             return Ok(None);
         }
-        Ok(Some(Pending { seq, start, bytes, blocks: to, extents: st.open.extents.len() as u32 }))
+        let marks = Marks { blocks: to, extents: stripe.extents.len() as u32, last };
+        let part = chain.next_part;
+        (chain.next_part, chain.taken) = (part + 1, marks);
+        jr.head = start + size;
+        jr.ring.push_back(Slot { seq, start, end: jr.head, writing: true });
+        jr.in_flight += 1;
+        Ok(Some(Pending { seq, part, start, bytes, marks }))
     }
 
     /// Writes an entry to every copy of the journal, in parallel, each durably.
@@ -232,11 +296,12 @@ impl BlockLog {
         (gen, holders)
     }
 
-    /// Rebuilds the open stripe `seq` from the unbroken chain of its journal entries of generation `gen`,
-    /// points the map at it and stores it as a stripe. Returns true when the chain held anything.
-    fn recover(&self, key: &str, gen: u64, holders: &[usize], seq: u64) -> Result<bool> {
+    /// Rebuilds, from the journal entries of generation `gen`, the stripes from `first` on that were not
+    /// stored: the unbroken chain of each, while the one before it was complete. Stores each as a stripe, in
+    /// order. Returns true when the journal held anything.
+    fn recover(&self, key: &str, gen: u64, holders: &[usize], first: u64) -> Result<bool> {
         let mkey = self.store.key()?;
-        let mut parts: BTreeMap<u32, (JournalEntry, Vec<u8>)> = BTreeMap::new();
+        let mut parts: BTreeMap<(u64, u32), (JournalEntry, Vec<u8>)> = BTreeMap::new();
         for &i in holders {
             let loc = &self.store.locations()[i];
             let bytes = match loc.get(key) {
@@ -248,17 +313,33 @@ impl BlockLog {
             };
             let what = format!("journal on {}", loc.name());
             scan(&bytes, mkey, gen, &what, |e, blocks| {
-                let ours = e.seq == seq && e.vol_id == self.layout.vol_id;
-                if ours && !parts.contains_key(&e.part) {
-                    parts.insert(e.part, (e, blocks.to_vec()));
+                let ours = e.seq >= first && e.vol_id == self.layout.vol_id;
+                if ours && !parts.contains_key(&(e.seq, e.part)) {
+                    parts.insert((e.seq, e.part), (e, blocks.to_vec()));
                 }
             });
         }
-        let stripe = chain(parts, self.opts.stripe_blocks);
-        if stripe.is_empty() {
-            return Ok(false);
+        let mut seq = first;
+        let mut any = false;
+        loop {
+            let mine: BTreeMap<u32, _> =
+                parts.range((seq, 0)..=(seq, u32::MAX)).map(|(k, v)| (k.1, v.clone())).collect();
+            let (stripe, complete) = chain(mine, self.opts.stripe_blocks);
+            if stripe.is_empty() {
+                return Ok(any);
+            }
+            tracing::info!(stripe = seq, blocks = stripe.blocks(), "recovered flushed writes from the journal");
+            self.store_recovered(stripe)?;
+            any = true;
+            if !complete {
+                return Ok(any);
+            }
+            seq += 1;
         }
-        tracing::info!(stripe = seq, blocks = stripe.blocks(), "recovered flushed writes from the journal");
+    }
+
+    /// Points the map at a stripe rebuilt from the journal and stores it as the next stripe.
+    fn store_recovered(&self, stripe: StripeData) -> Result<()> {
         let mut st = self.lock()?;
         let at = st.next_seq;
         st.stripes.insert(at, StripeInfo { seq: at, blocks: stripe.blocks(), record_len: 0, live: 0 });
@@ -271,9 +352,47 @@ impl BlockLog {
         }
         st.open = stripe;
         drop(st);
-        self.seal_flush()?;
-        Ok(true)
+        self.seal_flush()
     }
+}
+
+/// What a flush that started when the open stripe was `target = (seq, blocks, extents)` still needs: every
+/// stripe before `seq` stored or wholly journaled, and stripe `seq` stored or journaled up to those marks.
+fn journal_need(st: &State, target: (u64, u32, u32)) -> Need {
+    let (tseq, tblocks, textents) = target;
+    let jr = &st.journal;
+    for seq in st.durable + 1..=tseq {
+        let open = seq == st.next_seq;
+        let blocks = match (open, st.sealing.get(&seq)) {
+            _ if st.finished.contains(&seq) => continue,
+            (true, _) => st.open.blocks(),
+            (false, Some(s)) => s.blocks(),
+            // Neither open nor being stored nor stored: an empty open stripe that was never taken.
+            (false, None) => continue,
+        };
+        let want = (seq == tseq).then_some((tblocks, textents));
+        if want == Some((0, 0)) {
+            continue;
+        }
+        let chain = jr.chains.get(&seq);
+        let (durable, taken) = chain.map_or((Marks::default(), Marks::default()), |c| (c.durable, c.taken));
+        if durable.reach(want) {
+            continue;
+        }
+        if taken.reach(want) && !jr.broken {
+            return Need::Wait;
+        }
+        let too_big = blocks - taken.blocks > MAX_ENTRY_BLOCKS;
+        if jr.broken || too_big {
+            // An open stripe is sealed instead; a stripe being stored is waited for.
+            return if open { Need::Seal } else { Need::Wait };
+        }
+        if jr.in_flight >= MAX_IN_FLIGHT {
+            return Need::Wait;
+        }
+        return Need::Entry(seq);
+    }
+    Need::Done
 }
 
 /// Calls `found` with every valid entry of generation `gen` in a journal object.
@@ -292,20 +411,24 @@ fn scan<'a>(bytes: &'a [u8], key: &MasterKey, gen: u64, what: &str, mut found: i
     }
 }
 
-/// The open stripe that the unbroken chain of parts 0, 1, ... describes (empty when there is none).
-fn chain(parts: BTreeMap<u32, (JournalEntry, Vec<u8>)>, stripe_blocks: u32) -> StripeData {
+/// The stripe that the unbroken chain of parts 0, 1, ... describes (empty when there is none), and whether the
+/// chain ends with the stripe's last part.
+fn chain(parts: BTreeMap<u32, (JournalEntry, Vec<u8>)>, stripe_blocks: u32) -> (StripeData, bool) {
     let mut s = StripeData::default();
+    let mut complete = false;
     for (expect, (part, (e, blocks))) in parts.into_iter().enumerate() {
         let fits = s.blocks() as u64 + e.block_hashes.len() as u64 <= stripe_blocks as u64;
-        if part as usize != expect || e.slot_from != s.blocks() || e.ext_from as usize > s.extents.len() || !fits {
+        let follows = e.slot_from == s.blocks() && e.ext_from as usize <= s.extents.len();
+        if part as usize != expect || !follows || !fits || complete {
             break;
         }
         s.extents.truncate(e.ext_from as usize);
         s.extents.extend_from_slice(&e.extents);
         s.hashes.extend_from_slice(&e.block_hashes);
         s.data.extend_from_slice(&blocks);
+        complete = e.last;
     }
-    s
+    (s, complete)
 }
 
 #[cfg(test)]
@@ -327,6 +450,7 @@ mod tests {
             gen,
             seq: 5,
             part,
+            last: false,
             slot_from,
             ext_from,
             extents,
@@ -375,13 +499,18 @@ mod tests {
             1,
         );
         let p3 = entry(1, 3, 3, 1, vec![Extent { lba: 90, len: 1, slot: 3 }], 1);
-        let s = chain(parts(vec![p0.clone(), p1.clone(), p3]), 16);
+        let (s, complete) = chain(parts(vec![p0.clone(), p1.clone(), p3]), 16);
+        assert!(!complete);
         assert_eq!(s.blocks(), 3, "part 2 is missing: part 3 is not used");
         assert_eq!(s.extents, vec![Extent { lba: 10, len: 3, slot: 0 }, Extent { lba: 50, len: 4, slot: ZERO_SLOT }]);
         assert_eq!(s.data, [p0.1.clone(), p1.1.clone()].concat());
         let wrong_slot = entry(1, 1, 1, 0, vec![Extent { lba: 10, len: 2, slot: 0 }], 1);
-        assert_eq!(chain(parts(vec![p0.clone(), wrong_slot]), 16).blocks(), 2);
-        assert_eq!(chain(parts(vec![p0]), 1).blocks(), 0, "more blocks than a stripe holds");
-        assert!(chain(parts(vec![p1]), 16).is_empty(), "no part 0");
+        assert_eq!(chain(parts(vec![p0.clone(), wrong_slot]), 16).0.blocks(), 2);
+        assert_eq!(chain(parts(vec![p0.clone()]), 1).0.blocks(), 0, "more blocks than a stripe holds");
+        assert!(chain(parts(vec![p1.clone()]), 16).0.is_empty(), "no part 0");
+        let mut fin = p1;
+        fin.0.last = true;
+        let (s, complete) = chain(parts(vec![p0, fin]), 16);
+        assert!(complete && s.blocks() == 3, "a last part completes the stripe");
     }
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use super::tests::*;
 use super::*;
+use crate::error::{Error, Result};
 use crate::location::Location;
 use crate::testing::{test_bytes, MemLocation};
 
@@ -144,4 +145,120 @@ fn entries_put_back_after_a_recovery_are_not_replayed_over_newer_data() {
     let mut back = vec![0u8; 2 * BLOCK];
     log.read(10, &mut back).unwrap();
     assert!(back == test_bytes(2 * BLOCK, 2), "a stale journal entry was replayed over newer data");
+}
+
+/// Holds back, then fails, the stripe shard writes of its location (a slow disk that then dies).
+#[derive(Debug)]
+struct Gate {
+    inner: Arc<MemLocation>,
+    /// `None` while held; `Some(ok)` once released (shard writes then succeed or fail).
+    open: Arc<(std::sync::Mutex<Option<bool>>, std::sync::Condvar)>,
+}
+
+impl Gate {
+    fn pass(&self, key: &str) -> Result<()> {
+        if !key.contains("/log/") {
+            return Ok(());
+        }
+        let (lock, cv) = &*self.open;
+        let mut g = lock.lock().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while g.is_none() {
+            // Not forever: a flush that waits for a held stripe fails the test instead of hanging it.
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(Error::io("gate", std::io::Error::other("held too long")));
+            }
+            g = cv.wait_timeout(g, left).unwrap().0;
+        }
+        if *g == Some(true) {
+            Ok(())
+        } else {
+            Err(Error::io("gate", std::io::Error::other("disk died")))
+        }
+    }
+}
+
+impl Location for Gate {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn put(&self, key: &str, parts: &[&[u8]]) -> Result<()> {
+        self.pass(key)?;
+        self.inner.put(key, parts)
+    }
+    fn put_new(&self, key: &str, parts: &[&[u8]]) -> Result<()> {
+        self.pass(key)?;
+        self.inner.put_new(key, parts)
+    }
+    fn preallocate(&self, key: &str, len: u64) -> Result<bool> {
+        self.inner.preallocate(key, len)
+    }
+    fn write_at(&self, key: &str, offset: u64, parts: &[&[u8]]) -> Result<()> {
+        self.inner.write_at(key, offset, parts)
+    }
+    fn get_into(&self, key: &str, buf: &mut Vec<u8>) -> Result<()> {
+        self.inner.get_into(key, buf)
+    }
+    fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+        self.inner.get_range(key, offset, len)
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        self.inner.list(prefix)
+    }
+    fn delete(&self, key: &str) -> Result<()> {
+        self.inner.delete(key)
+    }
+    fn delete_prefix(&self, prefix: &str) -> Result<()> {
+        self.inner.delete_prefix(prefix)
+    }
+    fn sync(&self) -> Result<()> {
+        self.inner.sync()
+    }
+    fn probe(&self) -> Result<()> {
+        self.inner.probe()
+    }
+}
+
+/// A flush while a full stripe is still being stored journals the rest of that stripe too, instead of waiting
+/// for it; when the stripe then never reaches the locations, reopening recovers it and the open stripe after it.
+#[test]
+fn a_flush_does_not_wait_for_a_stripe_being_stored_and_loses_nothing_when_it_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = new_log(dir.path(), 2, 1, 3);
+    let open_gate = Arc::new((std::sync::Mutex::new(None), std::sync::Condvar::new()));
+    let gates: Vec<Arc<dyn Location>> =
+        mem.iter().map(|m| Arc::new(Gate { inner: m.clone(), open: open_gate.clone() }) as Arc<dyn Location>).collect();
+    let log = BlockLog::open(
+        store_over(dir.path(), gates),
+        &[7; 16],
+        LogOptions { checkpoint_stripes: u64::MAX, journal_bytes: Some(256 << 10), ..opts() },
+    )
+    .unwrap();
+    let mut model = Model::new();
+    put(&log, &mut model, 100, &test_bytes(5 * BLOCK, 1));
+    log.flush().unwrap(); // part 0 of stripe 1
+    let full = test_bytes(11 * BLOCK, 2);
+    for (i, b) in full.chunks_exact(BLOCK).enumerate() {
+        model.blocks[300 + i] = b.to_vec();
+    }
+    std::thread::scope(|s| {
+        // This write fills stripe 1; its writer seals it and is held at the gate.
+        let filler = s.spawn(|| log.write(300, &full, false));
+        while log.lock().unwrap().sealing.is_empty() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        put(&log, &mut model, 700, &test_bytes(2 * BLOCK, 3));
+        log.flush().unwrap(); // the rest of stripe 1 (last part), then part 0 of stripe 2
+        assert_eq!(stripe_shards(&mem), 0, "the flush returned before any stripe shard was written");
+        let (lock, cv) = &*open_gate;
+        *lock.lock().unwrap() = Some(false);
+        cv.notify_all();
+        assert!(filler.join().unwrap().is_ok(), "the filling write itself was not a flush");
+    });
+    assert!(log.flush().is_err(), "stripe 1 could not be stored: the log is read-only now");
+    drop(log);
+    let log = open(dir.path(), as_locations(&mem));
+    assert_reads(&log, &model);
+    assert_eq!(log.stats().unwrap().stripes, 2, "stripe 1 and the open stripe after it, recovered");
 }
