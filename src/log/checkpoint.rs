@@ -89,6 +89,11 @@ impl BlockLog {
         })
     }
 
+    /// True when stripes are stored that the last checkpoint does not cover.
+    fn uncovered(&self) -> bool {
+        self.state.lock().is_ok_and(|st| st.ckpt.seq < st.durable)
+    }
+
     /// Stops the background checkpointer and writes a last checkpoint (a clean close replays nothing).
     pub fn close(&self) -> Result<()> {
         if let Ok(mut s) = self.stop.lock() {
@@ -142,18 +147,23 @@ pub(super) fn checkpointer(log: Weak<BlockLog>) {
             return;
         }
         let mut busy = false;
+        let mut starved = false;
         if l.clean_due() {
             match l.clean(CLEAN_BLOCKS_PER_ROUND) {
-                Ok(moved) => busy = moved > 0,
+                Ok(moved) => {
+                    busy = moved > 0;
+                    // Garbage, but no victim a checkpoint covers yet: a checkpoint makes some.
+                    starved = moved == 0 && l.uncovered();
+                }
                 Err(e) => tracing::warn!(error = %e, "cleaning failed"),
             }
         }
-        if busy || l.checkpoint_due() {
+        if busy || starved || l.checkpoint_due() {
             if let Err(e) = l.checkpoint() {
                 tracing::warn!(error = %e, "background checkpoint failed (the log replays instead)");
             }
         }
-        if busy {
+        if busy || starved {
             continue;
         }
         let Ok(guard) = l.stop.lock() else { return };

@@ -8,17 +8,52 @@ use crate::format::log::{MapEntry, RecordBody, StripeInfo, BLOCK};
 
 use super::{stripe_io, BlockLog, State};
 
-/// A stripe is worth cleaning when less than this share of its blocks is live.
-const LIVE_BELOW: f64 = 0.5;
+/// What the writers last saw of the space used.
+pub(super) struct SpaceCheck {
+    at: std::time::Instant,
+    stripes: usize,
+    over: bool,
+}
+
+/// How stale the writers' view of the space used may be.
+const SPACE_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// A stripe is worth cleaning when less than this share of its blocks is live (below 1 / `THROTTLE_ABOVE`, so
+/// that there are always victims when writers wait).
+const LIVE_BELOW: f64 = 0.6;
+/// The cleaner starts when the stripes hold this many times the live blocks (plus a stripe).
+const CLEAN_ABOVE: f64 = 1.75;
+/// Writers wait for the cleaner when the stripes hold this many times the live blocks (plus a few stripes):
+/// with k+m shards per k data, the space at rest stays within 2 x (k+m)/k of the live data.
+const THROTTLE_ABOVE: f64 = 1.9;
 
 impl BlockLog {
-    /// True when the stripes hold more than twice the live blocks (the log has garbage worth reclaiming).
+    /// Stored blocks and live blocks over every stripe.
+    fn space(st: &State) -> (u64, u64) {
+        st.stripes.values().fold((0u64, 0u64), |(b, l), s| (b + s.blocks as u64, l + s.live as u64))
+    }
+
+    /// True when the stripes hold enough garbage that the cleaner should reclaim it.
     pub(super) fn clean_due(&self) -> bool {
         self.state.lock().is_ok_and(|st| {
-            let (blocks, live) =
-                st.stripes.values().fold((0u64, 0u64), |(b, l), s| (b + s.blocks as u64, l + s.live as u64));
-            st.failed.is_none() && blocks > 2 * live + self.opts.stripe_blocks as u64
+            let (blocks, live) = Self::space(&st);
+            st.failed.is_none() && blocks as f64 > CLEAN_ABOVE * live as f64 + self.opts.stripe_blocks as f64
         })
+    }
+
+    /// True when writers should wait for the cleaner. Walking the stripe table is done again only when a
+    /// stripe was added or removed since, or a few milliseconds passed.
+    pub(super) fn over_space(&self, st: &mut State) -> bool {
+        let now = std::time::Instant::now();
+        let n = st.stripes.len();
+        let stale = |c: &SpaceCheck| c.stripes != n || now.duration_since(c.at) > SPACE_CHECK_EVERY;
+        if st.space_checked.as_ref().is_none_or(stale) {
+            let (blocks, live) = Self::space(st);
+            let slack = 4.0 * self.opts.stripe_blocks as f64;
+            let over = blocks as f64 > THROTTLE_ABOVE * live as f64 + slack;
+            st.space_checked = Some(SpaceCheck { at: now, stripes: n, over });
+        }
+        st.space_checked.as_ref().is_some_and(|c| c.over)
     }
 
     /// Moves the live blocks of up to `budget` blocks' worth of victim stripes into the open stripe; returns
@@ -89,7 +124,7 @@ impl BlockLog {
     fn move_blocks(&self, rec: &RecordBody, lba: u64, slot: u32, cipher: &[u8]) -> Result<u64> {
         let mut moved = 0;
         for (i, block) in cipher.chunks_exact(BLOCK).enumerate() {
-            let mut st = self.writable()?;
+            let mut st = self.writable_for_cleaner()?;
             if !self.points_at(&mut st, lba + i as u64, rec.seq, slot + i as u32)? {
                 continue;
             }

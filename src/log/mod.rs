@@ -72,6 +72,10 @@ impl Default for LogOptions {
     }
 }
 
+/// Longest a write waits for the cleaner before it goes ahead anyway (the space bound is then exceeded for a
+/// while rather than a write stalling).
+const MAX_THROTTLE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Blocks per map page of new logs: 4096 (16 MiB of volume per page).
 pub const ENTRIES_PER_PAGE: u32 = 4096;
 
@@ -139,6 +143,8 @@ struct State {
     ckpt: CheckpointBody,
     sealed_since_ckpt: u64,
     journal: journal::JournalState,
+    /// What the writers last saw of the space used.
+    space_checked: Option<clean::SpaceCheck>,
 }
 
 impl BlockLog {
@@ -200,6 +206,7 @@ impl BlockLog {
             sealed_since_ckpt: 0,
             ckpt,
             journal: Default::default(),
+            space_checked: None,
         };
         let log = Arc::new(BlockLog {
             blocks: state.ckpt.blocks(),
@@ -307,17 +314,38 @@ impl BlockLog {
         Ok(())
     }
 
-    /// Waits for room to write (a bounded number of stripes being sealed) and checks the log is not failed.
+    /// Waits for room to write (a bounded number of stripes being sealed, and space at rest within bounds: the
+    /// cleaner is woken and waited for, up to [`MAX_THROTTLE`]) and checks the log is not failed.
     fn writable(&self) -> Result<MutexGuard<'_, State>> {
+        self.room(true)
+    }
+
+    /// [`Self::writable`] for the cleaner, which makes the room writers wait for: no space bound.
+    fn writable_for_cleaner(&self) -> Result<MutexGuard<'_, State>> {
+        self.room(false)
+    }
+
+    fn room(&self, throttle: bool) -> Result<MutexGuard<'_, State>> {
         let mut st = self.lock()?;
+        let mut throttled: Option<std::time::Instant> = None;
         loop {
             if let Some(f) = &st.failed {
                 return Err(Error::ReadOnly(format!("the volume (a stripe could not be stored: {f})")));
             }
-            if st.sealing.len() < self.opts.max_sealing {
+            let patient = throttled.is_none_or(|t| t.elapsed() < MAX_THROTTLE);
+            let over = throttle && patient && self.over_space(&mut st);
+            if st.sealing.len() < self.opts.max_sealing && !over {
                 return Ok(st);
             }
-            st = self.changed.wait(st).map_err(|_| Error::internal("log state poisoned by a panic"))?;
+            let poisoned = || Error::internal("log state poisoned by a panic");
+            if over {
+                throttled.get_or_insert_with(std::time::Instant::now);
+                self.wake.notify_all();
+                let pause = std::time::Duration::from_millis(10);
+                st = self.changed.wait_timeout(st, pause).map_err(|_| poisoned())?.0;
+            } else {
+                st = self.changed.wait(st).map_err(|_| poisoned())?;
+            }
         }
     }
 

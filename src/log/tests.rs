@@ -432,6 +432,35 @@ fn the_cleaner_bounds_space_under_random_overwrite() {
     assert_reads(&log, &model);
 }
 
+/// Sustained random overwrite with no help from the caller: the background cleaner, and writers waiting for it
+/// when it falls behind, keep the stripes within about twice the live blocks at every moment.
+#[test]
+fn writers_wait_for_the_cleaner_so_space_stays_bounded_at_all_times() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = new_log(dir.path(), 2, 1, 3);
+    let log = open(dir.path(), as_locations(&mem));
+    let mut model = Model::new();
+    let mut rng = StdRng::seed_from_u64(9);
+    let region = 512u64;
+    let stripe = opts().stripe_blocks as u64;
+    let mut worst = 0.0f64;
+    for i in 0..8 * region {
+        let lba = rng.gen_range(0..region);
+        let data = test_bytes(BLOCK, rng.gen());
+        log.write(lba, &data, false).unwrap();
+        model.blocks[lba as usize] = data;
+        if i % 16 == 0 && i > 2 * region {
+            let s = log.stats().unwrap();
+            // The bound writers wait at, plus the stripes being filled and stored meanwhile.
+            let bound = 1.9 * s.live_blocks as f64 + (4 + 2 + opts().max_sealing as u64) as f64 * stripe as f64;
+            worst = worst.max(s.blocks as f64 / s.live_blocks as f64);
+            assert!(s.blocks as f64 <= bound, "write {i}: {s:?} is over {bound}");
+        }
+    }
+    assert!(worst > 1.2, "the overwrite made garbage ({worst:.2} x live at worst)");
+    assert_reads(&log, &model);
+}
+
 /// A crash that left a stripe with only k of its k+m shards: replay keeps it (it is readable) and gives it its
 /// redundancy back, so losing m locations afterwards loses nothing.
 #[test]
