@@ -203,20 +203,23 @@ print("ok")
     }
 }
 
+/// fio random read/write with crc32c verification over a working set many times the volume cache (1 MiB:
+/// 16 map pages of 16 MiB each and 16 stripe records, against 320 MiB: 20 map pages and 80 stripes).
 #[test]
 fn fio_random_read_write_with_verify() {
     if !have("fio") {
         return;
     }
-    let env = volume_env("64M");
-    let srv = Server::start(&env, &[]);
+    let env = volume_env("512M");
+    let srv = Server::start(&env, &["--cache-mb", "1"]);
     let out = ok(Command::new("fio").current_dir(env.dir.path()).args([
         "--name=bfverify",
         "--ioengine=nbd",
         &format!("--uri={}", srv.uri("disk")),
         "--rw=randrw",
         "--bs=4k",
-        "--size=16M",
+        "--size=320M",
+        "--fsync=64",
         "--iodepth=8",
         "--verify=crc32c",
         "--do_verify=1",
@@ -348,8 +351,8 @@ print("ok")
     check("after losing m locations");
 }
 
-/// `bf scrub` walks volumes too: damage on one location is found (exit 3), repaired, and a second scrub is clean;
-/// the data served afterwards is unchanged.
+/// `bf scrub` walks volumes too: every shard of every stripe lost on one location and corrupt on another (m = 2)
+/// is found (exit 3) and repaired, and a second scrub is clean; the data served afterwards is unchanged.
 #[test]
 fn scrub_repairs_volume_shards() {
     if !have("qemu-img") {
@@ -374,11 +377,25 @@ fn scrub_repairs_volume_shards() {
         removed += 1;
     }
     assert!(removed > 0);
+    // And corrupt every volume shard on a second location (m = 2): a byte flipped in its data part.
+    let mut corrupted = 0;
+    for f in crate::util::files_under(&env.location(4).join("logvol"))
+        .iter()
+        .filter(|p| p.to_string_lossy().contains("/log/"))
+    {
+        let mut bytes = std::fs::read(f).unwrap();
+        let at = 128 + (bytes.len() - 128) / 3;
+        bytes[at] ^= 0x5a;
+        std::fs::write(f, bytes).unwrap();
+        corrupted += 1;
+    }
+    assert!(corrupted > 0);
     let o = env.run(&["scrub", "--repair", "--json"]);
     assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stdout));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["volumes"][0]["shards"]["missing"], removed);
-    assert_eq!(v["volumes"][0]["shards_repaired"], removed);
+    assert_eq!(v["volumes"][0]["shards"]["corrupt"], corrupted);
+    assert_eq!(v["volumes"][0]["shards_repaired"], removed + corrupted);
     env.ok(&["scrub"]);
     let srv = Server::start(&env, &["--read-only"]);
     ok(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&img).arg(srv.uri("disk")));
@@ -386,16 +403,23 @@ fn scrub_repairs_volume_shards() {
 }
 
 /// xfstests' fsx and fsstress (built by `scripts/test` from `../shared/third_party/fs-exercisers`) on ext4 over a
-/// log volume, through nbdfuse and a loop device; then `e2fsck -fn` is clean after a server restart.
+/// log volume, through nbdfuse and a loop device, with a real tree copied in first; then, after a server
+/// restart, `e2fsck -fn` is clean and the tree reads back equal.
 #[test]
 fn fsx_and_fsstress_on_ext4_over_a_volume() {
     let tools = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/fs-exercisers");
     let (fsx, fsstress) = (tools.join("fsx"), tools.join("fsstress"));
-    if !fsx.exists() || !fsstress.exists() || !have("nbdfuse") || !have("losetup") || !crate::util::is_root() {
-        eprintln!("skipped: needs root, nbdfuse, losetup and the fs exercisers in target/tools");
+    if !have("nbdfuse") || !have("losetup") || !have("mkfs.ext4") || !crate::util::is_root() {
+        eprintln!("skipped: needs root, nbdfuse, losetup and mkfs.ext4");
         return;
     }
+    let exercisers = fsx.exists() && fsstress.exists();
+    if !exercisers {
+        eprintln!("fsx and fsstress skipped: scripts/test builds them into target/tools when ../shared has them");
+    }
     let env = volume_env("256M");
+    // A real tree (this crate's sources) is copied in first and compared after the restart.
+    let tree = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let (fuse, mnt) = (env.path("fuse"), env.path("mnt"));
     std::fs::create_dir_all(&fuse).unwrap();
     std::fs::create_dir_all(&mnt).unwrap();
@@ -421,14 +445,20 @@ fn fsx_and_fsstress_on_ext4_over_a_volume() {
     run(&srv, &|dev| {
         ok(Command::new("mkfs.ext4").args(["-q", "-F", dev]));
         ok(Command::new("mount").arg(dev).arg(&mnt));
-        ok(Command::new(&fsstress).arg("-d").arg(mnt.join("stress")).args(["-n", "1500", "-p", "4", "-s", "7"]));
-        ok(Command::new(&fsx).args(["-N", "3000", "-S", "11", "-q"]).arg(mnt.join("fsx.file")));
+        ok(Command::new("cp").arg("-a").arg(&tree).arg(mnt.join("tree")));
+        if exercisers {
+            ok(Command::new(&fsstress).arg("-d").arg(mnt.join("stress")).args(["-n", "1500", "-p", "4", "-s", "7"]));
+            ok(Command::new(&fsx).args(["-N", "3000", "-S", "11", "-q"]).arg(mnt.join("fsx.file")));
+        }
         ok(Command::new("umount").arg(&mnt));
     });
     srv.stop();
     let srv = Server::start(&env, &["--read-only"]);
     run(&srv, &|dev| {
         ok(Command::new("e2fsck").args(["-fn", dev]));
+        ok(Command::new("mount").args(["-o", "ro,noload"]).arg(dev).arg(&mnt));
+        ok(Command::new("diff").arg("-r").arg(&tree).arg(mnt.join("tree")));
+        ok(Command::new("umount").arg(&mnt));
     });
     srv.stop();
 }
