@@ -333,7 +333,21 @@ pub fn checkpoint_key(vol_id: &[u8; 16]) -> String {
 
 /// Object key of a map page.
 pub fn log_page_key(vol_id: &[u8; 16], page: u32, gen: u64) -> String {
-    format!("{}/map/{page:08x}-{gen:016x}", log_prefix(vol_id))
+    format!("{}/{page:08x}-{gen:016x}", log_page_dir(vol_id))
+}
+
+/// Listing directory of a log volume's map pages.
+pub fn log_page_dir(vol_id: &[u8; 16]) -> String {
+    format!("{}/map", log_prefix(vol_id))
+}
+
+/// Parses a map page object's name (the last part of [`log_page_key`]) into `(page, gen)`.
+pub fn parse_page_name(name: &str) -> Option<(u32, u64)> {
+    let (page, gen) = name.split_once('-')?;
+    if page.len() != 8 || gen.len() != 16 {
+        return None;
+    }
+    Some((u32::from_str_radix(page, 16).ok()?, u64::from_str_radix(gen, 16).ok()?))
 }
 
 /// Listing directory of the stripes `dir * STRIPES_PER_DIR ..`.
@@ -394,6 +408,17 @@ mod tests {
         let mut bad = record();
         bad.extents.push(Extent { lba: 5, len: 2, slot: 2 });
         assert!(decode_record(&encode_record(&bad, &key).unwrap(), Some(&key), "r").is_err());
+    }
+
+    #[test]
+    fn page_names_parse() {
+        let key = log_page_key(&[1; 16], 0x2a, 7);
+        let name = key.rsplit('/').next().unwrap();
+        assert_eq!(parse_page_name(name), Some((0x2a, 7)));
+        assert!(key.starts_with(&log_page_dir(&[1; 16])));
+        for bad in ["", "2a-7", "0000002a-", "0000002a-000000000000000g", "0000002a_0000000000000007"] {
+            assert_eq!(parse_page_name(bad), None, "{bad}");
+        }
     }
 
     #[test]

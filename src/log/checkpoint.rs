@@ -89,6 +89,24 @@ impl BlockLog {
         })
     }
 
+    /// Deletes the map page objects the current checkpoint does not reference: copies written by a checkpoint
+    /// that a crash interrupted, or superseded ones a crash kept from being deleted. Called at open, once a
+    /// checkpoint written then is stored (on at least m+1 locations, so no older one can be needed again).
+    pub(super) fn collect_page_garbage(&self) -> Result<()> {
+        let live: Vec<u64> = self.lock()?.ckpt.pages.iter().map(|p| p.gen).collect();
+        let dir = log_page_dir(&self.layout.vol_id);
+        for loc in self.store.locations() {
+            let Ok(names) = loc.list(&dir) else { continue };
+            for (page, gen) in names.iter().filter_map(|n| parse_page_name(n)) {
+                if live.get(page as usize) != Some(&gen) {
+                    tracing::debug!(location = loc.name(), page, gen, "deleting an unreferenced map page");
+                    let _ = loc.delete(&log_page_key(&self.layout.vol_id, page, gen));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// True when stripes are stored that the last checkpoint does not cover.
     fn uncovered(&self) -> bool {
         self.state.lock().is_ok_and(|st| st.ckpt.seq < st.durable)

@@ -225,7 +225,9 @@ impl BlockLog {
         let (replayed, first_missing) = log.replay()?;
         let recovered = log.open_journal(first_missing)?;
         if replayed || recovered {
+            // After a crash: cover what replay found, then drop what the crash left half-done.
             log.checkpoint()?;
+            log.collect_page_garbage()?;
         }
         let weak = Arc::downgrade(&log);
         std::thread::Builder::new()

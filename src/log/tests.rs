@@ -524,3 +524,34 @@ fn replay_drops_a_stripe_whose_shards_are_torn() {
     log.read(0, &mut back).unwrap();
     assert!(back == old, "the torn stripe is dropped; the flushed one before it stays");
 }
+
+/// Map page copies no checkpoint references (from a checkpoint a crash interrupted) are deleted when the reopen
+/// after the crash has written its checkpoint; referenced ones stay.
+#[test]
+fn a_reopen_after_a_crash_deletes_unreferenced_map_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = new_log(dir.path(), 2, 1, 3);
+    let cds = Countdown::wrap(&mem, i64::MAX);
+    let log = open(dir.path(), cds.iter().map(|c| c.clone() as Arc<dyn Location>).collect());
+    let data = test_bytes(40 * BLOCK, 5);
+    log.write(0, &data, false).unwrap();
+    log.checkpoint().unwrap();
+    log.write(100, &test_bytes(BLOCK, 6), true).unwrap();
+    let stray = log_page_key(&[7; 16], 1, 999);
+    for m in &mem {
+        m.put(&stray, &[b"left by an interrupted checkpoint"]).unwrap();
+    }
+    Countdown::crash(&cds);
+    drop(log);
+    let pages = |mem: &[Arc<MemLocation>]| -> Vec<String> {
+        mem.iter().flat_map(|m| m.keys().unwrap()).filter(|k| k.contains("/map/")).collect()
+    };
+    assert!(pages(&mem).contains(&stray));
+    let log = open(dir.path(), as_locations(&mem));
+    let left = pages(&mem);
+    assert!(!left.contains(&stray), "{left:?}");
+    assert!(!left.is_empty(), "the referenced pages stay");
+    let mut back = vec![0u8; 40 * BLOCK];
+    log.read(0, &mut back).unwrap();
+    assert!(back == data);
+}
