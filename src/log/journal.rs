@@ -222,14 +222,25 @@ impl BlockLog {
         outcomes.into_iter().collect()
     }
 
-    /// At open, after the stripes are replayed: rebuilds from the journal what it holds of stripe `first_missing`
-    /// (the first one not on the locations) and stores it as a stripe; then starts a new journal generation.
-    /// Returns true when anything was recovered.
-    pub(super) fn open_journal(&self, first_missing: u64) -> Result<bool> {
-        let Some(len) = self.journal_len() else { return Ok(false) };
+    /// At open, after the stripes are replayed: rebuilds from the journal what it holds of the stripes from
+    /// `first_missing` (the first one not on the locations) on, and stores them as stripes. Returns true when
+    /// anything was recovered.
+    pub(super) fn recover_journal(&self, first_missing: u64) -> Result<bool> {
+        if self.journal_len().is_none() {
+            return Ok(false);
+        }
         let key = journal_key(&self.layout.vol_id);
         let (gen, holders) = self.journal_headers(&key);
-        let recovered = gen > 0 && self.recover(&key, gen, &holders, first_missing)?;
+        Ok(gen > 0 && self.recover(&key, gen, &holders, first_missing)?)
+    }
+
+    /// Starts a new journal generation on m+1 locations, which makes every entry of the old one dead: only once
+    /// a checkpoint covers what [`Self::recover_journal`] stored (until then, a crash recovers it again; after
+    /// it, the old entries are of stripes the checkpoint covers).
+    pub(super) fn start_journal(&self) -> Result<()> {
+        let Some(len) = self.journal_len() else { return Ok(()) };
+        let key = journal_key(&self.layout.vol_id);
+        let (gen, holders) = self.journal_headers(&key);
         let header =
             JournalHeader { store_id: self.store.descriptor().store_id, vol_id: self.layout.vol_id, gen: gen + 1, len };
         let page = encode_journal_header(&header, self.store.key()?)?;
@@ -264,7 +275,7 @@ impl BlockLog {
         } else {
             let _ = self.journal.set(Journal { key, len, gen: gen + 1, copies });
         }
-        Ok(recovered)
+        Ok(())
     }
 
     /// Journal size for this volume, or `None` when the journal is off.
@@ -364,7 +375,9 @@ fn journal_need(st: &State, target: (u64, u32, u32)) -> Need {
     for seq in st.durable + 1..=tseq {
         let open = seq == st.next_seq;
         let blocks = match (open, st.sealing.get(&seq)) {
-            _ if st.finished.contains(&seq) => continue,
+            // Stored, but after a stripe that is not: replay would stop at that one and drop this one, so it
+            // counts only once every stripe before it is stored.
+            _ if st.finished.contains(&seq) => return Need::Wait,
             (true, _) => st.open.blocks(),
             (false, Some(s)) => s.blocks(),
             // Neither open nor being stored nor stored: an empty open stripe that was never taken.

@@ -1,6 +1,7 @@
 //! The flush journal: short flushes write no stripe, survive crashes and the loss of m locations, are recovered
 //! once, wrap around the ring, and serve concurrent flushers together.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use super::tests::*;
@@ -17,11 +18,16 @@ fn over(cds: &[Arc<Countdown>]) -> Vec<Arc<dyn Location>> {
     cds.iter().map(|c| c.clone() as Arc<dyn Location>).collect()
 }
 
-/// Writes `data` at `lba` into the log and the model.
-fn put(log: &BlockLog, model: &mut Model, lba: u64, data: &[u8]) {
+/// Writes `data` at `lba` into the model.
+fn model_put(model: &mut Model, lba: u64, data: &[u8]) {
     for (i, b) in data.chunks_exact(BLOCK).enumerate() {
         model.blocks[lba as usize + i] = b.to_vec();
     }
+}
+
+/// Writes `data` at `lba` into the log and the model.
+fn put(log: &BlockLog, model: &mut Model, lba: u64, data: &[u8]) {
+    model_put(model, lba, data);
     log.write(lba, data, false).unwrap();
 }
 
@@ -147,20 +153,37 @@ fn entries_put_back_after_a_recovery_are_not_replayed_over_newer_data() {
     assert!(back == test_bytes(2 * BLOCK, 2), "a stale journal entry was replayed over newer data");
 }
 
-/// Holds back, then fails, the stripe shard writes of its location (a slow disk that then dies).
+/// A release signal shared by the gates of a store: `None` while held, `Some(pass)` once released, `pass`
+/// naming the one location whose held writes then succeed (the others fail).
+type Release = Arc<(std::sync::Mutex<Option<Option<usize>>>, std::sync::Condvar)>;
+
+/// A location that holds back the shard writes of one stripe (or of every stripe) until released, then lets
+/// them succeed on one chosen location and fail on the others (a slow disk that then dies). With
+/// `refuse_others`, every other put fails at once (a crash while the log checkpoints).
 #[derive(Debug)]
 struct Gate {
     inner: Arc<MemLocation>,
-    /// `None` while held; `Some(ok)` once released (shard writes then succeed or fail).
-    open: Arc<(std::sync::Mutex<Option<bool>>, std::sync::Condvar)>,
+    index: usize,
+    /// The stripe whose shards are held; `None` for every stripe.
+    seq: Option<u64>,
+    refuse_others: bool,
+    release: Release,
 }
 
 impl Gate {
     fn pass(&self, key: &str) -> Result<()> {
-        if !key.contains("/log/") {
+        let shard = key.contains("/log/");
+        if !shard {
+            return if self.refuse_others {
+                Err(Error::io("gate", std::io::Error::other("power lost")))
+            } else {
+                Ok(())
+            };
+        }
+        if self.seq.is_some_and(|seq| !key.contains(&format!("/{seq:016x}."))) {
             return Ok(());
         }
-        let (lock, cv) = &*self.open;
+        let (lock, cv) = &*self.release;
         let mut g = lock.lock().unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while g.is_none() {
@@ -171,12 +194,44 @@ impl Gate {
             }
             g = cv.wait_timeout(g, left).unwrap().0;
         }
-        if *g == Some(true) {
+        if *g == Some(Some(self.index)) {
             Ok(())
         } else {
             Err(Error::io("gate", std::io::Error::other("disk died")))
         }
     }
+}
+
+/// Gates over every location of `mem`, sharing one release.
+fn gated(mem: &[Arc<MemLocation>], seq: Option<u64>, refuse_others: bool) -> (Vec<Arc<dyn Location>>, Release) {
+    let release: Release = Arc::new((std::sync::Mutex::new(None), std::sync::Condvar::new()));
+    let locs = mem
+        .iter()
+        .enumerate()
+        .map(|(index, m)| {
+            let g = Gate { inner: m.clone(), index, seq, refuse_others, release: release.clone() };
+            Arc::new(g) as Arc<dyn Location>
+        })
+        .collect();
+    (locs, release)
+}
+
+/// Lets the held writes through on location `pass` only (`None`: on none).
+fn release(r: &Release, pass: Option<usize>) {
+    *r.0.lock().unwrap() = Some(pass);
+    r.1.notify_all();
+}
+
+/// Waits until a stripe is being stored (its writer is held at the gate).
+fn until_sealing(log: &BlockLog) {
+    while log.lock().unwrap().sealing.is_empty() {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+fn gated_log(dir: &Path, locs: Vec<Arc<dyn Location>>) -> Arc<BlockLog> {
+    let opts = LogOptions { checkpoint_stripes: u64::MAX, journal_bytes: Some(256 << 10), ..opts() };
+    BlockLog::open(store_over(dir, locs), &[7; 16], opts).unwrap()
 }
 
 impl Location for Gate {
@@ -226,34 +281,21 @@ impl Location for Gate {
 fn a_flush_does_not_wait_for_a_stripe_being_stored_and_loses_nothing_when_it_fails() {
     let dir = tempfile::tempdir().unwrap();
     let mem = new_log(dir.path(), 2, 1, 3);
-    let open_gate = Arc::new((std::sync::Mutex::new(None), std::sync::Condvar::new()));
-    let gates: Vec<Arc<dyn Location>> =
-        mem.iter().map(|m| Arc::new(Gate { inner: m.clone(), open: open_gate.clone() }) as Arc<dyn Location>).collect();
-    let log = BlockLog::open(
-        store_over(dir.path(), gates),
-        &[7; 16],
-        LogOptions { checkpoint_stripes: u64::MAX, journal_bytes: Some(256 << 10), ..opts() },
-    )
-    .unwrap();
+    let (locs, gate) = gated(&mem, None, false);
+    let log = gated_log(dir.path(), locs);
     let mut model = Model::new();
     put(&log, &mut model, 100, &test_bytes(5 * BLOCK, 1));
     log.flush().unwrap(); // part 0 of stripe 1
     let full = test_bytes(11 * BLOCK, 2);
-    for (i, b) in full.chunks_exact(BLOCK).enumerate() {
-        model.blocks[300 + i] = b.to_vec();
-    }
+    model_put(&mut model, 300, &full);
     std::thread::scope(|s| {
         // This write fills stripe 1; its writer seals it and is held at the gate.
         let filler = s.spawn(|| log.write(300, &full, false));
-        while log.lock().unwrap().sealing.is_empty() {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        until_sealing(&log);
         put(&log, &mut model, 700, &test_bytes(2 * BLOCK, 3));
         log.flush().unwrap(); // the rest of stripe 1 (last part), then part 0 of stripe 2
         assert_eq!(stripe_shards(&mem), 0, "the flush returned before any stripe shard was written");
-        let (lock, cv) = &*open_gate;
-        *lock.lock().unwrap() = Some(false);
-        cv.notify_all();
+        release(&gate, None);
         assert!(filler.join().unwrap().is_ok(), "the filling write itself was not a flush");
     });
     assert!(log.flush().is_err(), "stripe 1 could not be stored: the log is read-only now");
@@ -261,4 +303,76 @@ fn a_flush_does_not_wait_for_a_stripe_being_stored_and_loses_nothing_when_it_fai
     let log = open(dir.path(), as_locations(&mem));
     assert_reads(&log, &model);
     assert_eq!(log.stats().unwrap().stripes, 2, "stripe 1 and the open stripe after it, recovered");
+}
+
+/// Stripe 2 is stored before stripe 1 (out of order) while stripe 1 is only journaled: a flush must not count
+/// stripe 2 as done, because replay stops at the missing stripe 1 and drops stripe 2. (It waits for stripe 1
+/// instead; here stripe 1 fails, so the flush fails and nothing it covered was acknowledged.)
+#[test]
+fn a_stripe_stored_after_one_that_is_only_journaled_is_not_counted_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = new_log(dir.path(), 2, 1, 3);
+    let (locs, gate) = gated(&mem, Some(1), false);
+    let log = gated_log(dir.path(), locs);
+    let mut model = Model::new();
+    put(&log, &mut model, 100, &test_bytes(5 * BLOCK, 1));
+    log.flush().unwrap(); // part 0 of stripe 1
+    let full = test_bytes(11 * BLOCK, 2);
+    model_put(&mut model, 300, &full);
+    let mut unacked: Vec<u64> = Vec::new();
+    std::thread::scope(|s| {
+        let filler = s.spawn(|| log.write(300, &full, false)); // fills stripe 1, held at the gate
+        until_sealing(&log);
+        put(&log, &mut model, 800, &test_bytes(16 * BLOCK, 3)); // fills stripe 2: stored at once
+        assert!(log.lock().unwrap().finished.contains(&2), "stripe 2 stored before stripe 1");
+        put(&log, &mut model, 700, &test_bytes(2 * BLOCK, 4)); // open stripe 3
+        let flusher = s.spawn(|| log.flush());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(!flusher.is_finished(), "the flush waits for stripe 1");
+        release(&gate, None);
+        let _ = filler.join().unwrap();
+        if flusher.join().unwrap().is_err() {
+            unacked.extend((300..311).chain(700..702).chain(800..816));
+        }
+    });
+    drop(log);
+    let log = open(dir.path(), as_locations(&mem));
+    for b in unacked {
+        // Not acknowledged: old (zeros) or new.
+        let mut got = vec![0u8; BLOCK];
+        log.read(b, &mut got).unwrap();
+        assert!(got == vec![0; BLOCK] || got == model.blocks[b as usize], "unacknowledged block {b} is garbage");
+        model.blocks[b as usize] = got;
+    }
+    assert_reads(&log, &model);
+}
+
+/// A torn stripe at the tail (one shard, below k) plus journal entries for it and the stripe after it: the
+/// reopen recovers them as new stripes, then crashes while checkpointing. The next reopen must still have them
+/// (the journal generation moves on only after that checkpoint).
+#[test]
+fn a_crash_while_the_reopen_checkpoints_a_recovery_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = new_log(dir.path(), 2, 1, 3);
+    let (locs, gate) = gated(&mem, Some(1), false);
+    let log = gated_log(dir.path(), locs);
+    let mut model = Model::new();
+    put(&log, &mut model, 100, &test_bytes(5 * BLOCK, 1));
+    log.flush().unwrap();
+    let full = test_bytes(11 * BLOCK, 2);
+    model_put(&mut model, 300, &full);
+    std::thread::scope(|s| {
+        let filler = s.spawn(|| log.write(300, &full, false));
+        until_sealing(&log);
+        put(&log, &mut model, 700, &test_bytes(2 * BLOCK, 4));
+        log.flush().unwrap(); // the rest of stripe 1 and part 0 of stripe 2, journaled
+        release(&gate, Some(0)); // one shard of stripe 1 lands
+        let _ = filler.join().unwrap();
+    });
+    drop(log);
+    assert_eq!(stripe_shards(&mem), 1, "a torn stripe 1 (one shard) is on the locations");
+    let (crashing, _) = gated(&mem, Some(u64::MAX), true);
+    assert!(BlockLog::open(store_over(dir.path(), crashing), &[7; 16], opts()).is_err(), "the checkpoint failed");
+    let log = open(dir.path(), as_locations(&mem));
+    assert_reads(&log, &model);
 }

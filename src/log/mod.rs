@@ -223,12 +223,13 @@ impl BlockLog {
             journal: std::sync::OnceLock::new(),
         });
         let (replayed, first_missing) = log.replay()?;
-        let recovered = log.open_journal(first_missing)?;
+        let recovered = log.recover_journal(first_missing)?;
         if replayed || recovered {
             // After a crash: cover what replay found, then drop what the crash left half-done.
             log.checkpoint()?;
             log.collect_page_garbage()?;
         }
+        log.start_journal()?;
         let weak = Arc::downgrade(&log);
         std::thread::Builder::new()
             .name("bf-log-checkpoint".into())
