@@ -20,11 +20,13 @@ impl BlockLog {
         }
         self.wait_durable(snap.body.seq)?;
         self.fill_record_lens(&mut snap.body)?;
-        for (key, bytes, _, _) in &snap.pages {
-            self.store.put_replicated(key, bytes, "a log map page")?;
+        if let Err(e) = self.write_checkpoint(&snap) {
+            // Some copies may have landed: the next attempt must not reuse this generation or its page numbers.
+            let mut st = self.lock()?;
+            st.ckpt.generation = st.ckpt.generation.max(snap.body.generation);
+            st.ckpt.next_gen = st.ckpt.next_gen.max(snap.body.next_gen);
+            return Err(e);
         }
-        let bytes = encode_checkpoint(&snap.body, self.store.key()?)?;
-        self.store.put_replicated(&checkpoint_key(&self.layout.vol_id), &bytes, "a log checkpoint")?;
         let old = self.install(snap)?;
         for (page, gen) in old.pages {
             for loc in self.store.locations() {
@@ -35,6 +37,15 @@ impl BlockLog {
             stripe_io::delete_stripe(&self.store, &self.layout, seq);
         }
         Ok(())
+    }
+
+    /// Writes a snapshot's map pages, then its checkpoint record, each on every location (m+1 at least).
+    fn write_checkpoint(&self, snap: &Snapshot) -> Result<()> {
+        for (key, bytes, _, _) in &snap.pages {
+            self.store.put_replicated(key, bytes, "a log map page")?;
+        }
+        let bytes = encode_checkpoint(&snap.body, self.store.key()?)?;
+        self.store.put_replicated(&checkpoint_key(&self.layout.vol_id), &bytes, "a log checkpoint")
     }
 
     /// Fills in the record lengths of stripes that were still being written when the snapshot was taken.
@@ -107,9 +118,15 @@ impl BlockLog {
         Ok(())
     }
 
-    /// True when stripes are stored that the last checkpoint does not cover.
-    fn uncovered(&self) -> bool {
-        self.state.lock().is_ok_and(|st| st.ckpt.seq < st.durable)
+    /// True when a checkpoint would give the cleaner victims or free space: stripes it does not cover yet, an
+    /// open stripe with data, or dead stripes it would delete.
+    fn checkpoint_helps(&self) -> bool {
+        self.state.lock().is_ok_and(|mut st| {
+            let dead = st.stripes.range(..=st.durable).any(|(_, s)| s.live == 0);
+            // Sealing the open stripe early is worth it only when writers are waiting.
+            let open = !st.open.is_empty() && self.over_space(&mut st);
+            st.failed.is_none() && (st.ckpt.seq < st.durable || open || dead)
+        })
     }
 
     /// Stops the background checkpointer and writes a last checkpoint (a clean close replays nothing).
@@ -118,8 +135,19 @@ impl BlockLog {
             *s = true;
         }
         self.wake.notify_all();
+        // Nothing of the background thread may run after close (the volume lock is released next). It may be
+        // the one closing (when it held the last reference): then it is already out of its loop.
+        let handle = self.background.lock().ok().and_then(|mut h| h.take());
+        if let Some(h) = handle.filter(|h| h.thread().id() != std::thread::current().id()) {
+            let _ = h.join();
+        }
         self.flush()?;
         self.checkpoint()
+    }
+
+    /// True once [`Self::close`] began: background work stops early.
+    pub(super) fn stopping(&self) -> bool {
+        self.stop.lock().map(|s| *s).unwrap_or(true)
     }
 }
 
@@ -170,8 +198,9 @@ pub(super) fn checkpointer(log: Weak<BlockLog>) {
             match l.clean(CLEAN_BLOCKS_PER_ROUND) {
                 Ok(moved) => {
                     busy = moved > 0;
-                    // Garbage, but no victim a checkpoint covers yet: a checkpoint makes some.
-                    starved = moved == 0 && l.uncovered();
+                    // Garbage, but no victim: a checkpoint makes some (covering new stripes, sealing the open
+                    // one) or deletes dead stripes.
+                    starved = moved == 0 && l.checkpoint_helps();
                 }
                 Err(e) => tracing::warn!(error = %e, "cleaning failed"),
             }
@@ -181,11 +210,13 @@ pub(super) fn checkpointer(log: Weak<BlockLog>) {
                 tracing::warn!(error = %e, "background checkpoint failed (the log replays instead)");
             }
         }
-        if busy || starved {
+        if busy {
             continue;
         }
+        // Starved: look again soon (writers may be waiting), not in a tight loop.
+        let pause = if starved { Duration::from_millis(20) } else { Duration::from_secs(2) };
         let Ok(guard) = l.stop.lock() else { return };
-        let _ = l.wake.wait_timeout(guard, Duration::from_secs(2));
+        let _ = l.wake.wait_timeout(guard, pause);
     }
 }
 

@@ -62,10 +62,14 @@ impl BlockLog {
     pub fn clean(&self, budget: u64) -> Result<u64> {
         let mut moved = 0;
         for victim in self.victims()? {
-            if moved >= budget {
+            if moved >= budget || self.stopping() {
                 break;
             }
-            moved += self.clean_one(&victim)?;
+            match self.clean_one(&victim) {
+                Ok(n) => moved += n,
+                // One unreadable stripe (a scrub's business) does not stop the cleaning of the others.
+                Err(e) => tracing::warn!(seq = victim.seq, error = %e, "cannot clean a log stripe; skipped"),
+            }
         }
         Ok(moved)
     }
@@ -125,6 +129,11 @@ impl BlockLog {
         let mut moved = 0;
         for (i, block) in cipher.chunks_exact(BLOCK).enumerate() {
             let mut st = self.writable_for_cleaner()?;
+            if let Some((seq, stripe)) = self.take_if_full(&mut st) {
+                drop(st);
+                self.seal(seq, stripe);
+                st = self.writable_for_cleaner()?;
+            }
             if !self.points_at(&mut st, lba + i as u64, rec.seq, slot + i as u32)? {
                 continue;
             }

@@ -3,9 +3,11 @@
 //! instead of sealing a short stripe into k+m new objects. The open stripe stays open and is sealed full, as
 //! usual; its journal entries are dead once it is stored.
 //!
-//! One entry is written at a time; flushes that arrive meanwhile are served together by the next one (group
-//! commit). When the ring has no room, the new data is large, or a copy cannot be written, the flush seals the
-//! open stripe instead, which is always correct. Records: [`crate::format::journal`].
+//! Up to [`MAX_IN_FLIGHT`] entries are written at once; flushes that arrive while one covering them is in
+//! flight wait for it (group commit), and an entry counts only once every earlier entry of its stripe is
+//! durable. When the ring has no room, the new data is large, or a copy cannot be written, the flush seals the
+//! open stripe instead, which is always correct. A flush also journals the rest of a full stripe still being
+//! stored rather than wait for it. Records: [`crate::format::journal`].
 
 use super::*;
 use crate::codec::crypto::MasterKey;
@@ -226,9 +228,7 @@ impl BlockLog {
     /// `first_missing` (the first one not on the locations) on, and stores them as stripes. Returns true when
     /// anything was recovered.
     pub(super) fn recover_journal(&self, first_missing: u64) -> Result<bool> {
-        if self.journal_len().is_none() {
-            return Ok(false);
-        }
+        // Whatever the options say now: a journal written by an earlier open may hold acknowledged writes.
         let key = journal_key(&self.layout.vol_id);
         let (gen, holders) = self.journal_headers(&key);
         Ok(gen > 0 && self.recover(&key, gen, &holders, first_missing)?)
@@ -238,9 +238,15 @@ impl BlockLog {
     /// a checkpoint covers what [`Self::recover_journal`] stored (until then, a crash recovers it again; after
     /// it, the old entries are of stripes the checkpoint covers).
     pub(super) fn start_journal(&self) -> Result<()> {
-        let Some(len) = self.journal_len() else { return Ok(()) };
         let key = journal_key(&self.layout.vol_id);
         let (gen, holders) = self.journal_headers(&key);
+        let Some(len) = self.journal_len() else {
+            // Off now: an old journal's entries are covered by the checkpoint; none may be replayed later.
+            for &i in &holders {
+                self.store.locations()[i].delete(&key)?;
+            }
+            return Ok(());
+        };
         let header =
             JournalHeader { store_id: self.store.descriptor().store_id, vol_id: self.layout.vol_id, gen: gen + 1, len };
         let page = encode_journal_header(&header, self.store.key()?)?;
@@ -313,15 +319,18 @@ impl BlockLog {
     fn recover(&self, key: &str, gen: u64, holders: &[usize], first: u64) -> Result<bool> {
         let mkey = self.store.key()?;
         let mut parts: BTreeMap<(u64, u32), (JournalEntry, Vec<u8>)> = BTreeMap::new();
+        let (mut read_any, mut first_err) = (false, None);
         for &i in holders {
             let loc = &self.store.locations()[i];
             let bytes = match loc.get(key) {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::warn!(location = loc.name(), error = %e, "cannot read the flush journal");
+                    first_err = first_err.or(Some(e));
                     continue;
                 }
             };
+            read_any = true;
             let what = format!("journal on {}", loc.name());
             scan(&bytes, mkey, gen, &what, |e, blocks| {
                 let ours = e.seq >= first && e.vol_id == self.layout.vol_id;
@@ -329,6 +338,11 @@ impl BlockLog {
                     parts.insert((e.seq, e.part), (e, blocks.to_vec()));
                 }
             });
+        }
+        if let (false, Some(e)) = (read_any, first_err) {
+            // Its header was read but no copy is: going on would start a new generation over entries that may
+            // hold acknowledged writes.
+            return Err(e);
         }
         let mut seq = first;
         let mut any = false;

@@ -76,6 +76,9 @@ impl Default for LogOptions {
 /// while rather than a write stalling).
 const MAX_THROTTLE: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Stripe numbers skipped at every open: more than can have been in flight (being stored) at a crash.
+const SKIPPED_AT_OPEN: u64 = 64;
+
 /// Blocks per map page of new logs: 4096 (16 MiB of volume per page).
 pub const ENTRIES_PER_PAGE: u32 = 4096;
 
@@ -120,6 +123,8 @@ pub struct BlockLog {
     stop: Mutex<bool>,
     wake: Condvar,
     journal: std::sync::OnceLock<journal::Journal>,
+    /// The background checkpointer and cleaner, joined by [`BlockLog::close`].
+    background: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 struct State {
@@ -221,21 +226,38 @@ impl BlockLog {
             stop: Mutex::new(false),
             wake: Condvar::new(),
             journal: std::sync::OnceLock::new(),
+            background: Mutex::new(None),
         });
         let (replayed, first_missing) = log.replay()?;
+        log.skip_numbers()?;
         let recovered = log.recover_journal(first_missing)?;
+        // Covers the skipped numbers and whatever replay and the journal found.
+        log.checkpoint()?;
         if replayed || recovered {
-            // After a crash: cover what replay found, then drop what the crash left half-done.
-            log.checkpoint()?;
+            // After a crash: drop what the crash left half-done.
             log.collect_page_garbage()?;
         }
         log.start_journal()?;
         let weak = Arc::downgrade(&log);
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name("bf-log-checkpoint".into())
             .spawn(move || checkpoint::checkpointer(weak))
             .map_err(|e| Error::io("starting the checkpoint thread", e))?;
+        if let Ok(mut h) = log.background.lock() {
+            *h = Some(handle);
+        }
         Ok(log)
+    }
+
+    /// Moves the next stripe number past [`SKIPPED_AT_OPEN`] unused ones. A location missing at this open may
+    /// hold a shard of a stripe numbered just above the ones found (written when a crash came); the numbers
+    /// skipped (covered by the checkpoint written next) are never used, so such a shard can never be taken for
+    /// part of a new stripe.
+    fn skip_numbers(&self) -> Result<()> {
+        let mut st = self.lock()?;
+        st.next_seq += SKIPPED_AT_OPEN;
+        st.durable = st.next_seq - 1;
+        Ok(())
     }
 
     /// Size in bytes.
@@ -272,6 +294,12 @@ impl BlockLog {
         let mut done = 0usize;
         while done < n as usize {
             let mut st = self.writable()?;
+            if let Some((seq, stripe)) = self.take_if_full(&mut st) {
+                // Left full by an append that failed half-way (a map page that could not be read).
+                drop(st);
+                self.seal(seq, stripe);
+                continue;
+            }
             let room = (self.opts.stripe_blocks - st.open.blocks()) as usize;
             let take = room.min(n as usize - done);
             self.append(
@@ -354,6 +382,9 @@ impl BlockLog {
 
     /// Appends encrypted blocks to the open stripe and points the map at them.
     fn append(&self, st: &mut State, lba: u64, cipher: &[u8], hashes: &[BlockHash]) -> Result<()> {
+        if hashes.is_empty() {
+            return Ok(());
+        }
         let seq = st.next_seq;
         let first = st.open.blocks();
         let n = hashes.len() as u32;
@@ -417,6 +448,15 @@ impl BlockLog {
             }
         }
         Err(first_err.unwrap_or_else(|| Error::corrupt(&what, "no copy")))
+    }
+
+    /// Takes the open stripe out for sealing when it is full.
+    fn take_if_full(&self, st: &mut State) -> Option<(u64, Arc<StripeData>)> {
+        if st.open.blocks() >= self.opts.stripe_blocks {
+            self.take_open(st)
+        } else {
+            None
+        }
     }
 
     /// Takes the open stripe out for sealing, if it holds anything: returns its sequence number and data.
