@@ -232,6 +232,16 @@ fn until_sealing(log: &BlockLog) {
     }
 }
 
+/// Journals 5 blocks of the first stripe (part 0) and returns the 11 blocks at 300 that fill it, already in the
+/// model: the test writes them from a thread whose seal is held at the gate.
+fn journal_then_fill(log: &BlockLog, model: &mut Model) -> Vec<u8> {
+    put(log, model, 100, &test_bytes(5 * BLOCK, 1));
+    log.flush().unwrap();
+    let full = test_bytes(11 * BLOCK, 2);
+    model_put(model, 300, &full);
+    full
+}
+
 fn gated_log(dir: &Path, locs: Vec<Arc<dyn Location>>) -> Arc<BlockLog> {
     let opts = LogOptions { checkpoint_stripes: u64::MAX, journal_bytes: Some(256 << 10), ..opts() };
     BlockLog::open(store_over(dir, locs), &[7; 16], opts).unwrap()
@@ -287,10 +297,7 @@ fn a_flush_does_not_wait_for_a_stripe_being_stored_and_loses_nothing_when_it_fai
     let (locs, gate) = gated(&mem, None, false);
     let log = gated_log(dir.path(), locs);
     let mut model = Model::new();
-    put(&log, &mut model, 100, &test_bytes(5 * BLOCK, 1));
-    log.flush().unwrap(); // part 0 of stripe 1
-    let full = test_bytes(11 * BLOCK, 2);
-    model_put(&mut model, 300, &full);
+    let full = journal_then_fill(&log, &mut model);
     std::thread::scope(|s| {
         // This write fills stripe 1; its writer seals it and is held at the gate.
         let filler = s.spawn(|| log.write(300, &full, false));
@@ -318,10 +325,7 @@ fn a_stripe_stored_after_one_that_is_only_journaled_is_not_counted_before_it() {
     let (locs, gate) = gated(&mem, Some(FIRST), false);
     let log = gated_log(dir.path(), locs);
     let mut model = Model::new();
-    put(&log, &mut model, 100, &test_bytes(5 * BLOCK, 1));
-    log.flush().unwrap(); // part 0 of stripe 1
-    let full = test_bytes(11 * BLOCK, 2);
-    model_put(&mut model, 300, &full);
+    let full = journal_then_fill(&log, &mut model);
     let mut unacked: Vec<u64> = Vec::new();
     std::thread::scope(|s| {
         let filler = s.spawn(|| log.write(300, &full, false)); // fills stripe 1, held at the gate
@@ -360,10 +364,7 @@ fn a_crash_while_the_reopen_checkpoints_a_recovery_loses_nothing() {
     let (locs, gate) = gated(&mem, Some(FIRST), false);
     let log = gated_log(dir.path(), locs);
     let mut model = Model::new();
-    put(&log, &mut model, 100, &test_bytes(5 * BLOCK, 1));
-    log.flush().unwrap();
-    let full = test_bytes(11 * BLOCK, 2);
-    model_put(&mut model, 300, &full);
+    let full = journal_then_fill(&log, &mut model);
     std::thread::scope(|s| {
         let filler = s.spawn(|| log.write(300, &full, false));
         until_sealing(&log);
