@@ -195,7 +195,7 @@ pub(super) fn checkpointer(log: Weak<BlockLog>) {
         let mut busy = false;
         let mut starved = false;
         if l.clean_due() {
-            match l.clean(CLEAN_BLOCKS_PER_ROUND) {
+            match l.clean(l.clean_budget()) {
                 Ok(moved) => {
                     busy = moved > 0;
                     // Garbage, but no victim: a checkpoint makes some (covering new stripes, sealing the open
@@ -219,9 +219,6 @@ pub(super) fn checkpointer(log: Weak<BlockLog>) {
         let _ = l.wake.wait_timeout(guard, pause);
     }
 }
-
-/// Most blocks the background cleaner moves between two checkpoints (64 MiB).
-const CLEAN_BLOCKS_PER_ROUND: u64 = 16384;
 
 /// Dead stripes that make a checkpoint due (it deletes them).
 const DEAD_STRIPES_FOR_CHECKPOINT: usize = 8;

@@ -8,6 +8,9 @@ use crate::format::log::{MapEntry, RecordBody, StripeInfo, BLOCK};
 
 use super::{stripe_io, BlockLog, State};
 
+/// The most blocks a cleaning round moves (64 MiB).
+const MAX_CLEAN_PER_ROUND: u64 = 16384;
+
 /// What the writers last saw of the space used.
 pub(super) struct SpaceCheck {
     at: std::time::Instant,
@@ -29,8 +32,16 @@ const THROTTLE_ABOVE: f64 = 1.9;
 
 impl BlockLog {
     /// Stored blocks and live blocks over every stripe.
-    fn space(st: &State) -> (u64, u64) {
+    pub(super) fn space(st: &State) -> (u64, u64) {
         st.stripes.values().fold((0u64, 0u64), |(b, l), s| (b + s.blocks as u64, l + s.live as u64))
+    }
+
+    /// Most blocks the background cleaner moves between two checkpoints. Until a checkpoint deletes the
+    /// victims, every moved block is stored twice, so a round stays small against the live data (1/20 of it,
+    /// at least two stripes, at most 64 MiB): the space at rest overshoots the writers' bound by that much.
+    pub(super) fn clean_budget(&self) -> u64 {
+        let live = self.state.lock().map(|st| Self::space(&st).1).unwrap_or(0);
+        (live / 20).max(2 * self.opts.stripe_blocks as u64).min(MAX_CLEAN_PER_ROUND)
     }
 
     /// True when the stripes hold enough garbage that the cleaner should reclaim it.
