@@ -29,6 +29,12 @@ pub(super) struct Journal {
     copies: Vec<usize>,
 }
 
+/// The journal an open found: its newest generation (0: none) and the locations holding a copy.
+pub(super) struct OldJournal {
+    gen: u64,
+    holders: Vec<usize>,
+}
+
 /// Journal bookkeeping, under the log's state lock.
 #[derive(Default)]
 pub(super) struct JournalState {
@@ -226,20 +232,21 @@ impl BlockLog {
 
     /// At open, after the stripes are replayed: rebuilds from the journal what it holds of the stripes from
     /// `first_missing` (the first one not on the locations) on, and stores them as stripes. Returns true when
-    /// anything was recovered.
-    pub(super) fn recover_journal(&self, first_missing: u64) -> Result<bool> {
+    /// anything was recovered, and the journal found (for [`Self::start_journal`]).
+    pub(super) fn recover_journal(&self, first_missing: u64) -> Result<(bool, OldJournal)> {
         // Whatever the options say now: a journal written by an earlier open may hold acknowledged writes.
         let key = journal_key(&self.layout.vol_id);
         let (gen, holders) = self.journal_headers(&key);
-        Ok(gen > 0 && self.recover(&key, gen, &holders, first_missing)?)
+        let recovered = gen > 0 && self.recover(&key, gen, &holders, first_missing)?;
+        Ok((recovered, OldJournal { gen, holders }))
     }
 
     /// Starts a new journal generation on m+1 locations, which makes every entry of the old one dead: only once
     /// a checkpoint covers what [`Self::recover_journal`] stored (until then, a crash recovers it again; after
     /// it, the old entries are of stripes the checkpoint covers).
-    pub(super) fn start_journal(&self) -> Result<()> {
+    pub(super) fn start_journal(&self, old: OldJournal) -> Result<()> {
         let key = journal_key(&self.layout.vol_id);
-        let (gen, holders) = self.journal_headers(&key);
+        let OldJournal { gen, holders } = old;
         let Some(len) = self.journal_len() else {
             // Off now: an old journal's entries are covered by the checkpoint; none may be replayed later.
             for &i in &holders {
@@ -368,13 +375,7 @@ impl BlockLog {
         let mut st = self.lock()?;
         let at = st.next_seq;
         st.stripes.insert(at, StripeInfo { seq: at, blocks: stripe.blocks(), record_len: 0, live: 0 });
-        for e in &stripe.extents {
-            for i in 0..e.len {
-                let entry = if e.is_zero() { MapEntry::HOLE } else { MapEntry { seq: at, slot: e.slot + i } };
-                self.check_range(e.lba + i as u64, 1)?;
-                self.set_entry(&mut st, e.lba + i as u64, entry)?;
-            }
-        }
+        self.point_map(&mut st, at, &stripe.extents)?;
         st.open = stripe;
         drop(st);
         self.seal_flush()

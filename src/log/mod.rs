@@ -230,14 +230,14 @@ impl BlockLog {
         });
         let (replayed, first_missing) = log.replay()?;
         log.skip_numbers()?;
-        let recovered = log.recover_journal(first_missing)?;
+        let (recovered, old_journal) = log.recover_journal(first_missing)?;
         // Covers the skipped numbers and whatever replay and the journal found.
         log.checkpoint()?;
         if replayed || recovered {
             // After a crash: drop what the crash left half-done.
             log.collect_page_garbage()?;
         }
-        log.start_journal()?;
+        log.start_journal(old_journal)?;
         let weak = Arc::downgrade(&log);
         let handle = std::thread::Builder::new()
             .name("bf-log-checkpoint".into())

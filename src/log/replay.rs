@@ -60,15 +60,20 @@ impl BlockLog {
     /// Applies one replayed stripe's record to the map.
     fn apply(&self, st: &mut State, rec: &RecordBody, record_len: u32) -> Result<()> {
         st.stripes.insert(rec.seq, StripeInfo { seq: rec.seq, blocks: rec.blocks, record_len, live: 0 });
-        for e in &rec.extents {
-            for i in 0..e.len as u64 {
-                let entry =
-                    if e.is_zero() { MapEntry::HOLE } else { MapEntry { seq: rec.seq, slot: e.slot + i as u32 } };
-                self.check_range(e.lba + i, 1)?;
-                self.set_entry(st, e.lba + i, entry)?;
+        self.point_map(st, rec.seq, &rec.extents)?;
+        remember_record(st, &self.opts, Arc::new(rec.clone()));
+        Ok(())
+    }
+
+    /// Points the map at what stripe `seq` writes: each extent's blocks at its slots, or at nothing for a trim.
+    pub(super) fn point_map(&self, st: &mut State, seq: u64, extents: &[Extent]) -> Result<()> {
+        for e in extents {
+            for i in 0..e.len {
+                let entry = if e.is_zero() { MapEntry::HOLE } else { MapEntry { seq, slot: e.slot + i } };
+                self.check_range(e.lba + i as u64, 1)?;
+                self.set_entry(st, e.lba + i as u64, entry)?;
             }
         }
-        remember_record(st, &self.opts, Arc::new(rec.clone()));
         Ok(())
     }
 }
