@@ -208,10 +208,68 @@ fn newest_manifest(
             }
         }
     }
+    for &g in ordered {
+        let (c, r, n) = catalog_manifests(&given[g], store_id, key)?;
+        checked += c;
+        rejected += r;
+        for m in n {
+            if newest.as_ref().is_none_or(|x| m.body.committed_unix_ns > x.body.committed_unix_ns) {
+                newest = Some(m);
+            }
+        }
+    }
     if checked == 0 && rejected > 0 {
         return Err(Error::WrongKey);
     }
     Ok((newest, checked))
+}
+
+/// The manifests in the catalog log objects of one location that `key` authenticates: (objects checked,
+/// objects rejected, the manifests).
+fn catalog_manifests(g: &Given, store_id: &[u8; 16], key: &MasterKey) -> Result<(usize, usize, Vec<Manifest>)> {
+    use crate::format::catalog::{self as cat, CatalogName, CatalogOp};
+    let (mut checked, mut rejected, mut out) = (0, 0, Vec::new());
+    for name in g.loc.list(cat::CATALOG_DIR)? {
+        let Some(parsed) = cat::parse_name(&name) else { continue };
+        let okey = cat::key_of(&parsed);
+        let what = format!("{okey} on {}", g.spec);
+        let Ok(bytes) = g.loc.get(&okey) else { continue };
+        let manifests: Result<Vec<Vec<u8>>> = match parsed {
+            CatalogName::Record(..) => {
+                cat::open::<cat::RecordBody>(cat::MAGIC_CATALOG_RECORD, &bytes, Some(key), &what).map(|(r, _)| {
+                    r.ops
+                        .into_iter()
+                        .filter_map(|op| match op {
+                            CatalogOp::Put(b) => Some(b),
+                            CatalogOp::Remove { .. } => None,
+                        })
+                        .collect()
+                })
+            }
+            CatalogName::Part(..) => {
+                cat::open::<cat::PartBody>(cat::MAGIC_CATALOG_PART, &bytes, Some(key), &what).map(|(p, _)| p.manifests)
+            }
+            CatalogName::Checkpoint(..) => {
+                cat::open::<cat::CheckpointBody>(cat::MAGIC_CATALOG_CHECKPOINT, &bytes, Some(key), &what)
+                    .map(|_| vec![])
+            }
+        };
+        match manifests {
+            Ok(ms) => {
+                checked += 1;
+                out.extend(
+                    ms.iter()
+                        .filter_map(|b| Manifest::decode(b, Some(key), &what).ok())
+                        .filter(|m| m.body.store_id == *store_id),
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "skipping catalog object");
+                rejected += 1;
+            }
+        }
+    }
+    Ok((checked, rejected, out))
 }
 
 /// k, m and the segment size: from the newest manifest, else from the fallback settings.

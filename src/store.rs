@@ -7,13 +7,14 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
 use crate::codec::crypto::{random_bytes, KdfParams, MasterKey};
 use crate::codec::erasure;
 use crate::error::{Error, IoContext, LocationFailure, Result};
+use crate::files::catalog_log::CatalogState;
 use crate::format::{self, MAGIC_KEY, MAGIC_LOCATION, MAGIC_STORE};
 use crate::location::{open_location, sync_dir, Location, LocationExt};
 
@@ -91,6 +92,8 @@ pub struct Store {
     locations: Vec<Arc<dyn Location>>,
     key: Option<MasterKey>,
     min_shards_written: usize,
+    /// The catalog as last read or written by this process (see [`crate::files::catalog_log`]).
+    catalog: Mutex<Option<Arc<CatalogState>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -202,7 +205,10 @@ impl Store {
         // existing once everything it needs is in place.
         for (i, l) in desc.locations.iter().enumerate() {
             let loc = create_location(dir, l)?;
-            if !loc.list("manifests")?.is_empty() || !loc.list("volumes")?.is_empty() {
+            if !loc.list("manifests")?.is_empty()
+                || !loc.list("volumes")?.is_empty()
+                || !loc.list("catalog")?.is_empty()
+            {
                 return Err(Error::Config(format!("location {} already holds a store's data", loc.name())));
             }
             write_marker(loc.as_ref(), &desc.store_id, i)?;
@@ -233,13 +239,14 @@ impl Store {
         }
         let locations = desc.locations.iter().map(|l| open_location(dir, l)).collect::<Result<_>>()?;
         let min_shards_written = default_min_shards_written(desc.k, desc.m);
-        Ok(Store { dir: dir.to_path_buf(), desc, locations, key: None, min_shards_written })
+        Ok(Store { dir: dir.to_path_buf(), desc, locations, key: None, min_shards_written, catalog: Mutex::new(None) })
     }
 
     /// Verifies and installs the key.
     pub fn unlock(&mut self, key: MasterKey) -> Result<()> {
         key.verify_check_value(&self.desc.key_check)?;
         self.key = Some(key);
+        self.forget_catalog();
         Ok(())
     }
 
@@ -327,6 +334,7 @@ impl Store {
         write_atomic(&self.dir.join(DESCRIPTOR), &format::seal(MAGIC_STORE, &desc), 0o644)?;
         self.desc = desc;
         self.locations[index] = loc;
+        self.forget_catalog();
         Ok(())
     }
 
@@ -336,6 +344,7 @@ impl Store {
             return Err(Error::Config("location count differs from the descriptor".into()));
         }
         self.locations = locations;
+        self.forget_catalog();
         Ok(())
     }
 
@@ -389,6 +398,26 @@ impl Store {
             if let Err(e) = loc.delete_prefix(&shard_prefix(file_id)).and_then(|_| loc.sync()) {
                 tracing::warn!(location = loc.name(), error = %e, "could not remove shards");
             }
+        }
+    }
+
+    /// The catalog state this process last saw, if any.
+    pub fn catalog_cache(&self) -> Option<Arc<CatalogState>> {
+        self.catalog.lock().ok().and_then(|c| c.clone())
+    }
+
+    /// Remembers the catalog state (after reading or changing it).
+    pub fn set_catalog_cache(&self, state: CatalogState) -> Arc<CatalogState> {
+        let st = Arc::new(state);
+        if let Ok(mut c) = self.catalog.lock() {
+            *c = Some(st.clone());
+        }
+        st
+    }
+
+    fn forget_catalog(&self) {
+        if let Ok(mut c) = self.catalog.lock() {
+            *c = None;
         }
     }
 

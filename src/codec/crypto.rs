@@ -22,6 +22,7 @@ const CTX_VOLUME_MAC: &str = "blockframe 2026-11 volume superblock mac key";
 const CTX_XTS_DATA: &str = "blockframe 2026-11 volume xts data key";
 const CTX_XTS_TWEAK: &str = "blockframe 2026-11 volume xts tweak key";
 const CTX_LOG_MAC: &str = "blockframe 2026-12 log record and checkpoint mac key";
+const CTX_CATALOG_MAC: &str = "blockframe 2026-12 catalog log mac key";
 
 /// The store's 256-bit master key; zeroed on drop.
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]
@@ -115,6 +116,12 @@ impl MasterKey {
     /// MAC over a log stripe record or log checkpoint body.
     pub fn log_mac(&self, body: &[u8]) -> [u8; 32] {
         let key = self.derive(CTX_LOG_MAC, &[]);
+        *blake3::keyed_hash(&key, body).as_bytes()
+    }
+
+    /// MAC over a catalog record, checkpoint or checkpoint part body.
+    pub fn catalog_mac(&self, body: &[u8]) -> [u8; 32] {
+        let key = self.derive(CTX_CATALOG_MAC, &[]);
         *blake3::keyed_hash(&key, body).as_bytes()
     }
 

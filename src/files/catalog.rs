@@ -1,12 +1,20 @@
-//! The catalog of committed files. There is no local index to lose: the truth is the manifest copies on the
-//! locations, found by listing `manifests/` (object names carry the name tag and file id, so finding a name
-//! reads no manifest it does not need).
+//! The catalog of committed files. There is no local index to lose: the truth is on the locations, in the
+//! catalog log ([`crate::files::catalog_log`]: batches of manifests, replicated) and, for files committed by
+//! format version 1, one manifest object per file per location under `manifests/` (still read and removed;
+//! new manifests only go to the log).
+//!
+//! Changes are made in batches ([`Batch`], applied by [`apply`]): any number of publications and removals is
+//! one record of the log, all or nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::codec::merkle::Hash;
 use crate::error::{Error, LocationFailure, Result};
-use crate::format::manifest::{manifest_key, parse_manifest_name, FileMeta, Manifest, ManifestBody};
+use crate::files::catalog_log::{self, CatalogState};
+use crate::format::catalog::CatalogOp;
+use crate::format::manifest::{
+    manifest_key, parse_manifest_name, Data, FileMeta, Manifest, ManifestBody, PACK_NAME_TAG,
+};
 use crate::location::LocationExt;
 use crate::store::Store;
 
@@ -26,15 +34,18 @@ pub fn validate_name(name: &str) -> Result<()> {
     }
 }
 
-/// A file known from manifest object names (nothing read yet).
+/// A file known from the catalog (nothing decrypted yet).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileRef {
-    /// Keyed hash of the name.
+    /// Keyed hash of the name ([`crate::format::manifest::PACK_NAME_TAG`] for a pack).
     pub name_tag: Hash,
     /// File id.
     pub file_id: [u8; 16],
-    /// Indexes of the locations listing a copy.
+    /// For a format version 1 file: indexes of the locations listing a manifest copy. Empty for a file of the
+    /// catalog log, whose copies are the log's (checked once for the whole catalog).
     pub copies: Vec<usize>,
+    /// In the catalog log (else a version 1 manifest object).
+    pub in_log: bool,
 }
 
 /// A committed file with its manifest.
@@ -44,7 +55,7 @@ pub struct Entry {
     pub file: FileRef,
     /// The first valid manifest copy.
     pub manifest: Manifest,
-    /// Decrypted metadata when the key is loaded.
+    /// Decrypted metadata when the key is loaded (never for a pack).
     pub meta: Option<FileMeta>,
     /// Copies that exist but failed to decode: (location index, reason).
     pub bad_copies: Vec<(usize, String)>,
@@ -55,21 +66,28 @@ impl Entry {
     pub fn label(&self) -> String {
         match &self.meta {
             Some(m) => m.name.clone(),
+            None if self.manifest.body.is_pack() => format!("pack:{}", hex::encode(self.file.file_id)),
             None => format!("root:{}", self.manifest.body.root_hex()),
         }
     }
 }
 
-/// Lists every file on every reachable location. Unreachable locations are logged and skipped; when no location
-/// answers, that is an error.
-pub fn scan(store: &Store) -> Result<Vec<FileRef>> {
-    let mut files: BTreeMap<(Hash, [u8; 16]), Vec<usize>> = BTreeMap::new();
-    let mut answered = 0;
-    let mut last_err = None;
+/// Version 1 manifest objects by (name tag, file id), with the locations listing them.
+type Objects = BTreeMap<(Hash, [u8; 16]), Vec<usize>>;
+
+/// The version 1 manifest objects of every reachable location, by (name tag, file id) with the locations
+/// listing them. Unreachable locations are logged and skipped.
+fn scan_objects(store: &Store) -> Objects {
+    scan_objects_checked(store).0
+}
+
+/// Like [`scan_objects`], with whether every location answered.
+fn scan_objects_checked(store: &Store) -> (Objects, bool) {
+    let mut all = true;
+    let mut files = Objects::new();
     for (i, loc) in store.locations().iter().enumerate() {
         match loc.list("manifests") {
             Ok(names) => {
-                answered += 1;
                 for n in names {
                     if let Some(key) = parse_manifest_name(&n) {
                         files.entry(key).or_default().push(i);
@@ -77,15 +95,29 @@ pub fn scan(store: &Store) -> Result<Vec<FileRef>> {
                 }
             }
             Err(e) => {
+                all = false;
                 tracing::debug!(location = loc.name(), error = %e, "location unavailable");
-                last_err = Some(e);
             }
         }
     }
-    if answered == 0 {
-        return Err(last_err.unwrap_or_else(|| Error::Config("store has no locations".into())));
-    }
-    Ok(files.into_iter().map(|((name_tag, file_id), copies)| FileRef { name_tag, file_id, copies }).collect())
+    (files, all)
+}
+
+/// Every file (and pack) in the catalog: the log's, then the version 1 manifest objects' not also in the log.
+/// Fails when the catalog cannot be read (no location answers, or no valid checkpoint).
+pub fn scan(store: &Store) -> Result<Vec<FileRef>> {
+    let st = catalog_log::current(store)?;
+    Ok(refs(&st, scan_objects(store)))
+}
+
+fn refs(st: &CatalogState, objects: Objects) -> Vec<FileRef> {
+    let logged =
+        st.entries.keys().map(|&(name_tag, file_id)| FileRef { name_tag, file_id, copies: vec![], in_log: true });
+    let legacy = objects
+        .into_iter()
+        .filter(|(k, _)| !st.entries.contains_key(k))
+        .map(|((name_tag, file_id), copies)| FileRef { name_tag, file_id, copies, in_log: false });
+    logged.chain(legacy).collect()
 }
 
 /// True when some manifest carries this name tag.
@@ -97,17 +129,29 @@ pub fn name_is_taken(store: &Store, name_tag: &Hash) -> Result<bool> {
 /// the copy belongs to this store and to the object name it was found under.
 pub fn decode_copy(store: &Store, file: &FileRef, bytes: &[u8], what: &str) -> Result<Manifest> {
     let m = Manifest::decode(bytes, store.key_opt(), what)?;
+    check_belongs(store, file, &m, what)?;
+    Ok(m)
+}
+
+fn check_belongs(store: &Store, file: &FileRef, m: &Manifest, what: &str) -> Result<()> {
     if m.body.file_id != file.file_id || m.body.name_tag != file.name_tag {
         return Err(Error::corrupt(what, "object name does not match its content"));
     }
     if m.body.store_id != store.descriptor().store_id {
         return Err(Error::corrupt(what, "belongs to another store"));
     }
-    Ok(m)
+    Ok(())
 }
 
-/// Reads the first valid manifest copy of `file` (checking the MAC and decrypting metadata when keyed).
+/// Reads the manifest of `file` (checking the MAC and decrypting metadata when keyed).
 pub fn load(store: &Store, file: &FileRef) -> Result<Entry> {
+    if file.in_log {
+        let st = match store.catalog_cache() {
+            Some(st) if st.entries.contains_key(&(file.name_tag, file.file_id)) => st,
+            _ => catalog_log::current(store)?,
+        };
+        return entry_of(store, &st, file);
+    }
     let key = store.key_opt();
     let mkey = manifest_key(&file.name_tag, &file.file_id);
     let mut bad_copies = Vec::new();
@@ -136,12 +180,45 @@ pub fn load(store: &Store, file: &FileRef) -> Result<Entry> {
     ))
 }
 
-/// Every file whose manifest can be read, plus the errors of those that cannot.
+fn entry_of(store: &Store, st: &CatalogState, file: &FileRef) -> Result<Entry> {
+    let m = st
+        .entries
+        .get(&(file.name_tag, file.file_id))
+        .ok_or_else(|| Error::NotFound(format!("file {}", hex::encode(file.file_id))))?;
+    let what = format!("catalog entry of file {}", hex::encode(file.file_id));
+    check_belongs(store, file, m, &what)?;
+    let meta = match store.key_opt() {
+        Some(k) if !m.body.is_pack() => Some(m.meta(k)?),
+        _ => None,
+    };
+    Ok(Entry { file: file.clone(), manifest: (**m).clone(), meta, bad_copies: Vec::new() })
+}
+
+/// The manifest body of pack `id`.
+pub fn pack_of(store: &Store, id: &[u8; 16]) -> Result<ManifestBody> {
+    let file = FileRef { name_tag: PACK_NAME_TAG, file_id: *id, copies: vec![], in_log: true };
+    let e = load(store, &file).map_err(|e| match e {
+        Error::NotFound(_) => Error::corrupt(format!("pack {}", hex::encode(id)), "not in the catalog"),
+        e => e,
+    })?;
+    Ok(e.manifest.body)
+}
+
+/// The manifest body whose shards hold a file's data: its own, or its pack's.
+pub fn shards_body(store: &Store, body: &ManifestBody) -> Result<ManifestBody> {
+    match body.data {
+        Data::Packed { pack, .. } => pack_of(store, &pack),
+        _ => Ok(body.clone()),
+    }
+}
+
+/// Every file whose manifest can be read, plus the errors of those that cannot. Packs are left out.
 pub fn list(store: &Store) -> Result<(Vec<Entry>, Vec<Error>)> {
     let mut ok = Vec::new();
     let mut bad = Vec::new();
     for f in scan(store)? {
         match load(store, &f) {
+            Ok(e) if e.manifest.body.is_pack() => {}
             Ok(e) => ok.push(e),
             Err(e) => bad.push(e),
         }
@@ -151,7 +228,7 @@ pub fn list(store: &Store) -> Result<(Vec<Entry>, Vec<Error>)> {
 }
 
 /// Finds a file by name (needs the key) or by its root as 64 hex digits. When several versions of a name exist
-/// (an interrupted replace), the newest is returned.
+/// (an interrupted replace of a version 1 file), the newest is returned.
 pub fn find(store: &Store, spec: &str) -> Result<Entry> {
     let files = scan(store)?;
     if let Some(key) = store.key_opt() {
@@ -171,7 +248,7 @@ pub fn find(store: &Store, spec: &str) -> Result<Entry> {
         let want = spec.to_ascii_lowercase();
         for f in &files {
             if let Ok(e) = load(store, f) {
-                if e.manifest.body.root_hex() == want {
+                if e.manifest.body.root_hex() == want && !e.manifest.body.is_pack() {
                     return Ok(e);
                 }
             }
@@ -180,41 +257,226 @@ pub fn find(store: &Store, spec: &str) -> Result<Entry> {
     Err(Error::NotFound(spec.to_string()))
 }
 
-/// Publishes a manifest on every location (at least m+1 must accept it), under the catalog lock. Refuses when
-/// the name exists unless `replace`, in which case older versions are removed afterwards. Returns whether an
-/// older version was replaced.
-pub fn publish(store: &Store, manifest: &Manifest, name: &str, replace: bool) -> Result<bool> {
-    let _lock = store.lock_catalog()?;
-    let body = &manifest.body;
-    // A copy with the same file id is the one being rewritten (a [`reseal`] under the same name): `put`
-    // replaces it in place, so it is not an older version to remove.
-    let older: Vec<FileRef> =
-        scan(store)?.into_iter().filter(|f| f.name_tag == body.name_tag && f.file_id != body.file_id).collect();
-    if !older.is_empty() && !replace {
-        return Err(Error::AlreadyExists(name.to_string()));
+/// Catalog changes applied together by [`apply`]: one record of the catalog log.
+#[derive(Default)]
+pub struct Batch {
+    puts: Vec<(Manifest, String, bool)>,
+    removes: Vec<FileRef>,
+}
+
+impl Batch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Batch::default()
     }
-    let mkey = manifest_key(&body.name_tag, &body.file_id);
-    let bytes = manifest.encode();
-    if let Err(e) = store.put_replicated(&mkey, &bytes, &format!("the manifest of {name:?}")) {
-        // Not published: take back the copies that did get written.
-        for loc in store.locations() {
-            let _ = loc.delete(&mkey).and_then(|_| loc.sync());
+
+    /// Publishes `manifest` under `name`; refused (that item only) when the name exists unless `replace`, in
+    /// which case the older versions are removed in the same record.
+    pub fn publish(&mut self, manifest: Manifest, name: &str, replace: bool) {
+        self.puts.push((manifest, name.to_string(), replace));
+    }
+
+    /// Removes a file.
+    pub fn remove(&mut self, file: FileRef) {
+        self.removes.push(file);
+    }
+
+    /// True when it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.puts.is_empty() && self.removes.is_empty()
+    }
+
+    /// Manifests to publish (in order).
+    pub fn len(&self) -> usize {
+        self.puts.len()
+    }
+}
+
+/// What each publication of a batch came to: whether an older version was replaced, or why it was refused.
+pub type Outcomes = Vec<Result<bool>>;
+
+/// Applies a batch under the catalog lock as one record of the catalog log, then deletes what it made garbage:
+/// the shards of removed files no entry names any more, and packs left without a live file. A publication
+/// refused for its name fails alone; a failure to write the record fails them all (nothing is applied).
+pub fn apply(store: &Store, batch: Batch) -> Result<Outcomes> {
+    let _lock = store.lock_catalog()?;
+    let objects = scan_objects(store);
+    let mut done = None;
+    let st = catalog_log::append(store, |st| {
+        let mut plan = Plan::new(st, &objects);
+        for f in &batch.removes {
+            plan.remove(f);
         }
-        return Err(e);
-    }
-    for o in &older {
-        remove_ref(store, o)?;
-    }
-    Ok(!older.is_empty())
+        for (m, name, replace) in &batch.puts {
+            plan.publish(m, name, *replace);
+        }
+        let (ops, rest) = plan.finish();
+        done = Some(rest);
+        Ok(ops)
+    })?;
+    let Some(rest) = done else { return Err(Error::internal("catalog batch was not planned")) };
+    collect_garbage(store, &st, &rest.legacy_gone, &rest.removed_ids)?;
+    Ok(rest.outcomes)
 }
 
-/// Removes a file: first every manifest copy (so it disappears from listings), then its shards.
-pub fn remove(store: &Store, entry: &Entry) -> Result<()> {
-    let _lock = store.lock_catalog()?;
-    remove_ref(store, &entry.file)
+/// What a batch leaves to do once its record is durable, and its outcomes.
+struct Planned {
+    legacy_gone: Vec<FileRef>,
+    removed_ids: BTreeSet<[u8; 16]>,
+    outcomes: Outcomes,
 }
 
-fn remove_ref(store: &Store, file: &FileRef) -> Result<()> {
+/// An entry a batch adds: its key, its manifest bytes, and the pack it lies in when packed.
+type NewEntry = ((Hash, [u8; 16]), Vec<u8>, Option<[u8; 16]>);
+
+/// Turns a batch into the operations of one record, against the catalog as it is.
+struct Plan<'s> {
+    st: &'s CatalogState,
+    objects: &'s Objects,
+    removes: Vec<CatalogOp>,
+    /// New entries.
+    puts: Vec<NewEntry>,
+    gone: BTreeSet<(Hash, [u8; 16])>,
+    done: Planned,
+}
+
+impl<'s> Plan<'s> {
+    fn new(st: &'s CatalogState, objects: &'s Objects) -> Self {
+        Plan {
+            st,
+            objects,
+            removes: Vec::new(),
+            puts: Vec::new(),
+            gone: BTreeSet::new(),
+            done: Planned { legacy_gone: Vec::new(), removed_ids: BTreeSet::new(), outcomes: Vec::new() },
+        }
+    }
+
+    fn remove(&mut self, f: &FileRef) {
+        if f.in_log && self.st.entries.contains_key(&(f.name_tag, f.file_id)) {
+            self.removes.push(CatalogOp::Remove { name_tag: f.name_tag, file_id: f.file_id });
+        } else if !f.in_log {
+            self.done.legacy_gone.push(f.clone());
+        }
+        self.gone.insert((f.name_tag, f.file_id));
+        self.done.removed_ids.insert(f.file_id);
+    }
+
+    fn publish(&mut self, m: &Manifest, name: &str, replace: bool) {
+        let key = (m.body.name_tag, m.body.file_id);
+        let pack = match m.body.data {
+            Data::Packed { pack, .. } => Some(pack),
+            _ => None,
+        };
+        if m.body.is_pack() {
+            // Packs have no name: every one is new.
+            self.puts.push((key, m.encode(), None));
+            self.done.outcomes.push(Ok(false));
+            return;
+        }
+        let older: Vec<FileRef> = refs_named(self.st, self.objects, &key.0)
+            .into_iter()
+            .filter(|f| f.file_id != key.1 && !self.gone.contains(&(f.name_tag, f.file_id)))
+            .collect();
+        let in_batch = self.puts.iter().any(|(k, _, _)| k.0 == key.0 && k.1 != key.1);
+        if (!older.is_empty() || in_batch) && !replace {
+            self.done.outcomes.push(Err(Error::AlreadyExists(name.to_string())));
+            return;
+        }
+        for o in &older {
+            self.remove(o);
+        }
+        // An earlier version in this same batch is replaced before it was ever published.
+        let removed_ids = &mut self.done.removed_ids;
+        self.puts.retain(|(k, _, _)| {
+            let superseded = k.0 == key.0 && k.1 != key.1;
+            if superseded {
+                removed_ids.insert(k.1);
+            }
+            !superseded
+        });
+        self.puts.push((key, m.encode(), pack));
+        self.done.outcomes.push(Ok(!older.is_empty() || in_batch));
+    }
+
+    /// The record's operations (removals, then puts, then the packs emptied) and what is left to do.
+    fn finish(mut self) -> (Vec<CatalogOp>, Planned) {
+        let emptied = self.empty_packs();
+        let mut ops = std::mem::take(&mut self.removes);
+        ops.extend(self.puts.into_iter().map(|(_, b, _)| CatalogOp::Put(b)));
+        for pack in emptied {
+            ops.push(CatalogOp::Remove { name_tag: PACK_NAME_TAG, file_id: pack });
+            self.done.removed_ids.insert(pack);
+        }
+        (ops, self.done)
+    }
+
+    /// Packs whose last live file this batch removes (new entries keep the packs they lie in).
+    fn empty_packs(&self) -> Vec<[u8; 16]> {
+        let packed_in = |m: &Manifest| match m.body.data {
+            Data::Packed { pack, .. } => Some(pack),
+            _ => None,
+        };
+        let touched: BTreeSet<[u8; 16]> =
+            self.gone.iter().filter_map(|k| self.st.entries.get(k)).filter_map(|m| packed_in(m)).collect();
+        if touched.is_empty() {
+            return vec![];
+        }
+        let mut live: BTreeSet<[u8; 16]> = self.puts.iter().filter_map(|(_, _, p)| *p).collect();
+        for (k, m) in &self.st.entries {
+            if let Some(pack) = packed_in(m).filter(|p| touched.contains(p) && !self.gone.contains(k)) {
+                live.insert(pack);
+            }
+        }
+        touched.difference(&live).copied().collect()
+    }
+}
+
+/// Every entry (log or version 1 object) named `tag`.
+fn refs_named(st: &CatalogState, objects: &Objects, tag: &Hash) -> Vec<FileRef> {
+    let range = (*tag, [0u8; 16])..=(*tag, [0xffu8; 16]);
+    let logged = st.entries.range(range.clone()).map(|(&(name_tag, file_id), _)| FileRef {
+        name_tag,
+        file_id,
+        copies: vec![],
+        in_log: true,
+    });
+    let legacy = objects
+        .range(range)
+        .filter(|(k, _)| !st.entries.contains_key(k))
+        .map(|(&(name_tag, file_id), copies)| FileRef { name_tag, file_id, copies: copies.clone(), in_log: false });
+    logged.chain(legacy).collect()
+}
+
+/// After a batch is durable: deletes the version 1 manifest objects it removed, then the shards of every file
+/// id (removed files, emptied packs) no entry names any more.
+fn collect_garbage(store: &Store, st: &CatalogState, legacy: &[FileRef], removed: &BTreeSet<[u8; 16]>) -> Result<()> {
+    for f in legacy {
+        remove_objects(store, f)?;
+    }
+    let mut dead: BTreeSet<[u8; 16]> = removed.clone();
+    for (&(_, id), m) in &st.entries {
+        dead.remove(&id);
+        if let Data::Packed { pack, .. } = m.body.data {
+            dead.remove(&pack);
+        }
+    }
+    if dead.is_empty() {
+        return Ok(());
+    }
+    // Ids still named by a version 1 object keep their shards too. When that cannot be listed, keep them all:
+    // garbage is better than loss.
+    let (objects, all_answered) = scan_objects_checked(store);
+    if !all_answered {
+        return Ok(());
+    }
+    for id in dead.iter().filter(|id| !objects.keys().any(|(_, i)| i == *id)) {
+        store.remove_shards(id);
+    }
+    Ok(())
+}
+
+fn remove_objects(store: &Store, file: &FileRef) -> Result<()> {
     let mkey = manifest_key(&file.name_tag, &file.file_id);
     let mut failures = Vec::new();
     for loc in store.locations() {
@@ -226,20 +488,27 @@ fn remove_ref(store: &Store, file: &FileRef) -> Result<()> {
         let n = store.locations().len();
         return Err(Error::write_quorum("removal of every manifest copy", n - failures.len(), n, failures));
     }
-    // Shards are shared by every manifest naming their file id (see [`reseal`]): remove them only when no
-    // manifest is left. When the catalog cannot be listed, keep them: garbage is better than loss.
-    let still_used = scan(store).map(|fs| fs.iter().any(|f| f.file_id == file.file_id)).unwrap_or(true);
-    if !still_used {
-        store.remove_shards(&file.file_id);
-    }
     Ok(())
 }
 
+/// Publishes one manifest (see [`Batch::publish`]). Returns whether an older version was replaced.
+pub fn publish(store: &Store, manifest: &Manifest, name: &str, replace: bool) -> Result<bool> {
+    let mut batch = Batch::new();
+    batch.publish(manifest.clone(), name, replace);
+    apply(store, batch)?.pop().unwrap_or_else(|| Err(Error::internal("a batch of one gave no outcome")))
+}
+
+/// Removes a file, and its shards when no other entry names them.
+pub fn remove(store: &Store, entry: &Entry) -> Result<()> {
+    let mut batch = Batch::new();
+    batch.remove(entry.file.clone());
+    apply(store, batch).map(|_| ())
+}
+
 /// Publishes the data of `entry` under new metadata (another name, mode or mtime) without rewriting a shard:
-/// a new manifest with the same file id, leaves and root and freshly sealed metadata. The old manifest is
-/// removed afterwards; its shards stay because the new manifest references them, so a crash in between leaves
-/// both names (sharing shards), never neither. Refuses when `meta.name` exists (as another file) unless
-/// `replace`. Returns the new entry.
+/// a new manifest with the same file id, leaves and root and freshly sealed metadata, and the removal of the
+/// old one, in one record. Refuses when `meta.name` exists (as another file) unless `replace`. Returns the new
+/// entry.
 pub fn reseal(store: &Store, entry: &Entry, meta: &FileMeta, replace: bool) -> Result<Entry> {
     let key = store.key()?;
     validate_name(&meta.name)?;
@@ -259,14 +528,13 @@ pub fn reseal(store: &Store, entry: &Entry, meta: &FileMeta, replace: bool) -> R
     };
     body.validate("resealed manifest")?;
     let manifest = Manifest::new(body, key);
-    publish(store, &manifest, &meta.name, replace)?;
+    let mut batch = Batch::new();
     if manifest.body.name_tag != old.name_tag {
-        remove(store, entry)?;
+        batch.remove(entry.file.clone());
     }
-    let file = FileRef {
-        name_tag: manifest.body.name_tag,
-        file_id: manifest.body.file_id,
-        copies: (0..store.locations().len()).collect(),
-    };
+    batch.publish(manifest.clone(), &meta.name, replace);
+    apply(store, batch)?.pop().unwrap_or_else(|| Err(Error::internal("a batch of one gave no outcome")))?;
+    let file =
+        FileRef { name_tag: manifest.body.name_tag, file_id: manifest.body.file_id, copies: vec![], in_log: true };
     Ok(Entry { file, manifest, meta: Some(meta.clone()), bad_copies: Vec::new() })
 }

@@ -14,7 +14,7 @@ use crate::codec::crypto::{random_bytes, SegmentCipher, TAG_LEN};
 use crate::codec::erasure::{self, Codec};
 use crate::codec::merkle::{self, leaf_hash, Hash};
 use crate::error::{Error, IoContext, Result};
-use crate::files::catalog;
+use crate::files::session::{Session, SessionOptions};
 use crate::format::manifest::{FileMeta, Manifest, ManifestBody, SegmentEntry};
 use crate::store::{shard_key, Store};
 use crate::stripe::{write_stripe, StripeAddr};
@@ -160,34 +160,43 @@ fn read_full(input: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
-/// Commits `input` under `req.name`. `progress` receives the plaintext bytes stored so far.
-///
-/// Four steps: prepare (check the name, pick a file id), stream (encode and store every segment), publish (the
-/// manifest, after every shard is durable), and, when anything failed, clean up (delete the shards written).
+/// Commits `input` under `req.name` as a session of one file (see [`crate::files::session`]): a small file goes
+/// into a pack of its own, a large one into its own segments; returns once the manifest is durable.
+/// `progress` receives the plaintext bytes stored so far.
 pub fn commit(
     store: &Store,
     input: &mut dyn Read,
     req: &CommitRequest,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<CommitReport> {
+    let mut session = Session::new(store, SessionOptions::default())?;
+    session.commit(input, req, progress)?;
+    session.flush()?.pop().unwrap_or_else(|| Err(Error::internal("a session of one file gave no report")))
+}
+
+/// Stores `input` in segments of its own (every shard durable) and returns its manifest, not yet published,
+/// with its report. Three steps: pick a file id, stream (encode and store every segment), seal the manifest;
+/// when anything fails, the shards written are deleted.
+pub(crate) fn store_file(
+    store: &Store,
+    input: &mut dyn Read,
+    req: &CommitRequest,
+    name_tag: Hash,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<(Manifest, CommitReport)> {
     let key = store.key()?;
-    catalog::validate_name(&req.name)?;
-    let name_tag = key.name_tag(&req.name);
-    if !req.replace && catalog::name_is_taken(store, &name_tag)? {
-        return Err(Error::AlreadyExists(req.name.clone()));
-    }
     let file_id: [u8; 16] = random_bytes()?;
     let pipeline = Pipeline::new(store, key.segment_cipher(&file_id), file_id);
     let span = tracing::info_span!("commit", name = %req.name);
     let _enter = span.enter();
-    let report = stream(&pipeline, input, req, progress).and_then(|results| {
+    let stored = stream(&pipeline, input, req, progress).and_then(|results| {
         let placement_start = pipeline.placement_start;
-        publish(store, req, Stored { file_id, name_tag, placement_start, results })
+        finish(store, req, Stored { file_id, name_tag, placement_start, results })
     });
-    if report.is_err() {
+    if stored.is_err() {
         store.remove_shards(&file_id);
     }
-    report
+    stored
 }
 
 impl<'a> Pipeline<'a> {
@@ -336,32 +345,26 @@ struct Stored {
     results: Vec<Done>,
 }
 
-/// Makes every shard durable, then seals and publishes the manifest; records a pending repair when some shards
-/// were written short.
-fn publish(store: &Store, req: &CommitRequest, stored: Stored) -> Result<CommitReport> {
+/// Makes every shard durable, then seals the manifest and reports what was stored.
+fn finish(store: &Store, req: &CommitRequest, stored: Stored) -> Result<(Manifest, CommitReport)> {
     for loc in store.locations() {
         loc.sync()?;
     }
     let manifest = seal_manifest(store, req, &stored)?;
-    let replaced = catalog::publish(store, &manifest, &req.name, req.replace)?;
     let mut failed: Vec<usize> = stored.results.iter().flat_map(|r| r.missing.iter().copied()).collect();
     let shards_not_stored = failed.len() as u64;
-    if shards_not_stored > 0 {
-        if let Err(e) = crate::pending::record(store, &stored.file_id, shards_not_stored) {
-            tracing::warn!(error = %e, "could not record the pending repair (a scrub finds it anyway)");
-        }
-    }
     failed.sort_unstable();
     failed.dedup();
-    Ok(CommitReport {
+    let report = CommitReport {
         name: req.name.clone(),
         root: manifest.body.root_hex(),
         size: manifest.body.segments.iter().map(|s| s.plain_len).sum(),
         segments: manifest.body.segments.len() as u64,
-        replaced,
+        replaced: false,
         shards_not_stored,
         failed_locations: failed.iter().map(|&l| store.locations()[l].name().to_string()).collect(),
-    })
+    };
+    Ok((manifest, report))
 }
 
 /// Builds, validates and MACs the manifest of what was stored.
@@ -389,6 +392,7 @@ fn seal_manifest(store: &Store, req: &CommitRequest, stored: &Stored) -> Result<
         leaves,
         meta_nonce,
         sealed_meta,
+        data: crate::format::manifest::Data::Segments,
     };
     body.validate("new manifest")?;
     Ok(Manifest::new(body, key))

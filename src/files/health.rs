@@ -23,6 +23,9 @@ pub enum Health {
 /// Health of a file from the presence of its shards on their home locations (cheap: no payload is read, so
 /// corrupt shards count as present; `bf verify` and `bf scrub` read them).
 pub fn quick_health(store: &Store, body: &ManifestBody) -> Health {
+    // A packed file is as healthy as its pack.
+    let Ok(body) = crate::files::catalog::shards_body(store, body) else { return Health::Lost };
+    let body = &body;
     let n = store.locations().len();
     let listed: Vec<Option<HashSet<(u64, u16)>>> = store
         .locations()

@@ -2,6 +2,12 @@
 //! ([`catalog`]), reading and verifying them ([`read`]) and their quick health ([`health`]).
 
 pub mod catalog;
+pub mod catalog_log;
 pub mod commit;
 pub mod health;
+pub mod pack;
 pub mod read;
+pub mod session;
+
+#[cfg(test)]
+mod tests;

@@ -9,8 +9,9 @@ use std::sync::mpsc::sync_channel;
 use crate::codec::crypto::{SegmentCipher, TAG_LEN};
 use crate::codec::erasure::Codec;
 use crate::error::{Error, Result};
-use crate::files::catalog::Entry;
-use crate::format::manifest::{FileMeta, ManifestBody};
+use crate::files::catalog::{self, Entry};
+use crate::format::manifest::{Data, FileMeta, ManifestBody};
+use crate::format::shard::HEADER_LEN;
 use crate::store::{placement, shard_key, Store};
 pub use crate::stripe::ShardProblem;
 use crate::stripe::{self, read_stripe, StripeAddr, StripeBuffers, StripeError};
@@ -67,6 +68,8 @@ pub struct OpenFile {
     /// Metadata.
     pub meta: FileMeta,
     cipher: SegmentCipher,
+    /// The pack holding a packed file's ciphertext.
+    pack: Option<ManifestBody>,
 }
 
 impl OpenFile {
@@ -77,10 +80,15 @@ impl OpenFile {
             Some(m) => m.clone(),
             None => entry.manifest.meta(key)?,
         };
+        let pack = match entry.manifest.body.data {
+            Data::Packed { pack, .. } => Some(catalog::pack_of(store, &pack)?),
+            _ => None,
+        };
         Ok(OpenFile {
             body: entry.manifest.body.clone(),
             cipher: key.segment_cipher(&entry.manifest.body.file_id),
             meta,
+            pack,
         })
     }
 
@@ -129,6 +137,9 @@ impl<'a> SegmentReader<'a> {
 
     /// Returns the verified plaintext of `segment`.
     pub fn read(&mut self, segment: u64) -> Result<&[u8]> {
+        if let (Some(pack), Data::Packed { offset, .. }) = (&self.file.pack, self.file.body.data) {
+            return self.read_packed(pack, offset);
+        }
         let body = &self.file.body;
         let entry = *body
             .segments
@@ -160,6 +171,72 @@ impl<'a> SegmentReader<'a> {
         }
         Ok(&self.bufs.data[..plain])
     }
+}
+
+impl SegmentReader<'_> {
+    /// A packed file: its ciphertext is read straight from the pack's data shards and authenticated by its tag;
+    /// only when that fails (a missing or damaged shard) is the whole pack read, verified and rebuilt.
+    fn read_packed(&mut self, pack: &ManifestBody, offset: u64) -> Result<&[u8]> {
+        let plain = self.file.body.plain_size() as usize;
+        let len = plain + TAG_LEN;
+        let fast = read_pack_range(self.store, pack, offset, len, &mut self.bufs.data);
+        if fast.is_ok() && self.file.cipher.open_segment(0, true, &mut self.bufs.data[..len], plain) {
+            return Ok(&self.bufs.data[..plain]);
+        }
+        tracing::debug!(file = %self.file.meta.name, "packed file not readable directly; reading its whole pack");
+        let entry = pack.segments[0];
+        let key_of = |i: usize| shard_key(&pack.file_id, 0, i);
+        let addr = segment_addr(pack, 0, entry.shard_len as usize, &key_of);
+        let name = || self.file.meta.name.clone();
+        match read_stripe(self.store, &mut self.codec, &addr, &pack.leaves, &mut self.bufs) {
+            Ok(()) => {}
+            Err(StripeError::Lost { have, bad }) => {
+                return Err(Error::TooManyLost {
+                    file: name(),
+                    segment: 0,
+                    have,
+                    need: pack.k as usize,
+                    bad: bad.join(", "),
+                })
+            }
+            Err(StripeError::Mismatch) => return Err(Error::Authentication { file: name(), segment: 0 }),
+            Err(StripeError::Other(e)) => return Err(e),
+        }
+        let start = offset as usize;
+        if start + len > self.bufs.data.len() {
+            return Err(Error::corrupt(format!("pack of {}", name()), "the file lies beyond its pack"));
+        }
+        self.bufs.data.copy_within(start..start + len, 0);
+        if !self.file.cipher.open_segment(0, true, &mut self.bufs.data[..len], plain) {
+            return Err(Error::Authentication { file: name(), segment: 0 });
+        }
+        Ok(&self.bufs.data[..plain])
+    }
+}
+
+/// Reads `len` bytes at `offset` of a pack's data from its data shards' home locations into `out` (unverified:
+/// the caller authenticates them).
+fn read_pack_range(store: &Store, pack: &ManifestBody, offset: u64, len: usize, out: &mut Vec<u8>) -> Result<()> {
+    let sl = pack.segments.first().map(|s| s.shard_len as u64).unwrap_or(0);
+    if sl == 0 || offset + len as u64 > sl * pack.k as u64 {
+        return Err(Error::corrupt("pack", "range outside the pack"));
+    }
+    out.clear();
+    let n = store.locations().len();
+    let mut at = offset;
+    while out.len() < len {
+        let shard = (at / sl) as usize;
+        let within = at % sl;
+        let take = ((sl - within) as usize).min(len - out.len());
+        let loc = &store.locations()[placement(pack.placement_start, 0, shard, n)];
+        let bytes = loc.get_range(&shard_key(&pack.file_id, 0, shard), HEADER_LEN as u64 + within, take)?;
+        if bytes.len() != take {
+            return Err(Error::corrupt("pack shard", "short read"));
+        }
+        out.extend_from_slice(&bytes);
+        at += take as u64;
+    }
+    Ok(())
 }
 
 /// Writes the whole plaintext of `file` to `out` in order, `workers` segments at a time. A segment reaches
@@ -226,6 +303,15 @@ pub fn read_to(
 /// Checks every shard of every segment of a file without the key. Returns one entry per segment with a check
 /// per shard.
 pub fn verify_file(store: &Store, body: &ManifestBody) -> Vec<Vec<ShardCheck>> {
+    if let Data::Packed { pack, .. } = body.data {
+        // A packed file's shards are its pack's.
+        return match catalog::pack_of(store, &pack) {
+            Ok(p) => verify_file(store, &p),
+            Err(_) => vec![(0..body.width())
+                .map(|i| ShardCheck { shard: i, location: 0, outcome: Err(ShardProblem::Missing) })
+                .collect()],
+        };
+    }
     let mut io = Vec::new();
     (0..body.segments.len() as u64)
         .map(|seg| {

@@ -33,9 +33,14 @@ pub const MAGIC_KEY: [u8; 8] = *b"BFKEY\0\0\0";
 
 /// Frames `payload` (already encoded) in an envelope.
 pub fn seal_bytes(magic: [u8; 8], payload: &[u8]) -> Vec<u8> {
+    seal_bytes_version(magic, FORMAT_VERSION, payload)
+}
+
+/// Frames `payload` in an envelope of a given format version (records whose layout changed).
+pub fn seal_bytes_version(magic: [u8; 8], version: u16, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(ENVELOPE_HEADER_LEN + payload.len() + ENVELOPE_TRAILER_LEN);
     out.extend_from_slice(&magic);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&0u16.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(payload);
@@ -46,6 +51,16 @@ pub fn seal_bytes(magic: [u8; 8], payload: &[u8]) -> Vec<u8> {
 
 /// Checks magic, version, length and checksum; returns the payload.
 pub fn open_bytes<'a>(magic: [u8; 8], what: &str, bytes: &'a [u8]) -> Result<&'a [u8]> {
+    Ok(open_bytes_version(magic, what, bytes, FORMAT_VERSION..=FORMAT_VERSION)?.1)
+}
+
+/// Like [`open_bytes`] for a record read in several format versions: returns the version and the payload.
+pub fn open_bytes_version<'a>(
+    magic: [u8; 8],
+    what: &str,
+    bytes: &'a [u8],
+    versions: std::ops::RangeInclusive<u16>,
+) -> Result<(u16, &'a [u8])> {
     let bad = |detail: String| Error::corrupt(what, detail);
     if bytes.len() < ENVELOPE_HEADER_LEN + ENVELOPE_TRAILER_LEN {
         return Err(bad(format!("truncated: {} bytes", bytes.len())));
@@ -54,7 +69,7 @@ pub fn open_bytes<'a>(magic: [u8; 8], what: &str, bytes: &'a [u8]) -> Result<&'a
         return Err(bad("bad magic".into()));
     }
     let version = u16::from_le_bytes([bytes[8], bytes[9]]);
-    if version != FORMAT_VERSION {
+    if !versions.contains(&version) {
         return Err(bad(format!("unsupported format version {version}")));
     }
     let len = u32::from_le_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]) as usize;
@@ -65,7 +80,7 @@ pub fn open_bytes<'a>(magic: [u8; 8], what: &str, bytes: &'a [u8]) -> Result<&'a
     if blake3::hash(&bytes[..body_end]).as_bytes() != &bytes[body_end..] {
         return Err(bad("checksum mismatch".into()));
     }
-    Ok(&bytes[ENVELOPE_HEADER_LEN..body_end])
+    Ok((version, &bytes[ENVELOPE_HEADER_LEN..body_end]))
 }
 
 /// Encodes `value` with postcard and frames it.

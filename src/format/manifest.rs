@@ -21,6 +21,84 @@ pub struct SegmentEntry {
     pub shard_len: u32,
 }
 
+/// Where a file's data is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Data {
+    /// In its own segments, `k + m` shards each (every file of format version 1).
+    #[default]
+    Segments,
+    /// Its one segment's ciphertext (encrypted as segment 0 of the file, `plain_len + 16` bytes) lies inside a
+    /// pack; the file has no shards of its own and no leaves.
+    Packed {
+        /// File id of the pack.
+        pack: [u8; 16],
+        /// Byte offset of the ciphertext in the pack's data.
+        offset: u64,
+        /// BLAKE3 of the ciphertext (what the root commits to).
+        cipher_hash: Hash,
+    },
+    /// A pack: one segment of raw bytes (the packed files' ciphertexts, back to back, not encrypted again)
+    /// erasure-coded like any segment. Its name tag is [`PACK_NAME_TAG`].
+    Pack,
+}
+
+/// Name tag of every pack (no name hashes to all zeros).
+pub const PACK_NAME_TAG: Hash = [0; 32];
+
+/// Root of a packed file: binds its id, its place and its ciphertext.
+pub fn packed_root(file_id: &[u8; 16], pack: &[u8; 16], offset: u64, cipher_len: u64, cipher_hash: &Hash) -> Hash {
+    let mut h = blake3::Hasher::new();
+    h.update(&[0x02]);
+    h.update(file_id);
+    h.update(pack);
+    h.update(&offset.to_le_bytes());
+    h.update(&cipher_len.to_le_bytes());
+    h.update(cipher_hash);
+    *h.finalize().as_bytes()
+}
+
+/// The public part of a format version 1 manifest (before [`Data`]).
+#[derive(Deserialize)]
+struct BodyV1 {
+    store_id: [u8; 16],
+    file_id: [u8; 16],
+    name_tag: Hash,
+    committed_unix_ns: u64,
+    k: u16,
+    m: u16,
+    segment_size: u64,
+    placement_start: u32,
+    segments: Vec<SegmentEntry>,
+    leaves: Vec<Hash>,
+    root: Hash,
+    meta_nonce: [u8; 12],
+    sealed_meta: Vec<u8>,
+}
+
+impl From<BodyV1> for ManifestBody {
+    fn from(b: BodyV1) -> Self {
+        ManifestBody {
+            store_id: b.store_id,
+            file_id: b.file_id,
+            name_tag: b.name_tag,
+            committed_unix_ns: b.committed_unix_ns,
+            k: b.k,
+            m: b.m,
+            segment_size: b.segment_size,
+            placement_start: b.placement_start,
+            segments: b.segments,
+            leaves: b.leaves,
+            root: b.root,
+            meta_nonce: b.meta_nonce,
+            sealed_meta: b.sealed_meta,
+            data: Data::Segments,
+        }
+    }
+}
+
+/// Format version of manifests written now (version 1, without [`Data`], is still read).
+pub const MANIFEST_VERSION: u16 = 2;
+
 /// The public, keyless part of a manifest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ManifestBody {
@@ -48,8 +126,10 @@ pub struct ManifestBody {
     pub root: Hash,
     /// Nonce of `sealed_meta`.
     pub meta_nonce: [u8; 12],
-    /// [`FileMeta`] encrypted and authenticated with the file's metadata key.
+    /// [`FileMeta`] encrypted and authenticated with the file's metadata key (empty for a pack).
     pub sealed_meta: Vec<u8>,
+    /// Where the data is.
+    pub data: Data,
 }
 
 /// Private file metadata (encrypted inside the manifest).
@@ -70,6 +150,7 @@ pub struct FileMeta {
 pub struct Manifest {
     /// Public part.
     pub body: ManifestBody,
+    version: u16,
     body_bytes: Vec<u8>,
     mac: Hash,
 }
@@ -95,9 +176,34 @@ impl ManifestBody {
         hex::encode(self.root)
     }
 
+    /// True for a pack (not a file: it has no name).
+    pub fn is_pack(&self) -> bool {
+        self.data == Data::Pack
+    }
+
     /// Checks every structural invariant (no key needed): counts, lengths, and that the root matches the leaves.
     pub fn validate(&self, what: &str) -> Result<()> {
         let bad = |d: String| Err(Error::corrupt(what, d));
+        if (self.name_tag == PACK_NAME_TAG) != self.is_pack() {
+            return bad("name tag and kind disagree".into());
+        }
+        if let Data::Packed { pack, offset, cipher_hash } = &self.data {
+            let [s] = self.segments.as_slice() else { return bad("a packed file has one segment".into()) };
+            if s.shard_len != 0 || !self.leaves.is_empty() || s.plain_len > self.segment_size {
+                return bad("a packed file has no shards of its own".into());
+            }
+            let len = s.plain_len + TAG_LEN as u64;
+            if offset.checked_add(len).is_none()
+                || packed_root(&self.file_id, pack, *offset, len, cipher_hash) != self.root
+            {
+                return bad("root does not match the packed data".into());
+            }
+            return Ok(());
+        }
+        let tag = if self.is_pack() { 0 } else { TAG_LEN as u64 };
+        if self.is_pack() && self.segments.len() != 1 {
+            return bad("a pack has one segment".into());
+        }
         if erasure::validate(self.k as usize, self.m as usize).is_err() {
             return bad(format!("invalid k={} m={}", self.k, self.m));
         }
@@ -116,7 +222,7 @@ impl ManifestBody {
             if s.plain_len > self.segment_size || (i < last && !full) {
                 return bad(format!("segment {i} has length {}", s.plain_len));
             }
-            let expect = erasure::shard_len(s.plain_len + TAG_LEN as u64, self.k as usize);
+            let expect = erasure::shard_len(s.plain_len + tag, self.k as usize);
             if s.shard_len as usize != expect {
                 return bad(format!("segment {i} shard length {} != {expect}", s.shard_len));
             }
@@ -133,26 +239,33 @@ impl Manifest {
     pub fn new(body: ManifestBody, key: &MasterKey) -> Self {
         let body_bytes = postcard::to_allocvec(&body).expect("manifest body is serialisable");
         let mac = key.manifest_mac(&body_bytes);
-        Manifest { body, body_bytes, mac }
+        Manifest { body, version: MANIFEST_VERSION, body_bytes, mac }
     }
 
-    /// The bytes of one manifest copy.
+    /// The bytes of one manifest copy (in the format version it was read in).
     pub fn encode(&self) -> Vec<u8> {
-        format::seal(MAGIC_MANIFEST, &(&self.body_bytes, &self.mac))
+        let payload = postcard::to_allocvec(&(&self.body_bytes, &self.mac)).expect("byte strings are serialisable");
+        format::seal_bytes_version(MAGIC_MANIFEST, self.version, &payload)
     }
 
     /// Decodes a copy, checking envelope and structure; with a key also the MAC. Never panics.
     pub fn decode(bytes: &[u8], key: Option<&MasterKey>, what: &str) -> Result<Self> {
-        let (body_bytes, mac): (Vec<u8>, Hash) = format::open(MAGIC_MANIFEST, what, bytes)?;
+        let (version, payload) = format::open_bytes_version(MAGIC_MANIFEST, what, bytes, 1..=MANIFEST_VERSION)?;
+        let (body_bytes, mac): (Vec<u8>, Hash) =
+            postcard::from_bytes(payload).map_err(|e| Error::corrupt(what, format!("undecodable payload: {e}")))?;
         if let Some(key) = key {
             if key.manifest_mac(&body_bytes) != mac {
                 return Err(Error::corrupt(what, "MAC mismatch (tampered, or written with another key)"));
             }
         }
-        let body: ManifestBody =
-            postcard::from_bytes(&body_bytes).map_err(|e| Error::corrupt(what, format!("undecodable body: {e}")))?;
+        let undecodable = |e: postcard::Error| Error::corrupt(what, format!("undecodable body: {e}"));
+        let body: ManifestBody = if version == 1 {
+            postcard::from_bytes::<BodyV1>(&body_bytes).map_err(undecodable)?.into()
+        } else {
+            postcard::from_bytes(&body_bytes).map_err(undecodable)?
+        };
         body.validate(what)?;
-        Ok(Manifest { body, body_bytes, mac })
+        Ok(Manifest { body, version, body_bytes, mac })
     }
 
     /// Decrypts the private metadata.
@@ -208,7 +321,50 @@ mod tests {
             leaves,
             meta_nonce,
             sealed_meta,
+            data: Data::Segments,
         }
+    }
+
+    #[test]
+    fn version_1_copies_are_read_and_kept_byte_for_byte() {
+        let key = MasterKey::from_bytes([1; 32]);
+        let b = sample_body(&key);
+        let v1 = (
+            b.store_id,
+            b.file_id,
+            b.name_tag,
+            b.committed_unix_ns,
+            b.k,
+            b.m,
+            b.segment_size,
+            b.placement_start,
+            b.segments.clone(),
+            b.leaves.clone(),
+            b.root,
+            b.meta_nonce,
+            b.sealed_meta.clone(),
+        );
+        let body_bytes = postcard::to_allocvec(&v1).unwrap();
+        let mac = key.manifest_mac(&body_bytes);
+        let payload = postcard::to_allocvec(&(&body_bytes, &mac)).unwrap();
+        let bytes = format::seal_bytes_version(MAGIC_MANIFEST, 1, &payload);
+        let m = Manifest::decode(&bytes, Some(&key), "t").unwrap();
+        assert_eq!(m.body, b);
+        assert_eq!(m.encode(), bytes);
+    }
+
+    #[test]
+    fn packed_files_are_checked_against_their_root() {
+        let key = MasterKey::from_bytes([1; 32]);
+        let mut b = sample_body(&key);
+        let cipher_hash = [7; 32];
+        b.segments[0].shard_len = 0;
+        b.leaves.clear();
+        b.data = Data::Packed { pack: [8; 16], offset: 100, cipher_hash };
+        b.root = packed_root(&b.file_id, &[8; 16], 100, 26, &cipher_hash);
+        assert!(b.validate("t").is_ok());
+        b.data = Data::Packed { pack: [8; 16], offset: 101, cipher_hash };
+        assert!(b.validate("t").is_err());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! ([`envelope`], re-exported here), shard headers ([`shard`]), file manifests ([`manifest`]), block-volume
 //! records ([`volume`]) and the log-structured block store's records ([`log`]) and flush journal ([`journal`]).
 
+pub mod catalog;
 mod envelope;
 pub mod journal;
 pub mod log;

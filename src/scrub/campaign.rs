@@ -112,7 +112,8 @@ fn repairable_case(seed: u64) {
     assert_eq!(at_risk, k_good, "{ctx}");
     assert!(found.files.iter().all(|f| f.segments_lost.is_empty()), "{ctx}");
     let live_manifest_damage = damage.manifests.iter().filter(|(l, _)| !damage.dead.contains(l)).count() as u64;
-    let reported_manifest: u64 = found.files.iter().map(|f| f.manifests.missing + f.manifests.corrupt).sum();
+    let reported_manifest: u64 =
+        found.files.iter().map(|f| f.manifests.missing + f.manifests.corrupt).sum::<u64>() + found.catalog.bad();
     assert_eq!(reported_manifest, live_manifest_damage, "{ctx}");
     for &d in &damage.dead {
         assert_ne!(found.locations[d].state, LocationState::Ok, "{ctx}: dead location {d} not reported");
@@ -281,7 +282,7 @@ fn keyless_scrub_repairs_and_labels_by_root() {
     assert_eq!(r.health_after(), Health::Healthy);
     let root = catalog::find(&store, "secret-name").unwrap().manifest.body.root_hex();
     assert_eq!(r.files[0].label, format!("root:{root}"));
-    assert_eq!(r.files[0].manifests.repaired, 1);
+    assert_eq!(r.catalog.copies.repaired, 1);
     assert_eq!(scrub(&keyless, false).health(), Health::Healthy);
     assert_eq!(get_file(&store, "secret-name").unwrap(), bytes);
 }

@@ -13,6 +13,7 @@
 //! reported and, with repair, deleted once older than a grace period, so a commit in progress elsewhere is
 //! never touched. Resumable runs and per-file results are kept in [`state`].
 
+mod catalog_copies;
 mod files;
 pub mod log_volumes;
 mod orphans;
@@ -31,6 +32,7 @@ use crate::error::{Error, Result};
 use crate::files::catalog::{self, FileRef};
 use crate::store::{read_marker, write_marker, Store};
 
+pub use catalog_copies::CatalogReport;
 use policy::Throttle;
 pub use policy::{orphan_due, repair_targets, throttle_delay, DEFAULT_ORPHAN_GRACE};
 pub use report::*;
@@ -187,6 +189,8 @@ pub fn run(
     ctl: &RunControl<'_>,
 ) -> Result<(ScrubReport, StateWarning)> {
     let mut rec = Record::load(store, opts, &selection);
+    let selection_kind =
+        if matches!(selection, Selection::Files(_)) { SelectionKind::Files } else { SelectionKind::All };
     let files = match selection {
         Selection::Files(f) => f,
         Selection::All | Selection::Resume => catalog::scan(store)?,
@@ -206,6 +210,9 @@ pub fn run(
         pending_found: pending.len() as u64,
         ..Default::default()
     };
+    if !matches!(selection_kind, SelectionKind::Files) {
+        report.catalog = scrubber.catalog();
+    }
     check_files(&scrubber, &todo, ctl, &mut rec, &mut report);
     report.locations = scrubber.location_reports();
     let whole_store = rec.full && report.complete;
@@ -221,6 +228,11 @@ pub fn run(
     report.elapsed_secs = scrubber.elapsed_secs();
     rec.save(store);
     Ok((report, rec.warning))
+}
+
+enum SelectionKind {
+    All,
+    Files,
 }
 
 /// The store's scrub state record as a run updates it.

@@ -113,8 +113,11 @@ pub struct CopyCounts {
 /// Result of scrubbing one file.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct FileReport {
-    /// Name (with the key) or `root:<hex>`.
+    /// Name (with the key), `root:<hex>`, or `pack:<id>` for a pack of small files.
     pub label: String,
+    /// A pack of small files (not a file of its own).
+    #[serde(default)]
+    pub pack: bool,
     /// Merkle root, hex (empty when no manifest copy is valid).
     pub root: String,
     /// File id, hex.
@@ -259,6 +262,9 @@ pub struct ScrubReport {
     /// Pending-repair records cleared because their file or volume is whole again (or gone).
     #[serde(default)]
     pub pending_cleared: u64,
+    /// The catalog log's copies (whole-store runs).
+    #[serde(default)]
+    pub catalog: super::CatalogReport,
 }
 
 impl ScrubReport {
@@ -266,14 +272,23 @@ impl ScrubReport {
     pub fn health(&self) -> Health {
         let files = self.files.iter().map(FileReport::health).max().unwrap_or_default();
         let vols = self.volumes.iter().map(volumes::VolumeReport::health).max().unwrap_or_default();
-        files.max(vols).max(self.location_health())
+        let catalog = if self.catalog.bad() > 0 { Health::Degraded } else { Health::Healthy };
+        let lost =
+            if self.catalog.objects == 0 && !self.catalog.errors.is_empty() { Health::Lost } else { Health::Healthy };
+        files.max(vols).max(self.location_health()).max(catalog).max(lost)
     }
 
     /// Health after repairs (unusable locations keep the store degraded: a disk needs attention).
     pub fn health_after(&self) -> Health {
         let files = self.files.iter().map(FileReport::health_after).max().unwrap_or_default();
         let vols = self.volumes.iter().map(volumes::VolumeReport::health_after).max().unwrap_or_default();
-        files.max(vols).max(self.location_health_after())
+        let catalog = match self.catalog.bad() {
+            0 if self.catalog.errors.is_empty() => Health::Healthy,
+            _ if self.catalog.repaired_all() => Health::Healthy,
+            _ if self.catalog.objects == 0 => Health::Lost,
+            _ => Health::Degraded,
+        };
+        files.max(vols).max(self.location_health_after()).max(catalog)
     }
 
     /// Degraded when some location is unusable after this run (gone, foreign, marker not restored).

@@ -151,15 +151,23 @@ pub struct ShardObject {
     pub id: ShardId,
 }
 
-/// A manifest copy found on a location.
+/// A manifest copy or a catalog log object found on a location.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ManifestObject {
     /// Location index.
     pub location: usize,
     /// Object key.
     pub key: String,
-    /// File id from its name.
+    /// File id from its name; for a catalog log object, the first 16 bytes of BLAKE3 of its key (one pseudo
+    /// file per object, so the budget keeps a good copy of each).
     pub file_id: [u8; 16],
+}
+
+impl ManifestObject {
+    /// True for an object of the catalog log (reported once for the store, not per file).
+    pub fn in_catalog_log(&self) -> bool {
+        self.key.starts_with(crate::format::catalog::CATALOG_DIR)
+    }
 }
 
 /// What a store holds, as listed from its locations.
@@ -191,6 +199,13 @@ pub fn inventory(locations: &[&dyn Location]) -> Result<Inventory> {
             if let Some((_, file_id)) = parse_manifest_name(&name) {
                 inv.manifests.push(ManifestObject { location: i, key: format!("manifests/{name}"), file_id });
             }
+        }
+        for name in loc.list(crate::format::catalog::CATALOG_DIR)? {
+            let Some(parsed) = crate::format::catalog::parse_name(&name) else { continue };
+            let key = crate::format::catalog::key_of(&parsed);
+            let mut file_id = [0u8; 16];
+            file_id.copy_from_slice(&blake3::hash(key.as_bytes()).as_bytes()[..16]);
+            inv.manifests.push(ManifestObject { location: i, key, file_id });
         }
     }
     Ok(inv)

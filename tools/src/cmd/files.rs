@@ -9,9 +9,10 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use blockframe::files::catalog::{self, Entry};
-use blockframe::files::commit::{commit, CommitReport, CommitRequest};
+use blockframe::files::commit::{CommitReport, CommitRequest};
 use blockframe::files::health::{quick_health, Health};
 use blockframe::files::read::{read_to, verify_file, OpenFile};
+use blockframe::files::session::{Session, SessionOptions};
 use blockframe::store::Store;
 use blockframe::Error;
 
@@ -111,38 +112,80 @@ pub(crate) fn commit_cmd(a: &CommitArgs, s: &Settings) -> Result<u8> {
     } else {
         open_keyed(s)?
     };
+    let mut session = Session::new(&st, SessionOptions::default())?;
     let mut reports: Vec<CommitReport> = Vec::new();
+    let mut failure = None;
     for (path, name) in inputs(a)? {
-        let start = Instant::now();
-        let (mut input, size, mtime_unix_ns, mode): (Box<dyn std::io::Read>, u64, i64, u32) = if path.as_os_str() == "-"
-        {
-            (Box::new(std::io::stdin().lock()), 0, blockframe::clock::unix_ns() as i64, 0o644)
-        } else {
-            let f = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-            let md = f.metadata().with_context(|| format!("reading {}", path.display()))?;
-            (Box::new(f), md.len(), mtime_ns(&md), mode_of(&md))
-        };
-        let pb = progress_bar(size);
-        let known_size = (path.as_os_str() != "-").then_some(size);
-        let req = CommitRequest {
-            name: name.clone(),
-            mtime_unix_ns,
-            mode,
-            replace: a.replace,
-            workers: s.workers,
-            size: known_size,
-        };
-        let report = commit(&st, &mut input, &req, &|done| {
+        if let Err(e) = commit_one(&mut session, a, s, &path, &name) {
+            failure = Some(e);
+            break;
+        }
+        if session.wants_flush() {
+            print_committed(a, session.flush()?, &mut reports)?;
+        }
+    }
+    // Whatever was stored before a failure is published (and printed) before the failure is reported.
+    print_committed(a, session.flush()?, &mut reports)?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    }
+    let degraded = reports.iter().any(|r| r.shards_not_stored > 0);
+    Ok(if degraded { EXIT_DEGRADED } else { EXIT_OK })
+}
+
+/// Stores one input in the session (its report comes with the session's next flush).
+fn commit_one(session: &mut Session<'_>, a: &CommitArgs, s: &Settings, path: &Path, name: &str) -> Result<()> {
+    let (mut input, size, mtime_unix_ns, mode): (Box<dyn std::io::Read>, u64, i64, u32) = if path.as_os_str() == "-" {
+        (Box::new(std::io::stdin().lock()), 0, blockframe::clock::unix_ns() as i64, 0o644)
+    } else {
+        let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let md = f.metadata().with_context(|| format!("reading {}", path.display()))?;
+        (Box::new(f), md.len(), mtime_ns(&md), mode_of(&md))
+    };
+    let pb = progress_bar(size);
+    let known_size = (path.as_os_str() != "-").then_some(size);
+    let req = CommitRequest {
+        name: name.to_string(),
+        mtime_unix_ns,
+        mode,
+        replace: a.replace,
+        workers: s.workers,
+        size: known_size,
+    };
+    let start = Instant::now();
+    session
+        .commit(&mut input, &req, &|done| {
             if let Some(pb) = &pb {
                 pb.set_position(done)
             }
         })
         .with_context(|| format!("committing {}", path.display()))?;
-        if let Some(pb) = pb {
-            pb.finish_and_clear();
-        }
-        let secs = start.elapsed().as_secs_f64();
-        tracing::info!(name = %report.name, bytes = report.size, secs, mb_per_s = report.size as f64 / secs / 1e6, "committed");
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    tracing::debug!(name, bytes = size, secs, "stored");
+    Ok(())
+}
+
+/// Prints the files a flush made durable; fails on the first file whose publication was refused.
+fn print_committed(
+    a: &CommitArgs,
+    done: Vec<blockframe::Result<CommitReport>>,
+    reports: &mut Vec<CommitReport>,
+) -> Result<()> {
+    let mut first_err = None;
+    for r in done {
+        let report = match r {
+            Ok(r) => r,
+            Err(e) => {
+                first_err.get_or_insert(e);
+                continue;
+            }
+        };
         if !a.json {
             println!("{}  {}  {} bytes", report.root, report.name, report.size);
         }
@@ -157,11 +200,10 @@ pub(crate) fn commit_cmd(a: &CommitArgs, s: &Settings) -> Result<u8> {
         }
         reports.push(report);
     }
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&reports)?);
+    match first_err {
+        Some(e) => Err(anyhow::Error::new(e).context("committing")),
+        None => Ok(()),
     }
-    let degraded = reports.iter().any(|r| r.shards_not_stored > 0);
-    Ok(if degraded { EXIT_DEGRADED } else { EXIT_OK })
 }
 
 fn mtime_ns(md: &std::fs::Metadata) -> i64 {
@@ -245,7 +287,11 @@ struct LsRow {
     segments: u64,
     root: String,
     health: Health,
-    manifest_copies: usize,
+    /// Where its manifest is: `catalog-log`, or `objects` (a format version 1 file, one copy per location).
+    catalog: &'static str,
+    /// Readable manifest copies of a version 1 file (the catalog log's copies are checked by `bf scrub`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    manifest_copies: Option<usize>,
 }
 
 pub(crate) fn ls(a: &LsArgs, s: &Settings) -> Result<u8> {
@@ -259,7 +305,8 @@ pub(crate) fn ls(a: &LsArgs, s: &Settings) -> Result<u8> {
             segments: e.manifest.body.segments.len() as u64,
             root: e.manifest.body.root_hex(),
             health: quick_health(&st, &e.manifest.body),
-            manifest_copies: e.file.copies.len() - e.bad_copies.len(),
+            catalog: if e.file.in_log { "catalog-log" } else { "objects" },
+            manifest_copies: (!e.file.in_log).then(|| e.file.copies.len() - e.bad_copies.len()),
         })
         .collect();
     if a.json {

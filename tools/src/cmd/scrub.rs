@@ -164,7 +164,22 @@ fn print_report(st: &Store, r: &ScrubReport) {
     for v in &r.volumes {
         print_volume(v);
     }
+    print_catalog(&r.catalog);
     print_summary(r);
+}
+
+/// The catalog log's copies, when something was wrong with them.
+fn print_catalog(c: &blockframe::scrub::CatalogReport) {
+    if c.bad() == 0 && c.errors.is_empty() && c.stale_deleted == 0 {
+        return;
+    }
+    println!(
+        "catalog log: {} objects, copies {} ok, {} missing, {} corrupt, {} rewritten, {} stale deleted",
+        c.objects, c.copies.ok, c.copies.missing, c.copies.corrupt, c.copies.repaired, c.stale_deleted
+    );
+    for e in &c.errors {
+        println!("  {e}");
+    }
 }
 
 /// A file that is not healthy: its line, its first issues and its repair failures.
@@ -239,9 +254,13 @@ fn print_summary(r: &ScrubReport) {
     let risk: usize = r.files.iter().map(|f| f.segments_at_risk.len()).sum();
     let mb = r.bytes_verified as f64 / 1e6;
     println!(
-        "scrubbed {} files ({} resumed from an earlier run): {mb:.1} MB of shards verified in {:.1} s ({:.1} MB/s); \
+        "scrubbed {} files{} ({} resumed from an earlier run): {mb:.1} MB of shards verified in {:.1} s ({:.1} MB/s); \
          {} bad shards, {risk} segments at risk, {lost} lost; result: {}",
-        r.files.len(),
+        r.files.iter().filter(|f| !f.pack).count(),
+        match r.files.iter().filter(|f| f.pack).count() {
+            0 => String::new(),
+            p => format!(" and {p} packs of small files"),
+        },
         r.files_resumed,
         r.elapsed_secs,
         mb / r.elapsed_secs.max(1e-9),

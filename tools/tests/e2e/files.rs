@@ -107,9 +107,9 @@ fn damaged_headers_and_manifests_are_survived_or_reported() {
     let mut b = std::fs::read(&shards[0]).unwrap();
     b[20] ^= 0xff;
     std::fs::write(&shards[0], b).unwrap();
-    // Garble some manifest copies (not all).
+    // Garble some copies of the catalog (not all).
     for i in [0, 4] {
-        for m in files_under(&env.location(i).join("manifests")) {
+        for m in files_under(&env.location(i).join("catalog")) {
             let mut b = std::fs::read(&m).unwrap();
             let mid = b.len() / 2;
             b[mid] ^= 1;
@@ -124,16 +124,16 @@ fn damaged_headers_and_manifests_are_survived_or_reported() {
         serde_json::from_slice(&o.stdout).unwrap()
     };
     assert_eq!(v[0]["shards_bad"], 2);
-    // Every manifest copy garbled: a clear error, no panic, nothing listed as healthy.
+    // Every copy of the catalog garbled: a clear error, no panic, nothing listed as healthy.
     for i in 0..6 {
-        for m in files_under(&env.location(i).join("manifests")) {
-            std::fs::write(&m, b"BFMANIF\0garbage").unwrap();
+        for m in files_under(&env.location(i).join("catalog")) {
+            std::fs::write(&m, b"BFCATRC\0garbage").unwrap();
         }
     }
     let err = env.fails(&["get", "f", "-o", "back2"], 1);
-    assert!(err.contains("corrupt") || err.contains("no file"), "{err}");
-    let err = env.fails(&["ls"], 4);
-    assert!(err.contains("unreadable manifest"), "{err}");
+    assert!(err.contains("catalog"), "{err}");
+    let err = env.fails(&["ls"], 1);
+    assert!(err.contains("corrupt catalog record"), "{err}");
 }
 
 #[test]

@@ -116,16 +116,18 @@ fn keyless_scrub_and_repair_with_the_key_file_removed() {
     env.write("doc", &bytes);
     let root = env.ok(&["commit", "doc"]).split_whitespace().next().unwrap().to_string();
     std::fs::rename(env.store().join("master.key"), env.path("key.offline")).unwrap();
-    // Damage: a whole location emptied (marker too), a corrupt manifest copy elsewhere.
+    // Damage: a whole location emptied (marker too), corrupt catalog copies elsewhere.
     std::fs::remove_dir_all(env.location(1)).unwrap();
     std::fs::create_dir(env.location(1)).unwrap();
-    for m in files_under(&env.location(2).join("manifests")) {
-        std::fs::write(m, b"BFMANIF\0rot").unwrap();
+    for m in files_under(&env.location(2).join("catalog")) {
+        std::fs::write(m, b"BFCATRC\0rot").unwrap();
     }
     let r = json(&env, &["scrub", "--repair", "--json"], 3);
     assert_eq!(r["files"][0]["label"], format!("root:{root}"));
     assert!(r["files"][0]["shards_repaired"].as_u64().unwrap() >= 5);
-    assert_eq!(r["files"][0]["manifests"]["repaired"], 2);
+    let objects = r["catalog"]["objects"].as_u64().unwrap();
+    assert!(objects >= 1);
+    assert_eq!(r["catalog"]["copies"]["repaired"].as_u64(), Some(2 * objects), "{r}");
     assert_eq!(r["locations"][1]["state"]["state"], "marker_restored");
     let out = env.ok(&["scrub"]);
     assert!(out.contains("result: healthy"), "{out}");

@@ -1,0 +1,162 @@
+//! Packs: small files' ciphertexts appended back to back and stored as one erasure-coded stripe, so a small
+//! file costs a slice of a shard object instead of k+m objects of its own.
+//!
+//! A small file is encrypted exactly as segment 0 (the last) of a file would be (AES-256-GCM under its own file
+//! key, so its tag authenticates it wherever it sits); its ciphertext is appended to the open pack. Sealing the
+//! pack cuts its bytes into k data shards, adds m parity shards and writes the k+m shards durably, like any
+//! segment; only then are the pack's manifest and its files' manifests published (in one catalog record).
+//! A pack is never rewritten: when its files are removed, the catalog drops it with its last file.
+
+use crate::codec::crypto::{random_bytes, TAG_LEN};
+use crate::codec::erasure::{self, Codec};
+use crate::codec::merkle::{self, Hash};
+use crate::error::{Error, Result};
+use crate::format::manifest::{packed_root, Data, FileMeta, Manifest, ManifestBody, SegmentEntry, PACK_NAME_TAG};
+use crate::store::{shard_key, Store};
+use crate::stripe::{write_stripe, StripeAddr};
+
+/// Most bytes in one pack (4 MiB: 1 MiB shards at k = 4), or the segment size when smaller.
+pub const PACK_BYTES: u64 = 4 << 20;
+
+/// Files up to this size are packed by default (chosen by `scripts/bench`, section `small-files`).
+pub const DEFAULT_PACK_THRESHOLD: u64 = 256 << 10;
+
+/// The largest file a store packs (at most a quarter of a pack, so a pack holds several).
+pub fn pack_limit(store: &Store, threshold: u64) -> u64 {
+    threshold.min(capacity(store) / 4)
+}
+
+fn capacity(store: &Store) -> u64 {
+    PACK_BYTES.min(store.descriptor().segment_size)
+}
+
+/// A sealed pack: its manifest and the shards it could not store.
+pub struct SealedPack {
+    /// The pack's manifest.
+    pub manifest: Manifest,
+    /// Location indexes of shards not stored (the write policy allowed it).
+    pub missing: Vec<usize>,
+}
+
+/// The open pack.
+pub struct Packer {
+    pack_id: [u8; 16],
+    data: Vec<u8>,
+    capacity: usize,
+}
+
+impl Packer {
+    /// An empty pack.
+    pub fn new(store: &Store) -> Result<Self> {
+        Ok(Packer { pack_id: random_bytes()?, data: Vec::new(), capacity: capacity(store) as usize })
+    }
+
+    /// True when a file of `len` plaintext bytes still fits.
+    pub fn fits(&self, len: usize) -> bool {
+        self.data.len() + len + TAG_LEN <= self.capacity
+    }
+
+    /// Id of the open pack.
+    pub fn id(&self) -> [u8; 16] {
+        self.pack_id
+    }
+
+    /// True when nothing was added since the last seal.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// Bytes waiting.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Encrypts `plain` as a new file with `meta` and appends it; returns its manifest (to publish after
+    /// [`Packer::seal`]). The caller checks [`Packer::fits`] first.
+    pub fn add(&mut self, store: &Store, name_tag: Hash, meta: &FileMeta, plain: &[u8]) -> Result<Manifest> {
+        if !self.fits(plain.len()) {
+            return Err(Error::internal("file does not fit the pack"));
+        }
+        let key = store.key()?;
+        let d = store.descriptor();
+        let file_id: [u8; 16] = random_bytes()?;
+        let offset = self.data.len();
+        self.data.extend_from_slice(plain);
+        self.data.resize(offset + plain.len() + TAG_LEN, 0);
+        key.segment_cipher(&file_id).seal_segment(0, true, &mut self.data[offset..], plain.len())?;
+        let cipher = &self.data[offset..];
+        let cipher_hash = *blake3::hash(cipher).as_bytes();
+        let meta_bytes =
+            postcard::to_allocvec(meta).map_err(|e| Error::internal(format!("encoding file metadata: {e}")))?;
+        let (sealed_meta, meta_nonce) = key.seal_metadata(&file_id, &meta_bytes)?;
+        let body = ManifestBody {
+            store_id: d.store_id,
+            file_id,
+            name_tag,
+            committed_unix_ns: crate::clock::unix_ns(),
+            k: d.k,
+            m: d.m,
+            segment_size: d.segment_size,
+            placement_start: 0,
+            segments: vec![SegmentEntry { plain_len: plain.len() as u64, shard_len: 0 }],
+            leaves: vec![],
+            root: packed_root(&file_id, &self.pack_id, offset as u64, cipher.len() as u64, &cipher_hash),
+            meta_nonce,
+            sealed_meta,
+            data: Data::Packed { pack: self.pack_id, offset: offset as u64, cipher_hash },
+        };
+        body.validate("new packed file")?;
+        Ok(Manifest::new(body, key))
+    }
+
+    /// Stores the pack's k+m shards durably and returns its manifest; `None` when it is empty. A new empty pack
+    /// takes its place. On failure the shards written are deleted and the pack's files are lost with it (the
+    /// caller fails their commits).
+    pub fn seal(&mut self, store: &Store, codec: &mut Codec) -> Result<Option<SealedPack>> {
+        if self.data.is_empty() {
+            return Ok(None);
+        }
+        let pack_id = self.pack_id;
+        let mut data = std::mem::take(&mut self.data);
+        self.pack_id = random_bytes()?;
+        let r = store_pack(store, codec, &pack_id, &mut data);
+        if r.is_err() {
+            store.remove_shards(&pack_id);
+        }
+        r.map(Some)
+    }
+}
+
+fn store_pack(store: &Store, codec: &mut Codec, pack_id: &[u8; 16], data: &mut Vec<u8>) -> Result<SealedPack> {
+    let key = store.key()?;
+    let d = store.descriptor();
+    let k = d.k as usize;
+    let len = data.len();
+    let sl = erasure::shard_len(len as u64, k);
+    data.resize(k * sl, 0);
+    let n = store.locations().len();
+    let placement_start = (u32::from_le_bytes([pack_id[0], pack_id[1], pack_id[2], pack_id[3]]) as usize % n) as u32;
+    let key_of = |i: usize| shard_key(pack_id, 0, i);
+    let addr =
+        StripeAddr { file_id: pack_id, segment: 0, placement_start, shard_len: sl, key_of: &key_of, deferred: false };
+    let written = write_stripe(store, codec, &addr, data)?;
+    let missing = written.missing.iter().map(|(i, _)| addr.home(store, *i)).collect();
+    let body = ManifestBody {
+        store_id: d.store_id,
+        file_id: *pack_id,
+        name_tag: PACK_NAME_TAG,
+        committed_unix_ns: crate::clock::unix_ns(),
+        k: d.k,
+        m: d.m,
+        segment_size: d.segment_size,
+        placement_start,
+        segments: vec![SegmentEntry { plain_len: len as u64, shard_len: sl as u32 }],
+        root: merkle::root(&written.leaves),
+        leaves: written.leaves,
+        meta_nonce: [0; 12],
+        sealed_meta: vec![],
+        data: Data::Pack,
+    };
+    body.validate("new pack")?;
+    Ok(SealedPack { manifest: Manifest::new(body, key), missing })
+}

@@ -1,0 +1,285 @@
+//! Committing many files as few catalog changes: small files go into packs, large ones into their own
+//! segments, and every manifest waits in a batch that is published as one catalog record. A file's report is
+//! handed out only after its record is durable, so whatever a caller prints has been made safe.
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use crate::codec::erasure::Codec;
+use crate::codec::merkle::Hash;
+use crate::error::{Error, IoContext, Result};
+use crate::files::catalog::{self, Batch};
+use crate::files::catalog_log;
+use crate::files::commit::{self, CommitReport, CommitRequest};
+use crate::files::pack::{self, Packer};
+use crate::format::manifest::{FileMeta, Manifest, PACK_NAME_TAG};
+use crate::store::Store;
+
+/// When a session publishes what it has gathered.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionOptions {
+    /// Files up to this size are packed (see [`pack::DEFAULT_PACK_THRESHOLD`]); 0 turns packing off.
+    pub pack_threshold: u64,
+    /// Publish once this many files wait.
+    pub max_files: usize,
+    /// Publish once the oldest waiting file has waited this long.
+    pub max_wait: Duration,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions {
+            pack_threshold: pack::DEFAULT_PACK_THRESHOLD,
+            max_files: 4096,
+            max_wait: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A file stored (or packed) and waiting for its manifest to be published.
+struct Waiting {
+    report: CommitReport,
+    manifest: Manifest,
+    replace: bool,
+    /// The pack holding it, for a packed file.
+    pack: Option<[u8; 16]>,
+}
+
+/// A commit session (see the module documentation).
+pub struct Session<'a> {
+    store: &'a Store,
+    opts: SessionOptions,
+    packer: Packer,
+    codec: Codec,
+    waiting: Vec<Waiting>,
+    /// Sealed packs waiting to be published with their files.
+    packs: Vec<pack::SealedPack>,
+    /// Packs whose store failed: their files fail at the next publication.
+    failed_packs: Vec<([u8; 16], String)>,
+    since: Option<Instant>,
+    /// Names in the catalog when the session last looked, to refuse a taken name before storing anything.
+    taken: std::collections::BTreeSet<Hash>,
+}
+
+impl<'a> Session<'a> {
+    /// A session on `store` (needs the key).
+    pub fn new(store: &'a Store, opts: SessionOptions) -> Result<Self> {
+        store.key()?;
+        let d = store.descriptor();
+        let mut s = Session {
+            store,
+            opts,
+            packer: Packer::new(store)?,
+            codec: Codec::new(d.k as usize, d.m as usize)?,
+            waiting: Vec::new(),
+            packs: Vec::new(),
+            failed_packs: Vec::new(),
+            since: None,
+            taken: Default::default(),
+        };
+        s.look_at_catalog()?;
+        Ok(s)
+    }
+
+    fn look_at_catalog(&mut self) -> Result<()> {
+        let st = catalog_log::current(self.store)?;
+        self.taken = catalog::scan(self.store)?.into_iter().map(|f| f.name_tag).collect();
+        drop(st);
+        Ok(())
+    }
+
+    /// Stores one file (packed when small) and queues its manifest. Fails, storing nothing, when the name is
+    /// taken (and not `req.replace`), the name is invalid, or the input or a write fails. The report comes from
+    /// [`Session::flush`].
+    pub fn commit(&mut self, input: &mut dyn Read, req: &CommitRequest, progress: &(dyn Fn(u64) + Sync)) -> Result<()> {
+        let key = self.store.key()?;
+        catalog::validate_name(&req.name)?;
+        let name_tag = key.name_tag(&req.name);
+        if !req.replace && self.taken.contains(&name_tag) {
+            return Err(Error::AlreadyExists(req.name.clone()));
+        }
+        let limit = pack::pack_limit(self.store, self.opts.pack_threshold);
+        let mut head = Vec::new();
+        let small = match req.size {
+            Some(size) if size > limit => false,
+            _ => {
+                // Read up to one byte past the limit: the file is small exactly when the input ends first.
+                input.take(limit + 1).read_to_end(&mut head).ctx(|| "reading the input".into())?;
+                head.len() as u64 <= limit && req.size.is_none_or(|s| s == head.len() as u64)
+            }
+        };
+        let queued = if small {
+            self.pack_file(req, name_tag, &head, progress)?
+        } else {
+            let mut rest = std::io::Cursor::new(head).chain(input);
+            let (manifest, report) = commit::store_file(self.store, &mut rest, req, name_tag, progress)?;
+            Waiting { report, manifest, replace: req.replace, pack: None }
+        };
+        self.taken.insert(name_tag);
+        self.waiting.push(queued);
+        self.since.get_or_insert_with(Instant::now);
+        Ok(())
+    }
+
+    fn pack_file(
+        &mut self,
+        req: &CommitRequest,
+        name_tag: Hash,
+        plain: &[u8],
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<Waiting> {
+        if !self.packer.fits(plain.len()) {
+            self.seal_pack();
+        }
+        let meta = FileMeta {
+            name: req.name.clone(),
+            size: plain.len() as u64,
+            mtime_unix_ns: req.mtime_unix_ns,
+            mode: req.mode,
+        };
+        let pack_id = self.packer.id();
+        let manifest = self.packer.add(self.store, name_tag, &meta, plain)?;
+        progress(plain.len() as u64);
+        let report = CommitReport {
+            name: req.name.clone(),
+            root: manifest.body.root_hex(),
+            size: plain.len() as u64,
+            segments: 1,
+            replaced: false,
+            shards_not_stored: 0,
+            failed_locations: vec![],
+        };
+        Ok(Waiting { report, manifest, replace: req.replace, pack: Some(pack_id) })
+    }
+
+    /// Stores the open pack (its files are published with the next batch).
+    fn seal_pack(&mut self) {
+        let id = self.packer.id();
+        match self.packer.seal(self.store, &mut self.codec) {
+            Ok(Some(p)) => self.packs.push(p),
+            Ok(None) => {}
+            Err(e) => self.failed_packs.push((id, e.to_string())),
+        }
+    }
+
+    /// True when enough waits (files or time) that the caller should [`Session::flush`].
+    pub fn wants_flush(&self) -> bool {
+        self.waiting.len() >= self.opts.max_files || self.since.is_some_and(|t| t.elapsed() >= self.opts.max_wait)
+    }
+
+    /// Files waiting for publication.
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Stores the open pack and publishes every waiting manifest in one catalog record; returns each file's
+    /// outcome in commit order. An error means nothing was published (every waiting file's data is deleted).
+    pub fn flush(&mut self) -> Result<Vec<Result<CommitReport>>> {
+        self.seal_pack();
+        self.since = None;
+        let waiting = std::mem::take(&mut self.waiting);
+        let packs = std::mem::take(&mut self.packs);
+        let failed = std::mem::take(&mut self.failed_packs);
+        let mut batch = Batch::new();
+        for p in &packs {
+            batch.publish(p.manifest.clone(), "a pack", false);
+        }
+        let mut outcome: Vec<Option<Result<CommitReport>>> = Vec::with_capacity(waiting.len());
+        for w in &waiting {
+            match w.pack.and_then(|id| failed.iter().find(|(f, _)| *f == id)) {
+                Some((_, why)) => outcome.push(Some(Err(Error::internal(format!("storing its pack: {why}"))))),
+                None => {
+                    batch.publish(w.manifest.clone(), &w.report.name, w.replace);
+                    outcome.push(None);
+                }
+            }
+        }
+        if batch.is_empty() {
+            return Ok(outcome.into_iter().flatten().collect());
+        }
+        let published = match catalog::apply(self.store, batch) {
+            Ok(p) => p,
+            Err(e) => {
+                self.drop_data(&waiting, &packs);
+                return Err(e);
+            }
+        };
+        let mut results = published.into_iter().skip(packs.len());
+        let mut kept_packs = std::collections::BTreeSet::new();
+        let mut out = Vec::with_capacity(waiting.len());
+        for (w, o) in waiting.into_iter().zip(outcome) {
+            if let Some(done) = o {
+                out.push(done);
+                continue;
+            }
+            let r = results.next().unwrap_or_else(|| Err(Error::internal("missing publication outcome")));
+            out.push(self.finish_one(w, r, &packs, &mut kept_packs));
+        }
+        self.drop_unused_packs(&packs, &kept_packs)?;
+        self.look_at_catalog()?;
+        Ok(out)
+    }
+
+    fn finish_one(
+        &self,
+        w: Waiting,
+        published: Result<bool>,
+        packs: &[pack::SealedPack],
+        kept: &mut std::collections::BTreeSet<[u8; 16]>,
+    ) -> Result<CommitReport> {
+        let replaced = match published {
+            Ok(r) => r,
+            Err(e) => {
+                if w.pack.is_none() {
+                    self.store.remove_shards(&w.manifest.body.file_id);
+                }
+                return Err(e);
+            }
+        };
+        let mut report = CommitReport { replaced, ..w.report };
+        if w.pack.is_none() && report.shards_not_stored > 0 {
+            if let Err(e) = crate::pending::record(self.store, &w.manifest.body.file_id, report.shards_not_stored) {
+                tracing::warn!(error = %e, "could not record the pending repair (a scrub finds it anyway)");
+            }
+        }
+        if let Some(p) = w.pack.and_then(|id| packs.iter().find(|p| p.manifest.body.file_id == id)) {
+            kept.insert(p.manifest.body.file_id);
+            report.shards_not_stored = p.missing.len() as u64;
+            report.failed_locations = p.missing.iter().map(|&l| self.store.locations()[l].name().to_string()).collect();
+        }
+        Ok(report)
+    }
+
+    /// Removes packs none of whose files were published (every name was refused).
+    fn drop_unused_packs(&self, packs: &[pack::SealedPack], kept: &std::collections::BTreeSet<[u8; 16]>) -> Result<()> {
+        let mut batch = Batch::new();
+        for p in packs.iter().filter(|p| !kept.contains(&p.manifest.body.file_id)) {
+            batch.remove(catalog::FileRef {
+                name_tag: PACK_NAME_TAG,
+                file_id: p.manifest.body.file_id,
+                copies: vec![],
+                in_log: true,
+            });
+        }
+        if !batch.is_empty() {
+            catalog::apply(self.store, batch)?;
+        }
+        for p in packs {
+            if !p.missing.is_empty() && kept.contains(&p.manifest.body.file_id) {
+                if let Err(e) = crate::pending::record(self.store, &p.manifest.body.file_id, p.missing.len() as u64) {
+                    tracing::warn!(error = %e, "could not record the pending repair (a scrub finds it anyway)");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn drop_data(&self, waiting: &[Waiting], packs: &[pack::SealedPack]) {
+        for w in waiting.iter().filter(|w| w.pack.is_none()) {
+            self.store.remove_shards(&w.manifest.body.file_id);
+        }
+        for p in packs {
+            self.store.remove_shards(&p.manifest.body.file_id);
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! Packs, sessions and the catalog log, through in-memory locations that can fail.
+
+use std::io::Cursor;
+
+use crate::files::catalog::{self, Batch};
+use crate::files::catalog_log;
+use crate::files::commit::CommitRequest;
+use crate::files::read::{read_to, OpenFile};
+use crate::files::session::{Session, SessionOptions};
+use crate::format::catalog::{self as fmt, CatalogName, CatalogOp, RecordBody};
+use crate::format::manifest::Data;
+use crate::location::{Location, LocationExt};
+use crate::store::{Store, MIN_SEGMENT_SIZE};
+use crate::testing::{self, test_bytes as data, MemStore};
+
+fn req(name: &str, len: usize) -> CommitRequest {
+    CommitRequest {
+        name: name.into(),
+        mtime_unix_ns: 0,
+        mode: 0o644,
+        replace: false,
+        workers: 2,
+        size: Some(len as u64),
+    }
+}
+
+fn get(store: &Store, name: &str) -> crate::Result<Vec<u8>> {
+    let e = catalog::find(store, name)?;
+    let f = OpenFile::new(store, &e)?;
+    let mut out = Vec::new();
+    read_to(store, &f, &mut out, 2, &|_| {})?;
+    Ok(out)
+}
+
+fn mem(dir: &std::path::Path, k: u16, m: u16) -> MemStore {
+    testing::mem_store(dir, k, m, (k + m) as usize, 4 * MIN_SEGMENT_SIZE).unwrap()
+}
+
+/// Commits `files` (name, length) in one session; returns the contents.
+fn commit_all(store: &Store, files: &[(String, usize)]) -> Vec<Vec<u8>> {
+    let mut s = Session::new(store, SessionOptions::default()).unwrap();
+    let mut out = Vec::new();
+    for (i, (name, len)) in files.iter().enumerate() {
+        let bytes = data(*len, i as u64 + 7);
+        s.commit(&mut Cursor::new(&bytes), &req(name, *len), &|_| {}).unwrap();
+        out.push(bytes);
+    }
+    for r in s.flush().unwrap() {
+        r.unwrap();
+    }
+    out
+}
+
+fn catalog_names(loc: &dyn Location) -> Vec<CatalogName> {
+    loc.list(fmt::CATALOG_DIR).unwrap().iter().filter_map(|n| fmt::parse_name(n)).collect()
+}
+
+fn shard_dirs(loc: &dyn Location) -> usize {
+    loc.list("shards").unwrap().len()
+}
+
+#[test]
+fn a_session_packs_small_files_and_publishes_them_in_one_record() {
+    let d = tempfile::tempdir().unwrap();
+    let MemStore { store, faulty, .. } = mem(d.path(), 4, 2);
+    // 300 files of 0..3 KiB (about 450 KiB: two packs of 256 KiB) and one large file with its own segments.
+    let mut files: Vec<(String, usize)> = (0..300).map(|i| (format!("dir/f{i:03}"), (i * 11) % 3000)).collect();
+    files.push(("big".into(), 600_000));
+    let contents = commit_all(&store, &files);
+    let records: Vec<_> =
+        catalog_names(faulty[0].as_ref()).into_iter().filter(|n| matches!(n, CatalogName::Record(..))).collect();
+    assert_eq!(records.len(), 1, "one record for the whole session");
+    assert_eq!(shard_dirs(faulty[0].as_ref()), 3, "two packs and the large file");
+    for ((name, _), bytes) in files.iter().zip(&contents) {
+        assert_eq!(&get(&store, name).unwrap(), bytes, "{name}");
+    }
+    let e = catalog::find(&store, "dir/f007").unwrap();
+    assert!(matches!(e.manifest.body.data, Data::Packed { .. }));
+    // A fresh process sees the same catalog.
+    let mut again = Store::open(d.path()).unwrap();
+    again.set_locations(store.locations().to_vec()).unwrap();
+    again.unlock(store.key().unwrap().clone()).unwrap();
+    assert_eq!(catalog::list(&again).unwrap().0.len(), files.len());
+}
+
+#[test]
+fn packed_files_read_around_lost_and_damaged_shards() {
+    let d = tempfile::tempdir().unwrap();
+    let MemStore { store, faulty, .. } = mem(d.path(), 4, 2);
+    let files: Vec<(String, usize)> = (0..40).map(|i| (format!("f{i}"), 5000 + i * 100)).collect();
+    let contents = commit_all(&store, &files);
+    // Flip a byte in the middle of every data shard: the direct read fails its tag, the whole pack is rebuilt.
+    let inv = testing::fault::inventory(&faulty.iter().map(|f| f.inner().as_ref()).collect::<Vec<_>>()).unwrap();
+    for s in inv.shards.iter().filter(|s| s.id.2 < 2) {
+        let inner = faulty[s.location].inner();
+        let mut b = inner.get(&s.key).unwrap();
+        let mid = b.len() / 2;
+        b[mid] ^= 0x40;
+        inner.put(&s.key, &[&b]).unwrap();
+    }
+    // And lose nothing else but room: with two shards corrupt, any other lost shard would be beyond m.
+    for ((name, _), bytes) in files.iter().zip(&contents) {
+        assert_eq!(&get(&store, name).unwrap(), bytes, "{name}");
+    }
+    let r = crate::scrub::run(
+        &store,
+        &crate::scrub::ScrubOptions { repair: true, ..Default::default() },
+        crate::scrub::Selection::All,
+        &crate::scrub::RunControl { max_duration: None, total: None, progress: &|_| {} },
+    )
+    .unwrap()
+    .0;
+    assert_eq!(r.health(), crate::files::health::Health::Degraded);
+    assert_eq!(r.health_after(), crate::files::health::Health::Healthy);
+    // Two locations gone entirely: still every byte.
+    faulty[1].set_gone(true);
+    faulty[4].set_gone(true);
+    for ((name, _), bytes) in files.iter().zip(&contents) {
+        assert_eq!(&get(&store, name).unwrap(), bytes, "{name}");
+    }
+}
+
+#[test]
+fn removing_the_last_file_of_a_pack_removes_the_pack() {
+    let d = tempfile::tempdir().unwrap();
+    let MemStore { store, faulty, .. } = mem(d.path(), 2, 1);
+    let files: Vec<(String, usize)> = (0..10).map(|i| (format!("f{i}"), 1000)).collect();
+    commit_all(&store, &files);
+    assert_eq!(shard_dirs(faulty[0].as_ref()), 1);
+    let mut batch = Batch::new();
+    for i in 0..9 {
+        batch.remove(catalog::find(&store, &format!("f{i}")).unwrap().file);
+    }
+    catalog::apply(&store, batch).unwrap();
+    assert_eq!(shard_dirs(faulty[0].as_ref()), 1, "the pack still holds f9");
+    assert_eq!(get(&store, "f9").unwrap(), data(1000, 9 + 7));
+    catalog::remove(&store, &catalog::find(&store, "f9").unwrap()).unwrap();
+    assert_eq!(shard_dirs(faulty[0].as_ref()), 0);
+    assert!(catalog::scan(&store).unwrap().is_empty(), "the pack left the catalog with its last file");
+}
+
+#[test]
+fn names_in_one_batch_follow_the_replace_rule() {
+    let d = tempfile::tempdir().unwrap();
+    let MemStore { store, .. } = mem(d.path(), 2, 1);
+    let mut s = Session::new(&store, SessionOptions::default()).unwrap();
+    s.commit(&mut Cursor::new(b"one"), &req("a", 3), &|_| {}).unwrap();
+    let err = s.commit(&mut Cursor::new(b"two"), &req("a", 3), &|_| {}).unwrap_err();
+    assert!(matches!(err, crate::Error::AlreadyExists(_)), "{err}");
+    let mut rq = req("a", 3);
+    rq.replace = true;
+    s.commit(&mut Cursor::new(b"new"), &rq, &|_| {}).unwrap();
+    let out = s.flush().unwrap();
+    assert_eq!(out.len(), 2);
+    assert!(out.iter().all(|r| r.is_ok()));
+    assert_eq!(get(&store, "a").unwrap(), b"new");
+    assert_eq!(catalog::list(&store).unwrap().0.len(), 1);
+}
+
+#[test]
+fn checkpoints_replace_the_records_they_cover() {
+    let d = tempfile::tempdir().unwrap();
+    let MemStore { store, faulty, .. } = mem(d.path(), 2, 1);
+    for i in 0..70 {
+        commit_all(&store, &[(format!("f{i}"), 100)]);
+    }
+    let names = catalog_names(faulty[0].as_ref());
+    let ckpt = names.iter().filter(|n| matches!(n, CatalogName::Checkpoint(..))).count();
+    let records: Vec<u64> = names
+        .iter()
+        .filter_map(|n| match n {
+            CatalogName::Record(s, _) => Some(*s),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ckpt, 1);
+    assert!(records.len() < 64 && records.iter().all(|&s| s > 64), "{records:?}");
+    let mut again = Store::open(d.path()).unwrap();
+    again.set_locations(store.locations().to_vec()).unwrap();
+    again.unlock(store.key().unwrap().clone()).unwrap();
+    assert_eq!(catalog::list(&again).unwrap().0.len(), 70);
+    assert_eq!(get(&again, "f3").unwrap(), data(100, 7));
+}
+
+#[test]
+fn a_record_forked_while_its_locations_were_away_loses_to_the_acknowledged_one() {
+    let d = tempfile::tempdir().unwrap();
+    let MemStore { store, faulty, .. } = mem(d.path(), 2, 2);
+    commit_all(&store, &[("base".into(), 10)]);
+    let st = catalog_log::current(&store).unwrap();
+    // A writer crashed after putting record 2 (naming a file "ghost") on location 0 only.
+    let ghost = catalog::find(&store, "base").unwrap().manifest;
+    let body = RecordBody {
+        store_id: store.descriptor().store_id,
+        seq: st.seq + 1,
+        prev: st.last,
+        written_unix_ns: 1,
+        ops: vec![CatalogOp::Put({
+            let mut b = ghost.body.clone();
+            b.file_id = [9; 16];
+            b.name_tag = store.key().unwrap().name_tag("ghost");
+            crate::format::manifest::Manifest::new(b, store.key().unwrap()).encode()
+        })],
+    };
+    let (bytes, hash) = fmt::seal(fmt::MAGIC_CATALOG_RECORD, &body, store.key().unwrap()).unwrap();
+    let ghost_key = fmt::record_key(body.seq, &hash);
+    faulty[0].inner().put(&ghost_key, &[&bytes]).unwrap();
+    // Location 0 is away while the next writer appends its own record 2 on the other two.
+    faulty[0].set_gone(true);
+    commit_all(&store, &[("real".into(), 20)]);
+    faulty[0].set_gone(false);
+    // Back: both variants of record 2 are listed; the one on three locations wins for every reader.
+    let mut fresh = Store::open(d.path()).unwrap();
+    fresh.set_locations(store.locations().to_vec()).unwrap();
+    fresh.unlock(store.key().unwrap().clone()).unwrap();
+    assert!(catalog::find(&fresh, "real").is_ok());
+    assert!(catalog::find(&fresh, "ghost").is_err());
+    // The next writer sees both and keeps the winner; a repairing scrub deletes the loser.
+    commit_all(&fresh, &[("later".into(), 30)]);
+    assert!(catalog::find(&fresh, "real").is_ok() && catalog::find(&fresh, "ghost").is_err());
+    let r = crate::scrub::run(
+        &fresh,
+        &crate::scrub::ScrubOptions { repair: true, ..Default::default() },
+        crate::scrub::Selection::All,
+        &crate::scrub::RunControl { max_duration: None, total: None, progress: &|_| {} },
+    )
+    .unwrap()
+    .0;
+    assert!(r.catalog.errors.is_empty(), "{:?}", r.catalog.errors);
+    assert!(faulty[0].inner().get(&ghost_key).is_err(), "the losing record is gone");
+}
+
+#[test]
+fn a_writer_needs_all_but_m_locations_to_answer() {
+    let d = tempfile::tempdir().unwrap();
+    let MemStore { mut store, faulty, .. } = mem(d.path(), 2, 2);
+    store.set_min_shards_written(2).unwrap();
+    commit_all(&store, &[("a".into(), 10)]);
+    faulty[0].set_gone(true);
+    commit_all(&store, &[("b".into(), 10)]);
+    faulty[1].set_gone(true);
+    faulty[2].set_gone(true);
+    // Only one of four answers: a removal (no data to store) is refused before anything is written.
+    let err = catalog::remove(&store, &catalog::find(&store, "a").unwrap()).unwrap_err();
+    assert!(matches!(err, crate::Error::WriteQuorum { .. }), "{err}");
+    for f in &faulty {
+        f.set_gone(false);
+    }
+    assert!(catalog::find(&store, "a").is_ok() && catalog::find(&store, "b").is_ok());
+}
