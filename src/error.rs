@@ -121,6 +121,15 @@ pub enum Error {
     /// A broken internal invariant (a panicked worker thread, a poisoned lock): a bug, never bad input.
     #[error("internal error: {0}")]
     Internal(String),
+    /// A change failed in a way that leaves it unknown whether it took effect (a catalog record was written to
+    /// some locations and could not be taken back from all of them): nothing it names may be deleted.
+    #[error("{what} may or may not have been applied: {cause}")]
+    OutcomeUnknown {
+        /// The change.
+        what: String,
+        /// Why it failed.
+        cause: Box<Error>,
+    },
     /// A filesystem operation (the mount layer, [`crate::vfs`]) was refused; `kind` says why.
     #[error("{path}: {}", kind.describe())]
     Fs {
@@ -225,6 +234,7 @@ impl Error {
             Error::ReadOnly(_) => ErrorKind::ReadOnly,
             Error::InUse(_) => ErrorKind::InUse,
             Error::Internal(_) => ErrorKind::Internal,
+            Error::OutcomeUnknown { cause, .. } => cause.kind(),
             Error::Fs { kind, .. } => match kind {
                 FsErrorKind::NotFound => ErrorKind::NotFound,
                 FsErrorKind::AlreadyExists => ErrorKind::AlreadyExists,

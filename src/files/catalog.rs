@@ -315,7 +315,8 @@ pub fn apply(store: &Store, batch: Batch) -> Result<Outcomes> {
         Ok(ops)
     })?;
     let Some(rest) = done else { return Err(Error::internal("catalog batch was not planned")) };
-    collect_garbage(store, &st, &rest.legacy_gone, &rest.removed_ids)?;
+    // The change is durable: what follows only deletes garbage, and a failure there is left to scrub.
+    collect_garbage(store, &st, &rest.legacy_gone, &rest.removed_ids);
     Ok(rest.outcomes)
 }
 
@@ -353,13 +354,24 @@ impl<'s> Plan<'s> {
     }
 
     fn remove(&mut self, f: &FileRef) {
-        if f.in_log && self.st.entries.contains_key(&(f.name_tag, f.file_id)) {
+        let key = (f.name_tag, f.file_id);
+        if f.in_log && self.st.entries.contains_key(&key) {
             self.removes.push(CatalogOp::Remove { name_tag: f.name_tag, file_id: f.file_id });
-        } else if !f.in_log {
-            self.done.legacy_gone.push(f.clone());
         }
+        self.drop_legacy(f);
         self.gone.insert((f.name_tag, f.file_id));
         self.done.removed_ids.insert(f.file_id);
+    }
+
+    /// The version 1 objects of `f`'s key go too (a version 1 file resealed into the log under the same name
+    /// keeps its key: its old object must not come back when the log entry is removed).
+    fn drop_legacy(&mut self, f: &FileRef) {
+        if let Some(copies) = self.objects.get(&(f.name_tag, f.file_id)) {
+            let legacy = FileRef { copies: copies.clone(), in_log: false, ..f.clone() };
+            if !self.done.legacy_gone.contains(&legacy) {
+                self.done.legacy_gone.push(legacy);
+            }
+        }
     }
 
     fn publish(&mut self, m: &Manifest, name: &str, replace: bool) {
@@ -395,6 +407,8 @@ impl<'s> Plan<'s> {
             }
             !superseded
         });
+        let resealed = FileRef { name_tag: key.0, file_id: key.1, copies: vec![], in_log: false };
+        self.drop_legacy(&resealed);
         self.puts.push((key, m.encode(), pack));
         self.done.outcomes.push(Ok(!older.is_empty() || in_batch));
     }
@@ -450,9 +464,15 @@ fn refs_named(st: &CatalogState, objects: &Objects, tag: &Hash) -> Vec<FileRef> 
 
 /// After a batch is durable: deletes the version 1 manifest objects it removed, then the shards of every file
 /// id (removed files, emptied packs) no entry names any more.
-fn collect_garbage(store: &Store, st: &CatalogState, legacy: &[FileRef], removed: &BTreeSet<[u8; 16]>) -> Result<()> {
+fn collect_garbage(store: &Store, st: &CatalogState, legacy: &[FileRef], removed: &BTreeSet<[u8; 16]>) {
+    let mut legacy_left = false;
     for f in legacy {
-        remove_objects(store, f)?;
+        if let Err(e) = remove_objects(store, f) {
+            // The log already says the file is gone; the object left behind hides nothing newer (the log's
+            // entries win) and a later removal or scrub takes it.
+            tracing::warn!(error = %e, "could not delete every version 1 manifest copy");
+            legacy_left = true;
+        }
     }
     let mut dead: BTreeSet<[u8; 16]> = removed.clone();
     for (&(_, id), m) in &st.entries {
@@ -461,19 +481,18 @@ fn collect_garbage(store: &Store, st: &CatalogState, legacy: &[FileRef], removed
             dead.remove(&pack);
         }
     }
-    if dead.is_empty() {
-        return Ok(());
+    if dead.is_empty() || legacy_left {
+        return;
     }
     // Ids still named by a version 1 object keep their shards too. When that cannot be listed, keep them all:
     // garbage is better than loss.
     let (objects, all_answered) = scan_objects_checked(store);
     if !all_answered {
-        return Ok(());
+        return;
     }
     for id in dead.iter().filter(|id| !objects.keys().any(|(_, i)| i == *id)) {
         store.remove_shards(id);
     }
-    Ok(())
 }
 
 fn remove_objects(store: &Store, file: &FileRef) -> Result<()> {

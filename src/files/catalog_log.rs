@@ -55,6 +55,8 @@ pub struct CatalogState {
     pub checkpoint_name: Option<CatalogName>,
     /// Names of the records applied after the checkpoint, in order.
     pub records: Vec<CatalogName>,
+    /// The BLAKE3 of each of the checkpoint's parts, as it lists them.
+    pub part_hashes: Vec<Hash>,
     /// Bytes of the records since the checkpoint.
     bytes_since: u64,
     /// Bytes of the checkpoint's parts.
@@ -102,12 +104,38 @@ pub fn list(store: &Store) -> Result<Listing> {
     Ok(listing)
 }
 
-/// Reads the first valid copy of `name` among the locations listing it.
+/// The hash a copy of `name` must have: the prefix in a record's or checkpoint's name, or the full hash of a
+/// part as its checkpoint lists it.
+#[derive(Clone, Copy)]
+enum Expect {
+    Prefix([u8; 8]),
+    Full(Hash),
+}
+
+impl Expect {
+    fn of(name: &CatalogName) -> Option<Expect> {
+        match name {
+            CatalogName::Record(_, p) | CatalogName::Checkpoint(_, p) => Some(Expect::Prefix(*p)),
+            CatalogName::Part(..) => None,
+        }
+    }
+
+    fn matches(self, h: &Hash) -> bool {
+        match self {
+            Expect::Prefix(p) => h[..8] == p,
+            Expect::Full(f) => *h == f,
+        }
+    }
+}
+
+/// Reads the first valid copy of `name` among the locations listing it whose body hashes as expected (a copy
+/// left under the same name by an earlier, failed attempt is skipped).
 fn fetch<T: serde::de::DeserializeOwned>(
     store: &Store,
     listing: &Listing,
     name: &CatalogName,
     magic: [u8; 8],
+    expect: Option<Expect>,
 ) -> Result<(T, Hash, usize)> {
     let key = key_of(name);
     let mut problems = Vec::new();
@@ -115,7 +143,8 @@ fn fetch<T: serde::de::DeserializeOwned>(
         let loc = &store.locations()[i];
         let what = format!("{key} on {}", loc.name());
         match loc.get(&key).and_then(|b| Ok((open(magic, &b, store.key_opt(), &what)?, b.len()))) {
-            Ok(((v, h), len)) => return Ok((v, h, len)),
+            Ok(((v, h), len)) if expect.is_none_or(|e| e.matches(&h)) => return Ok((v, h, len)),
+            Ok(_) => problems.push(format!("{what}: not the expected contents")),
             Err(e) => problems.push(e.to_string()),
         }
     }
@@ -133,38 +162,20 @@ fn record_variants(listing: &Listing, seq: u64) -> Vec<CatalogName> {
     v.into_iter().map(|(n, _)| *n).collect()
 }
 
-/// Applies the records after `state.seq` that continue the chain.
+/// Applies the records after `state.seq` that continue the chain; fails when the chain cannot be followed for
+/// sure (a listed record readable nowhere, or records listed past a missing one).
 pub fn advance(store: &Store, listing: &Listing, state: &mut CatalogState) -> Result<()> {
-    let store_id = store.descriptor().store_id;
     loop {
         let seq = state.seq + 1;
-        let mut next = None;
-        let mut unreadable = Vec::new();
-        for name in record_variants(listing, seq) {
-            let CatalogName::Record(_, prefix) = name else { continue };
-            match fetch::<RecordBody>(store, listing, &name, MAGIC_CATALOG_RECORD) {
-                Ok((body, hash, len))
-                    if body.seq == seq
-                        && body.prev == state.last
-                        && body.store_id == store_id
-                        && hash[..8] == prefix =>
-                {
-                    next = Some((body, hash, len));
-                    break;
-                }
-                Ok(_) => tracing::warn!(record = %key_of(&name), "catalog record does not continue the chain"),
-                Err(e) => {
-                    tracing::warn!(error = %e, "skipping catalog record");
-                    unreadable.push(e.to_string());
-                }
+        let Some((body, hash, len)) = next_record(store, listing, state, seq)? else {
+            let beyond = listing.names.keys().any(|n| matches!(n, CatalogName::Record(s, _) if *s > seq));
+            if beyond {
+                return Err(Error::corrupt(
+                    "the catalog",
+                    format!("records are listed after record {seq}, which is missing or does not continue the chain"),
+                ));
             }
-        }
-        let Some((body, hash, len)) = next else {
-            // A record that is listed but readable nowhere is damage, never the end of the catalog.
-            if unreadable.is_empty() {
-                return Ok(());
-            }
-            return Err(Error::corrupt(format!("catalog record {seq}"), unreadable.join("; ")));
+            return Ok(());
         };
         let mut after = state.clone();
         after.apply(&body.ops, store.key_opt(), &format!("catalog record {seq}"))?;
@@ -173,36 +184,75 @@ pub fn advance(store: &Store, listing: &Listing, state: &mut CatalogState) -> Re
     }
 }
 
-/// Loads the newest valid checkpoint (an empty catalog when there has never been one).
+/// The record `seq` that continues `state`: of the listed variants that do, the one written last (a writer
+/// appends only after reading every record that `n - m` locations show, so a later variant was written by a
+/// writer that could not see the earlier one, which was therefore never acknowledged). Every variant must be
+/// readable: one that cannot be read might be the right one.
+fn next_record(
+    store: &Store,
+    listing: &Listing,
+    state: &CatalogState,
+    seq: u64,
+) -> Result<Option<(RecordBody, Hash, usize)>> {
+    let store_id = store.descriptor().store_id;
+    let mut best: Option<(RecordBody, Hash, usize)> = None;
+    for name in record_variants(listing, seq) {
+        let (body, hash, len) = fetch::<RecordBody>(store, listing, &name, MAGIC_CATALOG_RECORD, Expect::of(&name))?;
+        if body.seq != seq || body.store_id != store_id {
+            return Err(Error::corrupt(key_of(&name), "does not match its name or store"));
+        }
+        if body.prev != state.last {
+            tracing::debug!(record = %key_of(&name), "catalog record does not continue the chain");
+            continue;
+        }
+        if best.as_ref().is_none_or(|b| body.written_unix_ns > b.0.written_unix_ns) {
+            best = Some((body, hash, len));
+        }
+    }
+    Ok(best)
+}
+
+/// Loads the newest checkpoint (an empty catalog when there has never been one). Never falls back to an older
+/// one: the records after it are gone, so that would roll the catalog back. Of several checkpoints of the newest
+/// generation (an attempt that failed, then one made while its locations were away), the one on more locations
+/// that reads whole.
 fn load_checkpoint(store: &Store, listing: &Listing) -> Result<CatalogState> {
+    let Some(newest) = listing
+        .names
+        .keys()
+        .filter_map(|n| match n {
+            CatalogName::Checkpoint(g, _) => Some(*g),
+            _ => None,
+        })
+        .max()
+    else {
+        return Ok(CatalogState::default());
+    };
     let mut ckpts: Vec<(&CatalogName, usize)> = listing
         .names
         .iter()
-        .filter(|(n, _)| matches!(n, CatalogName::Checkpoint(..)))
+        .filter(|(n, _)| matches!(n, CatalogName::Checkpoint(g, _) if *g == newest))
         .map(|(n, l)| (n, l.len()))
         .collect();
-    if ckpts.is_empty() {
-        return Ok(CatalogState::default());
-    }
-    ckpts.sort_by(|a, b| b.0.cmp(a.0).then(b.1.cmp(&a.1)));
+    ckpts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
     let mut problems = Vec::new();
     for (name, _) in ckpts {
         match read_checkpoint(store, listing, name) {
             Ok(st) => return Ok(st),
             Err(e) => {
-                tracing::warn!(error = %e, "skipping catalog checkpoint");
+                tracing::warn!(error = %e, "catalog checkpoint unreadable");
                 problems.push(e.to_string());
             }
         }
     }
-    Err(Error::corrupt("the catalog", format!("no readable checkpoint ({})", problems.join("; "))))
+    Err(Error::corrupt("the catalog", format!("checkpoint {newest} is unreadable ({})", problems.join("; "))))
 }
 
 fn read_checkpoint(store: &Store, listing: &Listing, name: &CatalogName) -> Result<CatalogState> {
     let CatalogName::Checkpoint(generation, prefix) = *name else {
         return Err(Error::internal("not a checkpoint name"));
     };
-    let (body, hash, _) = fetch::<CheckpointBody>(store, listing, name, MAGIC_CATALOG_CHECKPOINT)?;
+    let (body, hash, _) = fetch::<CheckpointBody>(store, listing, name, MAGIC_CATALOG_CHECKPOINT, Expect::of(name))?;
     let what = key_of(name);
     if body.generation != generation || hash[..8] != prefix || body.store_id != store.descriptor().store_id {
         return Err(Error::corrupt(&what, "does not match its name or store"));
@@ -213,11 +263,13 @@ fn read_checkpoint(store: &Store, listing: &Listing, name: &CatalogName) -> Resu
         seq: body.seq,
         last: body.last,
         checkpoint_name: Some(*name),
+        part_hashes: body.parts.iter().map(|p| p.hash).collect(),
         ..Default::default()
     };
     for (index, part) in body.parts.iter().enumerate() {
         let pname = CatalogName::Part(generation, index as u32);
-        let (p, phash, len) = fetch::<PartBody>(store, listing, &pname, MAGIC_CATALOG_PART)?;
+        let (p, phash, len) =
+            fetch::<PartBody>(store, listing, &pname, MAGIC_CATALOG_PART, Some(Expect::Full(part.hash)))?;
         if phash != part.hash || p.manifests.len() != part.entries as usize || p.index as usize != index {
             return Err(Error::corrupt(key_of(&pname), "does not match its checkpoint"));
         }
@@ -234,9 +286,13 @@ pub fn refresh(store: &Store, listing: &Listing, cached: Option<&CatalogState>) 
         CatalogName::Checkpoint(g, _) => Some(*g),
         _ => None,
     });
+    let still_listed = |c: &CatalogState| {
+        c.records.last().or(c.checkpoint_name.as_ref()).is_none_or(|n| listing.names.contains_key(n))
+    };
     let mut st = match cached {
-        // A newer checkpoint means the records after the cached position may be gone: start from it.
-        Some(c) if newest.max().unwrap_or(0) <= c.generation => c.clone(),
+        // A newer checkpoint means the records after the cached position may be gone: start from it. So does
+        // the disappearance of the cached position's last object (a repair chose another chain).
+        Some(c) if newest.max().unwrap_or(0) <= c.generation && still_listed(c) => c.clone(),
         _ => load_checkpoint(store, listing)?,
     };
     advance(store, listing, &mut st)?;
@@ -282,10 +338,7 @@ pub fn append(store: &Store, build: impl FnOnce(&CatalogState) -> Result<Vec<Cat
     let (bytes, hash) = seal(MAGIC_CATALOG_RECORD, &body, key)?;
     let rkey = record_key(body.seq, &hash);
     if let Err(e) = store.put_replicated(&rkey, &bytes, "a catalog record") {
-        for loc in store.locations() {
-            let _ = loc.delete(&rkey).and_then(|_| loc.sync());
-        }
-        return Err(e);
+        return Err(take_back(store, &rkey, e, "a catalog record"));
     }
     // Records left under the same number by a crashed writer lose to this one; drop them.
     for name in record_variants(&listing, body.seq) {
@@ -303,6 +356,20 @@ pub fn append(store: &Store, build: impl FnOnce(&CatalogState) -> Result<Vec<Cat
         }
     }
     Ok(store.set_catalog_cache(st))
+}
+
+/// Deletes the copies of a write that failed its quorum. When some location cannot confirm the deletion, the
+/// write may yet be found there later: the error becomes [`Error::OutcomeUnknown`].
+fn take_back(store: &Store, key: &str, cause: Error, what: &str) -> Error {
+    let all_gone = store.locations().iter().all(|loc| match loc.delete(key).and_then(|_| loc.sync()) {
+        Ok(()) => true,
+        Err(e) => e.is_not_found(),
+    });
+    if all_gone {
+        cause
+    } else {
+        Error::OutcomeUnknown { what: what.to_string(), cause: Box::new(cause) }
+    }
 }
 
 fn delete_everywhere(store: &Store, key: &str) {
@@ -356,10 +423,15 @@ pub fn write_checkpoint(store: &Store, listing: &Listing, st: &mut CatalogState)
     }
     let body = CheckpointBody { store_id, generation, seq: st.seq, last: st.last, parts };
     let (bytes, hash) = seal(MAGIC_CATALOG_CHECKPOINT, &body, key)?;
-    store.put_replicated(&checkpoint_key(generation, &hash), &bytes, "a catalog checkpoint")?;
+    let ckey = checkpoint_key(generation, &hash);
+    if let Err(e) = store.put_replicated(&ckey, &bytes, "a catalog checkpoint") {
+        // Left listed, it would be the newest generation: readers would need its parts for ever.
+        return Err(take_back(store, &ckey, e, "a catalog checkpoint"));
+    }
     st.generation = generation;
     st.checkpoint_name = Some(CatalogName::Checkpoint(generation, hash[..8].try_into().unwrap_or_default()));
     st.records.clear();
+    st.part_hashes = body.parts.iter().map(|p| p.hash).collect();
     st.checkpoint_seq = st.seq;
     st.bytes_since = 0;
     st.checkpoint_bytes = part_bytes;

@@ -78,6 +78,8 @@ struct Pipeline<'a> {
     cipher: SegmentCipher,
     file_id: [u8; 16],
     placement_start: u32,
+    /// Shards are written without their own fsync; whoever publishes syncs the locations first.
+    deferred: bool,
     failure: Mutex<Option<Error>>,
     abort: AtomicBool,
     done_bytes: AtomicU64,
@@ -137,7 +139,7 @@ impl Pipeline<'_> {
             placement_start: self.placement_start,
             shard_len: sl,
             key_of: &key_of,
-            deferred: false,
+            deferred: self.deferred,
         };
         let written = write_stripe(self.store, codec, &addr, &buf[..k * sl])?;
         let missing = written.missing.iter().map(|(i, _)| addr.home(self.store, *i)).collect();
@@ -174,24 +176,27 @@ pub fn commit(
     session.flush()?.pop().unwrap_or_else(|| Err(Error::internal("a session of one file gave no report")))
 }
 
-/// Stores `input` in segments of its own (every shard durable) and returns its manifest, not yet published,
-/// with its report. Three steps: pick a file id, stream (encode and store every segment), seal the manifest;
-/// when anything fails, the shards written are deleted.
+/// Stores `input` in segments of its own and returns its manifest, not yet published, with its report. Three
+/// steps: pick a file id, stream (encode and store every segment), seal the manifest; when anything fails, the
+/// shards written are deleted. With `deferred`, the shards are not made durable here: the caller syncs every
+/// location before publishing (one syncfs for a whole batch instead of k+m fsyncs per segment).
 pub(crate) fn store_file(
     store: &Store,
     input: &mut dyn Read,
     req: &CommitRequest,
     name_tag: Hash,
+    deferred: bool,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<(Manifest, CommitReport)> {
     let key = store.key()?;
     let file_id: [u8; 16] = random_bytes()?;
-    let pipeline = Pipeline::new(store, key.segment_cipher(&file_id), file_id);
+    let mut pipeline = Pipeline::new(store, key.segment_cipher(&file_id), file_id);
+    pipeline.deferred = deferred;
     let span = tracing::info_span!("commit", name = %req.name);
     let _enter = span.enter();
     let stored = stream(&pipeline, input, req, progress).and_then(|results| {
         let placement_start = pipeline.placement_start;
-        finish(store, req, Stored { file_id, name_tag, placement_start, results })
+        finish(store, req, Stored { file_id, name_tag, placement_start, results }, deferred)
     });
     if stored.is_err() {
         store.remove_shards(&file_id);
@@ -207,6 +212,7 @@ impl<'a> Pipeline<'a> {
             cipher,
             file_id,
             placement_start: (u32::from_le_bytes([file_id[0], file_id[1], file_id[2], file_id[3]]) as usize % n) as u32,
+            deferred: false,
             failure: Mutex::new(None),
             abort: AtomicBool::new(false),
             done_bytes: AtomicU64::new(0),
@@ -345,10 +351,12 @@ struct Stored {
     results: Vec<Done>,
 }
 
-/// Makes every shard durable, then seals the manifest and reports what was stored.
-fn finish(store: &Store, req: &CommitRequest, stored: Stored) -> Result<(Manifest, CommitReport)> {
-    for loc in store.locations() {
-        loc.sync()?;
+/// Makes every shard durable (unless `deferred`), then seals the manifest and reports what was stored.
+fn finish(store: &Store, req: &CommitRequest, stored: Stored, deferred: bool) -> Result<(Manifest, CommitReport)> {
+    if !deferred {
+        for loc in store.locations() {
+            loc.sync()?;
+        }
     }
     let manifest = seal_manifest(store, req, &stored)?;
     let mut failed: Vec<usize> = stored.results.iter().flat_map(|r| r.missing.iter().copied()).collect();

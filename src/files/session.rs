@@ -112,7 +112,7 @@ impl<'a> Session<'a> {
             self.pack_file(req, name_tag, &head, progress)?
         } else {
             let mut rest = std::io::Cursor::new(head).chain(input);
-            let (manifest, report) = commit::store_file(self.store, &mut rest, req, name_tag, progress)?;
+            let (manifest, report) = commit::store_file(self.store, &mut rest, req, name_tag, true, progress)?;
             Waiting { report, manifest, replace: req.replace, pack: None }
         };
         self.taken.insert(name_tag);
@@ -173,34 +173,47 @@ impl<'a> Session<'a> {
     }
 
     /// Stores the open pack and publishes every waiting manifest in one catalog record; returns each file's
-    /// outcome in commit order. An error means nothing was published (every waiting file's data is deleted).
+    /// outcome in commit order. An error means nothing was published (every waiting file's data is deleted,
+    /// unless the record may exist somewhere: see [`Error::OutcomeUnknown`]).
     pub fn flush(&mut self) -> Result<Vec<Result<CommitReport>>> {
+        Ok(self.flush_manifests()?.into_iter().map(|r| r.map(|(report, _)| report)).collect())
+    }
+
+    /// Like [`Session::flush`], with each published file's manifest.
+    pub fn flush_manifests(&mut self) -> Result<Vec<Result<(CommitReport, Manifest)>>> {
         self.seal_pack();
         self.since = None;
-        let waiting = std::mem::take(&mut self.waiting);
-        let packs = std::mem::take(&mut self.packs);
-        let failed = std::mem::take(&mut self.failed_packs);
+        let mut waiting = std::mem::take(&mut self.waiting);
+        let mut packs = std::mem::take(&mut self.packs);
+        let mut failed = std::mem::take(&mut self.failed_packs);
+        let mut outcome: Vec<Option<Result<(CommitReport, Manifest)>>> = Vec::with_capacity(waiting.len());
+        self.make_durable(&mut waiting, &mut packs, &mut failed, &mut outcome);
         let mut batch = Batch::new();
         for p in &packs {
             batch.publish(p.manifest.clone(), "a pack", false);
         }
-        let mut outcome: Vec<Option<Result<CommitReport>>> = Vec::with_capacity(waiting.len());
-        for w in &waiting {
+        for (w, o) in waiting.iter().zip(outcome.iter_mut()) {
+            if o.is_some() {
+                continue;
+            }
             match w.pack.and_then(|id| failed.iter().find(|(f, _)| *f == id)) {
-                Some((_, why)) => outcome.push(Some(Err(Error::internal(format!("storing its pack: {why}"))))),
-                None => {
-                    batch.publish(w.manifest.clone(), &w.report.name, w.replace);
-                    outcome.push(None);
-                }
+                Some((_, why)) => *o = Some(Err(Error::internal(format!("storing its pack: {why}")))),
+                None => batch.publish(w.manifest.clone(), &w.report.name, w.replace),
             }
         }
-        if batch.is_empty() {
+        if batch.len() == packs.len() {
+            // Nothing of a file left to publish: the packs go with their refused files.
+            self.drop_data(&[], &packs);
             return Ok(outcome.into_iter().flatten().collect());
         }
         let published = match catalog::apply(self.store, batch) {
             Ok(p) => p,
             Err(e) => {
-                self.drop_data(&waiting, &packs);
+                // A record that may exist somewhere must find its data when it is read: keep it (a scrub deletes
+                // it as orphans after the grace period if the record never appears).
+                if !matches!(e, Error::OutcomeUnknown { .. }) {
+                    self.drop_data(&waiting, &packs);
+                }
                 return Err(e);
             }
         };
@@ -215,9 +228,55 @@ impl<'a> Session<'a> {
             let r = results.next().unwrap_or_else(|| Err(Error::internal("missing publication outcome")));
             out.push(self.finish_one(w, r, &packs, &mut kept_packs));
         }
-        self.drop_unused_packs(&packs, &kept_packs)?;
-        self.look_at_catalog()?;
+        // Published: what follows is housekeeping, and its failure must not hide the reports.
+        if let Err(e) = self.drop_unused_packs(&packs, &kept_packs) {
+            tracing::warn!(error = %e, "could not drop packs none of whose files were published");
+        }
+        if let Err(e) = self.look_at_catalog() {
+            tracing::warn!(error = %e, "could not re-read the catalog after a publication");
+        }
         Ok(out)
+    }
+
+    /// Syncs every location, so each shard of the batch (packs and files of their own, written deferred) is
+    /// durable before any record names it. A location whose sync fails may have lost what it acknowledged: a
+    /// pack or file with shards stored there fails (its data is deleted), unless that location was already
+    /// among those it could not store on.
+    fn make_durable(
+        &self,
+        waiting: &mut [Waiting],
+        packs: &mut Vec<pack::SealedPack>,
+        failed: &mut Vec<([u8; 16], String)>,
+        outcome: &mut Vec<Option<Result<(CommitReport, Manifest)>>>,
+    ) {
+        let locs = self.store.locations();
+        let unsynced: Vec<(usize, String)> =
+            locs.iter().enumerate().filter_map(|(i, l)| l.sync().err().map(|e| (i, e.to_string()))).collect();
+        let why = |missing: &dyn Fn(usize) -> bool| {
+            unsynced.iter().find(|(i, _)| !missing(*i)).map(|(i, e)| Error::Unavailable {
+                location: locs[*i].name().to_string(),
+                reason: format!("sync failed: {e}"),
+            })
+        };
+        packs.retain(|p| match why(&|i| p.missing.contains(&i)) {
+            Some(reason) => {
+                self.store.remove_shards(&p.manifest.body.file_id);
+                failed.push((p.manifest.body.file_id, reason.to_string()));
+                false
+            }
+            None => true,
+        });
+        outcome.clear();
+        for w in waiting.iter_mut() {
+            let reason = match w.pack {
+                Some(_) => None,
+                None => why(&|i| w.report.failed_locations.iter().any(|n| n == locs[i].name())),
+            };
+            outcome.push(reason.map(|e| {
+                self.store.remove_shards(&w.manifest.body.file_id);
+                Err(e)
+            }));
+        }
     }
 
     fn finish_one(
@@ -226,7 +285,7 @@ impl<'a> Session<'a> {
         published: Result<bool>,
         packs: &[pack::SealedPack],
         kept: &mut std::collections::BTreeSet<[u8; 16]>,
-    ) -> Result<CommitReport> {
+    ) -> Result<(CommitReport, Manifest)> {
         let replaced = match published {
             Ok(r) => r,
             Err(e) => {
@@ -247,7 +306,7 @@ impl<'a> Session<'a> {
             report.shards_not_stored = p.missing.len() as u64;
             report.failed_locations = p.missing.iter().map(|&l| self.store.locations()[l].name().to_string()).collect();
         }
-        Ok(report)
+        Ok((report, w.manifest))
     }
 
     /// Removes packs none of whose files were published (every name was refused).

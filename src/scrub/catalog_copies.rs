@@ -50,9 +50,9 @@ impl Scrubber<'_> {
         };
         let checked = catalog_log::list(self.store).and_then(|listing| {
             let st = catalog_log::refresh(self.store, &listing, None)?;
-            Ok((catalog_log::chain_objects(&listing, &st), listing))
+            Ok((catalog_log::chain_objects(&listing, &st), listing, st.part_hashes))
         });
-        let (chain, listing) = match checked {
+        let (chain, listing, part_hashes) = match checked {
             Ok(c) => c,
             Err(e) => {
                 report.errors.push(format!("reading the catalog: {e}"));
@@ -61,15 +61,26 @@ impl Scrubber<'_> {
         };
         report.objects = chain.len() as u64;
         for name in &chain {
-            self.catalog_object(name, &mut report);
+            let part_hash = match name {
+                CatalogName::Part(_, i) => part_hashes.get(*i as usize).copied(),
+                _ => None,
+            };
+            self.catalog_object(name, part_hash, &mut report);
         }
-        if self.opts.repair {
+        // Only with every location listed: an object that looks off the chain from part of the store may be
+        // the chain as the rest of it sees it.
+        if self.opts.repair && listing.answered.len() == self.store.locations().len() {
             self.delete_stale(&listing, &chain, &mut report);
         }
         report
     }
 
-    fn catalog_object(&self, name: &CatalogName, report: &mut CatalogReport) {
+    fn catalog_object(
+        &self,
+        name: &CatalogName,
+        part_hash: Option<crate::codec::merkle::Hash>,
+        report: &mut CatalogReport,
+    ) {
         let key = fmt::key_of(name);
         let k = self.store.key_opt();
         let valid = |b: &[u8]| match name {
@@ -84,10 +95,11 @@ impl Scrubber<'_> {
             .iter()
             .map(|loc| {
                 let b = loc.get(&key).ok()?;
-                // Record and checkpoint names carry a prefix of the body hash: a copy must match it.
+                // Record and checkpoint names carry a prefix of the body hash, the checkpoint lists each part's
+                // hash: a copy must match it.
                 let ok = valid(&b).is_ok_and(|h| match name {
                     CatalogName::Record(_, p) | CatalogName::Checkpoint(_, p) => h[..8] == p[..],
-                    CatalogName::Part(..) => true,
+                    CatalogName::Part(..) => part_hash == Some(h),
                 });
                 ok.then_some(b)
             })
