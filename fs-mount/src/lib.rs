@@ -374,8 +374,11 @@ impl Filesystem for BlockFrameFs {
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        // Directories are derived from committed names: nothing to sync.
-        reply.ok();
+        // A directory's entries are its files' names: make every queued file durable.
+        match guard("fsyncdir", || self.vfs.sync_all()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
     }
 
     // The statvfs field types differ between platforms (u32 or u64): the casts are not always no-ops.

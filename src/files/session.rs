@@ -59,6 +59,8 @@ pub struct Session<'a> {
     since: Option<Instant>,
     /// Names in the catalog when the session last looked, to refuse a taken name before storing anything.
     taken: std::collections::BTreeSet<Hash>,
+    /// Files to remove in the same record.
+    removes: Vec<catalog::FileRef>,
 }
 
 impl<'a> Session<'a> {
@@ -76,6 +78,7 @@ impl<'a> Session<'a> {
             failed_packs: Vec::new(),
             since: None,
             taken: Default::default(),
+            removes: Vec::new(),
         };
         s.look_at_catalog()?;
         Ok(s)
@@ -162,6 +165,13 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// Removes `file` in the record of the next [`Session::flush`] (before that record's publications, so a
+    /// file of the same name committed in this session replaces nothing).
+    pub fn remove(&mut self, file: catalog::FileRef) {
+        self.removes.push(file);
+        self.since.get_or_insert_with(Instant::now);
+    }
+
     /// True when enough waits (files or time) that the caller should [`Session::flush`].
     pub fn wants_flush(&self) -> bool {
         self.waiting.len() >= self.opts.max_files || self.since.is_some_and(|t| t.elapsed() >= self.opts.max_wait)
@@ -189,6 +199,11 @@ impl<'a> Session<'a> {
         let mut outcome: Vec<Option<Result<(CommitReport, Manifest)>>> = Vec::with_capacity(waiting.len());
         self.make_durable(&mut waiting, &mut packs, &mut failed, &mut outcome);
         let mut batch = Batch::new();
+        let removes = std::mem::take(&mut self.removes);
+        let removing = !removes.is_empty();
+        for f in removes {
+            batch.remove(f);
+        }
         for p in &packs {
             batch.publish(p.manifest.clone(), "a pack", false);
         }
@@ -201,7 +216,7 @@ impl<'a> Session<'a> {
                 None => batch.publish(w.manifest.clone(), &w.report.name, w.replace),
             }
         }
-        if batch.len() == packs.len() {
+        if batch.len() == packs.len() && !removing {
             // Nothing of a file left to publish: the packs go with their refused files.
             self.drop_data(&[], &packs);
             return Ok(outcome.into_iter().flatten().collect());

@@ -33,8 +33,9 @@ use crate::codec::merkle::Hash;
 use crate::error::{Error, FsErrorKind, Result};
 use crate::files::catalog::validate_name;
 use crate::files::catalog::{self, Entry};
-use crate::files::commit::{commit, CommitRequest};
+use crate::files::commit::CommitRequest;
 use crate::files::read::{read_to, OpenFile, SegmentReader};
+use crate::files::session::{Session, SessionOptions};
 use crate::format::manifest::FileMeta;
 use crate::store::Store;
 use crate::stripe::StripeBuffers;
@@ -62,6 +63,8 @@ pub struct VfsOptions {
     pub decoders: usize,
     /// Most handles open at once.
     pub max_open: usize,
+    /// How long a closed file may wait before it is committed (write-behind; `fsync` does not wait).
+    pub write_behind: Duration,
 }
 
 impl Default for VfsOptions {
@@ -74,6 +77,7 @@ impl Default for VfsOptions {
             read_ahead_bytes: 8 << 20,
             decoders: 2,
             max_open: 4096,
+            write_behind: Duration::from_secs(1),
         }
     }
 }
@@ -247,6 +251,15 @@ struct Shared {
     decoders: DecoderPool,
     spool_dir: PathBuf,
     mount_time_ns: i64,
+    /// Closed files whose writes are not committed yet (write-behind), with when they were closed.
+    dirty: Mutex<Vec<(Ino, Arc<Writer>, Instant)>>,
+    /// Committed files unlinked through the mount whose removal is not in the catalog yet, with when.
+    removals: Mutex<Vec<(catalog::FileRef, Instant)>>,
+    /// Held by [`Shared::sync_dirty`]: one write-behind commit at a time.
+    syncing: Mutex<()>,
+    /// Stops the background flusher.
+    flusher_stop: Mutex<bool>,
+    flusher_wake: Condvar,
 }
 
 /// The filesystem view of a store. All methods take `&self` and may be called from many threads.
@@ -295,6 +308,11 @@ impl Vfs {
             heavy: Mutex::new(()),
             spool_dir,
             mount_time_ns: now_ns(),
+            dirty: Mutex::new(Vec::new()),
+            removals: Mutex::new(Vec::new()),
+            syncing: Mutex::new(()),
+            flusher_stop: Mutex::new(false),
+            flusher_wake: Condvar::new(),
             store,
             opts,
         });
@@ -304,12 +322,14 @@ impl Vfs {
         }
         let (tx, rx) = sync_channel::<Prefetch>(64);
         let rx = Arc::new(Mutex::new(rx));
-        let threads = (0..shared.opts.decoders.max(1))
+        let mut threads: Vec<std::thread::JoinHandle<()>> = (0..shared.opts.decoders.max(1))
             .map(|_| {
                 let (shared, rx) = (shared.clone(), rx.clone());
                 std::thread::spawn(move || reader::prefetch_loop(&shared, &rx))
             })
             .collect();
+        let flusher = shared.clone();
+        threads.push(std::thread::spawn(move || flusher.flush_loop()));
         Ok(Vfs { shared, prefetch: Mutex::new(Some(tx)), threads: Mutex::new(threads) })
     }
 
@@ -410,7 +430,8 @@ impl Vfs {
             (ino, st.tree.path(ino).unwrap_or_default(), slot.committed.clone(), slot.writer.clone())
         };
         if let Some(c) = &slot_committed {
-            catalog::remove(&self.shared.store, &c.entry)?;
+            // Write-behind like the files' data: removed from the catalog with the next commit.
+            self.shared.queue_removal(c.entry.file.clone());
             loaded.by_key.remove(&c.key());
         }
         if let Some(w) = writer {
@@ -436,7 +457,8 @@ impl Vfs {
         self.shared.apply_rename(&plan, moved, &mut loaded)
     }
 
-    /// Commits every file with uncommitted writes (at unmount or on a signal); returns the failures.
+    /// Commits every file with uncommitted writes, open or closed, in one catalog record (at unmount, on a
+    /// signal, on `syncfs`); returns the failures (each failed file's data is kept in `<store>/spool/failed-*`).
     pub fn flush_all(&self) -> Vec<Error> {
         let writers: Vec<(Ino, Arc<Writer>)> = {
             let st = lock(&self.shared.state);
@@ -446,19 +468,13 @@ impl Vfs {
                 .filter_map(|(i, _)| st.tree.file(i).and_then(|s| s.writer.clone()).map(|w| (i, w)))
                 .collect()
         };
-        let mut errors = Vec::new();
-        for (ino, w) in writers {
-            if let Err(e) = self.shared.commit_writer(ino, &w) {
-                self.shared.save_failed(ino, &w, &e);
-                errors.push(e);
-            }
-        }
-        errors
+        self.shared.sync_dirty(writers)
     }
 
-    /// Commits outstanding writes and stops the read-ahead threads.
+    /// Commits outstanding writes and stops the read-ahead and flusher threads.
     pub fn shutdown(&self) -> Vec<Error> {
         let errors = self.flush_all();
+        self.shared.stop_flusher();
         lock(&self.prefetch).take();
         for t in lock(&self.threads).drain(..) {
             let _ = t.join();
@@ -469,6 +485,11 @@ impl Vfs {
 
 impl Drop for Vfs {
     fn drop(&mut self) {
+        // Like closing a filesystem: what was written is committed (after `shutdown` nothing is left).
+        for e in self.flush_all() {
+            tracing::error!(error = %e, "commit at close of the filesystem view failed (the data was kept in the spool directory)");
+        }
+        self.shared.stop_flusher();
         lock(&self.prefetch).take();
         for t in lock(&self.threads).drain(..) {
             let _ = t.join();
@@ -527,9 +548,14 @@ impl Shared {
     /// refresh and forgets files that are gone.
     fn read_catalog(&self, loaded: &mut Loaded) -> Result<HashMap<String, Arc<Committed>>> {
         let refs = catalog::scan(&self.store)?;
+        let removing: HashSet<(Hash, [u8; 16])> =
+            lock(&self.removals).iter().map(|(f, _)| (f.name_tag, f.file_id)).collect();
         let mut present = HashSet::new();
         let mut by_name: HashMap<String, Arc<Committed>> = HashMap::new();
-        for f in refs {
+        let shown = |f: &catalog::FileRef| {
+            f.name_tag != crate::format::manifest::PACK_NAME_TAG && !removing.contains(&(f.name_tag, f.file_id))
+        };
+        for f in refs.into_iter().filter(shown) {
             present.insert((f.name_tag, f.file_id));
             let Some(c) = self.committed(loaded, &f) else {
                 continue;

@@ -13,7 +13,13 @@ const SEG: usize = MIN_SEGMENT_SIZE as usize;
 
 fn vfs(dir: &std::path::Path) -> Vfs {
     let store = Arc::new(new_store(dir, 2, 1));
-    let opts = VfsOptions { cache_bytes: 4 * SEG, catalog_ttl: Duration::ZERO, ..VfsOptions::default() };
+    // Write-behind long enough that only fsync, sync_all and drop commit: the tests see exactly when.
+    let opts = VfsOptions {
+        cache_bytes: 4 * SEG,
+        catalog_ttl: Duration::ZERO,
+        write_behind: Duration::from_secs(3600),
+        ..VfsOptions::default()
+    };
     Vfs::new(store, opts).unwrap()
 }
 
@@ -91,6 +97,10 @@ fn writes_are_committed_on_close_and_survive_a_new_view() {
     let body = data(3 * SEG + 5, 2);
     let dir = v.mkdir(ROOT, "new").unwrap();
     write_file(&v, dir.ino, "file", &body);
+    // Closed, not yet committed (write-behind): served from the spool meanwhile.
+    assert!(catalog::find(v.store(), "new/file").is_err());
+    assert_eq!(read_all(&v, "new/file").unwrap(), body);
+    v.sync_all().unwrap();
     assert_eq!(catalog::find(v.store(), "new/file").unwrap().meta.unwrap().mode, 0o640);
     // Overwrite the middle through O_RDWR: the spool starts as a copy of the committed version.
     let a = resolve(&v, "new/file").unwrap();
@@ -141,6 +151,7 @@ fn rename_unlink_mkdir_rmdir() {
     assert_eq!(v.unlink(ROOT, "z").unwrap_err().fs_kind(), FsErrorKind::IsADirectory);
     v.unlink(a.ino, "one").unwrap();
     v.unlink(a.ino, "two").unwrap();
+    v.sync_all().unwrap();
     assert!(catalog::list(v.store()).unwrap().0.is_empty());
     assert_eq!(resolve(&v, "z").unwrap().kind, FileType::Dir);
     v.rmdir(ROOT, "z").unwrap();
@@ -186,4 +197,60 @@ fn read_only_refuses_changes() {
     let v = Vfs::new(store, VfsOptions { read_only: true, ..VfsOptions::default() }).unwrap();
     assert_eq!(v.mkdir(ROOT, "x").unwrap_err().fs_kind(), FsErrorKind::ReadOnly);
     assert_eq!(v.create(ROOT, "x", 0o644).unwrap_err().fs_kind(), FsErrorKind::ReadOnly);
+}
+
+fn catalog_records(v: &Vfs) -> usize {
+    let loc = &v.store().locations()[0];
+    loc.list("catalog").unwrap().iter().filter(|n| n.starts_with("rec-") || n.starts_with("ckpt-")).count()
+}
+
+#[test]
+fn closed_files_are_committed_together_by_fsync_and_unlinked_ones_never() {
+    let d = tempfile::tempdir().unwrap();
+    let v = vfs(d.path());
+    let before = catalog_records(&v);
+    let mut inos = Vec::new();
+    for i in 0..50 {
+        inos.push(write_file(&v, ROOT, &format!("f{i}"), &data(4096, i)));
+    }
+    assert!(catalog::list(v.store()).unwrap().0.is_empty(), "close does not commit");
+    assert_eq!(read_all(&v, "f7").unwrap(), data(4096, 7));
+    v.unlink(ROOT, "f3").unwrap();
+    // fsync of one open file commits it and every closed one: one record.
+    let (_, fh) = v.create(ROOT, "last", 0o600).unwrap();
+    v.write(fh, 0, b"end").unwrap();
+    v.fsync(fh).unwrap();
+    assert_eq!(catalog_records(&v), before + 1);
+    let names: Vec<String> = catalog::list(v.store()).unwrap().0.iter().map(|e| e.label()).collect();
+    assert_eq!(names.len(), 50, "49 closed files and the fsynced one: {names:?}");
+    assert!(!names.contains(&"f3".to_string()));
+    v.release(fh).unwrap();
+    assert_eq!(read_all(&v, "f49").unwrap(), data(4096, 49));
+    // Unlinks of committed files are write-behind too: gone from the mount at once, from the catalog in one
+    // record at the next commit.
+    for i in 10..30 {
+        v.unlink(ROOT, &format!("f{i}")).unwrap();
+    }
+    assert_eq!(resolve(&v, "f12").unwrap_err().fs_kind(), FsErrorKind::NotFound);
+    assert_eq!(catalog::list(v.store()).unwrap().0.len(), 50);
+    let records = catalog_records(&v);
+    v.sync_all().unwrap();
+    assert_eq!(catalog_records(&v), records + 1, "{:?}", v.store().locations()[0].list("catalog"));
+    assert_eq!(catalog::list(v.store()).unwrap().0.len(), 30);
+    assert_eq!(resolve(&v, "f12").unwrap_err().fs_kind(), FsErrorKind::NotFound);
+}
+
+#[test]
+fn the_flusher_commits_closed_files_after_the_write_behind_delay() {
+    let d = tempfile::tempdir().unwrap();
+    let store = Arc::new(new_store(d.path(), 2, 1));
+    let opts = VfsOptions { write_behind: Duration::from_millis(50), ..VfsOptions::default() };
+    let v = Vfs::new(store, opts).unwrap();
+    write_file(&v, ROOT, "soon", b"data");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while catalog::find(v.store(), "soon").is_err() {
+        assert!(std::time::Instant::now() < deadline, "not committed by the flusher");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(read_all(&v, "soon").unwrap(), b"data");
 }

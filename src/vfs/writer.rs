@@ -1,5 +1,11 @@
 //! Writing through the mount: opened files are spooled to disk and committed with the normal all-or-nothing
-//! pipeline when closed or fsynced; metadata changes re-seal the manifest without rewriting data.
+//! pipeline; metadata changes re-seal the manifest without rewriting data.
+//!
+//! Write-behind, like a local filesystem: `close` only queues a file; the queued files are committed together
+//! (small ones packed, one catalog record for all) by a background flusher about a second later, by `fsync` of
+//! any file, and at unmount. Until then the mount serves them from their spools. A crash of the mount process
+//! loses what was closed in the last second or so and never fsynced; everything whose `fsync` returned is in
+//! the store.
 
 use super::*;
 
@@ -101,22 +107,37 @@ impl Vfs {
         u32::try_from(data.len()).map_err(|_| Error::fs(FsErrorKind::InvalidArgument, "write too large"))
     }
 
-    /// Commits the file's changes when `fh` was opened for writing (close(2) calls this).
+    /// close(2) of a handle: queues the file's changes for the write-behind flusher (nothing waits for them).
     pub fn flush(&self, fh: u64) -> Result<()> {
         let h = self.file_handle(fh)?;
         if let Handle::File(FileHandle { ino, writer: Some(w), writable: true, .. }) = &*h {
-            self.shared.commit_writer(*ino, w)?;
+            self.shared.queue(*ino, w);
         }
         Ok(())
     }
 
-    /// Like [`Vfs::flush`]: once it returns, the file is committed.
+    /// Commits this file and every other queued one; once it returns, they are durable in the store.
     pub fn fsync(&self, fh: u64) -> Result<()> {
-        self.flush(fh)
+        let h = self.file_handle(fh)?;
+        let extra = match &*h {
+            Handle::File(FileHandle { ino, writer: Some(w), writable: true, .. }) => vec![(*ino, w.clone())],
+            _ => vec![],
+        };
+        match self.shared.sync_dirty(extra).into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
-    /// Closes a file handle; the last writable handle commits outstanding changes. When that commit fails,
-    /// the written data is saved in `<store>/spool/failed-*` and the error returned.
+    /// Commits everything queued or open (syncfs(2), sync(1)); returns the first failure.
+    pub fn sync_all(&self) -> Result<()> {
+        match self.flush_all().into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Closes a file handle; the last writable handle queues outstanding changes for the flusher.
     pub fn release(&self, fh: u64) -> Result<()> {
         let h = lock(&self.shared.state).handles.remove(fh)?;
         let Handle::File(FileHandle { ino, writer: Some(w), writable: true, .. }) = &*h else {
@@ -125,25 +146,12 @@ impl Vfs {
         if w.writers.fetch_sub(1, Ordering::SeqCst) != 1 {
             return Ok(());
         }
-        let result = self.shared.commit_writer(*ino, w);
-        if let Err(e) = &result {
-            self.shared.save_failed(*ino, w, e);
+        if w.dirty.load(Ordering::SeqCst) && !w.unlinked.load(Ordering::SeqCst) {
+            self.shared.queue(*ino, w);
+        } else {
+            self.shared.retire(*ino, w);
         }
-        let mut st = lock(&self.shared.state);
-        if w.writers.load(Ordering::SeqCst) == 0 {
-            let orphan = match st.tree.file_mut(*ino) {
-                Some(slot) if slot.writer.as_ref().is_some_and(|x| Arc::ptr_eq(x, w)) => {
-                    slot.writer = None;
-                    slot.committed.is_none()
-                }
-                _ => false,
-            };
-            // A new file whose commit failed does not exist in the store: do not leave an empty ghost.
-            if orphan {
-                let _ = st.tree.remove(*ino, true);
-            }
-        }
-        result
+        Ok(())
     }
 
     /// Changes size, mode or modification time.
@@ -206,6 +214,9 @@ impl Vfs {
     }
 }
 
+/// Queued files that make the flusher commit at once.
+const FLUSH_FILES: usize = 2048;
+
 impl Shared {
     /// The writer's spool, made at the first change: a copy of the committed version, or empty when the change
     /// truncates to zero.
@@ -233,34 +244,204 @@ impl Shared {
         Ok(())
     }
 
-    /// Commits a writer's spool under the file's current name, replacing the previous version.
-    pub(super) fn commit_writer(&self, ino: Ino, w: &Writer) -> Result<()> {
-        let mut op = lock(&w.op);
-        if !w.dirty.load(Ordering::SeqCst) || w.unlinked.load(Ordering::SeqCst) {
-            return Ok(());
+    /// Commits one writer now (with whatever else is queued); returns its failure.
+    pub(super) fn commit_writer(&self, ino: Ino, w: &Arc<Writer>) -> Result<()> {
+        match self.sync_dirty(vec![(ino, w.clone())]).into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-        let spool = w.spool();
+    }
+
+    /// Queues a closed file for the flusher (once).
+    pub(super) fn queue(&self, ino: Ino, w: &Arc<Writer>) {
+        let mut q = lock(&self.dirty);
+        if !q.iter().any(|(_, x, _)| Arc::ptr_eq(x, w)) {
+            q.push((ino, w.clone(), Instant::now()));
+        }
+        if q.len() >= FLUSH_FILES {
+            self.flusher_wake.notify_all();
+        }
+    }
+
+    /// Queues the removal of a committed file for the next commit.
+    pub(super) fn queue_removal(&self, file: catalog::FileRef) {
+        let mut q = lock(&self.removals);
+        q.push((file, Instant::now()));
+        if q.len() >= FLUSH_FILES {
+            self.flusher_wake.notify_all();
+        }
+    }
+
+    /// The flusher: commits the queue once its oldest file has waited `write_behind` (or it holds
+    /// [`FLUSH_FILES`]), until [`Shared::stop_flusher`].
+    pub(super) fn flush_loop(&self) {
+        loop {
+            {
+                let stop = lock(&self.flusher_stop);
+                let (stop, _) = self
+                    .flusher_wake
+                    .wait_timeout(
+                        stop,
+                        (self.opts.write_behind / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)),
+                    )
+                    .unwrap_or_else(|e| e.into_inner());
+                if *stop {
+                    return;
+                }
+            }
+            let wait = self.opts.write_behind;
+            let due = {
+                let q = lock(&self.dirty);
+                q.len() >= FLUSH_FILES || q.first().is_some_and(|(_, _, t)| t.elapsed() >= wait)
+            } || {
+                let r = lock(&self.removals);
+                r.len() >= FLUSH_FILES || r.first().is_some_and(|(_, t)| t.elapsed() >= wait)
+            };
+            if due {
+                for e in self.sync_dirty(vec![]) {
+                    tracing::error!(error = %e, "write-behind commit failed (the data was kept in the spool directory)");
+                }
+            }
+        }
+    }
+
+    pub(super) fn stop_flusher(&self) {
+        *lock(&self.flusher_stop) = true;
+        self.flusher_wake.notify_all();
+    }
+
+    /// Commits the queued files and `extra` (open writers) in one session: one catalog record, small files
+    /// packed. Returns the failures; a failed file's data is saved in `<store>/spool/failed-*`.
+    pub(super) fn sync_dirty(&self, extra: Vec<(Ino, Arc<Writer>)>) -> Vec<Error> {
+        // Lock order: one sync at a time, then the writers' ops, then `heavy` and `ns` (as a write takes its
+        // op, then `heavy` to fill a spool).
+        let _one = lock(&self.syncing);
+        let mut items: Vec<(Ino, Arc<Writer>)> = lock(&self.dirty).drain(..).map(|(i, w, _)| (i, w)).collect();
+        for (i, w) in extra {
+            if !items.iter().any(|(_, x)| Arc::ptr_eq(x, &w)) {
+                items.push((i, w));
+            }
+        }
+        let removals: Vec<catalog::FileRef> = lock(&self.removals).drain(..).map(|(f, _)| f).collect();
+        if items.is_empty() && removals.is_empty() {
+            return vec![];
+        }
+        let mut ops: Vec<_> = items.iter().map(|(_, w)| lock(&w.op)).collect();
         let _heavy = lock(&self.heavy);
         let mut loaded = lock(&self.ns);
-        let Some(name) = lock(&self.state).tree.path(ino).filter(|p| !p.is_empty()) else {
-            return Ok(());
+        let mut errors = Vec::new();
+        let done = self.commit_items(&items, &removals, &mut errors);
+        for ((ino, w), (op, outcome)) in items.iter().zip(ops.iter_mut().zip(done)) {
+            match outcome {
+                Some(Ok(entry)) => match self.committed_now(*ino, w, op, entry, &mut loaded) {
+                    Ok(()) => {}
+                    Err(e) => errors.push(e),
+                },
+                Some(Err(e)) => {
+                    self.save_failed(*ino, w, &e);
+                    errors.push(e);
+                }
+                None => {}
+            }
+        }
+        drop(ops);
+        for (ino, w) in &items {
+            if w.writers.load(Ordering::SeqCst) == 0 {
+                self.retire(*ino, w);
+            }
+        }
+        errors
+    }
+
+    /// Commits each item's spool in one session; per item, `None` when it had nothing to commit.
+    fn commit_items(
+        &self,
+        items: &[(Ino, Arc<Writer>)],
+        removals: &[catalog::FileRef],
+        errors: &mut Vec<Error>,
+    ) -> Vec<Option<Result<Entry>>> {
+        let mut out: Vec<Option<Result<Entry>>> = items.iter().map(|_| None).collect();
+        let mut session = match Session::new(&self.store, SessionOptions::default()) {
+            Ok(s) => s,
+            Err(e) => {
+                errors.push(e);
+                self.requeue_removals(removals);
+                return items
+                    .iter()
+                    .map(|_| Some(Err(Error::internal("the commit session could not start"))))
+                    .collect();
+            }
         };
-        let req = CommitRequest {
-            name: name.clone(),
-            mtime_unix_ns: w.mtime_unix_ns.load(Ordering::SeqCst),
-            mode: w.mode.load(Ordering::SeqCst),
-            replace: true,
-            workers: self.opts.commit_workers.max(1),
-            size: Some(spool.as_ref().map(|s| s.len()).unwrap_or(0)),
-        };
+        for f in removals {
+            session.remove(f.clone());
+        }
+        let mut queued = Vec::new();
+        for (n, (ino, w)) in items.iter().enumerate() {
+            if !w.dirty.load(Ordering::SeqCst) || w.unlinked.load(Ordering::SeqCst) {
+                continue;
+            }
+            let Some(name) = lock(&self.state).tree.path(*ino).filter(|p| !p.is_empty()) else { continue };
+            let spool = w.spool();
+            let req = CommitRequest {
+                name,
+                mtime_unix_ns: w.mtime_unix_ns.load(Ordering::SeqCst),
+                mode: w.mode.load(Ordering::SeqCst),
+                replace: true,
+                workers: self.opts.commit_workers.max(1),
+                size: Some(spool.as_ref().map(|s| s.len()).unwrap_or(0)),
+            };
+            let r = match &spool {
+                Some(s) => session.commit(&mut s.reader(), &req, &|_| {}),
+                None => session.commit(&mut std::io::empty(), &req, &|_| {}),
+            };
+            match r {
+                Ok(()) => queued.push(n),
+                Err(e) => out[n] = Some(Err(e)),
+            }
+        }
         let started = Instant::now();
-        match &spool {
-            Some(s) => commit(&self.store, &mut s.reader(), &req, &|_| {})?,
-            None => commit(&self.store, &mut std::io::empty(), &req, &|_| {})?,
-        };
-        tracing::info!(name = %name, bytes = req.size, secs = started.elapsed().as_secs_f64(), "committed through the mount");
+        match session.flush_manifests() {
+            Ok(results) => {
+                for (n, r) in queued.iter().zip(results) {
+                    out[*n] = Some(r.and_then(|(_, m)| self.entry_of(m)));
+                }
+                tracing::info!(
+                    files = queued.len(),
+                    secs = started.elapsed().as_secs_f64(),
+                    "committed through the mount"
+                );
+            }
+            Err(e) => {
+                for n in &queued {
+                    out[*n] = Some(Err(Error::internal(format!("the batch was not published: {e}"))));
+                }
+                self.requeue_removals(removals);
+                errors.push(e);
+            }
+        }
+        out
+    }
+
+    /// Puts back removals whose record was not written, for the next commit to try again.
+    fn requeue_removals(&self, removals: &[catalog::FileRef]) {
+        let mut q = lock(&self.removals);
+        for f in removals {
+            q.push((f.clone(), Instant::now()));
+        }
+    }
+
+    fn entry_of(&self, manifest: crate::format::manifest::Manifest) -> Result<Entry> {
+        let meta = manifest.meta(self.store.key()?)?;
+        let b = &manifest.body;
+        let file = catalog::FileRef { name_tag: b.name_tag, file_id: b.file_id, copies: vec![], in_log: true };
+        Ok(Entry { file, manifest, meta: Some(meta), bad_copies: vec![] })
+    }
+
+    /// Records a writer's new committed version in the tree.
+    fn committed_now(&self, ino: Ino, w: &Writer, op: &mut WriterOp, entry: Entry, loaded: &mut Loaded) -> Result<()> {
         w.dirty.store(false, Ordering::SeqCst);
-        let c = Arc::new(Committed::new(catalog::find(&self.store, &name)?)?);
+        let name = entry.meta.as_ref().map(|m| m.name.clone()).unwrap_or_default();
+        let c = Arc::new(Committed::new(entry)?);
         loaded.by_key.insert(c.key(), c.clone());
         op.base = Some(c.clone());
         let mut st = lock(&self.state);
@@ -269,6 +450,30 @@ impl Shared {
             slot.committed = Some(c);
         }
         Ok(())
+    }
+
+    /// Drops a closed writer from its file once nothing is left to commit; a new file that never got committed
+    /// (its commit failed) is removed rather than left as an empty ghost.
+    pub(super) fn retire(&self, ino: Ino, w: &Arc<Writer>) {
+        if w.dirty.load(Ordering::SeqCst)
+            && !w.unlinked.load(Ordering::SeqCst)
+            && lock(&self.dirty).iter().any(|(_, x, _)| Arc::ptr_eq(x, w))
+        {
+            return;
+        }
+        let mut st = lock(&self.state);
+        let orphan = match st.tree.file_mut(ino) {
+            Some(slot)
+                if slot.writer.as_ref().is_some_and(|x| Arc::ptr_eq(x, w)) && w.writers.load(Ordering::SeqCst) == 0 =>
+            {
+                slot.writer = None;
+                slot.committed.is_none()
+            }
+            _ => false,
+        };
+        if orphan {
+            let _ = st.tree.remove(ino, true);
+        }
     }
 
     /// Keeps the data of a writer whose commit failed, so nothing written is silently lost.
