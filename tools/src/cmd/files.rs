@@ -330,12 +330,40 @@ pub(crate) fn ls(a: &LsArgs, s: &Settings) -> Result<u8> {
     Ok(code)
 }
 
+/// `bf rm`: every name is looked up first (one unknown name removes nothing), then all are removed in one
+/// catalog record.
 pub(crate) fn rm(a: &RmArgs, s: &Settings) -> Result<u8> {
     let st = open_keyed(s)?;
-    for name in &a.names {
-        let entry = catalog::find(&st, name)?;
-        catalog::remove(&st, &entry).with_context(|| format!("removing {name}"))?;
-        eprintln!("bf: removed {}", entry.label());
+    let entries = if a.names.len() == 1 {
+        vec![catalog::find(&st, &a.names[0])?]
+    } else {
+        let (all, _) = catalog::list(&st)?;
+        let mut by_name: std::collections::HashMap<String, Entry> = std::collections::HashMap::new();
+        for e in all {
+            let newer = by_name
+                .get(&e.label())
+                .is_none_or(|b| e.manifest.body.committed_unix_ns > b.manifest.body.committed_unix_ns);
+            if newer {
+                by_name.insert(e.label(), e);
+            }
+        }
+        let mut out = Vec::with_capacity(a.names.len());
+        for name in &a.names {
+            match by_name.get(name) {
+                Some(e) => out.push(e.clone()),
+                // Named by root, or not there: the single lookup says which.
+                None => out.push(catalog::find(&st, name)?),
+            }
+        }
+        out
+    };
+    let mut batch = catalog::Batch::new();
+    for e in &entries {
+        batch.remove(e.file.clone());
+    }
+    catalog::apply(&st, batch).context("removing")?;
+    for e in &entries {
+        eprintln!("bf: removed {}", e.label());
     }
     Ok(EXIT_OK)
 }
