@@ -28,7 +28,8 @@ fn req(name: &str) -> CommitRequest {
     CommitRequest { name: name.into(), mtime_unix_ns: 0, mode: 0o644, replace: false, workers: 2, size: None }
 }
 
-fn get(store: &Store, name: &str) -> crate::Result<Vec<u8>> {
+/// Reads a committed file back whole.
+pub(crate) fn get(store: &Store, name: &str) -> crate::Result<Vec<u8>> {
     let e = catalog::find(store, name)?;
     let f = OpenFile::new(store, &e)?;
     let mut out = Vec::new();

@@ -194,6 +194,13 @@ fn entry_of(store: &Store, st: &CatalogState, file: &FileRef) -> Result<Entry> {
     Ok(Entry { file: file.clone(), manifest: (**m).clone(), meta, bad_copies: Vec::new() })
 }
 
+/// Where the data of a file of the catalog log lies, from the catalog this process last read (`None` for a
+/// version 1 file or one not in it).
+pub fn data_of(store: &Store, file: &FileRef) -> Option<Data> {
+    let st = store.catalog_cache()?;
+    st.entries.get(&(file.name_tag, file.file_id)).map(|m| m.body.data)
+}
+
 /// The manifest body of pack `id`.
 pub fn pack_of(store: &Store, id: &[u8; 16]) -> Result<ManifestBody> {
     let file = FileRef { name_tag: PACK_NAME_TAG, file_id: *id, copies: vec![], in_log: true };
@@ -262,6 +269,7 @@ pub fn find(store: &Store, spec: &str) -> Result<Entry> {
 pub struct Batch {
     puts: Vec<(Manifest, String, bool)>,
     removes: Vec<FileRef>,
+    moves: Vec<(Manifest, [u8; 16])>,
 }
 
 impl Batch {
@@ -281,9 +289,16 @@ impl Batch {
         self.removes.push(file);
     }
 
+    /// Moves a packed file out of pack `from` (its new manifest names the new pack): applied only when the file
+    /// is still in the catalog and still in `from` (a file removed or replaced meanwhile stays so). Pack `from`
+    /// is dropped when no file is left in it. Moves have no outcome of their own.
+    pub fn move_packed(&mut self, manifest: Manifest, from: [u8; 16]) {
+        self.moves.push((manifest, from));
+    }
+
     /// True when it holds nothing.
     pub fn is_empty(&self) -> bool {
-        self.puts.is_empty() && self.removes.is_empty()
+        self.puts.is_empty() && self.removes.is_empty() && self.moves.is_empty()
     }
 
     /// Manifests to publish (in order).
@@ -309,6 +324,9 @@ pub fn apply(store: &Store, batch: Batch) -> Result<Outcomes> {
         }
         for (m, name, replace) in &batch.puts {
             plan.publish(m, name, *replace);
+        }
+        for (m, from) in &batch.moves {
+            plan.move_packed(m, *from);
         }
         let (ops, rest) = plan.finish();
         done = Some(rest);
@@ -338,6 +356,10 @@ struct Plan<'s> {
     /// New entries.
     puts: Vec<NewEntry>,
     gone: BTreeSet<(Hash, [u8; 16])>,
+    /// Entries moved to another pack by this batch.
+    moved: BTreeSet<(Hash, [u8; 16])>,
+    /// Packs files were moved out of.
+    vacated: BTreeSet<[u8; 16]>,
     done: Planned,
 }
 
@@ -349,6 +371,8 @@ impl<'s> Plan<'s> {
             removes: Vec::new(),
             puts: Vec::new(),
             gone: BTreeSet::new(),
+            moved: BTreeSet::new(),
+            vacated: BTreeSet::new(),
             done: Planned { legacy_gone: Vec::new(), removed_ids: BTreeSet::new(), outcomes: Vec::new() },
         }
     }
@@ -413,6 +437,23 @@ impl<'s> Plan<'s> {
         self.done.outcomes.push(Ok(!older.is_empty() || in_batch));
     }
 
+    fn move_packed(&mut self, m: &Manifest, from: [u8; 16]) {
+        let key = (m.body.name_tag, m.body.file_id);
+        let Data::Packed { pack: to, .. } = m.body.data else { return };
+        self.vacated.insert(from);
+        let still_there = !self.gone.contains(&key)
+            && !self.puts.iter().any(|(k, _, _)| *k == key)
+            && self
+                .st
+                .entries
+                .get(&key)
+                .is_some_and(|c| matches!(c.body.data, Data::Packed { pack, .. } if pack == from));
+        if still_there {
+            self.puts.push((key, m.encode(), Some(to)));
+            self.moved.insert(key);
+        }
+    }
+
     /// The record's operations (removals, then puts, then the packs emptied) and what is left to do.
     fn finish(mut self) -> (Vec<CatalogOp>, Planned) {
         let emptied = self.empty_packs();
@@ -425,24 +466,27 @@ impl<'s> Plan<'s> {
         (ops, self.done)
     }
 
-    /// Packs whose last live file this batch removes (new entries keep the packs they lie in).
+    /// Packs whose last live file this batch removes or moves away (new entries keep the packs they lie in).
     fn empty_packs(&self) -> Vec<[u8; 16]> {
         let packed_in = |m: &Manifest| match m.body.data {
             Data::Packed { pack, .. } => Some(pack),
             _ => None,
         };
-        let touched: BTreeSet<[u8; 16]> =
+        let mut touched: BTreeSet<[u8; 16]> =
             self.gone.iter().filter_map(|k| self.st.entries.get(k)).filter_map(|m| packed_in(m)).collect();
+        touched.extend(self.vacated.iter().copied());
         if touched.is_empty() {
             return vec![];
         }
         let mut live: BTreeSet<[u8; 16]> = self.puts.iter().filter_map(|(_, _, p)| *p).collect();
         for (k, m) in &self.st.entries {
-            if let Some(pack) = packed_in(m).filter(|p| touched.contains(p) && !self.gone.contains(k)) {
+            let stays = !self.gone.contains(k) && !self.moved.contains(k);
+            if let Some(pack) = packed_in(m).filter(|p| stays && touched.contains(p)) {
                 live.insert(pack);
             }
         }
-        touched.difference(&live).copied().collect()
+        // A vacated pack that is not in the catalog (dropped already) needs no removal.
+        touched.difference(&live).filter(|p| self.st.entries.contains_key(&(PACK_NAME_TAG, **p))).copied().collect()
     }
 }
 

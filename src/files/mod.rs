@@ -4,6 +4,7 @@
 pub mod catalog;
 pub mod catalog_log;
 pub mod commit;
+pub mod compact;
 pub mod health;
 pub mod pack;
 pub mod read;

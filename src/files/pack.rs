@@ -102,13 +102,21 @@ impl Packer {
             placement_start: 0,
             segments: vec![SegmentEntry { plain_len: plain.len() as u64, shard_len: 0 }],
             leaves: vec![],
-            root: packed_root(&file_id, &self.pack_id, offset as u64, cipher.len() as u64, &cipher_hash),
+            root: packed_root(&file_id, cipher.len() as u64, &cipher_hash),
             meta_nonce,
             sealed_meta,
             data: Data::Packed { pack: self.pack_id, offset: offset as u64, cipher_hash },
         };
         body.validate("new packed file")?;
         Ok(Manifest::new(body, key))
+    }
+
+    /// Appends a packed file's ciphertext unchanged (moved from another pack); returns its offset here. The
+    /// caller checks [`Packer::fits`] with the plaintext length first.
+    pub fn add_cipher(&mut self, cipher: &[u8]) -> usize {
+        let offset = self.data.len();
+        self.data.extend_from_slice(cipher);
+        offset
     }
 
     /// Stores the pack's k+m shards (not yet durable: the caller syncs the locations before publishing) and

@@ -5,13 +5,13 @@ use std::io::Cursor;
 use crate::files::catalog::{self, Batch};
 use crate::files::catalog_log;
 use crate::files::commit::CommitRequest;
-use crate::files::read::{read_to, OpenFile};
 use crate::files::session::{Session, SessionOptions};
 use crate::format::catalog::{self as fmt, CatalogName, CatalogOp, RecordBody};
 use crate::format::manifest::Data;
 use crate::location::{Location, LocationExt};
 use crate::store::{Store, MIN_SEGMENT_SIZE};
 use crate::testing::{self, test_bytes as data, MemStore};
+use crate::tests::get;
 
 fn req(name: &str, len: usize) -> CommitRequest {
     CommitRequest {
@@ -24,12 +24,11 @@ fn req(name: &str, len: usize) -> CommitRequest {
     }
 }
 
-fn get(store: &Store, name: &str) -> crate::Result<Vec<u8>> {
-    let e = catalog::find(store, name)?;
-    let f = OpenFile::new(store, &e)?;
-    let mut out = Vec::new();
-    read_to(store, &f, &mut out, 2, &|_| {})?;
-    Ok(out)
+/// A whole-store scrub.
+fn scrub(store: &Store, repair: bool) -> crate::scrub::ScrubReport {
+    let opts = crate::scrub::ScrubOptions { repair, ..Default::default() };
+    let ctl = crate::scrub::RunControl { max_duration: None, total: None, progress: &|_| {} };
+    crate::scrub::run(store, &opts, crate::scrub::Selection::All, &ctl).unwrap().0
 }
 
 fn mem(dir: &std::path::Path, k: u16, m: u16) -> MemStore {
@@ -102,14 +101,7 @@ fn packed_files_read_around_lost_and_damaged_shards() {
     for ((name, _), bytes) in files.iter().zip(&contents) {
         assert_eq!(&get(&store, name).unwrap(), bytes, "{name}");
     }
-    let r = crate::scrub::run(
-        &store,
-        &crate::scrub::ScrubOptions { repair: true, ..Default::default() },
-        crate::scrub::Selection::All,
-        &crate::scrub::RunControl { max_duration: None, total: None, progress: &|_| {} },
-    )
-    .unwrap()
-    .0;
+    let r = scrub(&store, true);
     assert_eq!(r.health(), crate::files::health::Health::Degraded);
     assert_eq!(r.health_after(), crate::files::health::Health::Healthy);
     // Two locations gone entirely: still every byte.
@@ -218,14 +210,7 @@ fn a_record_forked_while_its_locations_were_away_loses_to_the_acknowledged_one()
     // The next writer sees both and keeps the winner; a repairing scrub deletes the loser.
     commit_all(&fresh, &[("later".into(), 30)]);
     assert!(catalog::find(&fresh, "real").is_ok() && catalog::find(&fresh, "ghost").is_err());
-    let r = crate::scrub::run(
-        &fresh,
-        &crate::scrub::ScrubOptions { repair: true, ..Default::default() },
-        crate::scrub::Selection::All,
-        &crate::scrub::RunControl { max_duration: None, total: None, progress: &|_| {} },
-    )
-    .unwrap()
-    .0;
+    let r = scrub(&fresh, true);
     assert!(r.catalog.errors.is_empty(), "{:?}", r.catalog.errors);
     assert!(faulty[0].inner().get(&ghost_key).is_err(), "the losing record is gone");
 }
@@ -272,14 +257,7 @@ fn a_checkpoint_part_is_checked_against_its_checkpoint_and_never_rolled_back() {
         s
     };
     assert_eq!(catalog::list(&fresh()).unwrap().0.len(), 66);
-    let r = crate::scrub::run(
-        &fresh(),
-        &crate::scrub::ScrubOptions { repair: true, ..Default::default() },
-        crate::scrub::Selection::All,
-        &crate::scrub::RunControl { max_duration: None, total: None, progress: &|_| {} },
-    )
-    .unwrap()
-    .0;
+    let r = scrub(&fresh(), true);
     assert_eq!((r.catalog.copies.corrupt, r.catalog.copies.repaired), (1, 1));
     assert_eq!(faulty[0].inner().get(&key).unwrap(), good);
     // The part unreadable everywhere: an error, never an older or empty catalog.
@@ -288,4 +266,42 @@ fn a_checkpoint_part_is_checked_against_its_checkpoint_and_never_rolled_back() {
     }
     let err = catalog::list(&fresh()).unwrap_err();
     assert!(matches!(err, crate::Error::Corrupt { .. }), "{err}");
+}
+
+#[test]
+fn compaction_moves_the_live_files_of_mostly_dead_packs_and_frees_them() {
+    let d = tempfile::tempdir().unwrap();
+    let MemStore { store, faulty, .. } = mem(d.path(), 4, 2);
+    let files: Vec<(String, usize)> = (0..120).map(|i| (format!("f{i}"), 3000 + i)).collect();
+    let contents = commit_all(&store, &files);
+    let packs_before = shard_dirs(faulty[0].as_ref());
+    assert!(packs_before >= 2);
+    let roots: Vec<String> =
+        (0..120).map(|i| catalog::find(&store, &format!("f{i}")).unwrap().manifest.body.root_hex()).collect();
+    let mut batch = Batch::new();
+    for i in (0..120).filter(|i| i % 6 != 0) {
+        batch.remove(catalog::find(&store, &format!("f{i}")).unwrap().file);
+    }
+    catalog::apply(&store, batch).unwrap();
+    assert_eq!(shard_dirs(faulty[0].as_ref()), packs_before, "partly dead packs stay until compacted");
+    let r = crate::files::compact::compact(&store, 64).unwrap();
+    assert_eq!(r.packs_dropped as usize, packs_before);
+    assert_eq!(r.files_moved, 20);
+    assert_eq!(shard_dirs(faulty[0].as_ref()), 1, "one new pack holds the 20 live files");
+    for i in (0..120).filter(|i| i % 6 == 0) {
+        let e = catalog::find(&store, &format!("f{i}")).unwrap();
+        assert_eq!(e.manifest.body.root_hex(), roots[i], "a moved file keeps its root");
+        assert_eq!(get(&store, &format!("f{i}")).unwrap(), contents[i]);
+    }
+    assert_eq!(crate::files::compact::compact(&store, 64).unwrap(), Default::default());
+    assert_eq!(scrub(&store, false).health(), crate::files::health::Health::Healthy);
+    // A move planned before a file was removed does not bring it back.
+    let e = catalog::find(&store, "f0").unwrap();
+    let Data::Packed { pack, .. } = e.manifest.body.data else { panic!("f0 is packed") };
+    catalog::remove(&store, &e).unwrap();
+    let mut batch = Batch::new();
+    batch.move_packed(e.manifest.clone(), pack);
+    catalog::apply(&store, batch).unwrap();
+    assert!(catalog::find(&store, "f0").is_err());
+    assert_eq!(get(&store, "f6").unwrap(), contents[6]);
 }

@@ -45,13 +45,12 @@ pub enum Data {
 /// Name tag of every pack (no name hashes to all zeros).
 pub const PACK_NAME_TAG: Hash = [0; 32];
 
-/// Root of a packed file: binds its id, its place and its ciphertext.
-pub fn packed_root(file_id: &[u8; 16], pack: &[u8; 16], offset: u64, cipher_len: u64, cipher_hash: &Hash) -> Hash {
+/// Root of a packed file: binds its id and its ciphertext, not where the ciphertext lies (so moving it to another
+/// pack keeps the file's identity).
+pub fn packed_root(file_id: &[u8; 16], cipher_len: u64, cipher_hash: &Hash) -> Hash {
     let mut h = blake3::Hasher::new();
     h.update(&[0x02]);
     h.update(file_id);
-    h.update(pack);
-    h.update(&offset.to_le_bytes());
     h.update(&cipher_len.to_le_bytes());
     h.update(cipher_hash);
     *h.finalize().as_bytes()
@@ -187,15 +186,13 @@ impl ManifestBody {
         if (self.name_tag == PACK_NAME_TAG) != self.is_pack() {
             return bad("name tag and kind disagree".into());
         }
-        if let Data::Packed { pack, offset, cipher_hash } = &self.data {
+        if let Data::Packed { offset, cipher_hash, .. } = &self.data {
             let [s] = self.segments.as_slice() else { return bad("a packed file has one segment".into()) };
             if s.shard_len != 0 || !self.leaves.is_empty() || s.plain_len > self.segment_size {
                 return bad("a packed file has no shards of its own".into());
             }
             let len = s.plain_len + TAG_LEN as u64;
-            if offset.checked_add(len).is_none()
-                || packed_root(&self.file_id, pack, *offset, len, cipher_hash) != self.root
-            {
+            if offset.checked_add(len).is_none() || packed_root(&self.file_id, len, cipher_hash) != self.root {
                 return bad("root does not match the packed data".into());
             }
             return Ok(());
@@ -361,9 +358,14 @@ mod tests {
         b.segments[0].shard_len = 0;
         b.leaves.clear();
         b.data = Data::Packed { pack: [8; 16], offset: 100, cipher_hash };
-        b.root = packed_root(&b.file_id, &[8; 16], 100, 26, &cipher_hash);
+        b.root = packed_root(&b.file_id, 26, &cipher_hash);
         assert!(b.validate("t").is_ok());
-        b.data = Data::Packed { pack: [8; 16], offset: 101, cipher_hash };
+        // Moved to another pack and offset: the same file.
+        b.data = Data::Packed { pack: [9; 16], offset: 4000, cipher_hash };
+        assert!(b.validate("t").is_ok());
+        b.data = Data::Packed { pack: [9; 16], offset: 4000, cipher_hash: [6; 32] };
+        assert!(b.validate("t").is_err());
+        b.data = Data::Packed { pack: [9; 16], offset: u64::MAX - 3, cipher_hash };
         assert!(b.validate("t").is_err());
     }
 

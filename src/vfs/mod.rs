@@ -577,7 +577,11 @@ impl Shared {
     fn committed(&self, loaded: &mut Loaded, f: &catalog::FileRef) -> Option<Arc<Committed>> {
         let key = (f.name_tag, f.file_id);
         if let Some(c) = loaded.by_key.get(&key) {
-            return Some(c.clone());
+            // Same entry, unless its data moved (a packed file moved to another pack by a compaction).
+            if catalog::data_of(&self.store, f).is_none_or(|d| d == c.entry.manifest.body.data) {
+                return Some(c.clone());
+            }
+            loaded.by_key.remove(&key);
         }
         if loaded.failed.contains(&key) {
             return None;

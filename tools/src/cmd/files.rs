@@ -297,6 +297,15 @@ struct LsRow {
 pub(crate) fn ls(a: &LsArgs, s: &Settings) -> Result<u8> {
     let st = open_keyed(s)?;
     let (entries, bad) = catalog::list(&st)?;
+    // Packed files share their pack's shards: check each pack once.
+    let mut healths: std::collections::HashMap<[u8; 16], Health> = std::collections::HashMap::new();
+    let mut health_of = |body: &blockframe::format::manifest::ManifestBody| {
+        let owner = match body.data {
+            blockframe::format::manifest::Data::Packed { pack, .. } => pack,
+            _ => body.file_id,
+        };
+        *healths.entry(owner).or_insert_with(|| quick_health(&st, body))
+    };
     let rows: Vec<LsRow> = entries
         .iter()
         .map(|e| LsRow {
@@ -304,7 +313,7 @@ pub(crate) fn ls(a: &LsArgs, s: &Settings) -> Result<u8> {
             size: e.meta.as_ref().map(|m| m.size).unwrap_or_else(|| e.manifest.body.plain_size()),
             segments: e.manifest.body.segments.len() as u64,
             root: e.manifest.body.root_hex(),
-            health: quick_health(&st, &e.manifest.body),
+            health: health_of(&e.manifest.body),
             catalog: if e.file.in_log { "catalog-log" } else { "objects" },
             manifest_copies: (!e.file.in_log).then(|| e.file.copies.len() - e.bad_copies.len()),
         })
@@ -329,6 +338,9 @@ pub(crate) fn ls(a: &LsArgs, s: &Settings) -> Result<u8> {
     };
     Ok(code)
 }
+
+/// Packs compacted by one `bf rm` at most.
+const COMPACT_PACKS: usize = 64;
 
 /// `bf rm`: every name is looked up first (one unknown name removes nothing), then all are removed in one
 /// catalog record.
@@ -364,6 +376,15 @@ pub(crate) fn rm(a: &RmArgs, s: &Settings) -> Result<u8> {
     catalog::apply(&st, batch).context("removing")?;
     for e in &entries {
         eprintln!("bf: removed {}", e.label());
+    }
+    // Packs the removals left mostly empty are rewritten (their space is freed); a failure here loses nothing.
+    match blockframe::files::compact::compact(&st, COMPACT_PACKS) {
+        Ok(r) if r.packs_dropped > 0 => eprintln!(
+            "bf: compacted {} packs ({} files moved, {} bytes freed)",
+            r.packs_dropped, r.files_moved, r.bytes_freed
+        ),
+        Ok(_) => {}
+        Err(e) => eprintln!("bf: warning: compacting packs failed ({e}); the space is freed by a later bf rm"),
     }
     Ok(EXIT_OK)
 }
