@@ -166,6 +166,8 @@ pub enum FsErrorKind {
     TooManyOpenFiles,
     /// A disk is full.
     NoSpace,
+    /// A size or offset beyond the largest file the mount keeps.
+    FileTooLarge,
     /// The operation is not supported by the store.
     Unsupported,
     /// Anything else: an I/O failure or data that cannot be read back verified (never wrong bytes).
@@ -187,6 +189,7 @@ impl FsErrorKind {
             FsErrorKind::BadHandle => "bad file handle",
             FsErrorKind::TooManyOpenFiles => "too many open files",
             FsErrorKind::NoSpace => "no space left on a location",
+            FsErrorKind::FileTooLarge => "file too large",
             FsErrorKind::Unsupported => "operation not supported",
             FsErrorKind::Io => "input/output error",
         }

@@ -56,6 +56,7 @@ pub fn errno(e: &Error) -> Errno {
         FsErrorKind::BadHandle => Errno::EBADF,
         FsErrorKind::TooManyOpenFiles => Errno::EMFILE,
         FsErrorKind::NoSpace => Errno::ENOSPC,
+        FsErrorKind::FileTooLarge => Errno::EFBIG,
         FsErrorKind::Unsupported => Errno::ENOSYS,
         _ => Errno::EIO,
     }
@@ -281,6 +282,22 @@ impl Filesystem for BlockFrameFs {
     ) {
         match guard("read", || self.vfs.read(fh.0, offset, size)) {
             Ok(data) => reply.data(&data),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        match guard("fallocate", || self.vfs.fallocate(fh.0, offset, length, mode)) {
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
     }
@@ -519,6 +536,8 @@ mod tests {
         assert_eq!(errno(&Error::fs(FsErrorKind::NotFound, "x")), Errno::ENOENT);
         assert_eq!(errno(&Error::fs(FsErrorKind::DirectoryNotEmpty, "x")), Errno::ENOTEMPTY);
         assert_eq!(errno(&Error::fs(FsErrorKind::ReadOnly, "x")), Errno::EROFS);
+        assert_eq!(errno(&Error::fs(FsErrorKind::FileTooLarge, "x")), Errno::EFBIG);
+        assert_eq!(errno(&Error::fs(FsErrorKind::NameTooLong, "x")), Errno::ENAMETOOLONG);
         let lost = Error::TooManyLost { file: "f".into(), segment: 1, have: 1, need: 2, bad: String::new() };
         assert_eq!(errno(&lost), Errno::EIO, "data beyond repair is an I/O error");
         assert_eq!(errno(&Error::Authentication { file: "f".into(), segment: 0 }), Errno::EIO);

@@ -275,6 +275,26 @@ impl std::fmt::Debug for Vfs {
     }
 }
 
+/// Largest file the mount keeps (2^44 bytes, ext4's limit for the spool); beyond it, EFBIG.
+pub const MAX_FILE_SIZE: u64 = 1 << 44;
+
+/// Refuses an offset or size past [`MAX_FILE_SIZE`].
+fn check_size(end: Option<u64>, what: &str) -> Result<()> {
+    match end {
+        Some(e) if e <= MAX_FILE_SIZE => Ok(()),
+        _ => Err(Error::fs(FsErrorKind::FileTooLarge, what)),
+    }
+}
+
+/// Checks a whole path: too long is ENAMETOOLONG (as on Linux, PATH_MAX 4096), anything else invalid EINVAL.
+fn check_path(path: &str) -> Result<()> {
+    if path.len() > 4095 {
+        let head: String = path.chars().take(64).collect();
+        return Err(Error::fs(FsErrorKind::NameTooLong, format!("{head}...")));
+    }
+    validate_name(path).map_err(|_| Error::fs(FsErrorKind::InvalidArgument, path))
+}
+
 fn check_component(name: &str) -> Result<()> {
     if name.len() > 255 {
         return Err(Error::fs(FsErrorKind::NameTooLong, name));
@@ -403,6 +423,9 @@ impl Vfs {
         self.writable()?;
         check_component(name)?;
         let mut st = lock(&self.shared.state);
+        if let Some(path) = st.tree.child_path(parent, name) {
+            check_path(&path)?;
+        }
         let ino = st.tree.mkdir(parent, name)?;
         self.shared.attr(&st, ino)
     }
@@ -621,7 +644,7 @@ impl Shared {
         let src_path = st.tree.path(ino).unwrap_or_default();
         let dst_path =
             st.tree.child_path(new_parent, new_name).ok_or_else(|| Error::fs(FsErrorKind::NotFound, new_name))?;
-        validate_name(&dst_path).map_err(|_| Error::fs(FsErrorKind::InvalidArgument, &dst_path))?;
+        check_path(&dst_path)?;
         let files = st
             .tree
             .files_below(ino)

@@ -254,3 +254,33 @@ fn the_flusher_commits_closed_files_after_the_write_behind_delay() {
     }
     assert_eq!(read_all(&v, "soon").unwrap(), b"data");
 }
+
+#[test]
+fn long_paths_huge_sizes_and_fallocate_get_their_errno() {
+    let d = tempfile::tempdir().unwrap();
+    let v = vfs(d.path());
+    // A path past 4095 bytes: ENAMETOOLONG (each component is within 255).
+    let mut parent = ROOT;
+    for i in 0..16 {
+        parent = v.mkdir(parent, &format!("{i:0>250}")).unwrap().ino;
+    }
+    let err = v.create(parent, &"x".repeat(200), 0o600).unwrap_err();
+    assert_eq!(err.fs_kind(), FsErrorKind::NameTooLong, "{err}");
+    assert_eq!(v.mkdir(parent, &"y".repeat(200)).unwrap_err().fs_kind(), FsErrorKind::NameTooLong);
+    assert_eq!(v.create(ROOT, &"z".repeat(256), 0o600).unwrap_err().fs_kind(), FsErrorKind::NameTooLong);
+    // Sizes past the largest file: EFBIG, not EIO.
+    let (attr, fh) = v.create(ROOT, "f", 0o600).unwrap();
+    let big = SetAttr { size: Some(MAX_FILE_SIZE + 1), ..SetAttr::default() };
+    assert_eq!(v.setattr(attr.ino, Some(fh), big).unwrap_err().fs_kind(), FsErrorKind::FileTooLarge);
+    assert_eq!(v.write(fh, u64::MAX - 2, b"abc").unwrap_err().fs_kind(), FsErrorKind::FileTooLarge);
+    // fallocate mode 0 extends with zeros and never shrinks; other modes are unsupported.
+    v.write(fh, 0, b"head").unwrap();
+    v.fallocate(fh, 0, 10_000, 0).unwrap();
+    v.fallocate(fh, 0, 10, 0).unwrap();
+    assert_eq!(v.fallocate(fh, 0, 10, 1).unwrap_err().fs_kind(), FsErrorKind::Unsupported);
+    v.fsync(fh).unwrap();
+    v.release(fh).unwrap();
+    let mut want = b"head".to_vec();
+    want.resize(10_000, 0);
+    assert_eq!(read_all(&v, "f").unwrap(), want);
+}

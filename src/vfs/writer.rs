@@ -71,7 +71,7 @@ impl Vfs {
         w.writers.fetch_add(1, Ordering::SeqCst);
         let mut st = lock(&self.shared.state);
         let path = st.tree.child_path(parent, name).ok_or_else(|| Error::fs(FsErrorKind::NotFound, name))?;
-        validate_name(&path).map_err(|_| Error::fs(FsErrorKind::InvalidArgument, &path))?;
+        check_path(&path)?;
         let ino = st.tree.create(parent, name, FileSlot { committed: None, writer: Some(w.clone()) })?;
         let h = FileHandle { ino, committed: None, writer: Some(w), writable: true, last_end: AtomicU64::new(0) };
         let fh = match st.handles.insert(Handle::File(h)) {
@@ -99,6 +99,7 @@ impl Vfs {
         let Handle::File(FileHandle { writer: Some(w), writable: true, .. }) = &*h else {
             return Err(Error::fs(FsErrorKind::BadHandle, format!("handle {fh} is not open for writing")));
         };
+        check_size(offset.checked_add(data.len() as u64), "write")?;
         let _op = lock(&w.op);
         let spool = self.shared.ensure_spool(w, &_op, None)?;
         spool.write_at(offset, data)?;
@@ -150,6 +151,28 @@ impl Vfs {
             self.shared.queue(*ino, w);
         } else {
             self.shared.retire(*ino, w);
+        }
+        Ok(())
+    }
+
+    /// fallocate(2): mode 0 makes the file at least `offset + len` long (the new bytes read as zeros; the store
+    /// keeps no preallocation); other modes are unsupported.
+    pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
+        self.writable()?;
+        if mode != 0 {
+            return Err(Error::fs(FsErrorKind::Unsupported, format!("fallocate mode {mode:#x}")));
+        }
+        let end = offset.checked_add(len);
+        check_size(end, "fallocate")?;
+        let h = self.file_handle(fh)?;
+        let Handle::File(FileHandle { writer: Some(w), writable: true, .. }) = &*h else {
+            return Err(Error::fs(FsErrorKind::BadHandle, format!("handle {fh} is not open for writing")));
+        };
+        let end = end.unwrap_or(0);
+        let size = w.spool().map(|s| s.len());
+        let committed = lock(&w.op).base.as_ref().map(|c| c.meta.size).unwrap_or(0);
+        if end > size.unwrap_or(committed) {
+            self.shared.truncate(w, end)?;
         }
         Ok(())
     }
@@ -236,6 +259,7 @@ impl Shared {
     }
 
     pub(super) fn truncate(&self, w: &Writer, size: u64) -> Result<()> {
+        check_size(Some(size), "truncate")?;
         let op = lock(&w.op);
         let spool = self.ensure_spool(w, &op, Some(size))?;
         spool.set_len(size)?;
