@@ -372,6 +372,9 @@ impl Vfs {
 
     /// Attributes of child `name` of directory `parent`.
     pub fn lookup(&self, parent: Ino, name: &str) -> Result<Attr> {
+        if name.len() > 255 {
+            return Err(Error::fs(FsErrorKind::NameTooLong, name));
+        }
         self.shared.maybe_refresh();
         let st = lock(&self.shared.state);
         let ino = st.tree.lookup(parent, name).ok_or_else(|| Error::fs(FsErrorKind::NotFound, name))?;

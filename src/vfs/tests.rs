@@ -268,6 +268,7 @@ fn long_paths_huge_sizes_and_fallocate_get_their_errno() {
     assert_eq!(err.fs_kind(), FsErrorKind::NameTooLong, "{err}");
     assert_eq!(v.mkdir(parent, &"y".repeat(200)).unwrap_err().fs_kind(), FsErrorKind::NameTooLong);
     assert_eq!(v.create(ROOT, &"z".repeat(256), 0o600).unwrap_err().fs_kind(), FsErrorKind::NameTooLong);
+    assert_eq!(v.lookup(ROOT, &"z".repeat(256)).unwrap_err().fs_kind(), FsErrorKind::NameTooLong);
     // Sizes past the largest file: EFBIG, not EIO.
     let (attr, fh) = v.create(ROOT, "f", 0o600).unwrap();
     let big = SetAttr { size: Some(MAX_FILE_SIZE + 1), ..SetAttr::default() };
