@@ -573,6 +573,33 @@ pub fn remove(store: &Store, entry: &Entry) -> Result<()> {
 /// old one, in one record. Refuses when `meta.name` exists (as another file) unless `replace`. Returns the new
 /// entry.
 pub fn reseal(store: &Store, entry: &Entry, meta: &FileMeta, replace: bool) -> Result<Entry> {
+    let mut out = reseal_all(store, &[(entry.clone(), meta.clone())], replace)?;
+    out.pop().ok_or_else(|| Error::internal("a reseal of one gave no entry"))
+}
+
+/// [`reseal`] of many files in one record (a directory renamed through the mount): all of them, or none when
+/// the record cannot be written; a refused name fails the call after the others were applied.
+pub fn reseal_all(store: &Store, items: &[(Entry, FileMeta)], replace: bool) -> Result<Vec<Entry>> {
+    let mut batch = Batch::new();
+    let mut out = Vec::with_capacity(items.len());
+    for (entry, meta) in items {
+        let manifest = resealed(store, entry, meta)?;
+        if manifest.body.name_tag != entry.manifest.body.name_tag {
+            batch.remove(entry.file.clone());
+        }
+        batch.publish(manifest.clone(), &meta.name, replace);
+        let b = &manifest.body;
+        let file = FileRef { name_tag: b.name_tag, file_id: b.file_id, copies: vec![], in_log: true };
+        out.push(Entry { file, manifest, meta: Some(meta.clone()), bad_copies: Vec::new() });
+    }
+    for r in apply(store, batch)? {
+        r?;
+    }
+    Ok(out)
+}
+
+/// The manifest of `entry`'s data under `meta`.
+fn resealed(store: &Store, entry: &Entry, meta: &FileMeta) -> Result<Manifest> {
     let key = store.key()?;
     validate_name(&meta.name)?;
     let old = &entry.manifest.body;
@@ -590,14 +617,5 @@ pub fn reseal(store: &Store, entry: &Entry, meta: &FileMeta, replace: bool) -> R
         ..old.clone()
     };
     body.validate("resealed manifest")?;
-    let manifest = Manifest::new(body, key);
-    let mut batch = Batch::new();
-    if manifest.body.name_tag != old.name_tag {
-        batch.remove(entry.file.clone());
-    }
-    batch.publish(manifest.clone(), &meta.name, replace);
-    apply(store, batch)?.pop().unwrap_or_else(|| Err(Error::internal("a batch of one gave no outcome")))?;
-    let file =
-        FileRef { name_tag: manifest.body.name_tag, file_id: manifest.body.file_id, copies: vec![], in_log: true };
-    Ok(Entry { file, manifest, meta: Some(meta.clone()), bad_copies: Vec::new() })
+    Ok(Manifest::new(body, key))
 }

@@ -683,24 +683,31 @@ impl Shared {
     /// On a failure part of a directory may have moved: the namespace is rebuilt from the store, which is
     /// consistent.
     fn reseal_moved(&self, plan: &RenamePlan, loaded: &mut Loaded) -> Result<Vec<(Ino, String, Arc<Committed>)>> {
-        let mut moved = Vec::new();
-        for (i, p, c) in &plan.files {
-            let Some(c) = c else {
-                continue;
-            };
-            let meta = FileMeta { name: plan.new_path(p), ..c.meta.clone() };
-            match catalog::reseal(&self.store, &c.entry, &meta, true).and_then(Committed::new) {
-                Ok(n) => moved.push((*i, p.clone(), Arc::new(n))),
-                Err(e) => {
-                    tracing::warn!(error = %e, from = %p, "rename failed part-way; re-reading the catalog");
-                    if let Err(e2) = self.refresh_locked(loaded) {
-                        tracing::warn!(error = %e2, "re-reading the catalog failed");
-                    }
-                    return Err(e);
+        // Every committed file below the renamed node, in one catalog record.
+        let items: Vec<(Ino, String, (Entry, FileMeta))> = plan
+            .files
+            .iter()
+            .filter_map(|(i, p, c)| {
+                let c = c.as_ref()?;
+                Some((*i, p.clone(), (c.entry.clone(), FileMeta { name: plan.new_path(p), ..c.meta.clone() })))
+            })
+            .collect();
+        if items.is_empty() {
+            return Ok(vec![]);
+        }
+        let pairs: Vec<(Entry, FileMeta)> = items.iter().map(|(_, _, x)| x.clone()).collect();
+        let resealed = catalog::reseal_all(&self.store, &pairs, true)
+            .and_then(|entries| entries.into_iter().map(Committed::new).collect::<Result<Vec<_>>>());
+        match resealed {
+            Ok(new) => Ok(items.into_iter().zip(new).map(|((i, p, _), c)| (i, p, Arc::new(c))).collect()),
+            Err(e) => {
+                tracing::warn!(error = %e, "rename failed; re-reading the catalog");
+                if let Err(e2) = self.refresh_locked(loaded) {
+                    tracing::warn!(error = %e2, "re-reading the catalog failed");
                 }
+                Err(e)
             }
         }
-        Ok(moved)
     }
 
     /// Moves the node in the tree and shows the re-sealed versions under their new names.

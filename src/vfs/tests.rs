@@ -285,3 +285,20 @@ fn long_paths_huge_sizes_and_fallocate_get_their_errno() {
     want.resize(10_000, 0);
     assert_eq!(read_all(&v, "f").unwrap(), want);
 }
+
+#[test]
+fn renaming_a_directory_reseals_its_files_in_one_record() {
+    let d = tempfile::tempdir().unwrap();
+    let v = vfs(d.path());
+    let dir = v.mkdir(ROOT, "a").unwrap();
+    for i in 0..30 {
+        write_file(&v, dir.ino, &format!("f{i}"), &data(100, i));
+    }
+    v.sync_all().unwrap();
+    let records = catalog_records(&v);
+    v.rename(ROOT, "a", ROOT, "b", false).unwrap();
+    assert_eq!(catalog_records(&v), records + 1);
+    let names: Vec<String> = catalog::list(v.store()).unwrap().0.iter().map(|e| e.label()).collect();
+    assert!(names.len() == 30 && names.iter().all(|n| n.starts_with("b/")), "{names:?}");
+    assert_eq!(read_all(&v, "b/f7").unwrap(), data(100, 7));
+}
