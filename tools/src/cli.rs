@@ -50,7 +50,7 @@ pub enum Command {
     Get(GetArgs),
     /// List committed files with size, segments, root and health.
     Ls(LsArgs),
-    /// Remove committed files (manifest copies first, then shards).
+    /// Remove committed files: all in one catalog record, then their shards (mostly empty packs are compacted).
     Rm(RmArgs),
     /// Check every shard of files against their Merkle roots without writing output. Needs no key when
     /// files are named by root.
