@@ -64,16 +64,25 @@ pub struct CatalogState {
 }
 
 impl CatalogState {
+    /// Applies `ops` whole or not at all: every manifest is decoded before the first change (so a bad record
+    /// leaves the state as it was, without copying it).
     fn apply(&mut self, ops: &[CatalogOp], key: Option<&MasterKey>, what: &str) -> Result<()> {
-        for op in ops {
-            match op {
-                CatalogOp::Put(bytes) => {
-                    let m = Manifest::decode(bytes, key, what)?;
+        let decoded: Vec<Option<Manifest>> = ops
+            .iter()
+            .map(|op| match op {
+                CatalogOp::Put(bytes) => Manifest::decode(bytes, key, what).map(Some),
+                CatalogOp::Remove { .. } => Ok(None),
+            })
+            .collect::<Result<_>>()?;
+        for (op, m) in ops.iter().zip(decoded) {
+            match (op, m) {
+                (_, Some(m)) => {
                     self.entries.insert((m.body.name_tag, m.body.file_id), Arc::new(m));
                 }
-                CatalogOp::Remove { name_tag, file_id } => {
+                (CatalogOp::Remove { name_tag, file_id }, None) => {
                     self.entries.remove(&(*name_tag, *file_id));
                 }
+                (CatalogOp::Put(_), None) => {}
             }
         }
         Ok(())
@@ -177,10 +186,11 @@ pub fn advance(store: &Store, listing: &Listing, state: &mut CatalogState) -> Re
             }
             return Ok(());
         };
-        let mut after = state.clone();
-        after.apply(&body.ops, store.key_opt(), &format!("catalog record {seq}"))?;
-        after.records.push(CatalogName::Record(seq, hash[..8].try_into().unwrap_or_default()));
-        *state = CatalogState { seq, last: hash, bytes_since: state.bytes_since + len as u64, ..after };
+        state.apply(&body.ops, store.key_opt(), &format!("catalog record {seq}"))?;
+        state.records.push(CatalogName::Record(seq, hash[..8].try_into().unwrap_or_default()));
+        state.seq = seq;
+        state.last = hash;
+        state.bytes_since += len as u64;
     }
 }
 
@@ -299,10 +309,24 @@ pub fn refresh(store: &Store, listing: &Listing, cached: Option<&CatalogState>) 
     Ok(st)
 }
 
+/// True when `listing` shows nothing newer than `c`: no later checkpoint, no record past it, and its last
+/// object still there.
+fn unchanged(listing: &Listing, c: &CatalogState) -> bool {
+    let last = c.records.last().or(c.checkpoint_name.as_ref());
+    listing.names.keys().all(|n| match n {
+        CatalogName::Checkpoint(g, _) | CatalogName::Part(g, _) => *g <= c.generation,
+        CatalogName::Record(s, _) => *s <= c.seq,
+    }) && last.is_none_or(|n| listing.names.contains_key(n))
+}
+
 /// The catalog as it is on the locations now (and remembered by the store).
 pub fn current(store: &Store) -> Result<Arc<CatalogState>> {
     let listing = list(store)?;
     let cached = store.catalog_cache();
+    if let Some(c) = cached.as_ref().filter(|c| unchanged(&listing, c)) {
+        // Nothing was written since: no copy of the (possibly large) state.
+        return Ok(c.clone());
+    }
     let st = refresh(store, &listing, cached.as_deref())?;
     Ok(store.set_catalog_cache(st))
 }
