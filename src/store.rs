@@ -492,6 +492,11 @@ pub fn placement(start: u32, segment: u64, shard: usize, n: usize) -> usize {
     ((start as u64 + segment + shard as u64) % n as u64) as usize
 }
 
+/// The placement start of a file, pack or volume over `n` locations: from its (random) id, so starts spread.
+pub fn placement_start(id: &[u8; 16], n: usize) -> u32 {
+    (u32::from_le_bytes([id[0], id[1], id[2], id[3]]) as usize % n.max(1)) as u32
+}
+
 /// Directory under which every file's shards live, one subdirectory per file id.
 pub const SHARDS_DIR: &str = "shards";
 

@@ -606,9 +606,7 @@ fn resealed(store: &Store, entry: &Entry, meta: &FileMeta) -> Result<Manifest> {
     if meta.size != old.plain_size() {
         return Err(Error::InvalidArgument(format!("reseal of {:?} cannot change its size", meta.name)));
     }
-    let meta_bytes =
-        postcard::to_allocvec(meta).map_err(|e| Error::internal(format!("encoding file metadata: {e}")))?;
-    let (sealed_meta, meta_nonce) = key.seal_metadata(&old.file_id, &meta_bytes)?;
+    let (sealed_meta, meta_nonce) = meta.seal(key, &old.file_id)?;
     let body = ManifestBody {
         name_tag: key.name_tag(&meta.name),
         committed_unix_ns: crate::clock::unix_ns(),

@@ -296,13 +296,10 @@ pub fn refresh(store: &Store, listing: &Listing, cached: Option<&CatalogState>) 
         CatalogName::Checkpoint(g, _) => Some(*g),
         _ => None,
     });
-    let still_listed = |c: &CatalogState| {
-        c.records.last().or(c.checkpoint_name.as_ref()).is_none_or(|n| listing.names.contains_key(n))
-    };
     let mut st = match cached {
         // A newer checkpoint means the records after the cached position may be gone: start from it. So does
         // the disappearance of the cached position's last object (a repair chose another chain).
-        Some(c) if newest.max().unwrap_or(0) <= c.generation && still_listed(c) => c.clone(),
+        Some(c) if newest.max().unwrap_or(0) <= c.generation && last_listed(listing, c) => c.clone(),
         _ => load_checkpoint(store, listing)?,
     };
     advance(store, listing, &mut st)?;
@@ -312,11 +309,16 @@ pub fn refresh(store: &Store, listing: &Listing, cached: Option<&CatalogState>) 
 /// True when `listing` shows nothing newer than `c`: no later checkpoint, no record past it, and its last
 /// object still there.
 fn unchanged(listing: &Listing, c: &CatalogState) -> bool {
-    let last = c.records.last().or(c.checkpoint_name.as_ref());
     listing.names.keys().all(|n| match n {
         CatalogName::Checkpoint(g, _) | CatalogName::Part(g, _) => *g <= c.generation,
         CatalogName::Record(s, _) => *s <= c.seq,
-    }) && last.is_none_or(|n| listing.names.contains_key(n))
+    }) && last_listed(listing, c)
+}
+
+/// True when the last object `c` was read from (its last record, else its checkpoint) is still listed: when it
+/// is gone, a repair chose another chain.
+fn last_listed(listing: &Listing, c: &CatalogState) -> bool {
+    c.records.last().or(c.checkpoint_name.as_ref()).is_none_or(|n| listing.names.contains_key(n))
 }
 
 /// The catalog as it is on the locations now (and remembered by the store).

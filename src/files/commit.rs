@@ -211,7 +211,7 @@ impl<'a> Pipeline<'a> {
             store,
             cipher,
             file_id,
-            placement_start: (u32::from_le_bytes([file_id[0], file_id[1], file_id[2], file_id[3]]) as usize % n) as u32,
+            placement_start: crate::store::placement_start(&file_id, n),
             deferred: false,
             failure: Mutex::new(None),
             abort: AtomicBool::new(false),
@@ -383,9 +383,7 @@ fn seal_manifest(store: &Store, req: &CommitRequest, stored: &Stored) -> Result<
     let leaves: Vec<Hash> = stored.results.iter().flat_map(|r| r.leaves.iter().copied()).collect();
     let size: u64 = segments.iter().map(|s| s.plain_len).sum();
     let meta = FileMeta { name: req.name.clone(), size, mtime_unix_ns: req.mtime_unix_ns, mode: req.mode };
-    let meta_bytes =
-        postcard::to_allocvec(&meta).map_err(|e| Error::internal(format!("encoding file metadata: {e}")))?;
-    let (sealed_meta, meta_nonce) = key.seal_metadata(&stored.file_id, &meta_bytes)?;
+    let (sealed_meta, meta_nonce) = meta.seal(key, &stored.file_id)?;
     let body = ManifestBody {
         store_id: d.store_id,
         file_id: stored.file_id,

@@ -10,9 +10,10 @@ use crate::error::{Error, Result};
 use crate::files::catalog::{self, Batch};
 use crate::files::catalog_log;
 use crate::files::pack::Packer;
+use crate::files::read::read_pack_stripe;
 use crate::format::manifest::{Data, Manifest, ManifestBody};
-use crate::store::{shard_key, Store};
-use crate::stripe::{read_stripe, StripeAddr, StripeBuffers};
+use crate::store::Store;
+use crate::stripe::StripeBuffers;
 
 /// A pack is compacted when its live files hold less than this share of it.
 pub const LIVE_BELOW: f64 = 0.5;
@@ -115,18 +116,8 @@ fn cipher_len(body: &ManifestBody) -> u64 {
 
 /// The verified data of a pack (rebuilt from parity when shards are missing).
 fn read_pack(store: &Store, codec: &mut Codec, pack: &ManifestBody) -> Result<Vec<u8>> {
-    let sl = pack.segments.first().map(|s| s.shard_len as usize).unwrap_or(0);
-    let key_of = |i: usize| shard_key(&pack.file_id, 0, i);
-    let addr = StripeAddr {
-        file_id: &pack.file_id,
-        segment: 0,
-        placement_start: pack.placement_start,
-        shard_len: sl,
-        key_of: &key_of,
-        deferred: false,
-    };
     let mut bufs = StripeBuffers::default();
-    read_stripe(store, codec, &addr, &pack.leaves, &mut bufs).map_err(|e| match e {
+    read_pack_stripe(store, codec, pack, &mut bufs).map_err(|e| match e {
         crate::stripe::StripeError::Other(e) => e,
         _ => Error::corrupt(format!("pack {}", hex::encode(pack.file_id)), "fewer than k good shards"),
     })?;

@@ -88,9 +88,7 @@ impl Packer {
         key.segment_cipher(&file_id).seal_segment(0, true, &mut self.data[offset..], plain.len())?;
         let cipher = &self.data[offset..];
         let cipher_hash = *blake3::hash(cipher).as_bytes();
-        let meta_bytes =
-            postcard::to_allocvec(meta).map_err(|e| Error::internal(format!("encoding file metadata: {e}")))?;
-        let (sealed_meta, meta_nonce) = key.seal_metadata(&file_id, &meta_bytes)?;
+        let (sealed_meta, meta_nonce) = meta.seal(key, &file_id)?;
         let body = ManifestBody {
             store_id: d.store_id,
             file_id,
@@ -145,7 +143,7 @@ fn store_pack(store: &Store, codec: &mut Codec, pack_id: &[u8; 16], data: &mut V
     let sl = erasure::shard_len(len as u64, k);
     data.resize(k * sl, 0);
     let n = store.locations().len();
-    let placement_start = (u32::from_le_bytes([pack_id[0], pack_id[1], pack_id[2], pack_id[3]]) as usize % n) as u32;
+    let placement_start = crate::store::placement_start(pack_id, n);
     let key_of = |i: usize| shard_key(pack_id, 0, i);
     let addr =
         StripeAddr { file_id: pack_id, segment: 0, placement_start, shard_len: sl, key_of: &key_of, deferred: true };

@@ -184,11 +184,8 @@ impl SegmentReader<'_> {
             return Ok(&self.bufs.data[..plain]);
         }
         tracing::debug!(file = %self.file.meta.name, "packed file not readable directly; reading its whole pack");
-        let entry = pack.segments[0];
-        let key_of = |i: usize| shard_key(&pack.file_id, 0, i);
-        let addr = segment_addr(pack, 0, entry.shard_len as usize, &key_of);
         let name = || self.file.meta.name.clone();
-        match read_stripe(self.store, &mut self.codec, &addr, &pack.leaves, &mut self.bufs) {
+        match read_pack_stripe(self.store, &mut self.codec, pack, &mut self.bufs) {
             Ok(()) => {}
             Err(StripeError::Lost { have, bad }) => {
                 return Err(Error::TooManyLost {
@@ -212,6 +209,19 @@ impl SegmentReader<'_> {
         }
         Ok(&self.bufs.data[..plain])
     }
+}
+
+/// Fills `bufs.data` with a pack's k verified data shards (its data, zero-padded), rebuilding missing ones.
+pub(crate) fn read_pack_stripe(
+    store: &Store,
+    codec: &mut Codec,
+    pack: &ManifestBody,
+    bufs: &mut StripeBuffers,
+) -> std::result::Result<(), StripeError> {
+    let sl = pack.segments.first().map(|s| s.shard_len as usize).unwrap_or(0);
+    let key_of = |i: usize| shard_key(&pack.file_id, 0, i);
+    let addr = segment_addr(pack, 0, sl, &key_of);
+    read_stripe(store, codec, &addr, &pack.leaves, bufs)
 }
 
 /// Reads `len` bytes at `offset` of a pack's data from its data shards' home locations into `out` (unverified:

@@ -9,7 +9,6 @@ use crate::codec::erasure::Codec;
 use crate::codec::merkle::Hash;
 use crate::error::{Error, IoContext, Result};
 use crate::files::catalog::{self, Batch};
-use crate::files::catalog_log;
 use crate::files::commit::{self, CommitReport, CommitRequest};
 use crate::files::pack::{self, Packer};
 use crate::format::manifest::{FileMeta, Manifest, PACK_NAME_TAG};
@@ -85,9 +84,7 @@ impl<'a> Session<'a> {
     }
 
     fn look_at_catalog(&mut self) -> Result<()> {
-        let st = catalog_log::current(self.store)?;
         self.taken = catalog::scan(self.store)?.into_iter().map(|f| f.name_tag).collect();
-        drop(st);
         Ok(())
     }
 

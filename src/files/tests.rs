@@ -24,6 +24,14 @@ fn req(name: &str, len: usize) -> CommitRequest {
     }
 }
 
+/// The store as another process opens it (a fresh catalog read), on the same locations.
+fn reopen(dir: &std::path::Path, store: &Store) -> Store {
+    let mut s = Store::open(dir).unwrap();
+    s.set_locations(store.locations().to_vec()).unwrap();
+    s.unlock(store.key().unwrap().clone()).unwrap();
+    s
+}
+
 /// A whole-store scrub.
 fn scrub(store: &Store, repair: bool) -> crate::scrub::ScrubReport {
     let opts = crate::scrub::ScrubOptions { repair, ..Default::default() };
@@ -76,9 +84,7 @@ fn a_session_packs_small_files_and_publishes_them_in_one_record() {
     let e = catalog::find(&store, "dir/f007").unwrap();
     assert!(matches!(e.manifest.body.data, Data::Packed { .. }));
     // A fresh process sees the same catalog.
-    let mut again = Store::open(d.path()).unwrap();
-    again.set_locations(store.locations().to_vec()).unwrap();
-    again.unlock(store.key().unwrap().clone()).unwrap();
+    let again = reopen(d.path(), &store);
     assert_eq!(catalog::list(&again).unwrap().0.len(), files.len());
 }
 
@@ -167,9 +173,7 @@ fn checkpoints_replace_the_records_they_cover() {
         .collect();
     assert_eq!(ckpt, 1);
     assert!(records.len() < 64 && records.iter().all(|&s| s > 64), "{records:?}");
-    let mut again = Store::open(d.path()).unwrap();
-    again.set_locations(store.locations().to_vec()).unwrap();
-    again.unlock(store.key().unwrap().clone()).unwrap();
+    let again = reopen(d.path(), &store);
     assert_eq!(catalog::list(&again).unwrap().0.len(), 70);
     assert_eq!(get(&again, "f3").unwrap(), data(100, 7));
 }
@@ -202,9 +206,7 @@ fn a_record_forked_while_its_locations_were_away_loses_to_the_acknowledged_one()
     commit_all(&store, &[("real".into(), 20)]);
     faulty[0].set_gone(false);
     // Back: both variants of record 2 are listed; the one on three locations wins for every reader.
-    let mut fresh = Store::open(d.path()).unwrap();
-    fresh.set_locations(store.locations().to_vec()).unwrap();
-    fresh.unlock(store.key().unwrap().clone()).unwrap();
+    let fresh = reopen(d.path(), &store);
     assert!(catalog::find(&fresh, "real").is_ok());
     assert!(catalog::find(&fresh, "ghost").is_err());
     // The next writer sees both and keeps the winner; a repairing scrub deletes the loser.
@@ -251,9 +253,7 @@ fn a_checkpoint_part_is_checked_against_its_checkpoint_and_never_rolled_back() {
     let good = faulty[1].inner().get(&key).unwrap();
     faulty[0].inner().put(&key, &[&bytes]).unwrap();
     let fresh = || {
-        let mut s = Store::open(d.path()).unwrap();
-        s.set_locations(store.locations().to_vec()).unwrap();
-        s.unlock(store.key().unwrap().clone()).unwrap();
+        let s = reopen(d.path(), &store);
         s
     };
     assert_eq!(catalog::list(&fresh()).unwrap().0.len(), 66);

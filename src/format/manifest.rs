@@ -144,6 +144,14 @@ pub struct FileMeta {
     pub mode: u32,
 }
 
+impl FileMeta {
+    /// Encrypts the metadata for a manifest of `file_id`: the sealed bytes and their nonce.
+    pub fn seal(&self, key: &MasterKey, file_id: &[u8; 16]) -> Result<(Vec<u8>, [u8; 12])> {
+        let bytes = postcard::to_allocvec(self).map_err(|e| Error::internal(format!("encoding file metadata: {e}")))?;
+        key.seal_metadata(file_id, &bytes)
+    }
+}
+
 /// A decoded manifest copy: the body and its MAC (checked when a key is available).
 #[derive(Clone, Debug)]
 pub struct Manifest {

@@ -176,8 +176,7 @@ impl BlockLog {
             k: d.k,
             m: d.m,
             stripe_blocks: new.stripe_blocks,
-            placement_start: (u32::from_le_bytes([new.vol_id[0], new.vol_id[1], new.vol_id[2], new.vol_id[3]]) as usize
-                % n) as u32,
+            placement_start: crate::store::placement_start(&new.vol_id, n),
             seq: 0,
             next_gen: 1,
             entries_per_page: ENTRIES_PER_PAGE,

@@ -124,18 +124,12 @@ impl Vfs {
             Handle::File(FileHandle { ino, writer: Some(w), writable: true, .. }) => vec![(*ino, w.clone())],
             _ => vec![],
         };
-        match self.shared.sync_dirty(extra).into_iter().next() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        first_error(self.shared.sync_dirty(extra))
     }
 
     /// Commits everything queued or open (syncfs(2), sync(1)); returns the first failure.
     pub fn sync_all(&self) -> Result<()> {
-        match self.flush_all().into_iter().next() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        first_error(self.flush_all())
     }
 
     /// Closes a file handle; the last writable handle queues outstanding changes for the flusher.
@@ -237,6 +231,11 @@ impl Vfs {
     }
 }
 
+/// The first of `errors` as the result of an operation that made several commits.
+fn first_error(errors: Vec<Error>) -> Result<()> {
+    errors.into_iter().next().map_or(Ok(()), Err)
+}
+
 /// Queued files that make the flusher commit at once.
 const FLUSH_FILES: usize = 2048;
 
@@ -270,10 +269,7 @@ impl Shared {
 
     /// Commits one writer now (with whatever else is queued); returns its failure.
     pub(super) fn commit_writer(&self, ino: Ino, w: &Arc<Writer>) -> Result<()> {
-        match self.sync_dirty(vec![(ino, w.clone())]).into_iter().next() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        first_error(self.sync_dirty(vec![(ino, w.clone())]))
     }
 
     /// Queues a closed file for the flusher (once).
