@@ -170,6 +170,11 @@ pub enum FsErrorKind {
     FileTooLarge,
     /// The operation is not supported by the store.
     Unsupported,
+    /// A kind of node the store does not keep (hard links, device nodes, FIFOs, sockets): EPERM, as
+    /// link(2) and mknod(2) document for filesystems without them.
+    NotPermitted,
+    /// A symbolic link where a file is needed (opening a link itself).
+    SymlinkLoop,
     /// Anything else: an I/O failure or data that cannot be read back verified (never wrong bytes).
     Io,
 }
@@ -191,6 +196,8 @@ impl FsErrorKind {
             FsErrorKind::NoSpace => "no space left on a location",
             FsErrorKind::FileTooLarge => "file too large",
             FsErrorKind::Unsupported => "operation not supported",
+            FsErrorKind::NotPermitted => "operation not permitted (hard links, device nodes and FIFOs are not kept)",
+            FsErrorKind::SymlinkLoop => "is a symbolic link",
             FsErrorKind::Io => "input/output error",
         }
     }

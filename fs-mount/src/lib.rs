@@ -58,6 +58,8 @@ pub fn errno(e: &Error) -> Errno {
         FsErrorKind::NoSpace => Errno::ENOSPC,
         FsErrorKind::FileTooLarge => Errno::EFBIG,
         FsErrorKind::Unsupported => Errno::ENOSYS,
+        FsErrorKind::NotPermitted => Errno::EPERM,
+        FsErrorKind::SymlinkLoop => Errno::ELOOP,
         _ => Errno::EIO,
     }
 }
@@ -108,36 +110,42 @@ fn ns_of(t: TimeOrNow) -> i64 {
 /// The `fuser` filesystem over a [`Vfs`].
 pub struct BlockFrameFs {
     vfs: Arc<Vfs>,
-    uid: u32,
-    gid: u32,
+}
+
+/// The caller of a request, as the owner of what it creates.
+fn owner(req: &Request) -> Option<(u32, u32)> {
+    Some((req.uid(), req.gid()))
+}
+
+fn kind_of(kind: vfs::FileType) -> FileType {
+    match kind {
+        vfs::FileType::Dir => FileType::Directory,
+        vfs::FileType::File => FileType::RegularFile,
+        vfs::FileType::Symlink => FileType::Symlink,
+    }
 }
 
 impl BlockFrameFs {
-    /// Serves `vfs`; files are owned by the mounting user.
+    /// Serves `vfs`.
     pub fn new(vfs: Arc<Vfs>) -> Self {
-        // SAFETY: getuid/getgid cannot fail and touch no memory.
-        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        BlockFrameFs { vfs, uid, gid }
+        BlockFrameFs { vfs }
     }
 
     fn attr(&self, a: &Attr) -> FileAttr {
-        let t = time_of(a.mtime_unix_ns);
+        let st = &a.stat;
         FileAttr {
             ino: INodeNo(a.ino),
             size: a.size,
             blocks: a.size.div_ceil(512),
-            atime: t,
-            mtime: t,
-            ctime: t,
-            crtime: t,
-            kind: match a.kind {
-                vfs::FileType::Dir => FileType::Directory,
-                vfs::FileType::File => FileType::RegularFile,
-            },
-            perm: (a.mode & 0o7777) as u16,
+            atime: time_of(st.atime_unix_ns),
+            mtime: time_of(st.mtime_unix_ns),
+            ctime: time_of(st.ctime_unix_ns),
+            crtime: time_of(st.ctime_unix_ns),
+            kind: kind_of(a.kind),
+            perm: (st.mode & 0o7777) as u16,
             nlink: a.nlink,
-            uid: self.uid,
-            gid: self.gid,
+            uid: st.uid,
+            gid: st.gid,
             rdev: 0,
             blksize: 1 << 20,
             flags: 0,
@@ -178,10 +186,10 @@ impl Filesystem for BlockFrameFs {
         _req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
         size: Option<u64>,
-        _atime: Option<TimeOrNow>,
+        atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
         fh: Option<FileHandle>,
@@ -191,16 +199,69 @@ impl Filesystem for BlockFrameFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        // Owners are not stored (files belong to the mounting user); atime is not kept.
-        let changes = SetAttr { size, mode, mtime_unix_ns: mtime.map(ns_of) };
+        // Who may change what was checked by the kernel (default_permissions).
+        let changes =
+            SetAttr { size, mode, uid, gid, atime_unix_ns: atime.map(ns_of), mtime_unix_ns: mtime.map(ns_of) };
         match guard("setattr", || self.vfs.setattr(ino.0, fh.map(|f| f.0), changes)) {
             Ok(a) => reply.attr(&TTL, &self.attr(&a)),
             Err(e) => reply.error(e),
         }
     }
 
-    fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, _mode: u32, _umask: u32, reply: ReplyEntry) {
-        match name_str(name).and_then(|n| guard("mkdir", || self.vfs.mkdir(parent.0, n))) {
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let mode = mode & !umask;
+        match name_str(name).and_then(|n| guard("mkdir", || self.vfs.mkdir(parent.0, n, mode, owner(req)))) {
+            Ok(a) => reply.entry(&TTL, &self.attr(&a), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let r = name_str(name).and_then(|n| {
+            let target = target.to_str().ok_or(Errno::EINVAL)?;
+            guard("symlink", || self.vfs.symlink(parent.0, n, target, owner(req)))
+        });
+        match r {
+            Ok(a) => reply.entry(&TTL, &self.attr(&a), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match guard("readlink", || self.vfs.readlink(ino.0)) {
+            Ok(t) => reply.data(t.as_bytes()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn link(&self, _req: &Request, _ino: INodeNo, _newparent: INodeNo, _newname: &OsStr, reply: ReplyEntry) {
+        // Hard links are not kept (documented; link(2) gives EPERM on filesystems without them).
+        reply.error(Errno::EPERM);
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        // Regular files only: device nodes, FIFOs and sockets are not kept (EPERM, as mknod(2) documents).
+        if mode & libc::S_IFMT != libc::S_IFREG && mode & libc::S_IFMT != 0 {
+            return reply.error(Errno::EPERM);
+        }
+        let r = name_str(name).and_then(|n| {
+            guard("mknod", || {
+                let (a, fh) = self.vfs.create(parent.0, n, mode & !umask, owner(req))?;
+                self.vfs.flush(fh)?;
+                self.vfs.release(fh)?;
+                Ok(a)
+            })
+        });
+        match r {
             Ok(a) => reply.entry(&TTL, &self.attr(&a), Generation(0)),
             Err(e) => reply.error(e),
         }
@@ -255,7 +316,7 @@ impl Filesystem for BlockFrameFs {
 
     fn create(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
@@ -263,7 +324,7 @@ impl Filesystem for BlockFrameFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        match name_str(name).and_then(|n| guard("create", || self.vfs.create(parent.0, n, mode & !umask))) {
+        match name_str(name).and_then(|n| guard("create", || self.vfs.create(parent.0, n, mode & !umask, owner(req)))) {
             Ok((a, fh)) => reply.created(&TTL, &self.attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(e),
         }
@@ -368,13 +429,7 @@ impl Filesystem for BlockFrameFs {
         };
         // Offsets: 1 = ".", 2 = "..", 3.. = entries; each entry carries the offset of the next one.
         let dots = [(ino.0, ".".to_string(), FileType::Directory), (parent, "..".to_string(), FileType::Directory)];
-        let all = dots.into_iter().chain(entries.iter().map(|e| {
-            let kind = match e.kind {
-                vfs::FileType::Dir => FileType::Directory,
-                vfs::FileType::File => FileType::RegularFile,
-            };
-            (e.ino, e.name.clone(), kind)
-        }));
+        let all = dots.into_iter().chain(entries.iter().map(|e| (e.ino, e.name.clone(), kind_of(e.kind))));
         for (i, (ino, name, kind)) in all.enumerate().skip(offset as usize) {
             if reply.add(INodeNo(ino), i as u64 + 1, kind, &name) {
                 break;

@@ -15,12 +15,12 @@ use crate::codec::erasure::{self, Codec};
 use crate::codec::merkle::{self, leaf_hash, Hash};
 use crate::error::{Error, IoContext, Result};
 use crate::files::session::{Session, SessionOptions};
-use crate::format::manifest::{FileMeta, Manifest, ManifestBody, SegmentEntry};
+use crate::format::manifest::{EntryKind, FileMeta, Manifest, ManifestBody, SegmentEntry};
 use crate::store::{shard_key, Store};
 use crate::stripe::{write_stripe, StripeAddr};
 
 /// What to commit and how.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct CommitRequest {
     /// Name in the store (relative path, `/`-separated).
     pub name: String,
@@ -35,6 +35,27 @@ pub struct CommitRequest {
     /// Input size when known in advance (a regular file): saves one segment buffer of look-ahead, and a file
     /// that grows or shrinks during the commit is detected and the commit refused.
     pub size: Option<u64>,
+    /// File, directory or symbolic link (the last two with empty input).
+    pub kind: EntryKind,
+    /// Owner and group to record (`None`: not recorded).
+    pub owner: Option<(u32, u32)>,
+    /// Last access (`None`: the modification time).
+    pub atime_unix_ns: Option<i64>,
+    /// Last metadata change (`None`: the modification time).
+    pub ctime_unix_ns: Option<i64>,
+}
+
+impl CommitRequest {
+    /// The metadata sealed into the manifest of this request's `size` bytes.
+    pub fn meta(&self, size: u64) -> FileMeta {
+        FileMeta {
+            kind: self.kind.clone(),
+            owner: self.owner,
+            atime_unix_ns: self.atime_unix_ns.unwrap_or(self.mtime_unix_ns),
+            ctime_unix_ns: self.ctime_unix_ns.unwrap_or(self.mtime_unix_ns),
+            ..FileMeta::file(self.name.clone(), size, self.mtime_unix_ns, self.mode)
+        }
+    }
 }
 
 /// Outcome of a commit.
@@ -382,7 +403,7 @@ fn seal_manifest(store: &Store, req: &CommitRequest, stored: &Stored) -> Result<
     let segments: Vec<SegmentEntry> = stored.results.iter().map(|r| r.entry).collect();
     let leaves: Vec<Hash> = stored.results.iter().flat_map(|r| r.leaves.iter().copied()).collect();
     let size: u64 = segments.iter().map(|s| s.plain_len).sum();
-    let meta = FileMeta { name: req.name.clone(), size, mtime_unix_ns: req.mtime_unix_ns, mode: req.mode };
+    let meta = req.meta(size);
     let (sealed_meta, meta_nonce) = meta.seal(key, &stored.file_id)?;
     let body = ManifestBody {
         store_id: d.store_id,

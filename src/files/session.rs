@@ -11,7 +11,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::files::catalog::{self, Batch};
 use crate::files::commit::{self, CommitReport, CommitRequest};
 use crate::files::pack::{self, Packer};
-use crate::format::manifest::{FileMeta, Manifest, PACK_NAME_TAG};
+use crate::format::manifest::{Manifest, PACK_NAME_TAG};
 use crate::store::Store;
 
 /// When a session publishes what it has gathered.
@@ -131,12 +131,7 @@ impl<'a> Session<'a> {
         if !self.packer.fits(plain.len()) {
             self.seal_pack();
         }
-        let meta = FileMeta {
-            name: req.name.clone(),
-            size: plain.len() as u64,
-            mtime_unix_ns: req.mtime_unix_ns,
-            mode: req.mode,
-        };
+        let meta = req.meta(plain.len() as u64);
         let pack_id = self.packer.id();
         let manifest = self.packer.add(self.store, name_tag, &meta, plain)?;
         progress(plain.len() as u64);

@@ -21,6 +21,7 @@ fn req(name: &str, len: usize) -> CommitRequest {
         replace: false,
         workers: 2,
         size: Some(len as u64),
+        ..Default::default()
     }
 }
 

@@ -95,8 +95,9 @@ impl From<BodyV1> for ManifestBody {
     }
 }
 
-/// Format version of manifests written now (version 1, without [`Data`], is still read).
-pub const MANIFEST_VERSION: u16 = 2;
+/// Format version of manifests written now. Version 1 (without [`Data`]) and 2 (whose sealed metadata has no
+/// kind, owner, atime or ctime) are still read.
+pub const MANIFEST_VERSION: u16 = 3;
 
 /// The public, keyless part of a manifest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,6 +132,22 @@ pub struct ManifestBody {
     pub data: Data,
 }
 
+/// What a catalog entry is. Directories and symbolic links are entries without data (an empty packed file),
+/// so that a mount keeps what users set on them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryKind {
+    /// A regular file.
+    #[default]
+    File,
+    /// A directory (its files are named below it; the entry keeps its mode, owner and times).
+    Dir,
+    /// A symbolic link to `target` (stored as given, never followed by the store).
+    Symlink {
+        /// What the link points to.
+        target: String,
+    },
+}
+
 /// Private file metadata (encrypted inside the manifest).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileMeta {
@@ -142,13 +159,55 @@ pub struct FileMeta {
     pub mtime_unix_ns: i64,
     /// Unix permission bits of the source.
     pub mode: u32,
+    /// File, directory or symbolic link (manifest format 3; older ones are files).
+    pub kind: EntryKind,
+    /// Owner and group, when recorded (format 3; `None` shows as the mounting user).
+    pub owner: Option<(u32, u32)>,
+    /// Last access, nanoseconds since the epoch (format 3; older ones read as `mtime_unix_ns`).
+    pub atime_unix_ns: i64,
+    /// Last change of the entry's metadata, nanoseconds since the epoch (format 3; older: `mtime_unix_ns`).
+    pub ctime_unix_ns: i64,
+}
+
+/// [`FileMeta`] of manifest formats 1 and 2.
+#[derive(Deserialize)]
+struct FileMetaV1 {
+    name: String,
+    size: u64,
+    mtime_unix_ns: i64,
+    mode: u32,
 }
 
 impl FileMeta {
-    /// Encrypts the metadata for a manifest of `file_id`: the sealed bytes and their nonce.
+    /// Metadata of a regular file with no recorded owner, accessed and changed when modified.
+    pub fn file(name: String, size: u64, mtime_unix_ns: i64, mode: u32) -> Self {
+        FileMeta {
+            name,
+            size,
+            mtime_unix_ns,
+            mode,
+            kind: EntryKind::File,
+            owner: None,
+            atime_unix_ns: mtime_unix_ns,
+            ctime_unix_ns: mtime_unix_ns,
+        }
+    }
+
+    /// Encrypts the metadata for a manifest of `file_id` (in the current format): the sealed bytes and their
+    /// nonce.
     pub fn seal(&self, key: &MasterKey, file_id: &[u8; 16]) -> Result<(Vec<u8>, [u8; 12])> {
         let bytes = postcard::to_allocvec(self).map_err(|e| Error::internal(format!("encoding file metadata: {e}")))?;
         key.seal_metadata(file_id, &bytes)
+    }
+
+    /// Decodes metadata sealed by a manifest of format `version`.
+    fn decode(version: u16, plain: &[u8]) -> Result<Self> {
+        let bad = |e: postcard::Error| Error::corrupt("file metadata", e.to_string());
+        if version >= 3 {
+            return postcard::from_bytes(plain).map_err(bad);
+        }
+        let v1: FileMetaV1 = postcard::from_bytes(plain).map_err(bad)?;
+        Ok(FileMeta::file(v1.name, v1.size, v1.mtime_unix_ns, v1.mode))
     }
 }
 
@@ -276,7 +335,7 @@ impl Manifest {
     /// Decrypts the private metadata.
     pub fn meta(&self, key: &MasterKey) -> Result<FileMeta> {
         let plain = key.open_metadata(&self.body.file_id, &self.body.meta_nonce, &self.body.sealed_meta)?;
-        postcard::from_bytes(&plain).map_err(|e| Error::corrupt("file metadata", e.to_string()))
+        FileMeta::decode(self.version, &plain)
     }
 }
 
@@ -306,11 +365,7 @@ mod tests {
         let segments = vec![SegmentEntry { plain_len: 10, shard_len: erasure::shard_len(26, 2) as u32 }];
         let leaves: Vec<Hash> = (0..3u8).map(|i| [i; 32]).collect();
         let (sealed_meta, meta_nonce) = key
-            .seal_metadata(
-                &[4; 16],
-                &postcard::to_allocvec(&FileMeta { name: "a".into(), size: 10, mtime_unix_ns: 0, mode: 0o644 })
-                    .unwrap(),
-            )
+            .seal_metadata(&[4; 16], &postcard::to_allocvec(&FileMeta::file("a".into(), 10, 0, 0o644)).unwrap())
             .unwrap();
         ManifestBody {
             store_id: [3; 16],
@@ -356,6 +411,38 @@ mod tests {
         let m = Manifest::decode(&bytes, Some(&key), "t").unwrap();
         assert_eq!(m.body, b);
         assert_eq!(m.encode(), bytes);
+    }
+
+    #[test]
+    fn metadata_of_older_formats_reads_as_a_file_without_owner() {
+        let key = MasterKey::from_bytes([1; 32]);
+        let mut body = sample_body(&key);
+        let old_meta = postcard::to_allocvec(&("a/b", 10u64, 77i64, 0o640u32)).unwrap();
+        (body.sealed_meta, body.meta_nonce) = key.seal_metadata(&body.file_id, &old_meta).unwrap();
+        let body_bytes = postcard::to_allocvec(&body).unwrap();
+        let mac = key.manifest_mac(&body_bytes);
+        let v2 = Manifest { body, version: 2, body_bytes, mac };
+        let back = Manifest::decode(&v2.encode(), Some(&key), "t").unwrap();
+        let meta = back.meta(&key).unwrap();
+        assert_eq!(meta, FileMeta::file("a/b".into(), 10, 77, 0o640));
+        assert_eq!((meta.kind, meta.owner, meta.atime_unix_ns, meta.ctime_unix_ns), (EntryKind::File, None, 77, 77));
+    }
+
+    #[test]
+    fn directories_and_links_keep_owner_and_times() {
+        let key = MasterKey::from_bytes([1; 32]);
+        let mut body = sample_body(&key);
+        let meta = FileMeta {
+            kind: EntryKind::Symlink { target: "../x".into() },
+            owner: Some((1000, 100)),
+            atime_unix_ns: 5,
+            ctime_unix_ns: 6,
+            ..FileMeta::file("l".into(), 10, 4, 0o777)
+        };
+        (body.sealed_meta, body.meta_nonce) = meta.seal(&key, &body.file_id).unwrap();
+        let m = Manifest::new(body, &key);
+        let back = Manifest::decode(&m.encode(), Some(&key), "t").unwrap();
+        assert_eq!(back.meta(&key).unwrap(), meta);
     }
 
     #[test]

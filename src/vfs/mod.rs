@@ -23,7 +23,7 @@ mod writer;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, Instant};
@@ -36,7 +36,7 @@ use crate::files::catalog::{self, Entry};
 use crate::files::commit::CommitRequest;
 use crate::files::read::{read_to, OpenFile, SegmentReader};
 use crate::files::session::{Session, SessionOptions};
-use crate::format::manifest::FileMeta;
+use crate::format::manifest::{EntryKind, FileMeta};
 use crate::store::Store;
 use crate::stripe::StripeBuffers;
 
@@ -65,6 +65,9 @@ pub struct VfsOptions {
     pub max_open: usize,
     /// How long a closed file may wait before it is committed (write-behind; `fsync` does not wait).
     pub write_behind: Duration,
+    /// Owner and group shown for entries that recorded none (files committed by `bf commit`, older formats,
+    /// directories implied by file names); `None`: the owner of the store directory.
+    pub owner: Option<(u32, u32)>,
 }
 
 impl Default for VfsOptions {
@@ -78,6 +81,7 @@ impl Default for VfsOptions {
             decoders: 2,
             max_open: 4096,
             write_behind: Duration::from_secs(1),
+            owner: None,
         }
     }
 }
@@ -89,6 +93,91 @@ pub enum FileType {
     File,
     /// A directory.
     Dir,
+    /// A symbolic link.
+    Symlink,
+}
+
+/// Ownership, permission bits and times of a node: what `stat` shows besides kind, size and inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stat {
+    /// Permission bits (`0o7777` mask).
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Last access (set by `utimensat` and at creation; reads do not change it, as with `noatime`).
+    pub atime_unix_ns: i64,
+    /// Last change of the contents.
+    pub mtime_unix_ns: i64,
+    /// Last change of the contents or the metadata.
+    pub ctime_unix_ns: i64,
+}
+
+impl Stat {
+    /// A node made now with `mode` by `owner`.
+    fn new(mode: u32, (uid, gid): (u32, u32), now: i64) -> Self {
+        Stat { mode: mode & 0o7777, uid, gid, atime_unix_ns: now, mtime_unix_ns: now, ctime_unix_ns: now }
+    }
+
+    /// The metadata a committed entry recorded (`default_owner` when it recorded none).
+    fn of(meta: &FileMeta, default_owner: (u32, u32)) -> Self {
+        let (uid, gid) = meta.owner.unwrap_or(default_owner);
+        Stat {
+            mode: meta.mode & 0o7777,
+            uid,
+            gid,
+            atime_unix_ns: meta.atime_unix_ns,
+            mtime_unix_ns: meta.mtime_unix_ns,
+            ctime_unix_ns: meta.ctime_unix_ns,
+        }
+    }
+
+    /// Applies the metadata part of `changes`; any change also sets the ctime to `now`.
+    fn apply(&mut self, changes: &SetAttr, now: i64) {
+        if let Some(m) = changes.mode {
+            self.mode = m & 0o7777;
+        }
+        self.uid = changes.uid.unwrap_or(self.uid);
+        self.gid = changes.gid.unwrap_or(self.gid);
+        self.atime_unix_ns = changes.atime_unix_ns.unwrap_or(self.atime_unix_ns);
+        self.mtime_unix_ns = changes.mtime_unix_ns.unwrap_or(self.mtime_unix_ns);
+        self.ctime_unix_ns = now;
+    }
+
+    /// A change of the contents at `now`.
+    fn modified(&mut self, now: i64) {
+        self.mtime_unix_ns = now;
+        self.ctime_unix_ns = now;
+    }
+
+    /// `meta` carrying this metadata.
+    fn sealed_into(&self, meta: &FileMeta) -> FileMeta {
+        FileMeta {
+            mode: self.mode,
+            owner: Some((self.uid, self.gid)),
+            atime_unix_ns: self.atime_unix_ns,
+            mtime_unix_ns: self.mtime_unix_ns,
+            ctime_unix_ns: self.ctime_unix_ns,
+            ..meta.clone()
+        }
+    }
+
+    /// A commit of `name` with this metadata.
+    fn request(&self, name: String, kind: EntryKind) -> CommitRequest {
+        CommitRequest {
+            name,
+            mtime_unix_ns: self.mtime_unix_ns,
+            mode: self.mode,
+            replace: true,
+            workers: 1,
+            size: None,
+            kind,
+            owner: Some((self.uid, self.gid)),
+            atime_unix_ns: Some(self.atime_unix_ns),
+            ctime_unix_ns: Some(self.ctime_unix_ns),
+        }
+    }
 }
 
 /// Attributes of a node.
@@ -96,16 +185,14 @@ pub enum FileType {
 pub struct Attr {
     /// Inode number.
     pub ino: Ino,
-    /// File or directory.
+    /// File, directory or symbolic link.
     pub kind: FileType,
-    /// Size in bytes (0 for directories).
+    /// Size in bytes (0 for directories, the target's length for symbolic links).
     pub size: u64,
-    /// Modification time, nanoseconds since the epoch.
-    pub mtime_unix_ns: i64,
-    /// Permission bits (`0o7777` mask).
-    pub mode: u32,
     /// Link count.
     pub nlink: u32,
+    /// Owner, permission bits and times.
+    pub stat: Stat,
 }
 
 /// One directory entry.
@@ -128,15 +215,29 @@ pub struct OpenMode {
     pub truncate: bool,
 }
 
-/// Attribute changes (`None` leaves a value alone).
+/// Attribute changes (`None` leaves a value alone). Who may make them is checked by the kernel
+/// (`default_permissions`), not here.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SetAttr {
     /// New size (truncate or extend with zeros).
     pub size: Option<u64>,
     /// New permission bits.
     pub mode: Option<u32>,
+    /// New owner.
+    pub uid: Option<u32>,
+    /// New group.
+    pub gid: Option<u32>,
+    /// New access time, nanoseconds since the epoch.
+    pub atime_unix_ns: Option<i64>,
     /// New modification time, nanoseconds since the epoch.
     pub mtime_unix_ns: Option<i64>,
+}
+
+impl SetAttr {
+    /// True when it changes more than the size.
+    fn changes_metadata(&self) -> bool {
+        SetAttr { size: None, ..*self } != SetAttr::default()
+    }
 }
 
 fn now_ns() -> i64 {
@@ -185,8 +286,8 @@ struct Writer {
     dirty: AtomicBool,
     unlinked: AtomicBool,
     writers: AtomicUsize,
-    mode: AtomicU32,
-    mtime_unix_ns: AtomicI64,
+    /// Owner, mode and times the next commit records.
+    stat: Mutex<Stat>,
 }
 
 struct WriterOp {
@@ -194,10 +295,32 @@ struct WriterOp {
     base: Option<Arc<Committed>>,
 }
 
-/// What a file node holds: its committed version and, while open for writing, its write state.
+/// What a file node holds: its committed version and, while open for writing, its write state. A symbolic
+/// link is a leaf too: its slot is empty and its [`EntrySlot`] holds the rest.
+#[derive(Default)]
 struct FileSlot {
     committed: Option<Arc<Committed>>,
     writer: Option<Arc<Writer>>,
+}
+
+/// A directory or symbolic link: its entry in the catalog (once written) and its metadata now. Changes are
+/// written behind, like files' data: the entry is re-committed with the next commit.
+struct EntrySlot {
+    committed: Option<Arc<Committed>>,
+    stat: Stat,
+    /// The target of a symbolic link (`None` for a directory).
+    target: Option<String>,
+    /// Changed since `committed` (queued in `Shared::dirty_entries`).
+    dirty: bool,
+}
+
+impl EntrySlot {
+    fn kind(&self) -> EntryKind {
+        match &self.target {
+            Some(target) => EntryKind::Symlink { target: target.clone() },
+            None => EntryKind::Dir,
+        }
+    }
 }
 
 struct FileHandle {
@@ -215,6 +338,8 @@ enum Handle {
 
 struct State {
     tree: Tree<FileSlot>,
+    /// Directories with metadata of their own, and every symbolic link (other directories show defaults).
+    entries: HashMap<Ino, EntrySlot>,
     /// The catalog as last applied to the tree, by name.
     known: HashMap<String, Arc<Committed>>,
     handles: HandleTable<Handle>,
@@ -255,6 +380,10 @@ struct Shared {
     dirty: Mutex<Vec<(Ino, Arc<Writer>, Instant)>>,
     /// Committed files unlinked through the mount whose removal is not in the catalog yet, with when.
     removals: Mutex<Vec<(catalog::FileRef, Instant)>>,
+    /// Directories and symbolic links whose entry must be (re)written by the next commit, with when.
+    dirty_entries: Mutex<Vec<(Ino, Instant)>>,
+    /// Owner shown for entries that recorded none.
+    default_owner: (u32, u32),
     /// Held by [`Shared::sync_dirty`]: one write-behind commit at a time.
     syncing: Mutex<()>,
     /// Stops the background flusher.
@@ -273,6 +402,12 @@ impl std::fmt::Debug for Vfs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vfs").field("store", &self.shared.store).field("opts", &self.shared.opts).finish()
     }
+}
+
+/// Owner and group of `dir` (root when it cannot be read).
+fn owner_of(dir: &std::path::Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir).map(|m| (m.uid(), m.gid())).unwrap_or((0, 0))
 }
 
 /// Largest file the mount keeps (2^44 bytes, ext4's limit for the spool); beyond it, EFBIG.
@@ -320,6 +455,7 @@ impl Vfs {
             },
             state: Mutex::new(State {
                 tree: Tree::new(),
+                entries: HashMap::new(),
                 known: HashMap::new(),
                 handles: HandleTable::new(max_open),
                 refreshed: Instant::now(),
@@ -330,6 +466,8 @@ impl Vfs {
             mount_time_ns: now_ns(),
             dirty: Mutex::new(Vec::new()),
             removals: Mutex::new(Vec::new()),
+            dirty_entries: Mutex::new(Vec::new()),
+            default_owner: opts.owner.unwrap_or_else(|| owner_of(store.dir())),
             syncing: Mutex::new(()),
             flusher_stop: Mutex::new(false),
             flusher_wake: Condvar::new(),
@@ -399,12 +537,8 @@ impl Vfs {
         let mut st = lock(&self.shared.state);
         let children =
             st.tree.children(ino).ok_or_else(|| Error::fs(FsErrorKind::NotADirectory, format!("inode {ino}")))?;
-        let entries: Vec<DirEntry> = children
-            .map(|(name, i)| {
-                let kind = if st.tree.get(i).is_some_and(|n| n.is_dir()) { FileType::Dir } else { FileType::File };
-                DirEntry { ino: i, name: name.to_string(), kind }
-            })
-            .collect();
+        let entries: Vec<DirEntry> =
+            children.map(|(name, i)| DirEntry { ino: i, name: name.to_string(), kind: st.kind(i) }).collect();
         st.handles.insert(Handle::Dir(Arc::new(entries)))
     }
 
@@ -421,27 +555,70 @@ impl Vfs {
         lock(&self.shared.state).handles.remove(fh).map(|_| ())
     }
 
-    /// Makes a directory (it exists while mounted; it persists once a file is committed in it).
-    pub fn mkdir(&self, parent: Ino, name: &str) -> Result<Attr> {
+    /// Makes a directory with `mode`, owned by `owner` (`None`: the default owner). Its entry, with mode, owner
+    /// and times, is written with the next commit (write-behind, like files).
+    pub fn mkdir(&self, parent: Ino, name: &str, mode: u32, owner: Option<(u32, u32)>) -> Result<Attr> {
         self.writable()?;
         check_component(name)?;
         let mut st = lock(&self.shared.state);
         if let Some(path) = st.tree.child_path(parent, name) {
             check_path(&path)?;
         }
+        let mut stat = self.shared.new_stat(&st, parent, mode, owner);
+        if stat.mode & 0o2000 == 0 && self.shared.stat_of(&st, parent).mode & 0o2000 != 0 {
+            stat.mode |= 0o2000; // a set-group-ID directory passes the bit on to its subdirectories
+        }
         let ino = st.tree.mkdir(parent, name)?;
+        st.entries.insert(ino, EntrySlot { committed: None, stat, target: None, dirty: true });
+        self.shared.queue_entry(ino);
+        self.shared.touch_dir(&mut st, parent);
         self.shared.attr(&st, ino)
     }
 
-    /// Removes an empty directory.
+    /// Makes a symbolic link `name` in `parent` pointing to `target`, owned by `owner`.
+    pub fn symlink(&self, parent: Ino, name: &str, target: &str, owner: Option<(u32, u32)>) -> Result<Attr> {
+        self.writable()?;
+        check_component(name)?;
+        if target.is_empty() || target.contains('\0') {
+            return Err(Error::fs(FsErrorKind::InvalidArgument, name));
+        }
+        if target.len() > 4095 {
+            return Err(Error::fs(FsErrorKind::NameTooLong, name));
+        }
+        let mut st = lock(&self.shared.state);
+        let path = st.tree.child_path(parent, name).ok_or_else(|| Error::fs(FsErrorKind::NotFound, name))?;
+        check_path(&path)?;
+        let stat = self.shared.new_stat(&st, parent, 0o777, owner);
+        let ino = st.tree.create(parent, name, FileSlot::default())?;
+        st.entries.insert(ino, EntrySlot { committed: None, stat, target: Some(target.to_string()), dirty: true });
+        self.shared.queue_entry(ino);
+        self.shared.touch_dir(&mut st, parent);
+        self.shared.attr(&st, ino)
+    }
+
+    /// The target of symbolic link `ino`.
+    pub fn readlink(&self, ino: Ino) -> Result<String> {
+        let st = lock(&self.shared.state);
+        st.entries
+            .get(&ino)
+            .and_then(|e| e.target.clone())
+            .ok_or_else(|| Error::fs(FsErrorKind::InvalidArgument, format!("inode {ino} is not a symbolic link")))
+    }
+
+    /// Removes an empty directory (its entry with the next commit).
     pub fn rmdir(&self, parent: Ino, name: &str) -> Result<()> {
         self.writable()?;
+        let mut loaded = lock(&self.shared.ns);
         let mut st = lock(&self.shared.state);
         let ino = st.tree.lookup(parent, name).ok_or_else(|| Error::fs(FsErrorKind::NotFound, name))?;
         if !st.tree.get(ino).is_some_and(|n| n.is_dir()) {
             return Err(Error::fs(FsErrorKind::NotADirectory, name));
         }
-        st.tree.remove(ino, true).map(|_| ())
+        let path = st.tree.path(ino).unwrap_or_default();
+        st.tree.remove(ino, true)?;
+        self.shared.forget_entry(&mut st, ino, &path, &mut loaded);
+        self.shared.touch_dir(&mut st, parent);
+        Ok(())
     }
 
     /// Removes a file from the store (its manifests, then its shards). Open handles keep reading what they
@@ -465,7 +642,10 @@ impl Vfs {
         }
         let mut st = lock(&self.shared.state);
         st.known.remove(&path);
-        st.tree.remove(ino, true).map(|_| ())
+        st.tree.remove(ino, true)?;
+        self.shared.forget_entry(&mut st, ino, &path, &mut loaded);
+        self.shared.touch_dir(&mut st, parent);
+        Ok(())
     }
 
     /// Renames a file or directory, replacing a file (or an empty directory) at the target like rename(2).
@@ -523,25 +703,87 @@ impl Drop for Vfs {
     }
 }
 
+impl State {
+    /// The committed version of file, directory or link `ino`.
+    fn committed(&self, ino: Ino) -> Option<Arc<Committed>> {
+        match self.entries.get(&ino) {
+            Some(e) => e.committed.clone(),
+            None => self.tree.file(ino).and_then(|s| s.committed.clone()),
+        }
+    }
+
+    /// What `ino` is (a file when unknown).
+    fn kind(&self, ino: Ino) -> FileType {
+        match (self.tree.get(ino), self.entries.get(&ino)) {
+            (Some(n), _) if n.is_dir() => FileType::Dir,
+            (_, Some(e)) if e.target.is_some() => FileType::Symlink,
+            _ => FileType::File,
+        }
+    }
+}
+
 impl Shared {
     fn attr(&self, st: &State, ino: Ino) -> Result<Attr> {
         let node = st.tree.get(ino).ok_or_else(|| Error::fs(FsErrorKind::NotFound, format!("inode {ino}")))?;
-        Ok(match &node.kind {
-            NodeKind::Dir { .. } => {
-                Attr { ino, kind: FileType::Dir, size: 0, mtime_unix_ns: self.mount_time_ns, mode: 0o755, nlink: 2 }
+        let entry = st.entries.get(&ino);
+        Ok(match (&node.kind, entry) {
+            (NodeKind::Dir { children, .. }, _) => {
+                let subdirs = children.values().filter(|i| st.tree.get(**i).is_some_and(|n| n.is_dir())).count();
+                let nlink = u32::try_from(subdirs + 2).unwrap_or(u32::MAX);
+                Attr { ino, kind: FileType::Dir, size: 0, nlink, stat: self.stat_of(st, ino) }
             }
-            NodeKind::File(slot) => {
+            (NodeKind::File(_), Some(e)) => {
+                let size = e.target.as_ref().map_or(0, |t| t.len() as u64);
+                Attr { ino, kind: FileType::Symlink, size, nlink: 1, stat: e.stat }
+            }
+            (NodeKind::File(slot), None) => {
                 let pending = slot.writer.as_ref().and_then(|w| w.spool().map(|s| (w, s)));
-                let (size, mtime_unix_ns, mode) = match (pending, &slot.committed) {
-                    (Some((w, s)), _) => {
-                        (s.len(), w.mtime_unix_ns.load(Ordering::SeqCst), w.mode.load(Ordering::SeqCst))
-                    }
-                    (None, Some(c)) => (c.meta.size, c.meta.mtime_unix_ns, c.meta.mode),
-                    (None, None) => (0, self.mount_time_ns, 0o644),
+                let (size, stat) = match (pending, &slot.committed) {
+                    (Some((w, s)), _) => (s.len(), *lock(&w.stat)),
+                    (None, Some(c)) => (c.meta.size, Stat::of(&c.meta, self.default_owner)),
+                    (None, None) => (0, Stat::new(0o644, self.default_owner, self.mount_time_ns)),
                 };
-                Attr { ino, kind: FileType::File, size, mtime_unix_ns, mode: mode & 0o7777, nlink: 1 }
+                Attr { ino, kind: FileType::File, size, nlink: 1, stat }
             }
         })
+    }
+
+    /// The metadata of directory or link `ino` (defaults for a directory without an entry of its own).
+    fn stat_of(&self, st: &State, ino: Ino) -> Stat {
+        st.entries.get(&ino).map_or_else(|| Stat::new(0o755, self.default_owner, self.mount_time_ns), |e| e.stat)
+    }
+
+    /// The metadata of a node made now in `parent` by `owner`: the group of a set-group-ID parent is inherited.
+    fn new_stat(&self, st: &State, parent: Ino, mode: u32, owner: Option<(u32, u32)>) -> Stat {
+        let (uid, mut gid) = owner.unwrap_or(self.default_owner);
+        let p = self.stat_of(st, parent);
+        if p.mode & 0o2000 != 0 {
+            gid = p.gid;
+        }
+        Stat::new(mode, (uid, gid), now_ns())
+    }
+
+    /// A change of directory `dir`'s contents: its mtime and ctime move, and its entry is rewritten with the
+    /// next commit (the root has no entry: its times live while mounted).
+    fn touch_dir(&self, st: &mut State, dir: Ino) {
+        let now = now_ns();
+        let default = self.stat_of(st, dir);
+        let e =
+            st.entries.entry(dir).or_insert(EntrySlot { committed: None, stat: default, target: None, dirty: false });
+        e.stat.modified(now);
+        if !e.dirty && dir != ROOT {
+            e.dirty = true;
+            self.queue_entry(dir);
+        }
+    }
+
+    /// Forgets the entry of a removed directory or link (its removal goes with the next commit).
+    fn forget_entry(&self, st: &mut State, ino: Ino, path: &str, loaded: &mut Loaded) {
+        if let Some(c) = st.entries.remove(&ino).and_then(|e| e.committed) {
+            self.queue_removal(c.entry.file.clone());
+            loaded.by_key.remove(&c.key());
+            st.known.remove(path);
+        }
     }
 
     fn maybe_refresh(&self) {
@@ -563,8 +805,8 @@ impl Shared {
         let by_name = self.read_catalog(loaded)?;
         let mut st = lock(&self.state);
         let old = std::mem::take(&mut st.known);
-        remove_vanished(&mut st.tree, &old, &by_name);
-        show_changed(&mut st.tree, &old, &by_name);
+        remove_vanished(&mut st, &old, &by_name);
+        show_changed(&mut st, &old, &by_name, self.default_owner);
         st.known = by_name;
         st.refreshed = Instant::now();
         Ok(())
@@ -648,15 +890,10 @@ impl Shared {
         let dst_path =
             st.tree.child_path(new_parent, new_name).ok_or_else(|| Error::fs(FsErrorKind::NotFound, new_name))?;
         check_path(&dst_path)?;
-        let files = st
-            .tree
-            .files_below(ino)
-            .into_iter()
-            .map(|(i, p)| (i, p, st.tree.file(i).and_then(|s| s.committed.clone())))
-            .collect();
+        let files = st.tree.nodes_below(ino).into_iter().map(|(i, p)| (i, p, st.committed(i))).collect();
         let target = target.map(|t| RenameTarget {
             ino: t,
-            committed: st.tree.file(t).and_then(|s| s.committed.clone()),
+            committed: st.committed(t),
             writer: st.tree.file(t).and_then(|s| s.writer.clone()),
         });
         Ok(Some(RenamePlan { ino, new_parent, new_name: new_name.to_string(), src_path, dst_path, files, target }))
@@ -679,17 +916,23 @@ impl Shared {
         Ok(())
     }
 
-    /// Re-seals every committed file being moved under its new name; returns (inode, old path, new version).
+    /// Re-seals every committed entry being moved under its new name (the moved node's ctime becomes now);
+    /// returns (inode, old path, new version).
     /// On a failure part of a directory may have moved: the namespace is rebuilt from the store, which is
     /// consistent.
     fn reseal_moved(&self, plan: &RenamePlan, loaded: &mut Loaded) -> Result<Vec<(Ino, String, Arc<Committed>)>> {
-        // Every committed file below the renamed node, in one catalog record.
+        // Every committed entry at or below the renamed node, in one catalog record.
+        let now = now_ns();
         let items: Vec<(Ino, String, (Entry, FileMeta))> = plan
             .files
             .iter()
             .filter_map(|(i, p, c)| {
                 let c = c.as_ref()?;
-                Some((*i, p.clone(), (c.entry.clone(), FileMeta { name: plan.new_path(p), ..c.meta.clone() })))
+                let mut meta = FileMeta { name: plan.new_path(p), ..c.meta.clone() };
+                if *i == plan.ino {
+                    meta.ctime_unix_ns = now;
+                }
+                Some((*i, p.clone(), (c.entry.clone(), meta)))
             })
             .collect();
         if items.is_empty() {
@@ -718,20 +961,46 @@ impl Shared {
         loaded: &mut Loaded,
     ) -> Result<()> {
         let mut st = lock(&self.state);
-        if let Some(p) = plan.target.as_ref().and_then(|t| st.tree.path(t.ino)) {
-            st.known.remove(&p);
+        if let Some(t) = &plan.target {
+            if let Some(p) = st.tree.path(t.ino) {
+                st.known.remove(&p);
+            }
+            st.entries.remove(&t.ino);
         }
+        let st = &mut *st;
+        let old_parent = st.tree.get(plan.ino).map_or(ROOT, |n| n.parent);
         st.tree.rename(plan.ino, plan.new_parent, &plan.new_name)?;
         for (i, old, c) in moved {
             loaded.by_key.insert(c.key(), c.clone());
             st.known.remove(&old);
             st.known.insert(c.meta.name.clone(), c.clone());
             // A writer's base keeps the old entry: it names the same shards, so copying from it still works.
-            if let Some(slot) = st.tree.file_mut(i) {
-                slot.committed = Some(c);
+            match (st.entries.get_mut(&i), st.tree.file_mut(i)) {
+                (Some(e), _) => e.committed = Some(c),
+                (None, Some(slot)) => slot.committed = Some(c),
+                (None, None) => {}
             }
         }
+        self.renamed_now(st, plan.ino, old_parent, plan.new_parent);
         Ok(())
+    }
+
+    /// The times a rename changes: both parents' mtime and ctime, and the moved node's ctime.
+    fn renamed_now(&self, st: &mut State, ino: Ino, old_parent: Ino, new_parent: Ino) {
+        let now = now_ns();
+        if let Some(e) = st.entries.get_mut(&ino) {
+            e.stat.ctime_unix_ns = now;
+            if !e.dirty {
+                e.dirty = true;
+                self.queue_entry(ino);
+            }
+        } else if let Some(w) = st.tree.file(ino).and_then(|s| s.writer.clone()) {
+            lock(&w.stat).ctime_unix_ns = now;
+        }
+        self.touch_dir(st, old_parent);
+        if new_parent != old_parent {
+            self.touch_dir(st, new_parent);
+        }
     }
 }
 
@@ -742,7 +1011,7 @@ struct RenamePlan {
     new_name: String,
     src_path: String,
     dst_path: String,
-    /// Every file at or below the source: inode, path and committed version.
+    /// Every node at or below the source: inode, path and committed version.
     files: Vec<(Ino, String, Option<Arc<Committed>>)>,
     /// The node the rename replaces.
     target: Option<RenameTarget>,
@@ -762,53 +1031,92 @@ struct RenameTarget {
     writer: Option<Arc<Writer>>,
 }
 
-/// Takes out of the tree the files of `old` that the catalog no longer has (keeping those with writes pending).
-fn remove_vanished(
-    tree: &mut Tree<FileSlot>,
-    old: &HashMap<String, Arc<Committed>>,
-    by_name: &HashMap<String, Arc<Committed>>,
-) {
+/// Takes out of the tree the entries of `old` that the catalog no longer has (keeping those with changes
+/// pending).
+fn remove_vanished(st: &mut State, old: &HashMap<String, Arc<Committed>>, by_name: &HashMap<String, Arc<Committed>>) {
     for (name, c) in old {
         if by_name.contains_key(name) {
             continue;
         }
-        let Some(ino) = tree.resolve(name) else {
+        let Some(ino) = st.tree.resolve(name) else {
             continue;
         };
-        let remove = match tree.file_mut(ino) {
-            Some(slot) => {
+        let remove = match (st.entries.get_mut(&ino), st.tree.file_mut(ino)) {
+            (Some(e), _) => {
+                if e.committed.as_ref().is_some_and(|x| Arc::ptr_eq(x, c)) {
+                    e.committed = None;
+                }
+                let empty = st.tree.children(ino).is_none_or(|mut c| c.next().is_none());
+                e.committed.is_none() && !e.dirty && empty
+            }
+            (None, Some(slot)) => {
                 if slot.committed.as_ref().is_some_and(|x| Arc::ptr_eq(x, c)) {
                     slot.committed = None;
                 }
                 slot.committed.is_none() && slot.writer.is_none()
             }
-            None => false,
+            (None, None) => false,
         };
-        if remove {
-            let _ = tree.remove(ino, false);
+        if remove && st.tree.remove(ino, false).is_ok() {
+            st.entries.remove(&ino);
         }
     }
 }
 
-/// Shows the files of the catalog that are new or have a new committed version since `old`.
+/// Shows the entries of the catalog that are new or have a new committed version since `old`.
 fn show_changed(
-    tree: &mut Tree<FileSlot>,
+    st: &mut State,
     old: &HashMap<String, Arc<Committed>>,
     by_name: &HashMap<String, Arc<Committed>>,
+    default_owner: (u32, u32),
 ) {
     for (name, c) in by_name {
         if old.get(name).is_some_and(|o| Arc::ptr_eq(o, c)) {
             continue;
         }
-        match tree.resolve(name).and_then(|i| tree.file_mut(i)) {
-            Some(slot) => slot.committed = Some(c.clone()),
-            None => {
-                let slot = FileSlot { committed: Some(c.clone()), writer: None };
-                if let Err(e) = tree.insert_file(name, slot) {
-                    tracing::warn!(name = %name, error = %e, "a file is not shown: its path collides with a directory");
+        let shown = match &c.meta.kind {
+            EntryKind::File => show_file(st, name, c),
+            EntryKind::Dir => st.tree.ensure_dir(name).map(|ino| show_entry(st, ino, c, None, default_owner)),
+            EntryKind::Symlink { target } => match st.tree.resolve(name) {
+                Some(ino) if st.entries.contains_key(&ino) => {
+                    show_entry(st, ino, c, Some(target), default_owner);
+                    Ok(())
                 }
-            }
+                Some(_) => Err(Error::fs(FsErrorKind::AlreadyExists, name)),
+                None => st
+                    .tree
+                    .insert_file(name, FileSlot::default())
+                    .map(|ino| show_entry(st, ino, c, Some(target), default_owner)),
+            },
+        };
+        if let Err(e) = shown {
+            tracing::warn!(name = %name, error = %e, "an entry is not shown: its path collides with another");
         }
+    }
+}
+
+fn show_file(st: &mut State, name: &str, c: &Arc<Committed>) -> Result<()> {
+    match st.tree.resolve(name) {
+        Some(ino) if st.entries.contains_key(&ino) => Err(Error::fs(FsErrorKind::AlreadyExists, name)),
+        Some(ino) => match st.tree.file_mut(ino) {
+            Some(slot) => {
+                slot.committed = Some(c.clone());
+                Ok(())
+            }
+            None => Err(Error::fs(FsErrorKind::IsADirectory, name)),
+        },
+        None => st.tree.insert_file(name, FileSlot { committed: Some(c.clone()), writer: None }).map(|_| ()),
+    }
+}
+
+/// Records the committed entry of directory or link `ino`; its metadata shows unless changes are pending.
+fn show_entry(st: &mut State, ino: Ino, c: &Arc<Committed>, target: Option<&String>, default_owner: (u32, u32)) {
+    let stat = Stat::of(&c.meta, default_owner);
+    let e = st.entries.entry(ino).or_insert(EntrySlot { committed: None, stat, target: target.cloned(), dirty: false });
+    e.committed = Some(c.clone());
+    if !e.dirty {
+        e.stat = stat;
+        e.target = target.cloned();
     }
 }
 

@@ -24,9 +24,42 @@ fn vfs(dir: &std::path::Path) -> Vfs {
 }
 
 fn put(v: &Vfs, name: &str, bytes: &[u8]) {
-    let req =
-        CommitRequest { name: name.into(), mtime_unix_ns: 42, mode: 0o600, replace: true, workers: 1, size: None };
+    let req = CommitRequest {
+        name: name.into(),
+        mtime_unix_ns: 42,
+        mode: 0o600,
+        replace: true,
+        workers: 1,
+        size: None,
+        ..Default::default()
+    };
     commit(v.store(), &mut Cursor::new(bytes), &req, &|_| {}).unwrap();
+}
+
+/// The view another process gets after `v` is closed (everything it had is committed by its drop).
+fn remount(v: Vfs, d: &std::path::Path) -> Vfs {
+    let dir = v.store().dir().to_path_buf();
+    drop(v);
+    let mut s = crate::store::Store::open(&dir).unwrap();
+    s.unlock(crate::store::read_key_file(&d.join("store/master.key")).unwrap()).unwrap();
+    Vfs::new(Arc::new(s), VfsOptions { catalog_ttl: Duration::ZERO, ..VfsOptions::default() }).unwrap()
+}
+
+/// Every catalog entry as "name kind" (directories with a trailing `/`), sorted.
+fn entries(v: &Vfs) -> Vec<String> {
+    let mut out: Vec<String> = catalog::list(v.store())
+        .unwrap()
+        .0
+        .iter()
+        .map(|e| {
+            let m = e.meta.as_ref().unwrap();
+            let slash = if m.kind == EntryKind::Dir { "/" } else { "" };
+            let kind = format!("{:?}", m.kind);
+            format!("{}{slash} {}", m.name, kind.split(' ').next().unwrap())
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 fn resolve(v: &Vfs, path: &str) -> Result<Attr> {
@@ -53,7 +86,7 @@ fn read_all(v: &Vfs, path: &str) -> Result<Vec<u8>> {
 }
 
 fn write_file(v: &Vfs, parent: Ino, name: &str, bytes: &[u8]) -> Ino {
-    let (attr, fh) = v.create(parent, name, 0o640).unwrap();
+    let (attr, fh) = v.create(parent, name, 0o640, None).unwrap();
     for (i, chunk) in bytes.chunks(50_000).enumerate() {
         v.write(fh, (i * 50_000) as u64, chunk).unwrap();
     }
@@ -70,7 +103,7 @@ fn committed_files_appear_with_metadata_and_read_at_any_offset() {
     put(&v, "dir/sub/big", &big);
     put(&v, "top", b"hello");
     let a = resolve(&v, "dir/sub/big").unwrap();
-    assert_eq!((a.size, a.mode, a.mtime_unix_ns, a.kind), (big.len() as u64, 0o600, 42, FileType::File));
+    assert_eq!((a.size, a.stat.mode, a.stat.mtime_unix_ns, a.kind), (big.len() as u64, 0o600, 42, FileType::File));
     assert_eq!(resolve(&v, "dir").unwrap().kind, FileType::Dir);
     let fh = v.opendir(ROOT).unwrap();
     let names: Vec<String> = v.readdir(fh).unwrap().iter().map(|e| e.name.clone()).collect();
@@ -95,7 +128,7 @@ fn writes_are_committed_on_close_and_survive_a_new_view() {
     let d = tempfile::tempdir().unwrap();
     let v = vfs(d.path());
     let body = data(3 * SEG + 5, 2);
-    let dir = v.mkdir(ROOT, "new").unwrap();
+    let dir = v.mkdir(ROOT, "new", 0o755, None).unwrap();
     write_file(&v, dir.ino, "file", &body);
     // Closed, not yet committed (write-behind): served from the spool meanwhile.
     assert!(catalog::find(v.store(), "new/file").is_err());
@@ -114,14 +147,10 @@ fn writes_are_committed_on_close_and_survive_a_new_view() {
     expect.truncate(SEG + 1);
     // chmod re-seals the manifest only.
     v.setattr(a.ino, None, SetAttr { mode: Some(0o600), ..SetAttr::default() }).unwrap();
-    let dir = v.store().dir().to_path_buf();
-    drop(v);
-    let mut s = crate::store::Store::open(&dir).unwrap();
-    s.unlock(crate::store::read_key_file(&d.path().join("store/master.key")).unwrap()).unwrap();
-    let v2 = Vfs::new(Arc::new(s), VfsOptions::default()).unwrap();
+    let v2 = remount(v, d.path());
     assert_eq!(read_all(&v2, "new/file").unwrap(), expect);
-    assert_eq!(resolve(&v2, "new/file").unwrap().mode, 0o600);
-    assert_eq!(catalog::list(v2.store()).unwrap().0.len(), 1, "old versions are gone");
+    assert_eq!(resolve(&v2, "new/file").unwrap().stat.mode, 0o600);
+    assert_eq!(entries(&v2), ["new/ Dir", "new/file File"], "old versions are gone");
 }
 
 #[test]
@@ -152,10 +181,12 @@ fn rename_unlink_mkdir_rmdir() {
     v.unlink(a.ino, "one").unwrap();
     v.unlink(a.ino, "two").unwrap();
     v.sync_all().unwrap();
-    assert!(catalog::list(v.store()).unwrap().0.is_empty());
+    assert_eq!(entries(&v), ["z/ Dir"], "the emptied directory is an entry of its own");
     assert_eq!(resolve(&v, "z").unwrap().kind, FileType::Dir);
     v.rmdir(ROOT, "z").unwrap();
     assert_eq!(resolve(&v, "z").unwrap_err().fs_kind(), FsErrorKind::NotFound);
+    v.sync_all().unwrap();
+    assert!(entries(&v).is_empty());
     // Shards of removed files are gone.
     for loc in v.store().locations() {
         assert!(loc.list("shards").unwrap().is_empty());
@@ -195,8 +226,8 @@ fn read_only_refuses_changes() {
     let d = tempfile::tempdir().unwrap();
     let store = Arc::new(new_store(d.path(), 2, 1));
     let v = Vfs::new(store, VfsOptions { read_only: true, ..VfsOptions::default() }).unwrap();
-    assert_eq!(v.mkdir(ROOT, "x").unwrap_err().fs_kind(), FsErrorKind::ReadOnly);
-    assert_eq!(v.create(ROOT, "x", 0o644).unwrap_err().fs_kind(), FsErrorKind::ReadOnly);
+    assert_eq!(v.mkdir(ROOT, "x", 0o755, None).unwrap_err().fs_kind(), FsErrorKind::ReadOnly);
+    assert_eq!(v.create(ROOT, "x", 0o644, None).unwrap_err().fs_kind(), FsErrorKind::ReadOnly);
 }
 
 fn catalog_records(v: &Vfs) -> usize {
@@ -217,7 +248,7 @@ fn closed_files_are_committed_together_by_fsync_and_unlinked_ones_never() {
     assert_eq!(read_all(&v, "f7").unwrap(), data(4096, 7));
     v.unlink(ROOT, "f3").unwrap();
     // fsync of one open file commits it and every closed one: one record.
-    let (_, fh) = v.create(ROOT, "last", 0o600).unwrap();
+    let (_, fh) = v.create(ROOT, "last", 0o600, None).unwrap();
     v.write(fh, 0, b"end").unwrap();
     v.fsync(fh).unwrap();
     assert_eq!(catalog_records(&v), before + 1);
@@ -262,15 +293,15 @@ fn long_paths_huge_sizes_and_fallocate_get_their_errno() {
     // A path past 4095 bytes: ENAMETOOLONG (each component is within 255).
     let mut parent = ROOT;
     for i in 0..16 {
-        parent = v.mkdir(parent, &format!("{i:0>250}")).unwrap().ino;
+        parent = v.mkdir(parent, &format!("{i:0>250}"), 0o755, None).unwrap().ino;
     }
-    let err = v.create(parent, &"x".repeat(200), 0o600).unwrap_err();
+    let err = v.create(parent, &"x".repeat(200), 0o600, None).unwrap_err();
     assert_eq!(err.fs_kind(), FsErrorKind::NameTooLong, "{err}");
-    assert_eq!(v.mkdir(parent, &"y".repeat(200)).unwrap_err().fs_kind(), FsErrorKind::NameTooLong);
-    assert_eq!(v.create(ROOT, &"z".repeat(256), 0o600).unwrap_err().fs_kind(), FsErrorKind::NameTooLong);
+    assert_eq!(v.mkdir(parent, &"y".repeat(200), 0o755, None).unwrap_err().fs_kind(), FsErrorKind::NameTooLong);
+    assert_eq!(v.create(ROOT, &"z".repeat(256), 0o600, None).unwrap_err().fs_kind(), FsErrorKind::NameTooLong);
     assert_eq!(v.lookup(ROOT, &"z".repeat(256)).unwrap_err().fs_kind(), FsErrorKind::NameTooLong);
     // Sizes past the largest file: EFBIG, not EIO.
-    let (attr, fh) = v.create(ROOT, "f", 0o600).unwrap();
+    let (attr, fh) = v.create(ROOT, "f", 0o600, None).unwrap();
     let big = SetAttr { size: Some(MAX_FILE_SIZE + 1), ..SetAttr::default() };
     assert_eq!(v.setattr(attr.ino, Some(fh), big).unwrap_err().fs_kind(), FsErrorKind::FileTooLarge);
     assert_eq!(v.write(fh, u64::MAX - 2, b"abc").unwrap_err().fs_kind(), FsErrorKind::FileTooLarge);
@@ -290,7 +321,7 @@ fn long_paths_huge_sizes_and_fallocate_get_their_errno() {
 fn renaming_a_directory_reseals_its_files_in_one_record() {
     let d = tempfile::tempdir().unwrap();
     let v = vfs(d.path());
-    let dir = v.mkdir(ROOT, "a").unwrap();
+    let dir = v.mkdir(ROOT, "a", 0o755, None).unwrap();
     for i in 0..30 {
         write_file(&v, dir.ino, &format!("f{i}"), &data(100, i));
     }
@@ -298,7 +329,87 @@ fn renaming_a_directory_reseals_its_files_in_one_record() {
     let records = catalog_records(&v);
     v.rename(ROOT, "a", ROOT, "b", false).unwrap();
     assert_eq!(catalog_records(&v), records + 1);
-    let names: Vec<String> = catalog::list(v.store()).unwrap().0.iter().map(|e| e.label()).collect();
-    assert!(names.len() == 30 && names.iter().all(|n| n.starts_with("b/")), "{names:?}");
+    let names = entries(&v);
+    assert!(names.len() == 31 && names.iter().all(|n| n.starts_with("b/")), "{names:?}");
     assert_eq!(read_all(&v, "b/f7").unwrap(), data(100, 7));
+}
+
+#[test]
+fn directories_keep_mode_owner_and_times_across_remounts() {
+    let d = tempfile::tempdir().unwrap();
+    let v = vfs(d.path());
+    let dir = v.mkdir(ROOT, "d", 0o2750, Some((1000, 100))).unwrap();
+    assert_eq!((dir.stat.mode, dir.stat.uid, dir.stat.gid), (0o2750, 1000, 100));
+    // A set-group-ID directory passes on its group (and the bit to subdirectories).
+    let sub = v.mkdir(dir.ino, "empty", 0o700, Some((7, 7))).unwrap();
+    assert_eq!((sub.stat.mode, sub.stat.uid, sub.stat.gid), (0o2700, 7, 100));
+    let before = v.getattr(dir.ino).unwrap().stat;
+    write_file(&v, dir.ino, "f", b"x");
+    let after = v.getattr(dir.ino).unwrap().stat;
+    assert!(after.mtime_unix_ns > before.mtime_unix_ns && after.ctime_unix_ns > before.ctime_unix_ns);
+    let times = SetAttr { atime_unix_ns: Some(11), mtime_unix_ns: Some(22), ..SetAttr::default() };
+    v.setattr(dir.ino, None, times).unwrap();
+    let set = v.getattr(dir.ino).unwrap().stat;
+    assert_eq!((set.atime_unix_ns, set.mtime_unix_ns), (11, 22));
+    assert!(set.ctime_unix_ns >= after.ctime_unix_ns, "a metadata change moves the ctime");
+    let v = remount(v, d.path());
+    let back = resolve(&v, "d").unwrap();
+    assert_eq!(back.stat, set);
+    assert_eq!(back.nlink, 3, "two plus one subdirectory");
+    let empty = resolve(&v, "d/empty").unwrap();
+    assert_eq!((empty.kind, empty.stat.mode, empty.stat.gid), (FileType::Dir, 0o2700, 100));
+    // rmdir removes the entry.
+    v.rmdir(back.ino, "empty").unwrap();
+    let v = remount(v, d.path());
+    assert!(resolve(&v, "d/empty").is_err());
+    assert_eq!(entries(&v), ["d/ Dir", "d/f File"]);
+}
+
+#[test]
+fn symbolic_links_are_stored_and_read_back() {
+    let d = tempfile::tempdir().unwrap();
+    let v = vfs(d.path());
+    let l = v.symlink(ROOT, "link", "../some/where", Some((5, 6))).unwrap();
+    assert_eq!((l.kind, l.size, l.stat.uid), (FileType::Symlink, 13, 5));
+    assert_eq!(v.readlink(l.ino).unwrap(), "../some/where");
+    assert_eq!(v.open(l.ino, OpenMode::default()).unwrap_err().fs_kind(), FsErrorKind::SymlinkLoop);
+    assert_eq!(v.readlink(ROOT).unwrap_err().fs_kind(), FsErrorKind::InvalidArgument);
+    let d2 = v.mkdir(ROOT, "x", 0o755, None).unwrap();
+    v.rename(ROOT, "link", d2.ino, "moved", false).unwrap();
+    v.sync_all().unwrap();
+    let v = remount(v, d.path());
+    let back = resolve(&v, "x/moved").unwrap();
+    assert_eq!((back.kind, back.stat.uid, back.stat.gid), (FileType::Symlink, 5, 6));
+    assert_eq!(v.readlink(back.ino).unwrap(), "../some/where");
+    let fh = v.opendir(resolve(&v, "x").unwrap().ino).unwrap();
+    assert_eq!(v.readdir(fh).unwrap()[0].kind, FileType::Symlink);
+    v.releasedir(fh).unwrap();
+    v.unlink(resolve(&v, "x").unwrap().ino, "moved").unwrap();
+    let v = remount(v, d.path());
+    assert!(resolve(&v, "x/moved").is_err());
+    assert_eq!(entries(&v), ["x/ Dir"]);
+}
+
+#[test]
+fn files_keep_owner_atime_and_ctime_apart_from_mtime() {
+    let d = tempfile::tempdir().unwrap();
+    let v = vfs(d.path());
+    let (a, fh) = v.create(ROOT, "f", 0o640, Some((3, 4))).unwrap();
+    v.write(fh, 0, b"data").unwrap();
+    v.release(fh).unwrap();
+    // While pending, and once committed: chown, then utimens.
+    v.setattr(a.ino, None, SetAttr { uid: Some(30), ..SetAttr::default() }).unwrap();
+    v.sync_all().unwrap();
+    let times = SetAttr { gid: Some(40), atime_unix_ns: Some(100), mtime_unix_ns: Some(200), ..SetAttr::default() };
+    let set = v.setattr(a.ino, None, times).unwrap().stat;
+    assert_eq!((set.uid, set.gid, set.atime_unix_ns, set.mtime_unix_ns, set.mode), (30, 40, 100, 200, 0o640));
+    assert!(set.ctime_unix_ns > 200, "ctime is the time of the change, not the mtime set");
+    let v = remount(v, d.path());
+    assert_eq!(resolve(&v, "f").unwrap().stat, set);
+    let m = catalog::find(v.store(), "f").unwrap().meta.unwrap();
+    assert_eq!((m.owner, m.atime_unix_ns, m.mtime_unix_ns), (Some((30, 40)), 100, 200));
+    // A file committed without an owner shows the default owner.
+    put(&v, "plain", b"p");
+    let p = resolve(&v, "plain").unwrap().stat;
+    assert_eq!((p.uid, p.gid), owner_of(v.store().dir()));
 }

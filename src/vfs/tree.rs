@@ -237,6 +237,23 @@ impl<F> Tree<F> {
         }
     }
 
+    /// The directory at `path`, made (explicit, with the directories above it) when missing. Fails when a
+    /// component is a file.
+    pub fn ensure_dir(&mut self, path: &str) -> Result<Ino> {
+        let mut dir = ROOT;
+        for part in path.split('/') {
+            dir = match self.lookup(dir, part) {
+                Some(i) if self.nodes.get(&i).is_some_and(|n| n.is_dir()) => i,
+                Some(_) => return Err(err(FsErrorKind::NotADirectory, path)),
+                None => self.attach(dir, part, NodeKind::Dir { children: BTreeMap::new(), explicit: false }),
+            };
+        }
+        if let Some(NodeKind::Dir { explicit, .. }) = self.nodes.get_mut(&dir).map(|n| &mut n.kind) {
+            *explicit = true;
+        }
+        Ok(dir)
+    }
+
     /// Removes a file or an empty directory; returns the node. `keep_parent` makes the parent explicit, so a
     /// directory emptied through the mount stays (as it would on a disk filesystem); otherwise implied parent
     /// directories left empty vanish too.
@@ -345,17 +362,21 @@ impl<F> Tree<F> {
 
     /// Every file below `dir` (inclusive when `dir` is a file), with its path.
     pub fn files_below(&self, dir: Ino) -> Vec<(Ino, String)> {
+        let mut out = self.nodes_below(dir);
+        out.retain(|(i, _)| self.file(*i).is_some());
+        out
+    }
+
+    /// Every node at or below `ino`, directories included, with its path.
+    pub fn nodes_below(&self, ino: Ino) -> Vec<(Ino, String)> {
         let mut out = Vec::new();
-        let mut stack = vec![dir];
+        let mut stack = vec![ino];
         while let Some(i) = stack.pop() {
-            match self.nodes.get(&i).map(|n| &n.kind) {
-                Some(NodeKind::Dir { children, .. }) => stack.extend(children.values().copied()),
-                Some(NodeKind::File(_)) => {
-                    if let Some(p) = self.path(i) {
-                        out.push((i, p));
-                    }
-                }
-                None => {}
+            if let Some(NodeKind::Dir { children, .. }) = self.nodes.get(&i).map(|n| &n.kind) {
+                stack.extend(children.values().copied());
+            }
+            if let Some(p) = self.path(i) {
+                out.push((i, p));
             }
         }
         out
@@ -443,5 +464,23 @@ mod tests {
         assert_eq!(t.path(sub).unwrap(), "b/moved/sub");
         let files: Vec<String> = t.files_below(ROOT).into_iter().map(|(_, p)| p).collect();
         assert_eq!(files, ["b/g"]);
+        let mut all: Vec<String> = t.nodes_below(b).into_iter().map(|(_, p)| p).collect();
+        all.sort();
+        assert_eq!(all, ["b", "b/g", "b/moved", "b/moved/sub"]);
+    }
+
+    #[test]
+    fn ensure_dir_makes_explicit_directories() {
+        let mut t: Tree<u32> = Tree::new();
+        t.insert_file("a/f", 1).unwrap();
+        let a = t.ensure_dir("a").unwrap();
+        assert_eq!(t.resolve("a"), Some(a));
+        let c = t.ensure_dir("a/b/c").unwrap();
+        assert_eq!(t.path(c).unwrap(), "a/b/c");
+        t.remove(t.resolve("a/f").unwrap(), false).unwrap();
+        assert!(t.resolve("a").is_some(), "a directory with an entry of its own is not pruned");
+        assert!(t.ensure_dir("a/f2/x").is_ok());
+        t.insert_file("a/file", 2).unwrap();
+        assert_eq!(t.ensure_dir("a/file/x").unwrap_err().fs_kind(), FsErrorKind::NotADirectory);
     }
 }

@@ -18,6 +18,11 @@ impl Vfs {
         }
         let (fh, writer) = {
             let mut st = lock(&self.shared.state);
+            if st.entries.get(&ino).is_some_and(|e| e.target.is_some()) {
+                return Err(Error::fs(FsErrorKind::SymlinkLoop, format!("inode {ino} is a symbolic link")));
+            }
+            let default = Stat::new(0o644, self.shared.default_owner, now_ns());
+            let default_owner = self.shared.default_owner;
             let slot = match st.tree.get(ino).map(|n| &n.kind) {
                 Some(NodeKind::File(_)) => st.tree.file_mut(ino),
                 Some(NodeKind::Dir { .. }) => return Err(Error::fs(FsErrorKind::IsADirectory, format!("inode {ino}"))),
@@ -27,9 +32,8 @@ impl Vfs {
             let committed = slot.committed.clone();
             let writer = if mode.write {
                 let w = slot.writer.get_or_insert_with(|| {
-                    let (mode, mtime) =
-                        committed.as_ref().map(|c| (c.meta.mode, c.meta.mtime_unix_ns)).unwrap_or((0o644, now_ns()));
-                    Writer::new(committed.clone(), None, mode, mtime)
+                    let stat = committed.as_ref().map_or(default, |c| Stat::of(&c.meta, default_owner));
+                    Writer::new(committed.clone(), None, stat)
                 });
                 w.writers.fetch_add(1, Ordering::SeqCst);
                 Some(w.clone())
@@ -62,17 +66,19 @@ impl Vfs {
         Ok(fh)
     }
 
-    /// Creates and opens (for writing) a new empty file; it is committed at the first flush or close.
-    pub fn create(&self, parent: Ino, name: &str, mode: u32) -> Result<(Attr, u64)> {
+    /// Creates and opens (for writing) a new empty file owned by `owner` (`None`: the default owner); it is
+    /// committed with the next commit after its close.
+    pub fn create(&self, parent: Ino, name: &str, mode: u32, owner: Option<(u32, u32)>) -> Result<(Attr, u64)> {
         self.writable()?;
         check_component(name)?;
         let spool = Spool::create(&self.shared.spool_dir)?;
-        let w = Writer::new(None, Some(spool), mode & 0o7777, now_ns());
-        w.writers.fetch_add(1, Ordering::SeqCst);
         let mut st = lock(&self.shared.state);
         let path = st.tree.child_path(parent, name).ok_or_else(|| Error::fs(FsErrorKind::NotFound, name))?;
         check_path(&path)?;
+        let w = Writer::new(None, Some(spool), self.shared.new_stat(&st, parent, mode, owner));
+        w.writers.fetch_add(1, Ordering::SeqCst);
         let ino = st.tree.create(parent, name, FileSlot { committed: None, writer: Some(w.clone()) })?;
+        self.shared.touch_dir(&mut st, parent);
         let h = FileHandle { ino, committed: None, writer: Some(w), writable: true, last_end: AtomicU64::new(0) };
         let fh = match st.handles.insert(Handle::File(h)) {
             Ok(fh) => fh,
@@ -104,7 +110,7 @@ impl Vfs {
         let spool = self.shared.ensure_spool(w, &_op, None)?;
         spool.write_at(offset, data)?;
         w.dirty.store(true, Ordering::SeqCst);
-        w.mtime_unix_ns.store(now_ns(), Ordering::SeqCst);
+        lock(&w.stat).modified(now_ns());
         u32::try_from(data.len()).map_err(|_| Error::fs(FsErrorKind::InvalidArgument, "write too large"))
     }
 
@@ -171,9 +177,11 @@ impl Vfs {
         Ok(())
     }
 
-    /// Changes size, mode or modification time.
+    /// Changes size, mode, owner or times (any change sets the ctime). Changes to a file with writes pending
+    /// go with its commit; to a directory or link, with the next commit; to a committed file, into a new
+    /// catalog record at once.
     pub fn setattr(&self, ino: Ino, fh: Option<u64>, changes: SetAttr) -> Result<Attr> {
-        if changes.size.is_some() || changes.mode.is_some() || changes.mtime_unix_ns.is_some() {
+        if changes != SetAttr::default() {
             self.writable()?;
         }
         let handle_writer = match fh.map(|f| self.file_handle(f)).transpose()? {
@@ -184,12 +192,19 @@ impl Vfs {
             None => None,
         };
         let (writer, committed) = {
-            let st = lock(&self.shared.state);
+            let mut st = lock(&self.shared.state);
             match st.tree.get(ino).map(|n| &n.kind) {
-                Some(NodeKind::File(slot)) => (handle_writer.or_else(|| slot.writer.clone()), slot.committed.clone()),
-                Some(NodeKind::Dir { .. }) => {
+                Some(NodeKind::File(slot)) if !st.entries.contains_key(&ino) => {
+                    (handle_writer.or_else(|| slot.writer.clone()), slot.committed.clone())
+                }
+                Some(kind) => {
                     if changes.size.is_some() {
-                        return Err(Error::fs(FsErrorKind::IsADirectory, format!("inode {ino}")));
+                        let is_dir = matches!(kind, NodeKind::Dir { .. });
+                        let e = if is_dir { FsErrorKind::IsADirectory } else { FsErrorKind::InvalidArgument };
+                        return Err(Error::fs(e, format!("inode {ino}")));
+                    }
+                    if changes.changes_metadata() {
+                        self.shared.change_entry(&mut st, ino, &changes);
                     }
                     return self.shared.attr(&st, ino);
                 }
@@ -201,25 +216,26 @@ impl Vfs {
                 Some(w) => self.shared.truncate(w, size)?,
                 None => {
                     // truncate(2) on a file nobody has open: a temporary writer, committed at once.
-                    let base = committed.clone();
-                    let (mode, mtime) =
-                        base.as_ref().map(|c| (c.meta.mode, c.meta.mtime_unix_ns)).unwrap_or((0o644, 0));
-                    let w = Writer::new(base, None, mode, mtime);
+                    let stat = committed.as_ref().map_or_else(
+                        || Stat::new(0o644, self.shared.default_owner, 0),
+                        |c| Stat::of(&c.meta, self.shared.default_owner),
+                    );
+                    let w = Writer::new(committed.clone(), None, stat);
+                    if changes.changes_metadata() {
+                        lock(&w.stat).apply(&changes, now_ns());
+                    }
                     self.shared.truncate(&w, size)?;
                     self.shared.commit_writer(ino, &w)?;
+                    let st = lock(&self.shared.state);
+                    return self.shared.attr(&st, ino);
                 }
             }
         }
-        if changes.mode.is_some() || changes.mtime_unix_ns.is_some() {
+        if changes.changes_metadata() {
             let pending = writer.as_ref().filter(|w| w.spool().is_some());
             match (pending, &committed) {
                 (Some(w), _) => {
-                    if let Some(m) = changes.mode {
-                        w.mode.store(m & 0o7777, Ordering::SeqCst);
-                    }
-                    if let Some(t) = changes.mtime_unix_ns {
-                        w.mtime_unix_ns.store(t, Ordering::SeqCst);
-                    }
+                    lock(&w.stat).apply(&changes, now_ns());
                     w.dirty.store(true, Ordering::SeqCst);
                 }
                 (None, Some(_)) => self.shared.reseal_meta(ino, changes, writer.as_deref())?,
@@ -235,6 +251,9 @@ impl Vfs {
 fn first_error(errors: Vec<Error>) -> Result<()> {
     errors.into_iter().next().map_or(Ok(()), Err)
 }
+
+/// What the commits of directory and link entries came to, by inode.
+type EntryOutcomes = Vec<(Ino, Result<Entry>)>;
 
 /// Queued files that make the flusher commit at once.
 const FLUSH_FILES: usize = 2048;
@@ -263,7 +282,7 @@ impl Shared {
         let spool = self.ensure_spool(w, &op, Some(size))?;
         spool.set_len(size)?;
         w.dirty.store(true, Ordering::SeqCst);
-        w.mtime_unix_ns.store(now_ns(), Ordering::SeqCst);
+        lock(&w.stat).modified(now_ns());
         Ok(())
     }
 
@@ -278,6 +297,27 @@ impl Shared {
         if !q.iter().any(|(_, x, _)| Arc::ptr_eq(x, w)) {
             q.push((ino, w.clone(), Instant::now()));
         }
+        if q.len() >= FLUSH_FILES {
+            self.flusher_wake.notify_all();
+        }
+    }
+
+    /// A metadata change of directory or link `ino` (an implied directory gets an entry of its own).
+    pub(super) fn change_entry(&self, st: &mut State, ino: Ino, changes: &SetAttr) {
+        let default = self.stat_of(st, ino);
+        let e =
+            st.entries.entry(ino).or_insert(EntrySlot { committed: None, stat: default, target: None, dirty: false });
+        e.stat.apply(changes, now_ns());
+        if !e.dirty && ino != ROOT {
+            e.dirty = true;
+            self.queue_entry(ino);
+        }
+    }
+
+    /// Queues directory or link `ino` for its entry to be written by the next commit.
+    pub(super) fn queue_entry(&self, ino: Ino) {
+        let mut q = lock(&self.dirty_entries);
+        q.push((ino, Instant::now()));
         if q.len() >= FLUSH_FILES {
             self.flusher_wake.notify_all();
         }
@@ -316,6 +356,9 @@ impl Shared {
             } || {
                 let r = lock(&self.removals);
                 r.len() >= FLUSH_FILES || r.first().is_some_and(|(_, t)| t.elapsed() >= wait)
+            } || {
+                let r = lock(&self.dirty_entries);
+                r.len() >= FLUSH_FILES || r.first().is_some_and(|(_, t)| t.elapsed() >= wait)
             };
             if due {
                 for e in self.sync_dirty(vec![]) {
@@ -343,14 +386,23 @@ impl Shared {
             }
         }
         let removals: Vec<catalog::FileRef> = lock(&self.removals).drain(..).map(|(f, _)| f).collect();
-        if items.is_empty() && removals.is_empty() {
+        let mut entries: Vec<Ino> = lock(&self.dirty_entries).drain(..).map(|(i, _)| i).collect();
+        entries.sort_unstable();
+        entries.dedup();
+        if items.is_empty() && removals.is_empty() && entries.is_empty() {
             return vec![];
         }
         let mut ops: Vec<_> = items.iter().map(|(_, w)| lock(&w.op)).collect();
         let _heavy = lock(&self.heavy);
         let mut loaded = lock(&self.ns);
         let mut errors = Vec::new();
-        let done = self.commit_items(&items, &removals, &mut errors);
+        let (done, entries_done) = self.commit_items(&items, &removals, &entries, &mut errors);
+        for (ino, outcome) in entries_done {
+            if let Err(e) = outcome.and_then(|entry| self.entry_committed(ino, entry, &mut loaded)) {
+                self.entry_failed(ino);
+                errors.push(e);
+            }
+        }
         for ((ino, w), (op, outcome)) in items.iter().zip(ops.iter_mut().zip(done)) {
             match outcome {
                 Some(Ok(entry)) => match self.committed_now(*ino, w, op, entry, &mut loaded) {
@@ -373,23 +425,24 @@ impl Shared {
         errors
     }
 
-    /// Commits each item's spool in one session; per item, `None` when it had nothing to commit.
+    /// Commits each item's spool and each dirty directory or link entry in one session; per item, `None` when
+    /// it had nothing to commit.
     fn commit_items(
         &self,
         items: &[(Ino, Arc<Writer>)],
         removals: &[catalog::FileRef],
+        entries: &[Ino],
         errors: &mut Vec<Error>,
-    ) -> Vec<Option<Result<Entry>>> {
+    ) -> (Vec<Option<Result<Entry>>>, EntryOutcomes) {
         let mut out: Vec<Option<Result<Entry>>> = items.iter().map(|_| None).collect();
         let mut session = match Session::new(&self.store, SessionOptions::default()) {
             Ok(s) => s,
             Err(e) => {
                 errors.push(e);
                 self.requeue_removals(removals);
-                return items
-                    .iter()
-                    .map(|_| Some(Err(Error::internal("the commit session could not start"))))
-                    .collect();
+                let failed = || Error::internal("the commit session could not start");
+                let out = items.iter().map(|_| Some(Err(failed()))).collect();
+                return (out, entries.iter().map(|i| (*i, Err(failed()))).collect());
             }
         };
         for f in removals {
@@ -403,12 +456,9 @@ impl Shared {
             let Some(name) = lock(&self.state).tree.path(*ino).filter(|p| !p.is_empty()) else { continue };
             let spool = w.spool();
             let req = CommitRequest {
-                name,
-                mtime_unix_ns: w.mtime_unix_ns.load(Ordering::SeqCst),
-                mode: w.mode.load(Ordering::SeqCst),
-                replace: true,
                 workers: self.opts.commit_workers.max(1),
                 size: Some(spool.as_ref().map(|s| s.len()).unwrap_or(0)),
+                ..lock(&w.stat).request(name, EntryKind::File)
             };
             let r = match &spool {
                 Some(s) => session.commit(&mut s.reader(), &req, &|_| {}),
@@ -419,27 +469,76 @@ impl Shared {
                 Err(e) => out[n] = Some(Err(e)),
             }
         }
+        let (entry_queued, mut entries_out) = self.queue_entries(&mut session, entries);
         let started = Instant::now();
         match session.flush_manifests() {
             Ok(results) => {
-                for (n, r) in queued.iter().zip(results) {
+                let mut results = results.into_iter();
+                for (n, r) in queued.iter().zip(results.by_ref()) {
                     out[*n] = Some(r.and_then(|(_, m)| self.entry_of(m)));
+                }
+                for (ino, r) in entry_queued.iter().zip(results) {
+                    entries_out.push((*ino, r.and_then(|(_, m)| self.entry_of(m))));
                 }
                 tracing::info!(
                     files = queued.len(),
+                    entries = entry_queued.len(),
                     secs = started.elapsed().as_secs_f64(),
                     "committed through the mount"
                 );
             }
             Err(e) => {
+                let unpublished = || Error::internal(format!("the batch was not published: {e}"));
                 for n in &queued {
-                    out[*n] = Some(Err(Error::internal(format!("the batch was not published: {e}"))));
+                    out[*n] = Some(Err(unpublished()));
                 }
+                entries_out.extend(entry_queued.iter().map(|i| (*i, Err(unpublished()))));
                 self.requeue_removals(removals);
                 errors.push(e);
             }
         }
-        out
+        (out, entries_out)
+    }
+
+    /// Adds the entries of dirty directories and links to `session` (each marked clean as it is taken; a change
+    /// meanwhile queues it again). Returns the inodes queued, in order, and the failures.
+    fn queue_entries(&self, session: &mut Session<'_>, inos: &[Ino]) -> (Vec<Ino>, EntryOutcomes) {
+        let (mut queued, mut failed) = (Vec::new(), Vec::new());
+        for &ino in inos {
+            let req = {
+                let mut st = lock(&self.state);
+                let Some(path) = st.tree.path(ino).filter(|p| !p.is_empty()) else { continue };
+                let Some(e) = st.entries.get_mut(&ino).filter(|e| e.dirty) else { continue };
+                e.dirty = false;
+                CommitRequest { size: Some(0), ..e.stat.request(path, e.kind()) }
+            };
+            match session.commit(&mut std::io::empty(), &req, &|_| {}) {
+                Ok(()) => queued.push(ino),
+                Err(e) => failed.push((ino, Err(e))),
+            }
+        }
+        (queued, failed)
+    }
+
+    /// Records the committed entry of directory or link `ino` (when it still exists).
+    fn entry_committed(&self, ino: Ino, entry: Entry, loaded: &mut Loaded) -> Result<()> {
+        let c = Arc::new(Committed::new(entry)?);
+        let mut st = lock(&self.state);
+        let Some(e) = st.entries.get_mut(&ino) else { return Ok(()) };
+        e.committed = Some(c.clone());
+        loaded.by_key.insert(c.key(), c.clone());
+        st.known.insert(c.meta.name.clone(), c);
+        Ok(())
+    }
+
+    /// An entry whose commit failed stays dirty, for the next commit to try again.
+    fn entry_failed(&self, ino: Ino) {
+        if let Some(e) = lock(&self.state).entries.get_mut(&ino) {
+            if !e.dirty {
+                e.dirty = true;
+                self.queue_entry(ino);
+            }
+        }
     }
 
     /// Puts back removals whose record was not written, for the next commit to try again.
@@ -515,23 +614,20 @@ impl Shared {
         }
     }
 
-    /// Re-seals a committed file's manifest with a new mode or modification time.
+    /// Re-seals a committed file's manifest with new metadata.
     pub(super) fn reseal_meta(&self, ino: Ino, changes: SetAttr, writer: Option<&Writer>) -> Result<()> {
         let mut loaded = lock(&self.ns);
         let Some(c) = lock(&self.state).tree.file(ino).and_then(|s| s.committed.clone()) else {
             return Ok(());
         };
-        let meta = FileMeta {
-            mode: changes.mode.map(|m| m & 0o7777).unwrap_or(c.meta.mode),
-            mtime_unix_ns: changes.mtime_unix_ns.unwrap_or(c.meta.mtime_unix_ns),
-            ..c.meta.clone()
-        };
+        let mut stat = Stat::of(&c.meta, self.default_owner);
+        stat.apply(&changes, now_ns());
+        let meta = stat.sealed_into(&c.meta);
         let n = Arc::new(Committed::new(catalog::reseal(&self.store, &c.entry, &meta, true)?)?);
         loaded.by_key.remove(&c.key());
         loaded.by_key.insert(n.key(), n.clone());
         if let Some(w) = writer {
-            w.mode.store(meta.mode, Ordering::SeqCst);
-            w.mtime_unix_ns.store(meta.mtime_unix_ns, Ordering::SeqCst);
+            *lock(&w.stat) = stat;
         }
         let mut st = lock(&self.state);
         st.known.insert(meta.name.clone(), n.clone());
@@ -561,7 +657,7 @@ struct SpoolWriter<'a> {
 }
 
 impl Writer {
-    fn new(base: Option<Arc<Committed>>, spool: Option<Spool>, mode: u32, mtime_unix_ns: i64) -> Arc<Writer> {
+    fn new(base: Option<Arc<Committed>>, spool: Option<Spool>, stat: Stat) -> Arc<Writer> {
         let dirty = spool.is_some();
         Arc::new(Writer {
             op: Mutex::new(WriterOp { base }),
@@ -569,8 +665,7 @@ impl Writer {
             dirty: AtomicBool::new(dirty),
             unlinked: AtomicBool::new(false),
             writers: AtomicUsize::new(0),
-            mode: AtomicU32::new(mode),
-            mtime_unix_ns: AtomicI64::new(mtime_unix_ns),
+            stat: Mutex::new(stat),
         })
     }
 

@@ -13,6 +13,7 @@ use blockframe::files::commit::{CommitReport, CommitRequest};
 use blockframe::files::health::{quick_health, Health};
 use blockframe::files::read::{read_to, verify_file, OpenFile};
 use blockframe::files::session::{Session, SessionOptions};
+use blockframe::format::manifest::EntryKind;
 use blockframe::store::Store;
 use blockframe::Error;
 
@@ -154,6 +155,7 @@ fn commit_one(session: &mut Session<'_>, a: &CommitArgs, s: &Settings, path: &Pa
         replace: a.replace,
         workers: s.workers,
         size: known_size,
+        ..Default::default()
     };
     let start = Instant::now();
     session
@@ -227,6 +229,11 @@ fn mode_of(_: &std::fs::Metadata) -> u32 {
 pub(crate) fn get(a: &GetArgs, s: &Settings) -> Result<u8> {
     let st = open_keyed(s)?;
     let entry = catalog::find(&st, &a.name)?;
+    match entry.meta.as_ref().map(|m| &m.kind) {
+        Some(EntryKind::Dir) => bail!("{} is a directory (made through the mount)", a.name),
+        Some(EntryKind::Symlink { target }) => bail!("{} is a symbolic link to {target:?}", a.name),
+        _ => {}
+    }
     let file = OpenFile::new(&st, &entry)?;
     let pb = progress_bar(file.meta.size);
     let progress = |n: u64| {
@@ -283,6 +290,11 @@ pub(crate) fn get(a: &GetArgs, s: &Settings) -> Result<u8> {
 #[derive(serde::Serialize)]
 struct LsRow {
     name: String,
+    /// `file`, `dir` or `symlink` (directories and links are entries made through the mount).
+    kind: &'static str,
+    /// Target of a symbolic link.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target: Option<String>,
     size: u64,
     segments: u64,
     root: String,
@@ -310,6 +322,15 @@ pub(crate) fn ls(a: &LsArgs, s: &Settings) -> Result<u8> {
         .iter()
         .map(|e| LsRow {
             name: e.label(),
+            kind: match e.meta.as_ref().map(|m| &m.kind) {
+                Some(EntryKind::Dir) => "dir",
+                Some(EntryKind::Symlink { .. }) => "symlink",
+                _ => "file",
+            },
+            target: e.meta.as_ref().and_then(|m| match &m.kind {
+                EntryKind::Symlink { target } => Some(target.clone()),
+                _ => None,
+            }),
             size: e.meta.as_ref().map(|m| m.size).unwrap_or_else(|| e.manifest.body.plain_size()),
             segments: e.manifest.body.segments.len() as u64,
             root: e.manifest.body.root_hex(),
@@ -323,7 +344,12 @@ pub(crate) fn ls(a: &LsArgs, s: &Settings) -> Result<u8> {
     } else {
         for r in &rows {
             let h = format!("{:?}", r.health).to_lowercase();
-            println!("{:>14}  {:>6}  {:<8}  {}  {}", r.size, r.segments, h, &r.root[..16], r.name);
+            let name = match (r.kind, &r.target) {
+                ("dir", _) => format!("{}/", r.name),
+                (_, Some(t)) => format!("{} -> {t}", r.name),
+                _ => r.name.clone(),
+            };
+            println!("{:>14}  {:>6}  {:<8}  {}  {name}", r.size, r.segments, h, &r.root[..16]);
         }
     }
     for e in &bad {
