@@ -57,7 +57,7 @@ pub fn errno(e: &Error) -> Errno {
         FsErrorKind::TooManyOpenFiles => Errno::EMFILE,
         FsErrorKind::NoSpace => Errno::ENOSPC,
         FsErrorKind::FileTooLarge => Errno::EFBIG,
-        FsErrorKind::Unsupported => Errno::ENOSYS,
+        FsErrorKind::Unsupported => Errno::EOPNOTSUPP,
         FsErrorKind::NotPermitted => Errno::EPERM,
         FsErrorKind::SymlinkLoop => Errno::ELOOP,
         _ => Errno::EIO,
@@ -522,7 +522,7 @@ impl Mount {
     pub fn new(vfs: Arc<Vfs>, dir: &Path, opts: &MountOptions) -> io::Result<Mount> {
         let mut config = Config::default();
         config.mount_options = vec![
-            MountOption::FSName("blockframe".into()),
+            MountOption::FSName(format!("{FS_NAME_PREFIX}{}", std::process::id())),
             MountOption::Subtype("blockframe".into()),
             MountOption::DefaultPermissions,
             MountOption::NoDev,
@@ -570,6 +570,23 @@ pub fn unmount_dir(dir: &Path, lazy: bool) -> io::Result<()> {
     } else {
         Err(io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()))
     }
+}
+
+/// What the mount table shows as a mount's source: this prefix, then the server's process id (so `bf umount`
+/// can wait for the server to finish committing).
+const FS_NAME_PREFIX: &str = "blockframe:";
+
+/// The process id of the server of the mount at `dir`, from the mount table.
+pub fn server_pid(dir: &Path) -> Option<u32> {
+    let dir = std::fs::canonicalize(dir).ok()?;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().rev().find_map(|l| {
+        let mut f = l.split(' ');
+        let (source, target) = (f.next()?, f.next()?);
+        // The table escapes spaces, tabs, newlines and backslashes as octal.
+        let target = target.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\");
+        (Path::new(&target) == dir).then(|| source.strip_prefix(FS_NAME_PREFIX)?.parse().ok()).flatten()
+    })
 }
 
 /// True when `dir` is a mount point (its device differs from its parent's).

@@ -3,7 +3,8 @@
 //!
 //! - Namespace ([`tree`]): committed files under their names, directories derived from the `/`-separated
 //!   paths. The catalog is re-read at most every `catalog_ttl` on lookups and directory listings, so files
-//!   committed by other processes appear. Directories made with mkdir exist only while mounted.
+//!   committed by other processes appear. Directories made with mkdir and symbolic links are catalog entries of
+//!   their own (an empty packed file whose metadata says what it is), written behind like files.
 //! - Reads: random access; a read decrypts (and when needed rebuilds from parity) only the segments it touches,
 //!   each verified against the Merkle tree and its AES-GCM tag; a segment beyond repair is an I/O error, never
 //!   wrong bytes. Decoded segments are kept in a bounded [`cache`]; sequential readers trigger read-ahead.
@@ -724,7 +725,9 @@ impl State {
 
 impl Shared {
     fn attr(&self, st: &State, ino: Ino) -> Result<Attr> {
-        let node = st.tree.get(ino).ok_or_else(|| Error::fs(FsErrorKind::NotFound, format!("inode {ino}")))?;
+        let Some(node) = st.tree.get(ino) else {
+            return self.unlinked_attr(st, ino).ok_or_else(|| Error::fs(FsErrorKind::NotFound, format!("inode {ino}")));
+        };
         let entry = st.entries.get(&ino);
         Ok(match (&node.kind, entry) {
             (NodeKind::Dir { children, .. }, _) => {
@@ -737,15 +740,29 @@ impl Shared {
                 Attr { ino, kind: FileType::Symlink, size, nlink: 1, stat: e.stat }
             }
             (NodeKind::File(slot), None) => {
-                let pending = slot.writer.as_ref().and_then(|w| w.spool().map(|s| (w, s)));
-                let (size, stat) = match (pending, &slot.committed) {
-                    (Some((w, s)), _) => (s.len(), *lock(&w.stat)),
-                    (None, Some(c)) => (c.meta.size, Stat::of(&c.meta, self.default_owner)),
-                    (None, None) => (0, Stat::new(0o644, self.default_owner, self.mount_time_ns)),
-                };
+                let (size, stat) = self.file_stat(slot.writer.as_ref(), slot.committed.as_ref());
                 Attr { ino, kind: FileType::File, size, nlink: 1, stat }
             }
         })
+    }
+
+    /// Attributes of a file unlinked while open (fstat(2) of its handle): what the handle reads, no links.
+    fn unlinked_attr(&self, st: &State, ino: Ino) -> Option<Attr> {
+        let h = st.handles.values().find_map(|h| match &**h {
+            Handle::File(f) if f.ino == ino => Some(f),
+            _ => None,
+        })?;
+        let (size, stat) = self.file_stat(h.writer.as_ref(), h.committed.as_ref());
+        Some(Attr { ino, kind: FileType::File, size, nlink: 0, stat })
+    }
+
+    /// Size and metadata of a file: its pending writes when it has any, else its committed version.
+    fn file_stat(&self, writer: Option<&Arc<Writer>>, committed: Option<&Arc<Committed>>) -> (u64, Stat) {
+        match (writer.and_then(|w| w.spool().map(|s| (w, s))), committed) {
+            (Some((w, s)), _) => (s.len(), *lock(&w.stat)),
+            (None, Some(c)) => (c.meta.size, Stat::of(&c.meta, self.default_owner)),
+            (None, None) => (0, Stat::new(0o644, self.default_owner, self.mount_time_ns)),
+        }
     }
 
     /// The metadata of directory or link `ino` (defaults for a directory without an entry of its own).

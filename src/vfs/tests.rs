@@ -305,15 +305,19 @@ fn long_paths_huge_sizes_and_fallocate_get_their_errno() {
     let big = SetAttr { size: Some(MAX_FILE_SIZE + 1), ..SetAttr::default() };
     assert_eq!(v.setattr(attr.ino, Some(fh), big).unwrap_err().fs_kind(), FsErrorKind::FileTooLarge);
     assert_eq!(v.write(fh, u64::MAX - 2, b"abc").unwrap_err().fs_kind(), FsErrorKind::FileTooLarge);
-    // fallocate mode 0 extends with zeros and never shrinks; other modes are unsupported.
-    v.write(fh, 0, b"head").unwrap();
+    // fallocate mode 0 extends with zeros and never shrinks; KEEP_SIZE changes nothing; punching a hole and
+    // zeroing a range make bytes read as zeros; collapsing is unsupported.
+    v.write(fh, 0, b"head-and-tail").unwrap();
     v.fallocate(fh, 0, 10_000, 0).unwrap();
     v.fallocate(fh, 0, 10, 0).unwrap();
-    assert_eq!(v.fallocate(fh, 0, 10, 1).unwrap_err().fs_kind(), FsErrorKind::Unsupported);
+    v.fallocate(fh, 0, 20_000, 0x01).unwrap();
+    v.fallocate(fh, 2, 3, 0x03).unwrap();
+    v.fallocate(fh, 9_999, 2, 0x10).unwrap();
+    assert_eq!(v.fallocate(fh, 0, 10, 0x08).unwrap_err().fs_kind(), FsErrorKind::Unsupported);
     v.fsync(fh).unwrap();
     v.release(fh).unwrap();
-    let mut want = b"head".to_vec();
-    want.resize(10_000, 0);
+    let mut want = b"he\0\0\0and-tail".to_vec();
+    want.resize(10_001, 0);
     assert_eq!(read_all(&v, "f").unwrap(), want);
 }
 
@@ -412,4 +416,19 @@ fn files_keep_owner_atime_and_ctime_apart_from_mtime() {
     put(&v, "plain", b"p");
     let p = resolve(&v, "plain").unwrap().stat;
     assert_eq!((p.uid, p.gid), owner_of(v.store().dir()));
+}
+
+#[test]
+fn an_open_file_unlinked_keeps_its_attributes_until_closed() {
+    let d = tempfile::tempdir().unwrap();
+    let v = vfs(d.path());
+    put(&v, "f", b"hello");
+    let a = resolve(&v, "f").unwrap();
+    let fh = v.open(a.ino, OpenMode::default()).unwrap();
+    v.unlink(ROOT, "f").unwrap();
+    let g = v.getattr(a.ino).unwrap();
+    assert_eq!((g.size, g.nlink, g.kind), (5, 0, FileType::File));
+    assert_eq!(&v.read(fh, 0, 10).unwrap()[..], b"hello");
+    v.release(fh).unwrap();
+    assert_eq!(v.getattr(a.ino).unwrap_err().fs_kind(), FsErrorKind::NotFound);
 }

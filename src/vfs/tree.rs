@@ -1,9 +1,9 @@
 //! The inode table and directory tree of a mount, derived from committed file names.
 //!
 //! Names in the store are `/`-separated relative paths; directories are implied by them. A directory made by
-//! `mkdir`, or one whose last file was removed through the mount, is *explicit*: it stays while mounted even
-//! when empty (nothing on disk records directories). Inode numbers are never reused within a mount, and a
-//! rename moves a node (keeping its inode), so the kernel's view stays consistent.
+//! `mkdir`, one with a catalog entry of its own, or one whose last file was removed through the mount, is
+//! *explicit*: it stays even when empty (the view records its entry in the catalog). Inode numbers are never
+//! reused within a mount, and a rename moves a node (keeping its inode), so the kernel's view stays consistent.
 
 use std::collections::{BTreeMap, HashMap};
 

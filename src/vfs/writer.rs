@@ -155,26 +155,41 @@ impl Vfs {
         Ok(())
     }
 
-    /// fallocate(2): mode 0 makes the file at least `offset + len` long (the new bytes read as zeros; the store
-    /// keeps no preallocation); other modes are unsupported.
+    /// fallocate(2). The store keeps no preallocation, so: mode 0 makes the file at least `offset + len` long
+    /// (the new bytes read as zeros); `FALLOC_FL_KEEP_SIZE` alone changes nothing; `PUNCH_HOLE | KEEP_SIZE` and
+    /// `ZERO_RANGE` (with or without `KEEP_SIZE`) make the range read as zeros. Other modes (collapse, insert,
+    /// unshare) are unsupported.
     pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
+        const KEEP_SIZE: i32 = 0x01;
+        const PUNCH_HOLE: i32 = 0x02;
+        const ZERO_RANGE: i32 = 0x10;
         self.writable()?;
-        if mode != 0 {
-            return Err(Error::fs(FsErrorKind::Unsupported, format!("fallocate mode {mode:#x}")));
-        }
         let end = offset.checked_add(len);
         check_size(end, "fallocate")?;
+        let end = end.unwrap_or(0);
         let h = self.file_handle(fh)?;
         let Handle::File(FileHandle { writer: Some(w), writable: true, .. }) = &*h else {
             return Err(Error::fs(FsErrorKind::BadHandle, format!("handle {fh} is not open for writing")));
         };
-        let end = end.unwrap_or(0);
-        let size = w.spool().map(|s| s.len());
-        let committed = lock(&w.op).base.as_ref().map(|c| c.meta.size).unwrap_or(0);
-        if end > size.unwrap_or(committed) {
-            self.shared.truncate(w, end)?;
+        let size = match w.spool() {
+            Some(s) => s.len(),
+            None => lock(&w.op).base.as_ref().map(|c| c.meta.size).unwrap_or(0),
+        };
+        match mode {
+            0 if end > size => self.shared.truncate(w, end),
+            0 | KEEP_SIZE => Ok(()),
+            m if m == PUNCH_HOLE | KEEP_SIZE || m == ZERO_RANGE | KEEP_SIZE => {
+                self.shared.zero_range(w, offset, end.min(size))
+            }
+            ZERO_RANGE => {
+                self.shared.zero_range(w, offset, end.min(size))?;
+                if end > size {
+                    self.shared.truncate(w, end)?;
+                }
+                Ok(())
+            }
+            _ => Err(Error::fs(FsErrorKind::Unsupported, format!("fallocate mode {mode:#x}"))),
         }
-        Ok(())
     }
 
     /// Changes size, mode, owner or times (any change sets the ctime). Changes to a file with writes pending
@@ -232,11 +247,17 @@ impl Vfs {
             }
         }
         if changes.changes_metadata() {
-            let pending = writer.as_ref().filter(|w| w.spool().is_some());
+            // The writer's op lock orders the change with a commit of the writer in progress: it lands after
+            // it, and is queued again, so neither loses it.
+            let op = writer.as_ref().map(|w| (w, lock(&w.op)));
+            let pending = op.as_ref().filter(|(w, _)| w.spool().is_some()).map(|(w, _)| *w);
             match (pending, &committed) {
                 (Some(w), _) => {
                     lock(&w.stat).apply(&changes, now_ns());
                     w.dirty.store(true, Ordering::SeqCst);
+                    if w.writers.load(Ordering::SeqCst) == 0 {
+                        self.shared.queue(ino, w);
+                    }
                 }
                 (None, Some(_)) => self.shared.reseal_meta(ino, changes, writer.as_deref())?,
                 (None, None) => {}
@@ -274,6 +295,25 @@ impl Shared {
         let spool = Arc::new(spool);
         *w.spool.write().unwrap_or_else(|e| e.into_inner()) = Some(spool.clone());
         Ok(spool)
+    }
+
+    /// Makes bytes `start..end` of the file read as zeros.
+    pub(super) fn zero_range(&self, w: &Writer, start: u64, end: u64) -> Result<()> {
+        if start >= end {
+            return Ok(());
+        }
+        let op = lock(&w.op);
+        let spool = self.ensure_spool(w, &op, None)?;
+        let zeros = vec![0u8; (end - start).min(1 << 20) as usize];
+        let mut at = start;
+        while at < end {
+            let n = (end - at).min(zeros.len() as u64) as usize;
+            spool.write_at(at, &zeros[..n])?;
+            at += n as u64;
+        }
+        w.dirty.store(true, Ordering::SeqCst);
+        lock(&w.stat).modified(now_ns());
+        Ok(())
     }
 
     pub(super) fn truncate(&self, w: &Writer, size: u64) -> Result<()> {

@@ -146,12 +146,34 @@ fn background(a: &MountArgs, s: &Settings) -> Result<u8> {
     }
 }
 
-/// `bf umount DIR`.
+/// `bf umount DIR`: unmounts, then waits for the server to commit what was written and exit, so that once it
+/// returns everything written through the mount is in the store.
 pub fn umount_cmd(a: &UmountArgs) -> Result<u8> {
     if !fs_mount::is_mount_point(&a.dir) {
         bail!("{} is not a mount point", a.dir.display());
     }
+    let server = fs_mount::server_pid(&a.dir);
     fs_mount::unmount_dir(&a.dir, false)
         .with_context(|| format!("unmounting {} (are files open there?)", a.dir.display()))?;
+    if let Some(pid) = server {
+        let started = Instant::now();
+        let mut told = false;
+        while running(pid) {
+            if !told && started.elapsed() > Duration::from_secs(2) {
+                eprintln!("bf: waiting for the mount server (pid {pid}) to commit what was written");
+                told = true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     Ok(EXIT_OK)
+}
+
+/// True while process `pid` runs (a zombie waiting for its parent to reap it has finished).
+fn running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may itself contain spaces or parentheses.
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
 }
