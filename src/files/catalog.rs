@@ -582,8 +582,18 @@ pub fn reseal(store: &Store, entry: &Entry, meta: &FileMeta, replace: bool) -> R
 pub fn reseal_all(store: &Store, items: &[(Entry, FileMeta)], replace: bool) -> Result<Vec<Entry>> {
     let mut batch = Batch::new();
     let mut out = Vec::with_capacity(items.len());
+    // The data as the catalog has it now: another process may have moved a packed file since the caller read it.
+    let st = if items.iter().any(|(e, _)| e.file.in_log) { Some(catalog_log::current(store)?) } else { None };
     for (entry, meta) in items {
-        let manifest = resealed(store, entry, meta)?;
+        let current = match &st {
+            Some(st) if entry.file.in_log => {
+                let key = (entry.file.name_tag, entry.file.file_id);
+                let m = st.entries.get(&key).ok_or_else(|| Error::NotFound(entry.label()))?;
+                &m.body
+            }
+            _ => &entry.manifest.body,
+        };
+        let manifest = resealed(store, current, meta)?;
         if manifest.body.name_tag != entry.manifest.body.name_tag {
             batch.remove(entry.file.clone());
         }
@@ -598,11 +608,10 @@ pub fn reseal_all(store: &Store, items: &[(Entry, FileMeta)], replace: bool) -> 
     Ok(out)
 }
 
-/// The manifest of `entry`'s data under `meta`.
-fn resealed(store: &Store, entry: &Entry, meta: &FileMeta) -> Result<Manifest> {
+/// The manifest of the data of `old` under `meta`.
+fn resealed(store: &Store, old: &ManifestBody, meta: &FileMeta) -> Result<Manifest> {
     let key = store.key()?;
     validate_name(&meta.name)?;
-    let old = &entry.manifest.body;
     if meta.size != old.plain_size() {
         return Err(Error::InvalidArgument(format!("reseal of {:?} cannot change its size", meta.name)));
     }

@@ -81,7 +81,7 @@ pub fn compact(store: &Store, max_packs: usize) -> Result<CompactReport> {
                 ..m.body.clone()
             };
             body.validate("moved packed file")?;
-            batch.move_packed(Manifest::new(body, key), pack.file_id);
+            batch.move_packed(m.rebuilt(body, key), pack.file_id);
             report.files_moved += 1;
         }
         report.packs_dropped += 1;

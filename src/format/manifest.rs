@@ -306,6 +306,17 @@ impl Manifest {
         Manifest { body, version: MANIFEST_VERSION, body_bytes, mac }
     }
 
+    /// A manifest of `body`, which keeps this one's sealed metadata (a packed file moved by compaction): in this
+    /// one's format version, which says how that metadata is encoded (a version 2 file stays version 2).
+    pub fn rebuilt(&self, body: ManifestBody, key: &MasterKey) -> Self {
+        let m = Manifest::new(body, key);
+        if m.body.sealed_meta != self.body.sealed_meta {
+            return m;
+        }
+        let version = self.version.max(2); // version 1 has no `data`: a rebuilt body needs version 2 at least
+        Manifest { version, ..m }
+    }
+
     /// The bytes of one manifest copy (in the format version it was read in).
     pub fn encode(&self) -> Vec<u8> {
         let payload = postcard::to_allocvec(&(&self.body_bytes, &self.mac)).expect("byte strings are serialisable");
@@ -426,6 +437,30 @@ mod tests {
         let meta = back.meta(&key).unwrap();
         assert_eq!(meta, FileMeta::file("a/b".into(), 10, 77, 0o640));
         assert_eq!((meta.kind, meta.owner, meta.atime_unix_ns, meta.ctime_unix_ns), (EntryKind::File, None, 77, 77));
+    }
+
+    #[test]
+    fn a_version_2_manifest_rebuilt_like_compaction_keeps_readable_metadata() {
+        let key = MasterKey::from_bytes([1; 32]);
+        let mut body = sample_body(&key);
+        let old_meta = postcard::to_allocvec(&("a/b", 10u64, 77i64, 0o640u32)).unwrap();
+        (body.sealed_meta, body.meta_nonce) = key.seal_metadata(&body.file_id, &old_meta).unwrap();
+        let body_bytes = postcard::to_allocvec(&body).unwrap();
+        let mac = key.manifest_mac(&body_bytes);
+        let v2 = Manifest { body, version: 2, body_bytes, mac };
+        assert_eq!(v2.meta(&key).unwrap().name, "a/b");
+        // What files::compact does to a packed file it moves: the same body (sealed metadata included), only
+        // `data` changed: rebuilt in the version that says how the metadata is encoded.
+        let moved = v2.rebuilt(ManifestBody { placement_start: 9, ..v2.body.clone() }, &key);
+        let back = Manifest::decode(&moved.encode(), Some(&key), "t").unwrap();
+        assert_eq!(back.meta(&key).unwrap().name, "a/b", "metadata of a compacted version 2 file is unreadable");
+        assert_eq!(back.body.placement_start, 9);
+        // New metadata: the current version.
+        let mut body = v2.body.clone();
+        (body.sealed_meta, body.meta_nonce) =
+            FileMeta::file("c".into(), 10, 1, 0o600).seal(&key, &body.file_id).unwrap();
+        let resealed = Manifest::decode(&v2.rebuilt(body, &key).encode(), Some(&key), "t").unwrap();
+        assert_eq!(resealed.meta(&key).unwrap().name, "c");
     }
 
     #[test]

@@ -1,22 +1,39 @@
 //! A bounded cache of decrypted, verified segments, shared by every reader of a mount.
 //!
-//! Capacity is in bytes; the least recently used segments are evicted first. A segment being loaded is
-//! marked so that concurrent readers of the same segment wait for that one load instead of decoding it again
-//! (sequential readers and read-ahead meet there). Keys include the file id, which is new for every commit, so
-//! a replaced file can never be served from an older version's entries.
+//! Capacity is in bytes and covers loads in progress too (each reserves its expected size first), so decoded
+//! segments never take more than the capacity. The least recently used segments are evicted first, but a
+//! segment read within the last [`HOT`] is not evicted for a new load: the load waits (up to [`MAX_WAIT`],
+//! then evicts anyway) until one goes cold. So many sequential readers sharing a small cache take turns instead
+//! of evicting each other's segments before they are read through (which made every read decode a whole
+//! segment again); read-ahead that finds no cold room is skipped. A segment being loaded is marked so that
+//! concurrent readers of the same segment wait for that one load instead of decoding it again (sequential
+//! readers and read-ahead meet there). Keys include the file id, which is new for every commit, so a replaced
+//! file can never be served from an older version's entries.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::error::Result;
+
+/// A segment read this recently is not evicted to make room for another (unless a load waited [`MAX_WAIT`]).
+pub const HOT: Duration = Duration::from_millis(100);
+
+/// Longest a load waits for a hot segment to cool down before evicting the least recently used anyway.
+pub const MAX_WAIT: Duration = Duration::from_secs(10);
 
 /// A segment's plaintext, shared with readers.
 pub type Bytes = Arc<Vec<u8>>;
 
 enum Slot {
-    Ready { data: Bytes, tick: u64 },
-    Loading,
+    Ready {
+        data: Bytes,
+        tick: u64,
+        touched: Instant,
+    },
+    /// Being loaded, with the bytes it reserved.
+    Loading(usize),
 }
 
 struct Inner<K> {
@@ -24,7 +41,27 @@ struct Inner<K> {
     /// Recency order of ready entries: tick → key.
     order: BTreeMap<u64, K>,
     tick: u64,
+    /// Bytes of ready segments plus those reserved by loads in progress.
     used_bytes: usize,
+}
+
+impl<K: Hash + Eq + Clone> Inner<K> {
+    /// Evicts until `need` more bytes fit in `capacity`: the least recently used cold segments, or any when
+    /// `force`. Returns whether they fit.
+    fn make_room(&mut self, need: usize, capacity: usize, hot: Duration, force: bool) -> bool {
+        while self.used_bytes + need > capacity {
+            let victim = self.order.iter().find_map(|(_, k)| match self.map.get(k) {
+                Some(Slot::Ready { touched, .. }) if force || touched.elapsed() >= hot => Some(k.clone()),
+                _ => None,
+            });
+            let Some(victim) = victim else { return false };
+            if let Some(Slot::Ready { data, tick, .. }) = self.map.remove(&victim) {
+                self.order.remove(&tick);
+                self.used_bytes -= data.len();
+            }
+        }
+        true
+    }
 }
 
 /// The cache. `K` identifies a segment (file id and index).
@@ -32,6 +69,7 @@ pub struct SegmentCache<K> {
     inner: Mutex<Inner<K>>,
     loaded: Condvar,
     capacity_bytes: usize,
+    hot: Duration,
 }
 
 impl<K> std::fmt::Debug for SegmentCache<K> {
@@ -50,7 +88,8 @@ impl<K: Hash + Eq + Clone> Drop for LoadGuard<'_, K> {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
             let mut inner = self.cache.lock();
-            if matches!(inner.map.get(&key), Some(Slot::Loading)) {
+            if let Some(Slot::Loading(reserved)) = inner.map.get(&key) {
+                inner.used_bytes -= *reserved;
                 inner.map.remove(&key);
             }
             drop(inner);
@@ -62,10 +101,16 @@ impl<K: Hash + Eq + Clone> Drop for LoadGuard<'_, K> {
 impl<K: Hash + Eq + Clone> SegmentCache<K> {
     /// A cache holding at most `capacity_bytes` of segment data.
     pub fn new(capacity_bytes: usize) -> Self {
+        Self::with_hot(capacity_bytes, HOT)
+    }
+
+    /// A cache that keeps segments read within `hot` (instead of [`HOT`]).
+    pub fn with_hot(capacity_bytes: usize, hot: Duration) -> Self {
         SegmentCache {
             inner: Mutex::new(Inner { map: HashMap::new(), order: BTreeMap::new(), tick: 0, used_bytes: 0 }),
             loaded: Condvar::new(),
             capacity_bytes,
+            hot,
         }
     }
 
@@ -83,15 +128,29 @@ impl<K: Hash + Eq + Clone> SegmentCache<K> {
         self.lock().map.contains_key(key)
     }
 
-    /// The segment `key`, loading it with `load` when absent. Concurrent callers for the same key share one
-    /// load; a failed load is not cached (the next caller tries again).
-    pub fn get_or_load(&self, key: &K, load: impl FnOnce() -> Result<Vec<u8>>) -> Result<Bytes> {
+    /// The segment `key`, loading it with `load` when absent (`len`: its expected size, reserved during the
+    /// load). Concurrent callers for the same key share one load; a failed load is not cached (the next caller
+    /// tries again).
+    pub fn get_or_load(&self, key: &K, len: usize, load: impl FnOnce() -> Result<Vec<u8>>) -> Result<Bytes> {
+        self.fetch(key, len, true, load).unwrap_or_else(|| Err(crate::Error::internal("cache load refused")))
+    }
+
+    /// Like [`SegmentCache::get_or_load`] for read-ahead: `None`, loading nothing, when the segment is being
+    /// loaded already or room could only be made by evicting a hot segment.
+    pub fn prefetch(&self, key: &K, len: usize, load: impl FnOnce() -> Result<Vec<u8>>) -> Option<Result<Bytes>> {
+        self.fetch(key, len, false, load)
+    }
+
+    fn fetch(&self, key: &K, len: usize, wait: bool, load: impl FnOnce() -> Result<Vec<u8>>) -> Option<Result<Bytes>> {
         let mut inner = self.lock();
+        let started = Instant::now();
+        let reserve = if len <= self.capacity_bytes { len } else { 0 };
         loop {
             match inner.map.get_mut(key) {
-                Some(Slot::Ready { data, tick }) => {
+                Some(Slot::Ready { data, tick, touched }) => {
                     let data = data.clone();
                     let old = *tick;
+                    *touched = Instant::now();
                     inner.tick += 1;
                     let now = inner.tick;
                     if let Some(Slot::Ready { tick, .. }) = inner.map.get_mut(key) {
@@ -99,39 +158,48 @@ impl<K: Hash + Eq + Clone> SegmentCache<K> {
                     }
                     inner.order.remove(&old);
                     inner.order.insert(now, key.clone());
-                    return Ok(data);
+                    return Some(Ok(data));
                 }
-                Some(Slot::Loading) => {
+                Some(Slot::Loading(_)) if !wait => return None,
+                Some(Slot::Loading(_)) => {
                     inner = self.loaded.wait(inner).unwrap_or_else(|e| e.into_inner());
                 }
-                None => break,
-            }
-        }
-        inner.map.insert(key.clone(), Slot::Loading);
-        drop(inner);
-        let mut guard = LoadGuard { cache: self, key: Some(key.clone()) };
-        let data: Bytes = Arc::new(load()?);
-        let mut inner = self.lock();
-        inner.map.remove(key);
-        if data.len() <= self.capacity_bytes {
-            while inner.used_bytes + data.len() > self.capacity_bytes {
-                let Some((_, victim)) = inner.order.pop_first() else {
-                    break;
-                };
-                if let Some(Slot::Ready { data, .. }) = inner.map.remove(&victim) {
-                    inner.used_bytes -= data.len();
+                None => {
+                    let waited = started.elapsed();
+                    if inner.make_room(reserve, self.capacity_bytes, self.hot, waited >= MAX_WAIT) {
+                        break;
+                    }
+                    if !wait {
+                        return None;
+                    }
+                    let pause = (self.hot / 2).clamp(Duration::from_millis(1), MAX_WAIT);
+                    let (g, _) = self.loaded.wait_timeout(inner, pause).unwrap_or_else(|e| e.into_inner());
+                    inner = g;
                 }
             }
+        }
+        inner.map.insert(key.clone(), Slot::Loading(reserve));
+        inner.used_bytes += reserve;
+        drop(inner);
+        let mut guard = LoadGuard { cache: self, key: Some(key.clone()) };
+        let data: Bytes = match load() {
+            Ok(d) => Arc::new(d),
+            Err(e) => return Some(Err(e)),
+        };
+        let mut inner = self.lock();
+        inner.map.remove(key);
+        inner.used_bytes -= reserve;
+        if data.len() <= self.capacity_bytes && inner.make_room(data.len(), self.capacity_bytes, self.hot, true) {
             inner.tick += 1;
             let tick = inner.tick;
             inner.order.insert(tick, key.clone());
             inner.used_bytes += data.len();
-            inner.map.insert(key.clone(), Slot::Ready { data: data.clone(), tick });
+            inner.map.insert(key.clone(), Slot::Ready { data: data.clone(), tick, touched: Instant::now() });
         }
         drop(inner);
         guard.key = None;
         self.loaded.notify_all();
-        Ok(data)
+        Some(Ok(data))
     }
 }
 
@@ -141,11 +209,34 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[test]
+    fn hot_segments_are_kept_from_read_ahead_and_loads_wait_for_them() {
+        let c = SegmentCache::with_hot(20, Duration::from_secs(3600));
+        c.get_or_load(&1u32, 10, || Ok(vec![1; 10])).unwrap();
+        c.get_or_load(&2u32, 10, || Ok(vec![2; 10])).unwrap();
+        // Read-ahead finds no cold room: skipped, nothing loaded or evicted.
+        assert!(c.prefetch(&3, 10, || Ok(vec![3; 10])).is_none());
+        assert!(c.contains(&1) && c.contains(&2) && !c.contains(&3));
+        // A read waits for a segment to cool; past MAX_WAIT it evicts the least recently used anyway.
+        c.get_or_load(&2, 10, || unreachable!("cached")).unwrap();
+        let t = Instant::now();
+        assert_eq!(*c.get_or_load(&3, 10, || Ok(vec![3; 10])).unwrap(), vec![3; 10]);
+        assert!(t.elapsed() >= MAX_WAIT);
+        assert!(!c.contains(&1) && c.contains(&2) && c.contains(&3));
+        assert_eq!(c.used_bytes(), 20);
+        // With a cold segment, read-ahead makes room from it.
+        let cold = SegmentCache::with_hot(20, Duration::ZERO);
+        cold.get_or_load(&1u32, 10, || Ok(vec![1; 10])).unwrap();
+        cold.get_or_load(&2u32, 10, || Ok(vec![2; 10])).unwrap();
+        assert!(cold.prefetch(&3, 10, || Ok(vec![3; 10])).is_some_and(|r| r.is_ok()));
+        assert!(!cold.contains(&1) && cold.contains(&3));
+    }
+
+    #[test]
     fn evicts_least_recently_used_within_capacity() {
-        let c = SegmentCache::new(30);
+        let c = SegmentCache::with_hot(30, Duration::ZERO);
         let loads = AtomicUsize::new(0);
         let get = |k: u32| {
-            c.get_or_load(&k, || {
+            c.get_or_load(&k, 10, || {
                 loads.fetch_add(1, Ordering::SeqCst);
                 Ok(vec![k as u8; 10])
             })
@@ -168,9 +259,9 @@ mod tests {
     #[test]
     fn oversized_and_failed_loads_are_not_kept() {
         let c = SegmentCache::new(5);
-        assert_eq!(c.get_or_load(&1u8, || Ok(vec![0; 6])).unwrap().len(), 6);
+        assert_eq!(c.get_or_load(&1u8, 6, || Ok(vec![0; 6])).unwrap().len(), 6);
         assert!(!c.contains(&1));
-        assert!(c.get_or_load(&2u8, || Err(crate::Error::Config("bad".into()))).is_err());
+        assert!(c.get_or_load(&2u8, 1, || Err(crate::Error::Config("bad".into()))).is_err());
         assert!(!c.contains(&2));
         assert_eq!(c.used_bytes(), 0);
     }
@@ -183,7 +274,7 @@ mod tests {
             for _ in 0..8 {
                 s.spawn(|| {
                     let d = c
-                        .get_or_load(&7u32, || {
+                        .get_or_load(&7u32, 100, || {
                             loads.fetch_add(1, Ordering::SeqCst);
                             std::thread::sleep(std::time::Duration::from_millis(50));
                             Ok(vec![7; 100])
@@ -200,9 +291,10 @@ mod tests {
     fn a_panicking_load_does_not_block_others() {
         let c = SegmentCache::new(100);
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let _ = c.get_or_load(&1u8, || panic!("boom"));
+            let _ = c.get_or_load(&1u8, 1, || panic!("boom"));
         }));
         assert!(r.is_err());
-        assert_eq!(*c.get_or_load(&1u8, || Ok(vec![1])).unwrap(), vec![1]);
+        assert_eq!(*c.get_or_load(&1u8, 1, || Ok(vec![1])).unwrap(), vec![1]);
+        assert_eq!(c.used_bytes(), 1, "the reservation of the failed load was given back");
     }
 }

@@ -784,13 +784,20 @@ impl Shared {
     /// next commit (the root has no entry: its times live while mounted).
     fn touch_dir(&self, st: &mut State, dir: Ino) {
         let now = now_ns();
-        let default = self.stat_of(st, dir);
+        self.edit_entry(st, dir, |s| s.modified(now));
+    }
+
+    /// Changes the metadata of directory or link `ino` (an implied directory gets an entry of its own, and is
+    /// then kept when empty); the entry is rewritten with the next commit.
+    fn edit_entry(&self, st: &mut State, ino: Ino, change: impl FnOnce(&mut Stat)) {
+        st.tree.set_explicit(ino);
+        let default = self.stat_of(st, ino);
         let e =
-            st.entries.entry(dir).or_insert(EntrySlot { committed: None, stat: default, target: None, dirty: false });
-        e.stat.modified(now);
-        if !e.dirty && dir != ROOT {
+            st.entries.entry(ino).or_insert(EntrySlot { committed: None, stat: default, target: None, dirty: false });
+        change(&mut e.stat);
+        if !e.dirty && ino != ROOT {
             e.dirty = true;
-            self.queue_entry(dir);
+            self.queue_entry(ino);
         }
     }
 
@@ -927,7 +934,9 @@ impl Shared {
         }
         let src_committed = plan.files.iter().any(|(i, _, c)| *i == plan.ino && c.is_some());
         if let (Some(tc), false) = (&target.committed, src_committed) {
-            catalog::remove(&self.store, &tc.entry)?;
+            // Removed with the source's first commit, in the same record: until then the store keeps the old
+            // version (hidden here), so a crash never leaves neither.
+            self.queue_removal(tc.entry.file.clone());
             loaded.by_key.remove(&tc.key());
         }
         Ok(())
@@ -1051,10 +1060,10 @@ struct RenameTarget {
 /// Takes out of the tree the entries of `old` that the catalog no longer has (keeping those with changes
 /// pending).
 fn remove_vanished(st: &mut State, old: &HashMap<String, Arc<Committed>>, by_name: &HashMap<String, Arc<Committed>>) {
-    for (name, c) in old {
-        if by_name.contains_key(name) {
-            continue;
-        }
+    // Deepest first, so a directory whose entry vanished with its files is empty when its turn comes.
+    let mut gone: Vec<(&String, &Arc<Committed>)> = old.iter().filter(|(n, _)| !by_name.contains_key(*n)).collect();
+    gone.sort_by_key(|(n, _)| std::cmp::Reverse(n.matches('/').count()));
+    for (name, c) in gone {
         let Some(ino) = st.tree.resolve(name) else {
             continue;
         };
@@ -1095,7 +1104,7 @@ fn show_changed(
             EntryKind::File => show_file(st, name, c),
             EntryKind::Dir => st.tree.ensure_dir(name).map(|ino| show_entry(st, ino, c, None, default_owner)),
             EntryKind::Symlink { target } => match st.tree.resolve(name) {
-                Some(ino) if st.entries.contains_key(&ino) => {
+                Some(ino) if st.entries.contains_key(&ino) && st.tree.file(ino).is_some() => {
                     show_entry(st, ino, c, Some(target), default_owner);
                     Ok(())
                 }
@@ -1128,6 +1137,7 @@ fn show_file(st: &mut State, name: &str, c: &Arc<Committed>) -> Result<()> {
 
 /// Records the committed entry of directory or link `ino`; its metadata shows unless changes are pending.
 fn show_entry(st: &mut State, ino: Ino, c: &Arc<Committed>, target: Option<&String>, default_owner: (u32, u32)) {
+    st.tree.set_explicit(ino);
     let stat = Stat::of(&c.meta, default_owner);
     let e = st.entries.entry(ino).or_insert(EntrySlot { committed: None, stat, target: target.cloned(), dirty: false });
     e.committed = Some(c.clone());

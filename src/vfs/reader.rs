@@ -44,17 +44,26 @@ impl Vfs {
 impl Shared {
     /// The verified plaintext of one segment, from the cache or decoded.
     pub(super) fn segment(&self, file: &OpenFile, segment: u64) -> Result<Bytes> {
-        self.cache.get_or_load(&(file.body.file_id, segment), || {
-            // The decoded buffer itself goes into the cache (no copy); the decoder allocates a new one.
-            self.decoders.with(
-                file,
-                |r| {
-                    let mut out = Vec::new();
-                    r.read_swap(segment, &mut out).map(|()| out)
-                },
-                &self.store,
-            )
-        })
+        let len = segment_len(file, segment);
+        self.cache.get_or_load(&(file.body.file_id, segment), len, || self.decode(file, segment))
+    }
+
+    /// Read-ahead of one segment into the cache, skipped when it would evict a segment in use.
+    fn prefetch_segment(&self, file: &OpenFile, segment: u64) -> Option<Result<Bytes>> {
+        let len = segment_len(file, segment);
+        self.cache.prefetch(&(file.body.file_id, segment), len, || self.decode(file, segment))
+    }
+
+    fn decode(&self, file: &OpenFile, segment: u64) -> Result<Vec<u8>> {
+        // The decoded buffer itself goes into the cache (no copy); the decoder allocates a new one.
+        self.decoders.with(
+            file,
+            |r| {
+                let mut out = Vec::new();
+                r.read_swap(segment, &mut out).map(|()| out)
+            },
+            &self.store,
+        )
     }
 
     pub(super) fn read_committed(
@@ -147,8 +156,13 @@ pub(super) fn prefetch_loop(shared: &Shared, rx: &Mutex<Receiver<Prefetch>>) {
             Ok(j) => j,
             Err(_) => return,
         };
-        if let Err(e) = shared.segment(&job.file, job.segment) {
+        if let Some(Err(e)) = shared.prefetch_segment(&job.file, job.segment) {
             tracing::debug!(segment = job.segment, error = %e, "read-ahead failed");
         }
     }
+}
+
+/// Plaintext bytes of `segment` of `file` (what its cache entry will hold).
+fn segment_len(file: &OpenFile, segment: u64) -> usize {
+    file.body.segments.get(segment as usize).map_or(0, |s| s.plain_len as usize)
 }

@@ -432,3 +432,171 @@ fn an_open_file_unlinked_keeps_its_attributes_until_closed() {
     v.release(fh).unwrap();
     assert_eq!(v.getattr(a.ino).unwrap_err().fs_kind(), FsErrorKind::NotFound);
 }
+
+// ---- races and collisions found in review ----
+
+/// A directory made while no location answers must still be committed once they answer again.
+#[test]
+fn a_directory_queued_while_the_session_cannot_start_is_committed_later() {
+    let d = tempfile::tempdir().unwrap();
+    let ms = crate::testing::mem_store(d.path(), 2, 1, 3, MIN_SEGMENT_SIZE).unwrap();
+    let faulty = ms.faulty.clone();
+    let opts = VfsOptions {
+        catalog_ttl: Duration::from_secs(3600),
+        write_behind: Duration::from_secs(3600),
+        ..VfsOptions::default()
+    };
+    let v = Vfs::new(Arc::new(ms.store), opts).unwrap();
+    v.mkdir(ROOT, "d", 0o700, None).unwrap();
+    v.symlink(ROOT, "l", "target", None).unwrap();
+    for f in &faulty {
+        f.set_gone(true);
+    }
+    assert!(v.sync_all().is_err(), "no location answers");
+    for f in &faulty {
+        f.set_gone(false);
+    }
+    v.sync_all().unwrap();
+    assert_eq!(entries(&v), ["d/ Dir", "l Symlink"], "the directory and the link were dropped");
+}
+
+/// rename(2) of a closed-but-uncommitted file over a committed one: until the new file is committed, the store
+/// should still hold the old version (a crash now loses both).
+#[test]
+fn rename_over_a_committed_file_keeps_it_until_the_new_one_is_committed() {
+    let d = tempfile::tempdir().unwrap();
+    let v = vfs(d.path());
+    put(&v, "t", b"old");
+    resolve(&v, "t").unwrap();
+    write_file(&v, ROOT, "tmp", b"new");
+    v.rename(ROOT, "tmp", ROOT, "t", false).unwrap();
+    assert!(catalog::find(v.store(), "t").is_ok(), "the store holds neither version of t");
+}
+
+/// A store holding both a file `D` and `D/x` (the tree shows the directory): creating a file in `D` through the
+/// mount must not delete the file `D`.
+#[test]
+fn touching_a_directory_does_not_delete_a_hidden_file_of_the_same_name() {
+    let d = tempfile::tempdir().unwrap();
+    let v = vfs(d.path());
+    put(&v, "D/x", b"x");
+    let dir = resolve(&v, "D").unwrap();
+    assert_eq!(dir.kind, FileType::Dir);
+    put(&v, "D", b"precious"); // e.g. by `bf commit`; not shown (the directory was seen first)
+    assert_eq!(resolve(&v, "D").unwrap().kind, FileType::Dir);
+    write_file(&v, dir.ino, "y", b"y");
+    v.sync_all().unwrap();
+    let e = catalog::find(v.store(), "D").unwrap();
+    assert_eq!(e.meta.unwrap().kind, EntryKind::File, "the file D was replaced by a directory entry");
+}
+
+/// Another writer replaces directory `d` (an entry of this mount) with a symbolic link: the mount must not
+/// turn its directory into a link, nor write a link entry for a directory with files below it.
+#[test]
+fn a_link_entry_from_elsewhere_does_not_land_on_a_directory() {
+    let d = tempfile::tempdir().unwrap();
+    let v = vfs(d.path());
+    let dir = v.mkdir(ROOT, "d", 0o755, None).unwrap();
+    v.sync_all().unwrap();
+    let req = CommitRequest {
+        name: "d".into(),
+        replace: true,
+        workers: 1,
+        size: Some(0),
+        kind: EntryKind::Symlink { target: "elsewhere".into() },
+        ..Default::default()
+    };
+    commit(v.store(), &mut std::io::empty(), &req, &|_| {}).unwrap();
+    let a = resolve(&v, "d").unwrap(); // refreshes
+    assert_eq!(a.kind, FileType::Dir);
+    let answers_readlink = v.readlink(dir.ino).ok();
+    write_file(&v, dir.ino, "f", b"f");
+    v.sync_all().unwrap();
+    let m = catalog::find(v.store(), "d").unwrap().meta.unwrap();
+    assert!(
+        !matches!(m.kind, EntryKind::Symlink { .. }),
+        "a link entry was written for a directory with files below it"
+    );
+    assert_eq!(answers_readlink, None, "a directory answers readlink");
+}
+
+/// A directory with an entry of its own in the catalog (its mode was set through the mount) stays when its last
+/// file is removed by another process.
+#[test]
+fn a_directory_with_an_entry_is_not_pruned_when_its_last_file_goes() {
+    let d = tempfile::tempdir().unwrap();
+    let v = vfs(d.path());
+    put(&v, "a/f", b"f");
+    let a = resolve(&v, "a").unwrap();
+    v.setattr(a.ino, None, SetAttr { mode: Some(0o700), ..SetAttr::default() }).unwrap();
+    v.sync_all().unwrap();
+    assert_eq!(entries(&v), ["a/ Dir", "a/f File"]);
+    let e = catalog::find(v.store(), "a/f").unwrap();
+    catalog::remove(v.store(), &e).unwrap(); // `bf rm a/f`
+    assert_eq!(entries(&v), ["a/ Dir"]);
+    let got = resolve(&v, "a");
+    assert!(got.is_ok(), "the directory vanished from the mount though the catalog has its entry");
+}
+
+/// Another process compacts the pack holding `f` (as `bf rm` does); a chmod through the mount afterwards must
+/// not publish a manifest naming the dropped pack.
+#[test]
+fn a_chmod_after_a_compaction_elsewhere_keeps_the_file_readable() {
+    let d = tempfile::tempdir().unwrap();
+    let v = vfs(d.path());
+    let mut s = Session::new(v.store(), SessionOptions::default()).unwrap();
+    for (name, len) in [("f", 100usize), ("g", 5000)] {
+        let req = CommitRequest { name: name.into(), mode: 0o644, replace: true, workers: 1, ..Default::default() };
+        s.commit(&mut Cursor::new(data(len, 1)), &req, &|_| {}).unwrap();
+    }
+    for r in s.flush().unwrap() {
+        r.unwrap();
+    }
+    let f = resolve(&v, "f").unwrap();
+    catalog::remove(v.store(), &catalog::find(v.store(), "g").unwrap()).unwrap();
+    let rep = crate::files::compact::compact(v.store(), 16).unwrap();
+    assert_eq!(rep.files_moved, 1);
+    v.setattr(f.ino, None, SetAttr { mode: Some(0o600), ..SetAttr::default() }).unwrap();
+    assert_eq!(read_all(&v, "f").unwrap(), data(100, 1));
+}
+
+/// A refresh while a commit has taken the queued removals but not yet the namespace lock (it waits for `heavy`,
+/// held here as a large spool copy would hold it) must not show the unlinked file again.
+#[test]
+fn an_unlinked_file_does_not_come_back_while_its_removal_is_in_flight() {
+    let d = tempfile::tempdir().unwrap();
+    let v = vfs(d.path());
+    put(&v, "f", b"gone");
+    resolve(&v, "f").unwrap();
+    v.unlink(ROOT, "f").unwrap();
+    let heavy = lock(&v.shared.heavy);
+    std::thread::scope(|s| {
+        let t = s.spawn(|| v.sync_all());
+        std::thread::sleep(Duration::from_millis(300));
+        let back = resolve(&v, "f");
+        drop(heavy);
+        t.join().unwrap().unwrap();
+        assert!(back.is_err(), "the unlinked file is shown again: {back:?}");
+    });
+}
+
+/// chmod of a committed file racing an open for writing: the chmod must survive the writer's commit.
+#[test]
+fn a_chmod_racing_an_open_for_writing_is_kept() {
+    let d = tempfile::tempdir().unwrap();
+    let v = vfs(d.path());
+    put(&v, "f", b"data");
+    let f = resolve(&v, "f").unwrap();
+    let ns = lock(&v.shared.ns);
+    std::thread::scope(|s| {
+        let t = s.spawn(|| v.setattr(f.ino, None, SetAttr { mode: Some(0o640), ..SetAttr::default() }));
+        std::thread::sleep(Duration::from_millis(300)); // setattr now waits in reseal_meta
+        let fh = v.open(f.ino, OpenMode { write: true, truncate: false }).unwrap();
+        drop(ns);
+        t.join().unwrap().unwrap();
+        v.write(fh, 0, b"DATA").unwrap();
+        v.release(fh).unwrap();
+    });
+    v.sync_all().unwrap();
+    assert_eq!(catalog::find(v.store(), "f").unwrap().meta.unwrap().mode, 0o640, "the chmod was reverted");
+}

@@ -254,6 +254,13 @@ impl<F> Tree<F> {
         Ok(dir)
     }
 
+    /// Marks directory `ino` explicit (kept when empty).
+    pub fn set_explicit(&mut self, ino: Ino) {
+        if let Some(NodeKind::Dir { explicit, .. }) = self.nodes.get_mut(&ino).map(|n| &mut n.kind) {
+            *explicit = true;
+        }
+    }
+
     /// Removes a file or an empty directory; returns the node. `keep_parent` makes the parent explicit, so a
     /// directory emptied through the mount stays (as it would on a disk filesystem); otherwise implied parent
     /// directories left empty vanish too.

@@ -342,16 +342,10 @@ impl Shared {
         }
     }
 
-    /// A metadata change of directory or link `ino` (an implied directory gets an entry of its own).
+    /// A metadata change of directory or link `ino`.
     pub(super) fn change_entry(&self, st: &mut State, ino: Ino, changes: &SetAttr) {
-        let default = self.stat_of(st, ino);
-        let e =
-            st.entries.entry(ino).or_insert(EntrySlot { committed: None, stat: default, target: None, dirty: false });
-        e.stat.apply(changes, now_ns());
-        if !e.dirty && ino != ROOT {
-            e.dirty = true;
-            self.queue_entry(ino);
-        }
+        let now = now_ns();
+        self.edit_entry(st, ino, |s| s.apply(changes, now));
     }
 
     /// Queues directory or link `ino` for its entry to be written by the next commit.
@@ -425,16 +419,18 @@ impl Shared {
                 items.push((i, w));
             }
         }
-        let removals: Vec<catalog::FileRef> = lock(&self.removals).drain(..).map(|(f, _)| f).collect();
-        let mut entries: Vec<Ino> = lock(&self.dirty_entries).drain(..).map(|(i, _)| i).collect();
-        entries.sort_unstable();
-        entries.dedup();
-        if items.is_empty() && removals.is_empty() && entries.is_empty() {
+        if items.is_empty() && lock(&self.removals).is_empty() && lock(&self.dirty_entries).is_empty() {
             return vec![];
         }
         let mut ops: Vec<_> = items.iter().map(|(_, w)| lock(&w.op)).collect();
         let _heavy = lock(&self.heavy);
         let mut loaded = lock(&self.ns);
+        // Taken off their queues only under the namespace lock: until then a refresh still hides the removed
+        // entries (it reads the queue), and after, it waits for this commit.
+        let removals: Vec<catalog::FileRef> = lock(&self.removals).drain(..).map(|(f, _)| f).collect();
+        let mut entries: Vec<Ino> = lock(&self.dirty_entries).drain(..).map(|(i, _)| i).collect();
+        entries.sort_unstable();
+        entries.dedup();
         let mut errors = Vec::new();
         let (done, entries_done) = self.commit_items(&items, &removals, &entries, &mut errors);
         for (ino, outcome) in entries_done {
@@ -548,8 +544,15 @@ impl Shared {
             let req = {
                 let mut st = lock(&self.state);
                 let Some(path) = st.tree.path(ino).filter(|p| !p.is_empty()) else { continue };
+                // A file of the same name that this view does not show (a store may hold both `d` and `d/x`):
+                // the entry would replace it, so it is not written.
+                let hidden = st.known.get(&path).filter(|c| c.meta.kind == EntryKind::File).cloned();
                 let Some(e) = st.entries.get_mut(&ino).filter(|e| e.dirty) else { continue };
                 e.dirty = false;
+                if hidden.is_some_and(|h| !e.committed.as_ref().is_some_and(|c| Arc::ptr_eq(c, &h))) {
+                    tracing::warn!(path = %path, "not writing the entry of a directory or link: a file of that name is in the catalog");
+                    continue;
+                }
                 CommitRequest { size: Some(0), ..e.stat.request(path, e.kind()) }
             };
             match session.commit(&mut std::io::empty(), &req, &|_| {}) {
@@ -571,13 +574,11 @@ impl Shared {
         Ok(())
     }
 
-    /// An entry whose commit failed stays dirty, for the next commit to try again.
+    /// An entry whose commit failed (or never started) stays dirty and queued, for the next commit to try again.
     fn entry_failed(&self, ino: Ino) {
         if let Some(e) = lock(&self.state).entries.get_mut(&ino) {
-            if !e.dirty {
-                e.dirty = true;
-                self.queue_entry(ino);
-            }
+            e.dirty = true;
+            self.queue_entry(ino);
         }
     }
 
@@ -660,17 +661,20 @@ impl Shared {
         let Some(c) = lock(&self.state).tree.file(ino).and_then(|s| s.committed.clone()) else {
             return Ok(());
         };
+        let now = now_ns();
         let mut stat = Stat::of(&c.meta, self.default_owner);
-        stat.apply(&changes, now_ns());
+        stat.apply(&changes, now);
         let meta = stat.sealed_into(&c.meta);
         let n = Arc::new(Committed::new(catalog::reseal(&self.store, &c.entry, &meta, true)?)?);
         loaded.by_key.remove(&c.key());
         loaded.by_key.insert(n.key(), n.clone());
-        if let Some(w) = writer {
-            *lock(&w.stat) = stat;
-        }
         let mut st = lock(&self.state);
         st.known.insert(meta.name.clone(), n.clone());
+        // Writers opened meanwhile (or before) started from the old metadata: the change applies to them too.
+        let current = st.tree.file(ino).and_then(|s| s.writer.clone());
+        for w in writer.into_iter().chain(current.as_deref()) {
+            lock(&w.stat).apply(&changes, now);
+        }
         if let Some(slot) = st.tree.file_mut(ino) {
             slot.committed = Some(n);
         }
