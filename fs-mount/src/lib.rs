@@ -32,13 +32,15 @@ pub struct MountOptions {
     pub read_only: bool,
     /// Let other users access the mount (`allow_other`).
     pub allow_other: bool,
-    /// Threads serving kernel requests (concurrent readers).
+    /// Threads serving kernel requests. A thread waiting for a segment to be decoded (or for room in the
+    /// cache) serves nothing else meanwhile, so there are more threads than cores: readers of segments already
+    /// decoded are served while other readers wait.
     pub threads: usize,
 }
 
 impl Default for MountOptions {
     fn default() -> Self {
-        MountOptions { read_only: false, allow_other: false, threads: 4 }
+        MountOptions { read_only: false, allow_other: false, threads: 16 }
     }
 }
 

@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 
 use crate::error::Result;
 
-/// A segment read this recently is not evicted to make room for another (unless a load waited [`MAX_WAIT`]).
-pub const HOT: Duration = Duration::from_millis(100);
+/// A segment read this recently is not evicted to make room for another (unless a load waited [`MAX_WAIT`]);
+/// a segment read to its end cools down at once (see [`SegmentCache::read_through`]).
+pub const HOT: Duration = Duration::from_millis(500);
 
 /// Longest a load waits for a hot segment to cool down before evicting the least recently used anyway.
 pub const MAX_WAIT: Duration = Duration::from_secs(10);
@@ -121,6 +122,16 @@ impl<K: Hash + Eq + Clone> SegmentCache<K> {
     /// Bytes held.
     pub fn used_bytes(&self) -> usize {
         self.lock().used_bytes
+    }
+
+    /// A reader read segment `key` to its end: it may be evicted soon (a little later than at once, as the
+    /// kernel's read-ahead reorders reads a little), so sequential readers sharing a small cache hand their
+    /// room on quickly.
+    pub fn read_through(&self, key: &K) {
+        let soon = Instant::now().checked_sub(self.hot.saturating_sub(Duration::from_millis(20)));
+        if let (Some(Slot::Ready { touched, .. }), Some(soon)) = (self.lock().map.get_mut(key), soon) {
+            *touched = soon;
+        }
     }
 
     /// True when `key` is cached or being loaded.

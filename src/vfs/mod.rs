@@ -375,6 +375,8 @@ struct Shared {
     heavy: Mutex<()>,
     cache: SegmentCache<([u8; 16], u64)>,
     decoders: DecoderPool,
+    /// Segments decoded so far (a segment decoded twice was evicted before it was read through).
+    decoded: AtomicU64,
     spool_dir: PathBuf,
     mount_time_ns: i64,
     /// Closed files whose writes are not committed yet (write-behind), with when they were closed.
@@ -449,6 +451,7 @@ impl Vfs {
         let max_open = opts.max_open.max(1);
         let shared = Arc::new(Shared {
             cache: SegmentCache::new(opts.cache_bytes),
+            decoded: AtomicU64::new(0),
             decoders: DecoderPool {
                 free: Mutex::new((Vec::new(), 0)),
                 returned: Condvar::new(),
@@ -495,6 +498,11 @@ impl Vfs {
     /// The store.
     pub fn store(&self) -> &Store {
         &self.shared.store
+    }
+
+    /// Segments decoded (verified, rebuilt when needed, decrypted) since the view was made.
+    pub fn segments_decoded(&self) -> u64 {
+        self.shared.decoded.load(Ordering::Relaxed)
     }
 
     /// Whether changes are refused.

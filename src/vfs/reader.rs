@@ -55,6 +55,7 @@ impl Shared {
     }
 
     fn decode(&self, file: &OpenFile, segment: u64) -> Result<Vec<u8>> {
+        self.decoded.fetch_add(1, Ordering::Relaxed);
         // The decoded buffer itself goes into the cache (no copy); the decoder allocates a new one.
         self.decoders.with(
             file,
@@ -94,6 +95,9 @@ impl Shared {
                 ));
             }
             out.extend_from_slice(&data[a..b]);
+            if b == data.len() {
+                self.cache.read_through(&(file.body.file_id, seg));
+            }
         }
         // Read-ahead when this read continues the previous one (the kernel's own read-ahead reorders reads a
         // little, hence the window).

@@ -600,3 +600,36 @@ fn a_chmod_racing_an_open_for_writing_is_kept() {
     v.sync_all().unwrap();
     assert_eq!(catalog::find(v.store(), "f").unwrap().meta.unwrap().mode, 0o640, "the chmod was reverted");
 }
+
+#[test]
+fn parallel_sequential_readers_sharing_a_small_cache_decode_each_segment_once() {
+    let d = tempfile::tempdir().unwrap();
+    let store = Arc::new(new_store(d.path(), 2, 1));
+    // Room for two segments, four readers of two segments each: under plain LRU they evicted each other's
+    // segments before reading them through, and every read decoded a whole segment again.
+    let opts = VfsOptions { cache_bytes: 2 * SEG, catalog_ttl: Duration::ZERO, ..VfsOptions::default() };
+    let v = Vfs::new(store, opts).unwrap();
+    for i in 0..4 {
+        put(&v, &format!("f{i}"), &data(2 * SEG, i));
+    }
+    let inos: Vec<Ino> = (0..4).map(|i| resolve(&v, &format!("f{i}")).unwrap().ino).collect();
+    std::thread::scope(|s| {
+        for (i, ino) in inos.into_iter().enumerate() {
+            let v = &v;
+            s.spawn(move || {
+                let fh = v.open(ino, OpenMode::default()).unwrap();
+                let mut got = Vec::new();
+                loop {
+                    let chunk = v.read(fh, got.len() as u64, 4096).unwrap();
+                    if chunk.is_empty() {
+                        break;
+                    }
+                    got.extend_from_slice(&chunk);
+                }
+                v.release(fh).unwrap();
+                assert_eq!(got, data(2 * SEG, i as u64));
+            });
+        }
+    });
+    assert_eq!(v.segments_decoded(), 8, "each segment decoded once");
+}
