@@ -99,6 +99,19 @@ impl<K: Hash + Eq + Clone> Drop for LoadGuard<'_, K> {
     }
 }
 
+/// Capacity lent by [`SegmentCache::lend`], given back on drop.
+pub struct Lent<'a, K: Hash + Eq + Clone> {
+    cache: &'a SegmentCache<K>,
+    bytes: usize,
+}
+
+impl<K: Hash + Eq + Clone> Drop for Lent<'_, K> {
+    fn drop(&mut self) {
+        self.cache.lock().used_bytes -= self.bytes;
+        self.cache.loaded.notify_all();
+    }
+}
+
 impl<K: Hash + Eq + Clone> SegmentCache<K> {
     /// A cache holding at most `capacity_bytes` of segment data.
     pub fn new(capacity_bytes: usize) -> Self {
@@ -132,6 +145,17 @@ impl<K: Hash + Eq + Clone> SegmentCache<K> {
         if let (Some(Slot::Ready { touched, .. }), Some(soon)) = (self.lock().map.get_mut(key), soon) {
             *touched = soon;
         }
+    }
+
+    /// Lends `bytes` of the capacity (at most three quarters of it) to other work, such as a commit of a large
+    /// file, evicting what it must: until the guard is dropped, segments and loads fit in the rest, so the two
+    /// together stay within the capacity.
+    pub fn lend(&self, bytes: usize) -> Lent<'_, K> {
+        let bytes = bytes.min(self.capacity_bytes / 4 * 3);
+        let mut inner = self.lock();
+        inner.make_room(bytes, self.capacity_bytes, self.hot, true);
+        inner.used_bytes += bytes;
+        Lent { cache: self, bytes }
     }
 
     /// True when `key` is cached or being loaded.
@@ -234,6 +258,13 @@ mod tests {
         assert!(t.elapsed() >= MAX_WAIT);
         assert!(!c.contains(&1) && c.contains(&2) && c.contains(&3));
         assert_eq!(c.used_bytes(), 20);
+        // Lending capacity evicts, and loads fit in the rest until it is given back.
+        {
+            let _lent = c.lend(10);
+            assert_eq!(c.used_bytes(), 20);
+            assert!(!c.contains(&2) || !c.contains(&3), "room was made for the loan");
+        }
+        assert_eq!(c.used_bytes(), 10);
         // With a cold segment, read-ahead makes room from it.
         let cold = SegmentCache::with_hot(20, Duration::ZERO);
         cold.get_or_load(&1u32, 10, || Ok(vec![1; 10])).unwrap();

@@ -112,6 +112,13 @@ impl Shared {
 }
 
 impl DecoderPool {
+    /// Frees the buffers of idle decoders (kept between segments of a busy reader; freed when reading pauses).
+    fn trim(&self) {
+        for (_, bufs) in lock(&self.free).0.iter_mut() {
+            *bufs = StripeBuffers::default();
+        }
+    }
+
     fn with<R>(
         &self,
         file: &OpenFile,
@@ -154,11 +161,18 @@ impl DecoderPool {
     }
 }
 
+/// How long the decoders stay idle before their buffers (about 1.5 segments each) are freed.
+const DECODERS_IDLE: Duration = Duration::from_secs(1);
+
 pub(super) fn prefetch_loop(shared: &Shared, rx: &Mutex<Receiver<Prefetch>>) {
     loop {
-        let job = match lock(rx).recv() {
+        let job = match lock(rx).recv_timeout(DECODERS_IDLE) {
             Ok(j) => j,
-            Err(_) => return,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                shared.decoders.trim();
+                continue;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
         };
         if let Some(Err(e)) = shared.prefetch_segment(&job.file, job.segment) {
             tracing::debug!(segment = job.segment, error = %e, "read-ahead failed");

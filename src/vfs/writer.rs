@@ -424,6 +424,7 @@ impl Shared {
         }
         let mut ops: Vec<_> = items.iter().map(|(_, w)| lock(&w.op)).collect();
         let _heavy = lock(&self.heavy);
+        let _room = self.cache.lend(self.commit_memory(&items));
         let mut loaded = lock(&self.ns);
         // Taken off their queues only under the namespace lock: until then a refresh still hides the removed
         // entries (it reads the queue), and after, it waits for this commit.
@@ -459,6 +460,17 @@ impl Shared {
             }
         }
         errors
+    }
+
+    /// Memory the commit of `items` takes beyond packs: for a file too large to pack, its pipeline's segment
+    /// buffers and shards (about 1.5 segments per worker and one more), lent by the segment cache meanwhile.
+    fn commit_memory(&self, items: &[(Ino, Arc<Writer>)]) -> usize {
+        let limit = crate::files::pack::pack_limit(&self.store, crate::files::pack::DEFAULT_PACK_THRESHOLD);
+        if !items.iter().any(|(_, w)| w.spool().is_some_and(|s| s.len() > limit)) {
+            return 0;
+        }
+        let segment = self.store.descriptor().segment_size as usize;
+        (self.opts.commit_workers.max(1) + 1) * segment / 2 * 3
     }
 
     /// Commits each item's spool and each dirty directory or link entry in one session; per item, `None` when
