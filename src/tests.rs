@@ -25,15 +25,7 @@ pub(crate) fn new_store(dir: &std::path::Path, k: u16, m: u16) -> Store {
 pub(crate) use crate::testing::test_bytes as data;
 
 fn req(name: &str) -> CommitRequest {
-    CommitRequest {
-        name: name.into(),
-        mtime_unix_ns: 0,
-        mode: 0o644,
-        replace: false,
-        workers: 2,
-        size: None,
-        ..Default::default()
-    }
+    CommitRequest { name: name.into(), mode: 0o644, workers: 2, size: None, ..Default::default() }
 }
 
 /// Reads a committed file back whole.

@@ -14,15 +14,7 @@ use crate::testing::{self, test_bytes as data, MemStore};
 use crate::tests::get;
 
 fn req(name: &str, len: usize) -> CommitRequest {
-    CommitRequest {
-        name: name.into(),
-        mtime_unix_ns: 0,
-        mode: 0o644,
-        replace: false,
-        workers: 2,
-        size: Some(len as u64),
-        ..Default::default()
-    }
+    CommitRequest { name: name.into(), mode: 0o644, workers: 2, size: Some(len as u64), ..Default::default() }
 }
 
 /// The store as another process opens it (a fresh catalog read), on the same locations.

@@ -424,15 +424,20 @@ mod tests {
         assert_eq!(m.encode(), bytes);
     }
 
-    #[test]
-    fn metadata_of_older_formats_reads_as_a_file_without_owner() {
-        let key = MasterKey::from_bytes([1; 32]);
-        let mut body = sample_body(&key);
+    /// A format version 2 manifest of "a/b", whose sealed metadata has the four fields of formats 1 and 2.
+    fn version_2_manifest(key: &MasterKey) -> Manifest {
+        let mut body = sample_body(key);
         let old_meta = postcard::to_allocvec(&("a/b", 10u64, 77i64, 0o640u32)).unwrap();
         (body.sealed_meta, body.meta_nonce) = key.seal_metadata(&body.file_id, &old_meta).unwrap();
         let body_bytes = postcard::to_allocvec(&body).unwrap();
         let mac = key.manifest_mac(&body_bytes);
-        let v2 = Manifest { body, version: 2, body_bytes, mac };
+        Manifest { body, version: 2, body_bytes, mac }
+    }
+
+    #[test]
+    fn metadata_of_older_formats_reads_as_a_file_without_owner() {
+        let key = MasterKey::from_bytes([1; 32]);
+        let v2 = version_2_manifest(&key);
         let back = Manifest::decode(&v2.encode(), Some(&key), "t").unwrap();
         let meta = back.meta(&key).unwrap();
         assert_eq!(meta, FileMeta::file("a/b".into(), 10, 77, 0o640));
@@ -442,12 +447,7 @@ mod tests {
     #[test]
     fn a_version_2_manifest_rebuilt_like_compaction_keeps_readable_metadata() {
         let key = MasterKey::from_bytes([1; 32]);
-        let mut body = sample_body(&key);
-        let old_meta = postcard::to_allocvec(&("a/b", 10u64, 77i64, 0o640u32)).unwrap();
-        (body.sealed_meta, body.meta_nonce) = key.seal_metadata(&body.file_id, &old_meta).unwrap();
-        let body_bytes = postcard::to_allocvec(&body).unwrap();
-        let mac = key.manifest_mac(&body_bytes);
-        let v2 = Manifest { body, version: 2, body_bytes, mac };
+        let v2 = version_2_manifest(&key);
         assert_eq!(v2.meta(&key).unwrap().name, "a/b");
         // What files::compact does to a packed file it moves: the same body (sealed metadata included), only
         // `data` changed: rebuilt in the version that says how the metadata is encoded.

@@ -38,15 +38,7 @@ fn scratch() -> tempfile::TempDir {
 }
 
 fn put_file(store: &Store, name: &str, bytes: &[u8]) {
-    let req = CommitRequest {
-        name: name.into(),
-        mtime_unix_ns: 0,
-        mode: 0o644,
-        replace: false,
-        workers: 1,
-        size: None,
-        ..Default::default()
-    };
+    let req = CommitRequest { name: name.into(), mode: 0o644, workers: 1, size: None, ..Default::default() };
     commit(store, &mut Cursor::new(bytes), &req, &|_| {}).unwrap();
 }
 
@@ -387,15 +379,7 @@ fn write_policy_tolerates_failed_locations_and_scrub_fills_the_shortfall() {
     assert_eq!(store.min_shards_written(), 4);
     assert!(store.set_min_shards_written(2).is_err() && store.set_min_shards_written(6).is_err());
     let bytes = data(3 * SEG + 77, 5);
-    let req = CommitRequest {
-        name: "f".into(),
-        mtime_unix_ns: 0,
-        mode: 0o644,
-        replace: false,
-        workers: 2,
-        size: None,
-        ..Default::default()
-    };
+    let req = CommitRequest { name: "f".into(), mode: 0o644, workers: 2, size: None, ..Default::default() };
     // Two of five locations refuse writes: k+1 = 4 shards per stripe cannot be met, so the commit fails whole.
     locs[1].set_read_only(true);
     locs[3].set_read_only(true);
