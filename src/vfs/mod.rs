@@ -78,7 +78,7 @@ impl Default for VfsOptions {
             cache_bytes: 128 << 20,
             catalog_ttl: Duration::from_secs(1),
             commit_workers: 1,
-            read_ahead_bytes: 8 << 20,
+            read_ahead_bytes: 64 << 20,
             decoders: 2,
             max_open: 4096,
             write_behind: Duration::from_secs(1),
