@@ -231,10 +231,7 @@ impl Vfs {
                 Some(w) => self.shared.truncate(w, size)?,
                 None => {
                     // truncate(2) on a file nobody has open: a temporary writer, committed at once.
-                    let stat = committed.as_ref().map_or_else(
-                        || Stat::new(0o644, self.shared.default_owner, 0),
-                        |c| Stat::of(&c.meta, self.shared.default_owner),
-                    );
+                    let (_, stat) = self.shared.file_stat(None, committed.as_ref());
                     let w = Writer::new(committed.clone(), None, stat);
                     if changes.changes_metadata() {
                         lock(&w.stat).apply(&changes, now_ns());
