@@ -93,14 +93,18 @@ impl Mounted {
         assert!(!mounted(&self.dir));
     }
 
-    /// kill -9 of the server (no unmount, no commit), then a lazy unmount of the dead mount.
-    pub(crate) fn kill9(mut self) {
+    /// kill -9 of the server (no unmount, no commit), then `while_dead` (the dead mount still answers ENOTCONN, so a process writing
+    /// into it stops there; after the lazy unmount its paths would lead to the empty directory below), then a
+    /// lazy unmount of the dead mount.
+    pub(crate) fn kill9_then<T>(mut self, while_dead: impl FnOnce() -> T) -> T {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+        let out = while_dead();
         let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
         wait_for("the dead mount to go", || !mounted(&self.dir));
+        out
     }
 
     /// `bf umount`, then the server exits by itself.
@@ -417,7 +421,7 @@ fn mount_read_only_signals_and_background_mode() {
     wait_for("the unmount", || !mounted(&dir));
 }
 
-/// Writes files into `dir` until killed or the mount fails; prints each name once its fsync returned. The
+/// Writes files into `dir` until the mount fails (or is no longer there); prints each name once its fsync returned. The
 /// contents follow from the name, sizes from a few bytes to 300 KiB (packed and files of their own). With
 /// `check` instead of a seed, reads names from stdin and prints those whose contents differ or are missing.
 const CRASH_WRITER: &str = r#"
@@ -438,8 +442,10 @@ if mode == "check":
             print(name)
     sys.exit(0)
 seed, i = int(mode), 0
+# Only ever into the mount: stop when the directory is no longer the file system it was at the start.
+dev = os.stat(d).st_dev
 try:
-    while True:
+    while i < 200_000 and os.stat(d).st_dev == dev:
         name = f"s{seed}/d{i % 7}/f{i}"
         os.makedirs(os.path.join(d, os.path.dirname(name)), exist_ok=True)
         with open(os.path.join(d, name), "wb") as f:
@@ -476,8 +482,7 @@ fn mount_crash_keeps_every_fsynced_file() {
         // A different moment each round, past several flusher rounds.
         std::thread::sleep(Duration::from_millis(1000 + 500 * (seed % 4)));
         let dir = m.dir.clone();
-        m.kill9();
-        let out = writer.wait_with_output().unwrap();
+        let out = m.kill9_then(|| writer.wait_with_output().unwrap());
         let synced: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect();
         assert!(
             !synced.is_empty(),
