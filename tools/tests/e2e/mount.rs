@@ -93,9 +93,9 @@ impl Mounted {
         assert!(!mounted(&self.dir));
     }
 
-    /// kill -9 of the server (no unmount, no commit), then `while_dead` (the dead mount still answers ENOTCONN, so a process writing
-    /// into it stops there; after the lazy unmount its paths would lead to the empty directory below), then a
-    /// lazy unmount of the dead mount.
+    /// kill -9 of the server (no unmount, no commit), then `while_dead`, then a lazy unmount of the dead mount.
+    /// Until that unmount the dead mount answers ENOTCONN, so a process writing into it stops there; after it,
+    /// the process's paths would lead into the empty directory below.
     pub(crate) fn kill9_then<T>(mut self, while_dead: impl FnOnce() -> T) -> T {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
