@@ -633,3 +633,30 @@ fn parallel_sequential_readers_sharing_a_small_cache_decode_each_segment_once() 
     });
     assert_eq!(v.segments_decoded(), 8, "each segment decoded once");
 }
+
+/// A chown that waited for a closed file's writer while the flusher committed and retired it, then a chmod:
+/// both must be kept (the chown went to the retired writer and the chmod to the older committed version, and
+/// the writer's later commit reverted the chmod: pjdfstest's utimensat/06.t).
+#[test]
+fn a_chown_racing_the_commit_of_a_closed_file_and_a_chmod_after_are_both_kept() {
+    let d = tempfile::tempdir().unwrap();
+    let v = vfs(d.path());
+    let ino = write_file(&v, ROOT, "f", b"data");
+    let ns = lock(&v.shared.ns);
+    std::thread::scope(|s| {
+        let sync = s.spawn(|| v.sync_all());
+        std::thread::sleep(Duration::from_millis(200)); // the commit holds the writer's op lock, waits for ns
+        let chown = s.spawn(|| v.setattr(ino, None, SetAttr { uid: Some(65534), ..SetAttr::default() }));
+        std::thread::sleep(Duration::from_millis(200)); // the chown waits for the writer's op lock
+        drop(ns);
+        sync.join().unwrap().unwrap();
+        let a = chown.join().unwrap().unwrap();
+        assert_eq!(a.stat.uid, 65534, "the chown's reply");
+    });
+    let a = v.setattr(ino, None, SetAttr { mode: Some(0o444), ..SetAttr::default() }).unwrap();
+    assert_eq!((a.stat.uid, a.stat.mode & 0o7777), (65534, 0o444));
+    v.sync_all().unwrap();
+    let meta = catalog::find(v.store(), "f").unwrap().meta.unwrap();
+    assert_eq!((meta.owner.map(|o| o.0), meta.mode & 0o7777), (Some(65534), 0o444), "a change was lost");
+    assert_eq!(v.getattr(ino).unwrap().stat.mode & 0o7777, 0o444);
+}

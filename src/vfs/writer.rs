@@ -206,66 +206,114 @@ impl Vfs {
             },
             None => None,
         };
-        let (writer, committed) = {
-            let mut st = lock(&self.shared.state);
-            match st.tree.get(ino).map(|n| &n.kind) {
-                Some(NodeKind::File(slot)) if !st.entries.contains_key(&ino) => {
-                    (handle_writer.or_else(|| slot.writer.clone()), slot.committed.clone())
-                }
-                Some(kind) => {
-                    if changes.size.is_some() {
-                        let is_dir = matches!(kind, NodeKind::Dir { .. });
-                        let e = if is_dir { FsErrorKind::IsADirectory } else { FsErrorKind::InvalidArgument };
-                        return Err(Error::fs(e, format!("inode {ino}")));
-                    }
-                    if changes.changes_metadata() {
-                        self.shared.change_entry(&mut st, ino, &changes);
-                    }
-                    return self.shared.attr(&st, ino);
-                }
-                None => return Err(Error::fs(FsErrorKind::NotFound, format!("inode {ino}"))),
-            }
-        };
-        if let Some(size) = changes.size {
-            match &writer {
-                Some(w) => self.shared.truncate(w, size)?,
+        // A writer that a commit retires meanwhile (its op lock is held for that) no longer carries changes:
+        // they would be lost with it. So the writer is checked again under its op lock, and when it was
+        // retired the change goes to what is committed now (pjdfstest's utimensat/06.t lost a chmod so).
+        let mut candidate = handle_writer;
+        for _ in 0..SETATTR_TRIES {
+            let writer = match self.setattr_target(ino, &changes, candidate.take())? {
+                Target::Done(a) => return Ok(a),
+                Target::Writer(w) => w,
+            };
+            let Some(w) = writer else {
+                self.setattr_committed(ino, &changes)?;
+                return self.shared.attr(&lock(&self.shared.state), ino);
+            };
+            let op = lock(&w.op);
+            match self.shared.slot_writer(ino) {
+                Some(cur) if Arc::ptr_eq(&cur, &w) => {}
+                Some(_) => continue,
+                None if w.writers.load(Ordering::SeqCst) > 0 => {}
                 None => {
-                    // truncate(2) on a file nobody has open: a temporary writer, committed at once.
-                    let (_, stat) = self.shared.file_stat(None, committed.as_ref());
-                    let w = Writer::new(committed.clone(), None, stat);
-                    if changes.changes_metadata() {
-                        lock(&w.stat).apply(&changes, now_ns());
-                    }
-                    self.shared.truncate(&w, size)?;
-                    self.shared.commit_writer(ino, &w)?;
-                    let st = lock(&self.shared.state);
-                    return self.shared.attr(&st, ino);
+                    drop(op);
+                    self.setattr_committed(ino, &changes)?;
+                    return self.shared.attr(&lock(&self.shared.state), ino);
                 }
             }
+            self.setattr_writer(ino, &w, &op, &changes)?;
+            drop(op);
+            return self.shared.attr(&lock(&self.shared.state), ino);
+        }
+        Err(Error::internal(format!("inode {ino}: its writer kept changing")))
+    }
+
+    /// Where a change of `ino` goes: a directory or link is changed at once (`Done`); a file, through its
+    /// writer (`preferred`, else the one it has), or `None` for its committed version.
+    fn setattr_target(&self, ino: Ino, changes: &SetAttr, preferred: Option<Arc<Writer>>) -> Result<Target> {
+        let mut st = lock(&self.shared.state);
+        match st.tree.get(ino).map(|n| &n.kind) {
+            Some(NodeKind::File(slot)) if !st.entries.contains_key(&ino) => {
+                Ok(Target::Writer(preferred.or_else(|| slot.writer.clone())))
+            }
+            Some(kind) => {
+                if changes.size.is_some() {
+                    let is_dir = matches!(kind, NodeKind::Dir { .. });
+                    let e = if is_dir { FsErrorKind::IsADirectory } else { FsErrorKind::InvalidArgument };
+                    return Err(Error::fs(e, format!("inode {ino}")));
+                }
+                if changes.changes_metadata() {
+                    self.shared.change_entry(&mut st, ino, changes);
+                }
+                Ok(Target::Done(self.shared.attr(&st, ino)?))
+            }
+            None => Err(Error::fs(FsErrorKind::NotFound, format!("inode {ino}"))),
+        }
+    }
+
+    /// A change of a file with no writer: a truncate commits a temporary writer at once; a metadata change
+    /// re-seals what is committed now.
+    fn setattr_committed(&self, ino: Ino, changes: &SetAttr) -> Result<()> {
+        let Some(size) = changes.size else {
+            return match changes.changes_metadata() {
+                true => self.shared.reseal_meta(ino, *changes, None),
+                false => Ok(()),
+            };
+        };
+        let committed = lock(&self.shared.state).tree.file(ino).and_then(|s| s.committed.clone());
+        let (_, stat) = self.shared.file_stat(None, committed.as_ref());
+        let w = Writer::new(committed, None, stat);
+        if changes.changes_metadata() {
+            lock(&w.stat).apply(changes, now_ns());
+        }
+        {
+            let op = lock(&w.op);
+            self.shared.truncate_locked(&w, &op, size)?;
+        }
+        self.shared.commit_writer(ino, &w)
+    }
+
+    /// A change of a file through its writer `w` (its op lock held, still the file's writer): a closed
+    /// writer is queued again, so the change is committed.
+    fn setattr_writer(&self, ino: Ino, w: &Arc<Writer>, op: &WriterOp, changes: &SetAttr) -> Result<()> {
+        if let Some(size) = changes.size {
+            self.shared.truncate_locked(w, op, size)?;
         }
         if changes.changes_metadata() {
-            // The writer's op lock orders the change with a commit of the writer in progress: it lands after
-            // it, and is queued again, so neither loses it.
-            let op = writer.as_ref().map(|w| (w, lock(&w.op)));
-            let pending = op.as_ref().filter(|(w, _)| w.spool().is_some()).map(|(w, _)| *w);
-            match pending {
-                Some(w) => {
-                    lock(&w.stat).apply(&changes, now_ns());
-                    w.dirty.store(true, Ordering::SeqCst);
-                    if w.writers.load(Ordering::SeqCst) == 0 {
-                        self.shared.queue(ino, w);
-                    }
-                }
-                // Not (or no longer) pending: re-seal what is committed now. Not the `committed` read above: a
-                // commit of the writer may have finished before its op lock was ours (a new file had no
-                // committed version then, and the change was lost: pjdfstest's chmod/00.t, now and then).
-                None => self.shared.reseal_meta(ino, changes, writer.as_deref())?,
+            if w.spool().is_some() {
+                lock(&w.stat).apply(changes, now_ns());
+                w.dirty.store(true, Ordering::SeqCst);
+            } else {
+                // Open but unchanged: the committed version is re-sealed (and the writer's copy changed too).
+                self.shared.reseal_meta(ino, *changes, Some(w))?;
             }
         }
-        let st = lock(&self.shared.state);
-        self.shared.attr(&st, ino)
+        if w.dirty.load(Ordering::SeqCst) && w.writers.load(Ordering::SeqCst) == 0 {
+            self.shared.queue(ino, w);
+        }
+        Ok(())
     }
 }
+
+/// Where [`Vfs::setattr`] applies a change.
+enum Target {
+    /// A directory or link, changed: its attributes.
+    Done(Attr),
+    /// A file: its writer, or `None` for the committed version.
+    Writer(Option<Arc<Writer>>),
+}
+
+/// How often [`Vfs::setattr`] looks again when the file's writer was replaced by a new one meanwhile.
+const SETATTR_TRIES: usize = 8;
 
 /// The first of `errors` as the result of an operation that made several commits.
 fn first_error(errors: Vec<Error>) -> Result<()> {
@@ -316,13 +364,23 @@ impl Shared {
     }
 
     pub(super) fn truncate(&self, w: &Writer, size: u64) -> Result<()> {
-        check_size(Some(size), "truncate")?;
         let op = lock(&w.op);
-        let spool = self.ensure_spool(w, &op, Some(size))?;
+        self.truncate_locked(w, &op, size)
+    }
+
+    /// [`Shared::truncate`] with the writer's op lock held.
+    pub(super) fn truncate_locked(&self, w: &Writer, op: &WriterOp, size: u64) -> Result<()> {
+        check_size(Some(size), "truncate")?;
+        let spool = self.ensure_spool(w, op, Some(size))?;
         spool.set_len(size)?;
         w.dirty.store(true, Ordering::SeqCst);
         lock(&w.stat).modified(now_ns());
         Ok(())
+    }
+
+    /// The writer file `ino` has now.
+    pub(super) fn slot_writer(&self, ino: Ino) -> Option<Arc<Writer>> {
+        lock(&self.state).tree.file(ino).and_then(|s| s.writer.clone())
     }
 
     /// Commits one writer now (with whatever else is queued); returns its failure.
@@ -626,6 +684,9 @@ impl Shared {
     /// Drops a closed writer from its file once nothing is left to commit; a new file that never got committed
     /// (its commit failed) is removed rather than left as an empty ghost.
     pub(super) fn retire(&self, ino: Ino, w: &Arc<Writer>) {
+        // Under the op lock, so a change that `setattr` makes to this writer is either in before (and the
+        // writer stays, queued) or finds it retired.
+        let _op = lock(&w.op);
         if w.dirty.load(Ordering::SeqCst)
             && !w.unlinked.load(Ordering::SeqCst)
             && lock(&self.dirty).iter().any(|(_, x, _)| Arc::ptr_eq(x, w))
