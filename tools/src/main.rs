@@ -1,8 +1,16 @@
 //! `bf`: the BlockFrame command-line tool.
 
+/// `println!` to [`output::line`]: it returns the write's result (`println!` panics on a closed stdout).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::output::line(format_args!($($arg)*))
+    };
+}
+
 mod cli;
 mod cmd;
 mod open;
+mod output;
 mod settings;
 mod units;
 
@@ -51,6 +59,15 @@ fn limit_malloc_arenas() {
     }
 }
 
+/// Whether `e` is a write to a reader that went away.
+fn is_broken_pipe(e: &(dyn std::error::Error + 'static)) -> bool {
+    let io = e.downcast_ref::<std::io::Error>().or_else(|| match e.downcast_ref::<Error>() {
+        Some(Error::Io { source, .. }) => Some(source),
+        _ => None,
+    });
+    io.is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
 fn main() -> ExitCode {
     limit_malloc_arenas();
     let cli = cli::Cli::parse();
@@ -66,15 +83,8 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             // A closed pipe (`bf get x -o - | head`) is not an error.
-            if let Some(io) = e.downcast_ref::<std::io::Error>() {
-                if io.kind() == std::io::ErrorKind::BrokenPipe {
-                    return ExitCode::from(EXIT_OK);
-                }
-            }
-            if let Some(Error::Io { source, .. }) = e.downcast_ref::<Error>() {
-                if source.kind() == std::io::ErrorKind::BrokenPipe {
-                    return ExitCode::from(EXIT_OK);
-                }
+            if e.chain().any(is_broken_pipe) {
+                return ExitCode::from(EXIT_OK);
             }
             eprintln!("bf: {e:#}");
             let code = match e.downcast_ref::<Error>() {

@@ -131,7 +131,7 @@ pub(crate) fn commit_cmd(a: &CommitArgs, s: &Settings) -> Result<u8> {
         return Err(e);
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&reports)?);
+        out!("{}", serde_json::to_string_pretty(&reports)?)?;
     }
     let degraded = reports.iter().any(|r| r.shards_not_stored > 0);
     Ok(if degraded { EXIT_DEGRADED } else { EXIT_OK })
@@ -189,7 +189,7 @@ fn print_committed(
             }
         };
         if !a.json {
-            println!("{}  {}  {} bytes", report.root, report.name, report.size);
+            out!("{}  {}  {} bytes", report.root, report.name, report.size)?;
         }
         if report.shards_not_stored > 0 {
             eprintln!(
@@ -241,50 +241,121 @@ pub(crate) fn get(a: &GetArgs, s: &Settings) -> Result<u8> {
             pb.set_position(n)
         }
     };
-    let target = match &a.output {
-        Some(p) if p.as_os_str() == "-" => None,
-        Some(p) => Some(p.clone()),
-        None => Some(PathBuf::from(file.meta.name.rsplit('/').next().unwrap_or("out"))),
-    };
-    match target {
-        None => {
-            let stdout = std::io::stdout();
-            let mut out = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
+    match output_target(a, &file.meta.name)? {
+        Output::Stdout => {
+            let stdout = CountingWriter { inner: std::io::stdout().lock(), n: 0 };
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, stdout);
+            let read = read_to(&st, &file, &mut out, s.workers, &progress);
+            // Each segment is verified (or rebuilt) before a byte of it is written, so what was read goes out
+            // even when a later segment is beyond repair: the stream ends early, at that segment's start, and
+            // the error says where.
+            let flushed = out.flush();
+            let n = out.get_ref().n;
+            read.map_err(anyhow::Error::new)
+                .and(flushed.map_err(anyhow::Error::new))
+                .with_context(|| format!("standard output stopped after {n} bytes"))?;
+        }
+        Output::Device(path) => {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, f);
             read_to(&st, &file, &mut out, s.workers, &progress)?;
-            out.flush()?;
+            out.flush().with_context(|| format!("writing {}", path.display()))?;
         }
-        Some(path) => {
-            if path.exists() && !a.force {
-                bail!("{} exists (use --force to overwrite)", path.display());
-            }
-            // Rebuild into a temporary file beside the target and rename at the end, so a failure never leaves
-            // a truncated file under the target name.
-            let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-            let tmp = dir.join(format!(".{}.bf-partial", path.file_name().and_then(|n| n.to_str()).unwrap_or("out")));
-            let res = (|| -> Result<()> {
-                let f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-                let mut out = std::io::BufWriter::with_capacity(1 << 20, f);
-                read_to(&st, &file, &mut out, s.workers, &progress)?;
-                let f = out.into_inner().map_err(|e| e.into_error()).context("writing output")?;
-                f.sync_all().context("syncing output")?;
-                #[cfg(unix)]
-                {
-                    use std::os::unix::fs::PermissionsExt;
-                    let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(file.meta.mode & 0o777));
-                }
-                std::fs::rename(&tmp, &path).with_context(|| format!("renaming into {}", path.display()))?;
-                Ok(())
-            })();
-            if res.is_err() {
-                let _ = std::fs::remove_file(&tmp);
-            }
-            res?;
-        }
+        Output::File(path) => write_file_atomically(&st, &file, &path, s.workers, &progress)?,
     }
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }
     Ok(EXIT_OK)
+}
+
+/// Where `bf get` writes.
+enum Output {
+    /// Standard output (`-o -`).
+    Stdout,
+    /// Something that is not a regular file (`/dev/null`, a FIFO): written in place.
+    Device(PathBuf),
+    /// A regular file: rebuilt beside it and renamed in.
+    File(PathBuf),
+}
+
+/// The output of `bf get`: `-o` as given (a directory means the file's name in it), else the last part of the
+/// file's name in the current directory.
+fn output_target(a: &GetArgs, name: &str) -> Result<Output> {
+    let base = || {
+        let base = name.rsplit('/').next().filter(|b| !b.is_empty()).unwrap_or("out");
+        if base.len() > 255 {
+            bail!(
+                "the last part of {name:?} is {} bytes, longer than a local file name may be: give -o PATH",
+                base.len()
+            );
+        }
+        Ok(PathBuf::from(base))
+    };
+    let path = match &a.output {
+        Some(p) if p.as_os_str() == "-" => return Ok(Output::Stdout),
+        Some(p) if p.is_dir() => p.join(base()?),
+        Some(p) => p.clone(),
+        None => base()?,
+    };
+    match std::fs::metadata(&path) {
+        Ok(md) if md.is_dir() => bail!("{} is a directory", path.display()),
+        Ok(md) if !md.is_file() => Ok(Output::Device(path)),
+        Ok(_) if !a.force => bail!("{} exists (use --force to overwrite)", path.display()),
+        _ => Ok(Output::File(path)),
+    }
+}
+
+/// Rebuilds `file` into a temporary file beside `path`, synced, then renamed over it: a failure never leaves
+/// a truncated file under the target name.
+fn write_file_atomically(
+    st: &Store,
+    file: &OpenFile,
+    path: &Path,
+    workers: usize,
+    progress: &dyn Fn(u64),
+) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".bf-partial-{}", std::process::id()));
+    let res = (|| -> Result<()> {
+        let f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, f);
+        read_to(st, file, &mut out, workers, progress)?;
+        let f = out.into_inner().map_err(|e| e.into_error()).context("writing output")?;
+        f.sync_all().context("syncing output")?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(file.meta.mode & 0o777));
+        }
+        std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
+        Ok(())
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
+}
+
+/// A writer that counts the bytes it passed on.
+struct CountingWriter<W> {
+    inner: W,
+    n: u64,
+}
+
+impl<W: Write> Write for CountingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.n += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 #[derive(serde::Serialize)]
@@ -340,7 +411,7 @@ pub(crate) fn ls(a: &LsArgs, s: &Settings) -> Result<u8> {
         })
         .collect();
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        out!("{}", serde_json::to_string_pretty(&rows)?)?;
     } else {
         for r in &rows {
             let h = format!("{:?}", r.health).to_lowercase();
@@ -349,7 +420,7 @@ pub(crate) fn ls(a: &LsArgs, s: &Settings) -> Result<u8> {
                 (_, Some(t)) => format!("{} -> {t}", r.name),
                 _ => r.name.clone(),
             };
-            println!("{:>14}  {:>6}  {:<8}  {}  {name}", r.size, r.segments, h, &r.root[..16]);
+            out!("{:>14}  {:>6}  {:<8}  {}  {name}", r.size, r.segments, h, &r.root[..16])?;
         }
     }
     for e in &bad {
@@ -446,9 +517,9 @@ pub(crate) fn verify(a: &VerifyArgs, s: &Settings) -> Result<u8> {
     };
     let rows: Vec<VerifyRow> = entries.iter().map(|e| verify_row(&st, e)).collect();
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        out!("{}", serde_json::to_string_pretty(&rows)?)?;
     } else {
-        rows.iter().for_each(print_verify_row);
+        rows.iter().try_for_each(print_verify_row)?;
     }
     Ok(if rows.iter().any(|r| !r.segments_lost.is_empty()) {
         EXIT_LOST
@@ -491,7 +562,7 @@ fn verify_row(st: &Store, e: &Entry) -> VerifyRow {
     row
 }
 
-fn print_verify_row(r: &VerifyRow) {
+fn print_verify_row(r: &VerifyRow) -> std::io::Result<()> {
     let state = if !r.segments_lost.is_empty() {
         format!("LOST segments {:?}", r.segments_lost)
     } else if r.shards_bad > 0 {
@@ -499,8 +570,9 @@ fn print_verify_row(r: &VerifyRow) {
     } else {
         "ok".into()
     };
-    println!("{}: {state} ({} shards ok)", r.name, r.shards_ok);
+    out!("{}: {state} ({} shards ok)", r.name, r.shards_ok)?;
     for p in &r.problems {
-        println!("  {p}");
+        out!("  {p}")?;
     }
+    Ok(())
 }

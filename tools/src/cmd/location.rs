@@ -25,10 +25,10 @@ pub(crate) fn location_cmd(c: &LocationCommand, s: &Settings) -> Result<u8> {
                 .map(|(i, (spec, state))| (i, spec, state))
                 .collect();
             if *json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                out!("{}", serde_json::to_string_pretty(&rows)?)?;
             } else {
                 for (i, spec, state) in &rows {
-                    println!("{i:>3}  {spec}  {}", location_word(state));
+                    out!("{i:>3}  {spec}  {}", location_word(state))?;
                 }
             }
             Ok(if rows.iter().all(|r| matches!(r.2, LocationState::Ok)) { EXIT_OK } else { EXIT_DEGRADED })

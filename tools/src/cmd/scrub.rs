@@ -118,9 +118,9 @@ pub(crate) fn scrub_once(
         eprintln!("bf: warning: scrub state: {w}");
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        out!("{}", serde_json::to_string_pretty(&report)?)?;
     } else {
-        print_report(st, &report);
+        print_report(st, &report)?;
     }
     Ok(exit_code(report.health()))
 }
@@ -149,62 +149,70 @@ fn file_line(f: &FileReport) -> String {
     line
 }
 
-fn print_report(st: &Store, r: &ScrubReport) {
+fn print_report(st: &Store, r: &ScrubReport) -> std::io::Result<()> {
     for f in r.files.iter().filter(|f| f.health() != Health::Healthy) {
-        print_file(st, f);
+        print_file(st, f)?;
     }
     for l in &r.locations {
-        print_location(l);
+        print_location(l)?;
     }
     for o in &r.orphans {
         let age = o.age_secs.map(|a| format!("{:.1} h old", a as f64 / 3600.0)).unwrap_or_else(|| "age unknown".into());
         let what = if o.deleted { "deleted" } else { "kept (younger than the grace period, or no --repair)" };
-        println!("orphan {}: {} shards on {} locations, {age}: {what}", o.file_id, o.shards, o.locations.len());
+        out!("orphan {}: {} shards on {} locations, {age}: {what}", o.file_id, o.shards, o.locations.len())?;
     }
     for v in &r.volumes {
-        print_volume(v);
+        print_volume(v)?;
     }
-    print_catalog(&r.catalog);
-    print_summary(r);
+    print_catalog(&r.catalog)?;
+    print_summary(r)?;
+    Ok(())
 }
 
 /// The catalog log's copies, when something was wrong with them.
-fn print_catalog(c: &blockframe::scrub::CatalogReport) {
+fn print_catalog(c: &blockframe::scrub::CatalogReport) -> std::io::Result<()> {
     if c.bad() == 0 && c.errors.is_empty() && c.stale_deleted == 0 {
-        return;
+        return Ok(());
     }
-    println!(
+    out!(
         "catalog log: {} objects, copies {} ok, {} missing, {} corrupt, {} rewritten, {} stale deleted",
-        c.objects, c.copies.ok, c.copies.missing, c.copies.corrupt, c.copies.repaired, c.stale_deleted
-    );
+        c.objects,
+        c.copies.ok,
+        c.copies.missing,
+        c.copies.corrupt,
+        c.copies.repaired,
+        c.stale_deleted
+    )?;
     for e in &c.errors {
-        println!("  {e}");
+        out!("  {e}")?;
     }
+    Ok(())
 }
 
 /// A file that is not healthy: its line, its first issues and its repair failures.
-fn print_file(st: &Store, f: &FileReport) {
+fn print_file(st: &Store, f: &FileReport) -> std::io::Result<()> {
     const MAX_ISSUES: usize = 20;
-    println!("{}", file_line(f));
+    out!("{}", file_line(f))?;
     for i in f.issues.iter().take(MAX_ISSUES) {
         let loc = st.locations().get(i.location).map(|l| l.name()).unwrap_or("?");
         let fix = match i.repaired_to.and_then(|t| st.locations().get(t)) {
             Some(t) => format!(" -> rebuilt on {}", t.name()),
             None => String::new(),
         };
-        println!("  segment {} shard {} on {loc}: {:?}: {}{fix}", i.segment, i.shard, i.status, i.detail);
+        out!("  segment {} shard {} on {loc}: {:?}: {}{fix}", i.segment, i.shard, i.status, i.detail)?;
     }
     if f.issues.len() > MAX_ISSUES {
-        println!("  ... and {} more", f.issues.len() - MAX_ISSUES);
+        out!("  ... and {} more", f.issues.len() - MAX_ISSUES)?;
     }
     for e in &f.repair_errors {
-        println!("  repair failed: {e}");
+        out!("  repair failed: {e}")?;
     }
+    Ok(())
 }
 
-fn print_location(l: &LocationReport) {
+fn print_location(l: &LocationReport) -> std::io::Result<()> {
     let c = &l.shards;
-    println!(
+    out!(
         "location {}: {}: shards {} ok ({} served from elsewhere), {} corrupt, {} missing, {} misplaced; {} bad \
          manifest copies; {} written",
         l.name,
@@ -216,12 +224,13 @@ fn print_location(l: &LocationReport) {
         c.misplaced,
         l.manifests_bad,
         l.written
-    );
+    )?;
+    Ok(())
 }
 
-fn print_volume(v: &VolumeReport) {
+fn print_volume(v: &VolumeReport) -> std::io::Result<()> {
     let c = &v.shards;
-    println!(
+    out!(
         "volume {} (generation {}): {}: {} stripes, shards {} ok, {} corrupt, {} missing, {} misplaced; {} at risk, \
          {} lost; {} bad superblock and {} bad map page copies; {} shards repaired{}",
         v.label,
@@ -238,22 +247,23 @@ fn print_volume(v: &VolumeReport) {
         v.pages_bad,
         v.shards_repaired,
         if v.exclusive { "" } else { " (in use: verified only, not repaired)" }
-    );
+    )?;
     if !v.stripes_lost.is_empty() {
-        println!("  lost stripes: {:?}", v.stripes_lost);
+        out!("  lost stripes: {:?}", v.stripes_lost)?;
     }
     for e in &v.errors {
-        println!("  {e}");
+        out!("  {e}")?;
     }
+    Ok(())
 }
 
 /// The run's totals, its result and what to do next.
-fn print_summary(r: &ScrubReport) {
+fn print_summary(r: &ScrubReport) -> std::io::Result<()> {
     let total = scrub::total_counts(&r.files);
     let lost: usize = r.files.iter().map(|f| f.segments_lost.len()).sum();
     let risk: usize = r.files.iter().map(|f| f.segments_at_risk.len()).sum();
     let mb = r.bytes_verified as f64 / 1e6;
-    println!(
+    out!(
         "scrubbed {} files{} ({} resumed from an earlier run): {mb:.1} MB of shards verified in {:.1} s ({:.1} MB/s); \
          {} bad shards, {risk} segments at risk, {lost} lost; result: {}",
         r.files.iter().filter(|f| !f.pack).count(),
@@ -266,13 +276,14 @@ fn print_summary(r: &ScrubReport) {
         mb / r.elapsed_secs.max(1e-9),
         total.bad(),
         health_word(r.health())
-    );
+    )?;
     if r.repair && r.health() != Health::Healthy {
-        println!("after repair: {}", health_word(r.health_after()));
+        out!("after repair: {}", health_word(r.health_after()))?;
     }
     if !r.complete {
-        println!("paused by --max-duration; continue with `bf scrub --resume`");
+        out!("paused by --max-duration; continue with `bf scrub --resume`")?;
     }
+    Ok(())
 }
 
 pub(crate) fn location_word(state: &LocationState) -> String {

@@ -37,10 +37,10 @@ pub(crate) fn status_cmd(a: &StatusArgs, s: &Settings) -> Result<u8> {
     let st = open_keyless(s)?;
     let report = status_report(&st);
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        out!("{}", serde_json::to_string_pretty(&report)?)?;
         return Ok(EXIT_OK);
     }
-    print_status(&report);
+    print_status(&report)?;
     Ok(EXIT_OK)
 }
 
@@ -77,37 +77,40 @@ fn status_report(st: &Store) -> StatusReport {
     }
 }
 
-fn print_status(report: &StatusReport) {
-    println!("store {} (id {})", report.store, report.store_id);
-    println!("k={} m={} segment {} KiB, {} files", report.k, report.m, report.segment_size >> 10, report.files);
+fn print_status(report: &StatusReport) -> std::io::Result<()> {
+    out!("store {} (id {})", report.store, report.store_id)?;
+    out!("k={} m={} segment {} KiB, {} files", report.k, report.m, report.segment_size >> 10, report.files)?;
     for (name, state) in &report.locations {
-        println!("  location {name}: {}", location_word(state));
+        out!("  location {name}: {}", location_word(state))?;
     }
     if report.pending_repairs > 0 {
-        println!(
+        out!(
             "{} files or volumes were written with shards missing (a location was down): run `bf scrub --repair`",
             report.pending_repairs
-        );
+        )?;
     }
     match &report.last_scrub {
-        None => println!("last scrub: never (run `bf scrub`)"),
-        Some(l) => print_last_scrub(l),
+        None => out!("last scrub: never (run `bf scrub`)")?,
+        Some(l) => print_last_scrub(l)?,
     }
     if let Some(r) = &report.interrupted_scrub {
-        println!(
+        out!(
             "interrupted scrub started {}: {} files done; continue with `bf scrub --resume`",
             format_utc(r.started_unix),
             r.files
-        );
+        )?;
     }
-    println!(
+    out!(
         "data at risk: {} bytes in {} files not healthy; data lost: {} bytes",
-        report.bytes_at_risk, report.files_not_healthy, report.bytes_lost
-    );
+        report.bytes_at_risk,
+        report.files_not_healthy,
+        report.bytes_lost
+    )?;
+    Ok(())
 }
 
-fn print_last_scrub(l: &RunSummary) {
-    println!(
+fn print_last_scrub(l: &RunSummary) -> std::io::Result<()> {
+    out!(
         "last scrub: {} ({}), {} files, {:.1} MB verified: {}{}",
         format_utc(l.finished_unix),
         if l.repair { "with repair" } else { "check only" },
@@ -119,9 +122,13 @@ fn print_last_scrub(l: &RunSummary) {
         } else {
             String::new()
         }
-    );
-    println!(
+    )?;
+    out!(
         "  {} bad shards, {} repaired, {} bad manifest copies, {} orphans",
-        l.shards_bad, l.shards_repaired, l.manifest_copies_bad, l.orphans
-    );
+        l.shards_bad,
+        l.shards_repaired,
+        l.manifest_copies_bad,
+        l.orphans
+    )?;
+    Ok(())
 }

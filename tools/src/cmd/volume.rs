@@ -29,10 +29,10 @@ pub(crate) fn volume_cmd(cmd: &VolumeCommand, s: &Settings) -> Result<u8> {
         VolumeCommand::Ls { json } => {
             let vols = volume::list(&st)?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&vols)?);
+                out!("{}", serde_json::to_string_pretty(&vols)?)?;
             } else {
                 for v in vols {
-                    println!("{:>16}  {:>5} KiB  gen {:<6}  {}", v.size, v.stripe_size >> 10, v.generation, v.name);
+                    out!("{:>16}  {:>5} KiB  gen {:<6}  {}", v.size, v.stripe_size >> 10, v.generation, v.name)?;
                 }
             }
         }

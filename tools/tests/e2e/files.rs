@@ -349,3 +349,77 @@ fn many_small_files_survive_losing_m_locations_and_the_store_directory() {
         assert_eq!(o.stdout, body(i), "file {i}");
     }
 }
+
+/// Runs `bf args...` with its stdout a pipe whose reader is gone before `bf` writes (`bf ... | head -0`);
+/// returns the exit status and stderr.
+fn with_closed_stdout(env: &Env, args: &[&str]) -> (Option<i32>, String) {
+    let mut child =
+        env.bf().args(args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!err.contains("panicked"), "bf {args:?} panicked: {err}");
+    (o.status.code(), err)
+}
+
+/// A closed stdout ends the output, not the work, in every command: no panic, every file of a `commit -r`
+/// committed, and a scrub's exit status still tells its result.
+#[test]
+fn a_closed_stdout_ends_the_output_not_the_work() {
+    let env = Env::new();
+    env.init(2, 1);
+    for i in 0..300 {
+        env.write(&format!("t/f{i:03}"), &data(100 + i, i as u64));
+    }
+    env.write("big", &data(20 * SEG, 7));
+    let (code, err) = with_closed_stdout(&env, &["commit", "-r", "t", "big"]);
+    assert_eq!(code, Some(0), "{err}");
+    let listed: serde_json::Value = serde_json::from_str(&env.ok(&["ls", "--json"])).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 301, "every file is committed");
+    for args in [
+        &["ls"][..],
+        &["ls", "--json"],
+        &["status"],
+        &["status", "--json"],
+        &["verify"],
+        &["verify", "--json"],
+        &["scrub"],
+        &["scrub", "--json"],
+        &["get", "big", "-o", "-"],
+    ] {
+        let (code, err) = with_closed_stdout(&env, args);
+        assert_eq!(code, Some(0), "bf {args:?}: {err}");
+    }
+    std::fs::remove_file(&files_under(&env.location(1).join("shards"))[0]).unwrap();
+    for args in [&["scrub"][..], &["scrub", "--json"]] {
+        let (code, err) = with_closed_stdout(&env, args);
+        assert_eq!(code, Some(3), "bf {args:?} finds the missing shard whatever stdout is: {err}");
+    }
+}
+
+/// `get -o -` of a file with a segment beyond repair streams the segments before it (each verified), then
+/// stops at that segment's start with exit 4 and says where; `-o /dev/null` and `-o DIR/` work.
+#[test]
+fn get_to_stdout_stops_at_the_first_segment_beyond_repair_and_says_where() {
+    let env = Env::new();
+    env.init(2, 1);
+    env.write("f", &data(10 * SEG + 99, 3));
+    env.ok(&["commit", "f"]);
+    env.ok(&["get", "f", "-o", "/dev/null"]);
+    std::fs::create_dir(env.path("out")).unwrap();
+    env.ok(&["get", "f", "-o", "out"]);
+    assert_eq!(std::fs::read(env.path("out/f")).unwrap(), data(10 * SEG + 99, 3));
+    let seg5: Vec<PathBuf> = files_under(&env.store().join("locations"))
+        .into_iter()
+        .filter(|p| p.file_stem().is_some_and(|s| s == "0000000005"))
+        .collect();
+    assert_eq!(seg5.len(), 3, "{seg5:?}");
+    for p in &seg5[..2] {
+        std::fs::remove_file(p).unwrap();
+    }
+    let o = env.run(&["get", "f", "-o", "-"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(4), "{err}");
+    assert_eq!(o.stdout, data(10 * SEG + 99, 3)[..5 * SEG], "exactly the segments before the lost one");
+    assert!(err.contains(&format!("stopped after {} bytes", 5 * SEG)), "{err}");
+}
