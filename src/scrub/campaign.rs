@@ -409,3 +409,30 @@ fn write_policy_tolerates_failed_locations_and_scrub_fills_the_shortfall() {
     assert_eq!(scrub(&store, false).health(), Health::Healthy);
     assert_eq!(raw_inventory(&locs).shards.len(), 4 * 5);
 }
+
+/// A file removed while a scrub runs (its catalog entry, then its shards) is neither damage nor loss: the run
+/// says healthy, counts it as removed, and no location reports missing shards.
+#[test]
+fn a_file_removed_during_the_scrub_is_not_reported_lost() {
+    let dir = scratch();
+    let store = testing::mem_store(dir.path(), 4, 2, 6, MIN_SEGMENT_SIZE).unwrap().store;
+    put_file(&store, "a", &data(6 * SEG, 1));
+    put_file(&store, "b", &data(6 * SEG, 2));
+    let removed = std::sync::Once::new();
+    let progress = |_: u64| {
+        removed.call_once(|| {
+            // While the first file is being checked, the other one goes.
+            for name in ["a", "b"] {
+                let e = catalog::find(&store, name).unwrap();
+                catalog::remove(&store, &e).unwrap();
+            }
+        })
+    };
+    let opts = ScrubOptions { workers: 2, ..ScrubOptions::default() };
+    let ctl = RunControl { max_duration: None, total: None, progress: &progress };
+    let (report, _) = run(&store, &opts, Selection::All, &ctl).unwrap();
+    assert!(removed.is_completed());
+    assert_eq!(report.health(), Health::Healthy, "{report:#?}");
+    assert_eq!(report.files_removed, 2);
+    assert!(report.locations.iter().all(|l| l.shards.missing == 0 && l.shards.corrupt == 0), "{report:#?}");
+}

@@ -182,17 +182,41 @@ impl Scrubber<'_> {
         }
     }
 
-    /// Runs `f` under the catalog lock if the file still has a manifest copy (so a concurrent removal is never
-    /// undone).
-    fn with_committed(&self, file: &FileRef, f: impl FnOnce()) -> Result<()> {
-        let _lock = self.store.lock_catalog()?;
+    /// [`Scrubber::file`], or `None` when a file found damaged was removed meanwhile (a removal deletes the
+    /// catalog entry first, then the shards: their going is not damage). Its shard and manifest counts are then
+    /// taken out of the location tallies again.
+    pub fn file_if_present(&self, file: &FileRef, progress: &(dyn Fn(u64) + Sync)) -> Option<FileReport> {
+        let before = self.tallies.lock().map(|t| t.clone()).unwrap_or_default();
+        let report = self.file(file, progress);
+        // An unreadable catalog counts as present: damage is reported rather than hidden.
+        if report.health() == Health::Healthy || self.is_committed(file).unwrap_or(true) {
+            return Some(report);
+        }
+        tracing::info!(file = %report.label, "removed while scrubbing; not reported");
+        self.tally(|t| {
+            for (now, was) in t.iter_mut().zip(before) {
+                (now.0, now.1) = (was.0, was.1);
+            }
+        });
+        None
+    }
+
+    /// Whether `file` is in the catalog now (its catalog entry, or for a file of manifest format 1, a manifest
+    /// copy).
+    fn is_committed(&self, file: &FileRef) -> Result<bool> {
         let mkey = manifest_key(&file.name_tag, &file.file_id);
-        let present = if file.in_log {
+        Ok(if file.in_log {
             crate::files::catalog_log::current(self.store)?.entries.contains_key(&(file.name_tag, file.file_id))
         } else {
             self.store.locations().iter().any(|l| l.get_range(&mkey, 0, 1).is_ok_and(|b| !b.is_empty()))
-        };
-        if !present {
+        })
+    }
+
+    /// Runs `f` under the catalog lock if the file is still committed (so a concurrent removal is never
+    /// undone).
+    fn with_committed(&self, file: &FileRef, f: impl FnOnce()) -> Result<()> {
+        let _lock = self.store.lock_catalog()?;
+        if !self.is_committed(file)? {
             return Err(Error::NotFound(format!("file {} (removed while scrubbing)", hex::encode(file.file_id))));
         }
         f();

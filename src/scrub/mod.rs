@@ -313,9 +313,13 @@ fn check_files(
 ) {
     let mut saved = Instant::now();
     for (n, f) in todo.iter().enumerate() {
-        let fr = scrubber.file(f, ctl.progress);
-        rec.file_done(f, &fr);
-        report.files.push(fr);
+        match scrubber.file_if_present(f, ctl.progress) {
+            Some(fr) => {
+                rec.file_done(f, &fr);
+                report.files.push(fr);
+            }
+            None => report.files_removed += 1,
+        }
         let out_of_time = ctl.max_duration.is_some_and(|d| scrubber.start.elapsed() >= d);
         if out_of_time && n + 1 < todo.len() {
             report.complete = false;

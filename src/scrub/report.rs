@@ -249,6 +249,9 @@ pub struct ScrubReport {
     pub complete: bool,
     /// Files skipped because an interrupted run had already checked them.
     pub files_resumed: u64,
+    /// Files removed while this run checked them (not reported, not damage).
+    #[serde(default)]
+    pub files_removed: u64,
     /// Shard bytes verified.
     pub bytes_verified: u64,
     /// Wall time in seconds.

@@ -277,6 +277,9 @@ fn print_summary(r: &ScrubReport) -> std::io::Result<()> {
         total.bad(),
         health_word(r.health())
     )?;
+    if r.files_removed > 0 {
+        out!("{} files were removed while being checked (not counted)", r.files_removed)?;
+    }
     if r.repair && r.health() != Health::Healthy {
         out!("after repair: {}", health_word(r.health_after()))?;
     }
