@@ -136,13 +136,20 @@ fn repairable_case(seed: u64) {
         }
     }
     let removed: BTreeSet<usize> = (0..n).filter(|&i| locs[i].probe().is_err()).collect();
+    // With a location gone or read-only, a rebuilt shard may have had to share a location with another of its
+    // segment: that stays reported (degraded, crowded) until home can be written again.
+    let crowding = !removed.is_empty() || !damage.read_only.is_empty();
     let want_after = if removed.is_empty() { Health::Healthy } else { Health::Degraded };
+    let crowded_after = repaired.files.iter().any(|f| !f.segments_crowded_left.is_empty());
+    assert!(!crowded_after || crowding, "{ctx}: crowded with every home writable");
+    let want_after = if crowded_after { Health::Degraded } else { want_after };
     assert_eq!(repaired.health_after(), want_after, "{ctx}");
 
-    // 3. A second scrub is clean (a removed location stays reported, nothing else).
+    // 3. A second scrub is clean (a removed location stays reported, a crowded segment too, nothing else).
     let after = scrub(&store, false);
     for f in &after.files {
-        assert_eq!(f.health(), Health::Healthy, "{ctx}: {f:?}");
+        let crowded_only = f.shards.bad() == 0 && !f.segments_crowded.is_empty() && f.segments_lost.is_empty();
+        assert!(f.health() == Health::Healthy || (crowding && crowded_only), "{ctx}: {f:?}");
     }
     for (i, l) in after.locations.iter().enumerate() {
         let want_ok = !removed.contains(&i);
@@ -435,4 +442,38 @@ fn a_file_removed_during_the_scrub_is_not_reported_lost() {
     assert_eq!(report.health(), Health::Healthy, "{report:#?}");
     assert_eq!(report.files_removed, 2);
     assert!(report.locations.iter().all(|l| l.shards.missing == 0 && l.shards.corrupt == 0), "{report:#?}");
+}
+
+/// A repair that had to put a shard on a location already holding one of the segment (home read-only, no free
+/// location) leaves the data short of tolerating m lost locations: scrub reports it (degraded, segment crowded)
+/// until a repair moves the shard home once home is writable; after that, losing m locations loses nothing.
+#[test]
+fn shards_sharing_a_location_are_reported_and_moved_home() {
+    let dir = scratch();
+    let testing::MemStore { store, faulty: locs, .. } =
+        testing::mem_store(dir.path(), 4, 2, 6, MIN_SEGMENT_SIZE).unwrap();
+    let bytes = data(3 * SEG, 11);
+    put_file(&store, "f", &bytes);
+    let inv = raw_inventory(&locs);
+    let s = inv.shards.iter().find(|s| s.id.1 == 1).unwrap().clone();
+    locs[s.location].inner().delete(&s.key).unwrap();
+    locs[s.location].set_read_only(true);
+    let r = scrub(&store, true);
+    let to = r.files[0].issues[0].repaired_to.expect("rebuilt elsewhere");
+    assert_ne!(to, s.location);
+    let found = scrub(&store, false);
+    assert_eq!(found.health(), Health::Degraded, "a crowded segment is not healthy: {:#?}", found.files[0]);
+    assert_eq!(found.files[0].segments_crowded, vec![1]);
+    // Home back: the repair moves the shard home and deletes the foreign copy.
+    locs[s.location].set_read_only(false);
+    let moved = scrub(&store, true);
+    assert_eq!((moved.files[0].shards_moved, moved.health_after()), (1, Health::Healthy), "{:#?}", moved.files[0]);
+    assert!(locs[s.location].inner().get(&s.key).is_ok(), "the shard is home");
+    assert!(locs[to].inner().get(&s.key).is_err(), "the foreign copy is gone");
+    assert_eq!(scrub(&store, false).health(), Health::Healthy);
+    // Any m locations may now go.
+    for l in [to, (to + 1) % 6] {
+        locs[l].set_gone(true);
+    }
+    assert_eq!(get_file(&store, "f").unwrap(), bytes);
 }

@@ -30,6 +30,12 @@ struct SegmentOutcome {
     good: usize,
     bytes: u64,
     errors: Vec<String>,
+    /// Its shards' placement lost tolerance (see [`FileReport::segments_crowded`]), as found.
+    crowded: bool,
+    /// ... and still after this run.
+    crowded_left: bool,
+    /// Good shards moved home.
+    moved: u64,
 }
 
 /// Per-worker buffers: one segment's k+m shards and an I/O buffer.
@@ -77,6 +83,13 @@ impl Scrubber<'_> {
                 report.segments_at_risk.push(o.segment);
                 report.bytes_at_risk += plain;
             }
+            if o.crowded {
+                report.segments_crowded.push(o.segment);
+            }
+            if o.crowded_left {
+                report.segments_crowded_left.push(o.segment);
+            }
+            report.shards_moved += o.moved;
             for &s in &o.statuses {
                 report.shards.add(s);
             }
@@ -292,6 +305,9 @@ impl Scrubber<'_> {
             good: 0,
             bytes: 0,
             errors: vec![],
+            crowded: false,
+            crowded_left: false,
+            moved: 0,
         };
         bufs.shards.resize(width * sl, 0);
         let mut found_at: Vec<Option<usize>> = vec![None; width];
@@ -300,12 +316,79 @@ impl Scrubber<'_> {
             *slot = self.check_shard(&addr, i, leaf, bufs, &mut out);
         }
         out.good = found_at.iter().filter(|f| f.is_some()).count();
-        if self.opts.repair && !out.issues.is_empty() && out.good >= body.k as usize {
+        let homes: Vec<usize> = (0..width).map(|i| addr.home(self.store, i)).collect();
+        out.crowded = crowded(&found_at, body.k as usize, body.m as usize, self.writable.len());
+        if !self.opts.repair {
+            out.crowded_left = out.crowded;
+            return out;
+        }
+        if !out.issues.is_empty() && out.good >= body.k as usize {
             if let Err(e) = self.repair_segment(file, body, &addr, codec, bufs, &found_at, &mut out) {
                 out.errors.push(format!("segment {seg}: {e}"));
             }
         }
+        // Where each shard is now: rebuilt ones where the repair put them.
+        for issue in &out.issues {
+            if let Some(to) = issue.repaired_to {
+                found_at[issue.shard as usize] = Some(to);
+            }
+        }
+        if let Err(e) = self.move_home(file, body, &addr, bufs, &homes, &mut found_at, &mut out) {
+            out.errors.push(format!("segment {seg}: {e}"));
+        }
+        out.crowded_left = crowded(&found_at, body.k as usize, body.m as usize, self.writable.len());
         out
+    }
+
+    /// Moves the verified shards that live away from their home back home, where home can be written again:
+    /// a repair that had to put them elsewhere (home gone or read-only) may have put two shards of the segment
+    /// on one location. Each is written and read back at home before the foreign copy is deleted.
+    #[allow(clippy::too_many_arguments)]
+    fn move_home(
+        &self,
+        file: &FileRef,
+        body: &ManifestBody,
+        addr: &StripeAddr<'_>,
+        bufs: &SegmentBuffers,
+        homes: &[usize],
+        found_at: &mut [Option<usize>],
+        out: &mut SegmentOutcome,
+    ) -> Result<()> {
+        let sl = addr.shard_len;
+        let away: Vec<usize> = (0..found_at.len())
+            .filter(|&i| found_at[i].is_some_and(|loc| loc != homes[i]) && self.writable[homes[i]])
+            .collect();
+        if away.is_empty() {
+            return Ok(());
+        }
+        self.with_committed(file, || {
+            for &i in &away {
+                let (Some(from), home) = (found_at[i], homes[i]) else { continue };
+                let payload = &bufs.shards[i * sl..(i + 1) * sl];
+                let header = ShardHeader::for_payload(
+                    body.store_id,
+                    body.file_id,
+                    addr.segment,
+                    i as u16,
+                    (body.k, body.m),
+                    payload,
+                );
+                let leaf = body.leaf(addr.segment, i).copied().unwrap_or([0; 32]);
+                let key = (addr.key_of)(i);
+                match write_rebuilt(self.store, &key, &header, payload, &leaf, &[home]) {
+                    Ok(_) => {
+                        found_at[i] = Some(home);
+                        out.moved += 1;
+                        self.tally(|t| t[home].2 += 1);
+                        if let Err(e) = self.store.locations()[from].delete(&key) {
+                            tracing::warn!(error = %e, shard = i, "the copy left on a foreign location was not deleted");
+                        }
+                    }
+                    // Home still refuses writes (read-only): the shard stays, and a crowded segment stays reported.
+                    Err(e) => tracing::info!(error = %e, shard = i, "shard not moved home"),
+                }
+            }
+        })
     }
 
     /// Fetches and verifies shard `i` of a segment into its slot of `bufs.shards`, recording its status (and, when
@@ -436,6 +519,23 @@ impl Scrubber<'_> {
         }
         Ok(target)
     }
+}
+
+/// Whether shards found at `found_at` (by shard; `None` for bad ones) survive the loss of fewer locations
+/// than they would on distinct ones: the tolerance of distinct placement is min(m, good - k) locations; the
+/// placement's is how many of the fullest locations can go with k good shards left.
+fn crowded(found_at: &[Option<usize>], k: usize, m: usize, locations: usize) -> bool {
+    let mut per = vec![0usize; locations];
+    for loc in found_at.iter().flatten() {
+        if let Some(c) = per.get_mut(*loc) {
+            *c += 1;
+        }
+    }
+    let good: usize = per.iter().sum();
+    let ideal = m.min(good.saturating_sub(k));
+    per.sort_unstable_by(|a, b| b.cmp(a));
+    let lost_with_ideal: usize = per.iter().take(ideal).sum();
+    good.saturating_sub(lost_with_ideal) < k
 }
 
 /// Checks every rebuilt shard (one per issue, in `shards`, `sl` bytes each) against its Merkle leaf, before

@@ -130,6 +130,16 @@ pub struct FileReport {
     pub segments_at_risk: Vec<u64>,
     /// Segments with fewer than k good shards.
     pub segments_lost: Vec<u64>,
+    /// Segments whose good shards share locations so that losing m locations (fewer, with shards missing)
+    /// would lose them, though their shards on distinct locations would survive it: placement took tolerance.
+    #[serde(default)]
+    pub segments_crowded: Vec<u64>,
+    /// Of those, the ones this run could not spread out again (with repair: home still unwritable).
+    #[serde(default)]
+    pub segments_crowded_left: Vec<u64>,
+    /// Good shards this run moved back to their home location (or away from a crowded one).
+    #[serde(default)]
+    pub shards_moved: u64,
     /// Plaintext bytes in at-risk segments.
     pub bytes_at_risk: u64,
     /// Plaintext bytes in lost segments.
@@ -151,7 +161,10 @@ impl FileReport {
     pub fn health(&self) -> Health {
         if !self.segments_lost.is_empty() || self.root.is_empty() {
             Health::Lost
-        } else if self.shards.bad() > 0 || self.manifests.missing + self.manifests.corrupt > 0 {
+        } else if self.shards.bad() > 0
+            || self.manifests.missing + self.manifests.corrupt > 0
+            || !self.segments_crowded.is_empty()
+        {
             Health::Degraded
         } else {
             Health::Healthy
@@ -163,7 +176,8 @@ impl FileReport {
         match self.health() {
             Health::Degraded
                 if self.issues.iter().all(|i| i.repaired_to.is_some())
-                    && self.manifests.repaired == self.manifests.missing + self.manifests.corrupt =>
+                    && self.manifests.repaired == self.manifests.missing + self.manifests.corrupt
+                    && self.segments_crowded_left.is_empty() =>
             {
                 Health::Healthy
             }

@@ -140,6 +140,15 @@ fn file_line(f: &FileReport) -> String {
     if !f.segments_at_risk.is_empty() {
         line += &format!("; segments at risk {:?}", f.segments_at_risk);
     }
+    if !f.segments_crowded.is_empty() {
+        line += &format!(
+            "; segments crowded {:?} (shards share a location: fewer lost locations than m would lose them)",
+            f.segments_crowded
+        );
+    }
+    if f.shards_moved > 0 {
+        line += &format!("; moved {} shards home", f.shards_moved);
+    }
     if f.manifests.missing + f.manifests.corrupt > 0 {
         line += &format!("; manifest copies {} missing, {} corrupt", f.manifests.missing, f.manifests.corrupt);
     }
