@@ -177,8 +177,9 @@ fn s3_location(server: &S3Server, url: &str, secret: &str, multipart_mb: usize) 
         endpoint: Some(server.endpoint()),
         access_key_id: Some(ACCESS.into()),
         secret_access_key: Some(secret.into()),
-        timeout_secs: Some(2.0),
-        max_retries: Some(1),
+        // Generous: none of these tests waits out a timeout, and a 5 MiB part took over 2 s on a loaded CI host.
+        timeout_secs: Some(15.0),
+        max_retries: Some(2),
         multipart_threshold_mb: Some(multipart_mb),
         ..Default::default()
     };
