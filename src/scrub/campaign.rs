@@ -477,3 +477,23 @@ fn shards_sharing_a_location_are_reported_and_moved_home() {
     }
     assert_eq!(get_file(&store, "f").unwrap(), bytes);
 }
+
+/// `rm` with a location read-only: the removal holds (one catalog record, written to a quorum), a repairing
+/// scrub after the location is back does not bring the file back, and the shards left behind are orphans.
+#[test]
+fn a_removal_with_a_location_read_only_is_not_undone_by_repair() {
+    let dir = scratch();
+    let testing::MemStore { store, faulty: locs, .. } =
+        testing::mem_store(dir.path(), 4, 2, 6, MIN_SEGMENT_SIZE).unwrap();
+    put_file(&store, "gone", &data(2 * SEG, 1));
+    put_file(&store, "kept", &data(2 * SEG, 2));
+    locs[2].set_read_only(true);
+    catalog::remove(&store, &catalog::find(&store, "gone").unwrap()).unwrap();
+    locs[2].set_read_only(false);
+    let r = scrub(&store, true);
+    assert!(catalog::find(&store, "gone").is_err(), "the removed file came back");
+    assert_eq!(r.files.len(), 1);
+    assert_eq!(r.orphans.iter().map(|o| o.shards).sum::<u64>(), 2, "its shards on the read-only location");
+    assert_eq!(get_file(&store, "kept").unwrap(), data(2 * SEG, 2));
+    assert!(catalog::find(&store, "gone").is_err());
+}

@@ -86,7 +86,7 @@ fn main() -> ExitCode {
             if e.chain().any(is_broken_pipe) {
                 return ExitCode::from(EXIT_OK);
             }
-            eprintln!("bf: {e:#}");
+            eprintln!("bf: {}", output::shown(&format!("{e:#}")));
             let code = match e.downcast_ref::<Error>() {
                 Some(Error::TooManyLost { .. }) | Some(Error::Authentication { .. }) => EXIT_LOST,
                 _ => EXIT_ERROR,

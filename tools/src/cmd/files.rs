@@ -20,6 +20,7 @@ use blockframe::Error;
 use crate::cli::{CommitArgs, GetArgs, InitArgs, LsArgs, RmArgs, VerifyArgs};
 use crate::cmd::init::init;
 use crate::open::{open_keyed, open_keyless, unlock};
+use crate::output::shown;
 use crate::settings::Settings;
 use crate::{EXIT_DEGRADED, EXIT_LOST, EXIT_OK};
 
@@ -57,8 +58,25 @@ fn name_for(path: &Path) -> Result<String> {
     Ok(parts.join("/"))
 }
 
-/// Expands the command line into (source path, store name) pairs.
-fn inputs(a: &CommitArgs) -> Result<Vec<(PathBuf, String)>> {
+/// One thing to commit: a source path, its store name, and whether it is a symbolic link (stored as a link, with
+/// its target) rather than a file to read.
+struct Input {
+    path: PathBuf,
+    name: String,
+    link: Option<String>,
+}
+
+/// Entries of a tree that `commit -r` did not commit, each with the reason.
+#[derive(Default)]
+struct Skipped {
+    /// Not committed although they hold data (a name that is not UTF-8): the command fails at the end.
+    refused: Vec<String>,
+    /// Kinds the store does not keep (FIFOs, sockets, devices): reported, as tar and rsync do.
+    other: usize,
+}
+
+/// Expands the command line into inputs; what a tree holds that cannot be committed goes into `skipped`.
+fn inputs(a: &CommitArgs, skipped: &mut Skipped) -> Result<Vec<Input>> {
     if a.name.is_some() && a.paths.len() != 1 {
         bail!("--name needs exactly one input");
     }
@@ -66,34 +84,53 @@ fn inputs(a: &CommitArgs) -> Result<Vec<(PathBuf, String)>> {
     for p in &a.paths {
         if p.as_os_str() == "-" {
             let name = a.name.clone().context("committing standard input needs --name")?;
-            out.push((p.clone(), name));
+            out.push(Input { path: p.clone(), name, link: None });
         } else if p.is_dir() {
             if !a.recursive {
                 bail!("{} is a directory (use -r to commit a tree)", p.display());
             }
             let base = a.name.clone().map(Ok).unwrap_or_else(|| name_for(p))?;
-            walk(p, &base, &mut out)?;
+            walk(p, &base, &mut out, skipped)?;
         } else {
             let name = a.name.clone().map(Ok).unwrap_or_else(|| name_for(p))?;
-            out.push((p.clone(), name));
+            out.push(Input { path: p.clone(), name, link: None });
         }
     }
     Ok(out)
 }
 
-fn walk(dir: &Path, prefix: &str, out: &mut Vec<(PathBuf, String)>) -> Result<()> {
+/// Adds the files and symbolic links under `dir` (links are not followed: they are stored as links).
+fn walk(dir: &Path, prefix: &str, out: &mut Vec<Input>, skipped: &mut Skipped) -> Result<()> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .collect::<std::io::Result<_>>()
         .with_context(|| format!("reading {}", dir.display()))?;
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
-        let name = format!("{prefix}/{}", e.file_name().to_string_lossy());
-        let ft = e.file_type().with_context(|| format!("reading {}", e.path().display()))?;
+        let path = e.path();
+        let Some(part) = e.file_name().to_str().map(str::to_string) else {
+            eprintln!("bf: {}: the name is not UTF-8; not committed", shown(&path.to_string_lossy()));
+            skipped.refused.push(path.to_string_lossy().into_owned());
+            continue;
+        };
+        let name = format!("{prefix}/{part}");
+        let ft = e.file_type().with_context(|| format!("reading {}", path.display()))?;
         if ft.is_dir() {
-            walk(&e.path(), &name, out)?;
+            walk(&path, &name, out, skipped)?;
         } else if ft.is_file() {
-            out.push((e.path(), name));
+            out.push(Input { path, name, link: None });
+        } else if ft.is_symlink() {
+            let target = std::fs::read_link(&path).with_context(|| format!("reading {}", path.display()))?;
+            match target.to_str() {
+                Some(t) => out.push(Input { path, name, link: Some(t.to_string()) }),
+                None => {
+                    eprintln!("bf: {}: the link's target is not UTF-8; not committed", shown(&name));
+                    skipped.refused.push(name);
+                }
+            }
+        } else {
+            eprintln!("bf: {}: not a file, directory or symbolic link; skipped", shown(&name));
+            skipped.other += 1;
         }
     }
     Ok(())
@@ -116,8 +153,9 @@ pub(crate) fn commit_cmd(a: &CommitArgs, s: &Settings) -> Result<u8> {
     let mut session = Session::new(&st, SessionOptions::default())?;
     let mut reports: Vec<CommitReport> = Vec::new();
     let mut failure = None;
-    for (path, name) in inputs(a)? {
-        if let Err(e) = commit_one(&mut session, a, s, &path, &name) {
+    let mut skipped = Skipped::default();
+    for input in inputs(a, &mut skipped)? {
+        if let Err(e) = commit_one(&mut session, a, s, &input) {
             failure = Some(e);
             break;
         }
@@ -130,15 +168,39 @@ pub(crate) fn commit_cmd(a: &CommitArgs, s: &Settings) -> Result<u8> {
     if let Some(e) = failure {
         return Err(e);
     }
+    if skipped.other > 0 {
+        eprintln!("bf: {} entries that are not files, directories or links were skipped", skipped.other);
+    }
     if a.json {
         out!("{}", serde_json::to_string_pretty(&reports)?)?;
+    }
+    if !skipped.refused.is_empty() {
+        bail!("{} entries were not committed (their names are not UTF-8); everything else was", skipped.refused.len());
     }
     let degraded = reports.iter().any(|r| r.shards_not_stored > 0);
     Ok(if degraded { EXIT_DEGRADED } else { EXIT_OK })
 }
 
 /// Stores one input in the session (its report comes with the session's next flush).
-fn commit_one(session: &mut Session<'_>, a: &CommitArgs, s: &Settings, path: &Path, name: &str) -> Result<()> {
+fn commit_one(session: &mut Session<'_>, a: &CommitArgs, s: &Settings, input: &Input) -> Result<()> {
+    let (path, name) = (input.path.as_path(), input.name.as_str());
+    if let Some(target) = &input.link {
+        let md = std::fs::symlink_metadata(path).with_context(|| format!("reading {}", path.display()))?;
+        let req = CommitRequest {
+            name: name.to_string(),
+            mtime_unix_ns: mtime_ns(&md),
+            mode: 0o777,
+            replace: a.replace,
+            workers: 1,
+            size: Some(0),
+            kind: EntryKind::Symlink { target: target.clone() },
+            ..Default::default()
+        };
+        session
+            .commit(&mut std::io::empty(), &req, &|_| {})
+            .with_context(|| format!("committing {}", path.display()))?;
+        return Ok(());
+    }
     let (mut input, size, mtime_unix_ns, mode): (Box<dyn std::io::Read>, u64, i64, u32) = if path.as_os_str() == "-" {
         (Box::new(std::io::stdin().lock()), 0, blockframe::clock::unix_ns() as i64, 0o644)
     } else {
@@ -189,7 +251,7 @@ fn print_committed(
             }
         };
         if !a.json {
-            out!("{}  {}  {} bytes", report.root, report.name, report.size)?;
+            out!("{}  {}  {} bytes", report.root, shown(&report.name), report.size)?;
         }
         if report.shards_not_stored > 0 {
             eprintln!(
@@ -416,9 +478,9 @@ pub(crate) fn ls(a: &LsArgs, s: &Settings) -> Result<u8> {
         for r in &rows {
             let h = format!("{:?}", r.health).to_lowercase();
             let name = match (r.kind, &r.target) {
-                ("dir", _) => format!("{}/", r.name),
-                (_, Some(t)) => format!("{} -> {t}", r.name),
-                _ => r.name.clone(),
+                ("dir", _) => format!("{}/", shown(&r.name)),
+                (_, Some(t)) => format!("{} -> {}", shown(&r.name), shown(t)),
+                _ => shown(&r.name).into_owned(),
             };
             out!("{:>14}  {:>6}  {:<8}  {}  {name}", r.size, r.segments, h, &r.root[..16])?;
         }
@@ -472,7 +534,7 @@ pub(crate) fn rm(a: &RmArgs, s: &Settings) -> Result<u8> {
     }
     catalog::apply(&st, batch).context("removing")?;
     for e in &entries {
-        eprintln!("bf: removed {}", e.label());
+        eprintln!("bf: removed {}", shown(&e.label()));
     }
     // Packs the removals left mostly empty are rewritten (their space is freed); a failure here loses nothing.
     match blockframe::files::compact::compact(&st, COMPACT_PACKS) {
@@ -570,7 +632,7 @@ fn print_verify_row(r: &VerifyRow) -> std::io::Result<()> {
     } else {
         "ok".into()
     };
-    out!("{}: {state} ({} shards ok)", r.name, r.shards_ok)?;
+    out!("{}: {state} ({} shards ok)", shown(&r.name), r.shards_ok)?;
     for p in &r.problems {
         out!("  {p}")?;
     }

@@ -15,6 +15,7 @@ use blockframe::store::Store;
 
 use crate::cli::ScrubArgs;
 use crate::open::open_optional_key;
+use crate::output::shown;
 use crate::settings::Settings;
 use crate::units::parse_duration;
 use crate::{EXIT_DEGRADED, EXIT_LOST, EXIT_OK};
@@ -135,7 +136,11 @@ fn file_line(f: &FileReport) -> String {
     };
     let mut line = format!(
         "{}: {state}: shards {} ok, {} corrupt, {} missing, {} misplaced",
-        f.label, c.ok, c.corrupt, c.missing, c.misplaced
+        shown(&f.label),
+        c.ok,
+        c.corrupt,
+        c.missing,
+        c.misplaced
     );
     if !f.segments_at_risk.is_empty() {
         line += &format!("; segments at risk {:?}", f.segments_at_risk);

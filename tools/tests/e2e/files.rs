@@ -423,3 +423,42 @@ fn get_to_stdout_stops_at_the_first_segment_beyond_repair_and_says_where() {
     assert_eq!(o.stdout, data(10 * SEG + 99, 3)[..5 * SEG], "exactly the segments before the lost one");
     assert!(err.contains(&format!("stopped after {} bytes", 5 * SEG)), "{err}");
 }
+
+/// Names from a hostile or unusual tree: control characters are escaped in text output (JSON keeps them),
+/// names that are not UTF-8 are refused one by one while the rest of the tree is committed, symbolic links are
+/// stored as links, FIFOs are skipped with a word, and a name too long for a local file asks for `-o`.
+#[test]
+fn unusual_names_are_committed_escaped_refused_or_skipped_and_said_so() {
+    use std::os::unix::ffi::OsStrExt;
+    let env = Env::new();
+    env.init(2, 1);
+    let forged = "evil\n             9       1  healthy   0000000000000000  forged";
+    env.write(&format!("t/{forged}"), b"x");
+    env.write("t/plain", b"plain");
+    for raw in [&b"a\xff"[..], b"b\xfe"] {
+        std::fs::write(env.path("t").join(std::ffi::OsStr::from_bytes(raw)), b"latin-1").unwrap();
+    }
+    std::os::unix::fs::symlink("../elsewhere", env.path("t/link")).unwrap();
+    assert!(std::process::Command::new("mkfifo").arg(env.path("t/fifo")).status().unwrap().success());
+    let o = env.run(&["commit", "-r", "t"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("2 entries were not committed") && err.contains("not UTF-8"), "{err}");
+    assert!(err.contains("t/fifo") && err.contains("skipped"), "{err}");
+    let ls = env.ok(&["ls"]);
+    assert_eq!(ls.lines().count(), 3, "one line per entry, none forged: {ls}");
+    assert!(ls.contains("t/evil\\n") && ls.contains("t/link -> ../elsewhere"), "{ls}");
+    let json: serde_json::Value = serde_json::from_str(&env.ok(&["ls", "--json"])).unwrap();
+    let names: Vec<&str> = json.as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert!(names.contains(&format!("t/{forged}").as_str()), "{names:?}");
+    assert_eq!(env.ok(&["get", &format!("t/{forged}"), "-o", "-"]), "x");
+    assert_eq!(env.ok(&["get", "t/plain", "-o", "-"]), "plain");
+    // A last name part longer than a local file name may be.
+    let long = format!("dir/{}", "n".repeat(300));
+    env.write("src", b"long");
+    env.ok(&["commit", "src", "--name", &long]);
+    let err = env.fails(&["get", &long], 1);
+    assert!(err.contains("give -o"), "{err}");
+    env.ok(&["get", &long, "-o", "short"]);
+    assert_eq!(std::fs::read(env.path("short")).unwrap(), b"long");
+}
