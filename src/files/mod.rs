@@ -11,4 +11,6 @@ pub mod read;
 pub mod session;
 
 #[cfg(test)]
+mod crash_points;
+#[cfg(test)]
 mod tests;

@@ -20,18 +20,83 @@ use crate::format::manifest::parse_manifest_name;
 use crate::location::{LocalDir, Location, LocationExt};
 use crate::store::{parse_shard_dir, parse_shard_name, shard_key, shard_prefix, LOCATION_MARKER, SHARDS_DIR};
 
-/// (writes and deletes fail, reads work).
+/// (writes and deletes fail, reads work), or crash (see [`CrashSwitch`]).
 #[derive(Debug)]
 pub struct FaultyLocation {
     inner: Arc<dyn Location>,
     gone: AtomicBool,
     read_only: AtomicBool,
+    crash: std::sync::Mutex<Option<Arc<CrashSwitch>>>,
+}
+
+/// A crash point shared by the locations of a store: after the n-th change (put, delete, write, sync) through
+/// any of them, every later change fails, as if the process had been killed right after that change: what was
+/// done before stays, nothing after happens. Arm it, run an operation, then reopen the store and check.
+#[derive(Debug, Default)]
+pub struct CrashSwitch {
+    /// Changes allowed before the crash (`u64::MAX`: never).
+    after: std::sync::atomic::AtomicU64,
+    /// Changes made so far.
+    done: std::sync::atomic::AtomicU64,
+}
+
+impl CrashSwitch {
+    /// A switch that never crashes but counts changes (a dry run measures an operation's length).
+    pub fn counting() -> Arc<Self> {
+        Arc::new(CrashSwitch { after: u64::MAX.into(), done: 0.into() })
+    }
+
+    /// Crash after `n` more changes (0: at the first), counting from now.
+    pub fn arm(&self, n: u64) {
+        self.done.store(0, Ordering::SeqCst);
+        self.after.store(n, Ordering::SeqCst);
+    }
+
+    /// No crash any more (the store is "reopened"); the count restarts.
+    pub fn disarm(&self) {
+        self.after.store(u64::MAX, Ordering::SeqCst);
+        self.done.store(0, Ordering::SeqCst);
+    }
+
+    /// Changes made since the last arm or disarm.
+    pub fn changes(&self) -> u64 {
+        self.done.load(Ordering::SeqCst)
+    }
+
+    /// Whether the crash happened.
+    pub fn crashed(&self) -> bool {
+        self.done.load(Ordering::SeqCst) >= self.after.load(Ordering::SeqCst)
+    }
+
+    /// Takes one change: `Err` once the crash happened (the change is not made).
+    fn take(&self, what: &str) -> Result<()> {
+        let after = self.after.load(Ordering::SeqCst);
+        let n = self.done.fetch_add(1, Ordering::SeqCst);
+        if n >= after {
+            self.done.store(after, Ordering::SeqCst);
+            return Err(Error::io(
+                format!("{what} after the crash point"),
+                std::io::Error::new(std::io::ErrorKind::Interrupted, "crashed (injected)"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl FaultyLocation {
     /// Wraps `inner`, healthy at first.
     pub fn new(inner: Arc<dyn Location>) -> Self {
-        FaultyLocation { inner, gone: AtomicBool::new(false), read_only: AtomicBool::new(false) }
+        FaultyLocation {
+            inner,
+            gone: AtomicBool::new(false),
+            read_only: AtomicBool::new(false),
+            crash: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Makes changes through this location count towards `switch`'s crash point (`None`: no crash points).
+    pub fn set_crash_switch(&self, switch: Option<Arc<CrashSwitch>>) {
+        *self.crash.lock().unwrap_or_else(|e| e.into_inner()) = switch;
     }
 
     /// The wrapped location, bypassing injected modes (faults are applied through it).
@@ -49,6 +114,12 @@ impl FaultyLocation {
         self.read_only.store(read_only, Ordering::SeqCst);
     }
 
+    /// One change towards the crash point, if any.
+    fn crash_point(&self) -> Result<()> {
+        let switch = self.crash.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        switch.map_or(Ok(()), |s| s.take(self.inner.name()))
+    }
+
     fn check_present(&self) -> Result<()> {
         if self.gone.load(Ordering::SeqCst) {
             return Err(Error::io(
@@ -61,6 +132,7 @@ impl FaultyLocation {
 
     fn check_writable(&self) -> Result<()> {
         self.check_present()?;
+        self.crash_point()?;
         if self.read_only.load(Ordering::SeqCst) {
             return Err(Error::io(
                 format!("location {}", self.inner.name()),
@@ -125,6 +197,7 @@ impl Location for FaultyLocation {
     }
     fn sync(&self) -> Result<()> {
         self.check_present()?;
+        self.crash_point()?;
         self.inner.sync()
     }
     fn probe(&self) -> Result<()> {
