@@ -53,7 +53,9 @@ pub mod store_backend;
 pub use backend::{errno_for, BlockBackend, ExportInfo, ExportRegistry, Extent, SimpleRegistry};
 pub use mem::{MemBackend, MEM_CHUNK_SIZE};
 pub use negotiation::MAX_OPTION_LEN;
-pub use server::{serve, serve_blocking, serve_connection, serve_with_config, ListenAddr, Listener, ServerConfig};
+pub use server::{
+    serve, serve_blocking, serve_connection, serve_with_config, ListenAddr, Listener, ServerConfig, SocketFile,
+};
 pub use store_backend::{StoreRegistry, VolumeBackend};
 /// Re-export of the cancellation token type used for shutdown.
 pub use tokio_util::sync::CancellationToken;

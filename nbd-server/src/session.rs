@@ -12,8 +12,9 @@
 
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -43,7 +44,9 @@ pub(crate) async fn run_session<S>(
     let mut wr = BufWriter::with_capacity(64 * 1024, wr);
     let hs = tokio::select! {
         biased;
-        r = handshake(&mut rd, &mut wr, &registry, &shutdown) => r,
+        r = tokio::time::timeout(config.handshake_timeout, handshake(&mut rd, &mut wr, &registry, &shutdown)) => {
+            r.unwrap_or(Err(End::HandshakeTimeout(config.handshake_timeout)))
+        }
         // Only reachable if the peer stops reading our option replies.
         _ = grace_expired(&shutdown, config.shutdown_grace) => Err(End::Shutdown),
     };
@@ -228,6 +231,9 @@ struct Transmission<'a, S> {
     dead: CancellationToken,
     tasks: TaskTracker,
     shutdown: &'a CancellationToken,
+    /// The request slots (`inflight`'s permits when nothing is in flight).
+    slots: usize,
+    idle_timeout: Option<Duration>,
 }
 
 impl<S> Transmission<'_, S>
@@ -264,6 +270,11 @@ where
 
     /// The next request header, or (`Ok(Err)`) why there is none.
     async fn read_header(&mut self) -> Result<Result<RequestHeader, &'static str>, End> {
+        if let Some(idle) = self.idle_timeout {
+            if !self.wait_for_request(idle).await? {
+                return Ok(Err("idle timeout"));
+            }
+        }
         let mut hdr = [0u8; REQUEST_HEADER_LEN];
         tokio::select! {
             biased;
@@ -278,6 +289,28 @@ where
         let req = parse_request_header(&hdr).map_err(|e| End::Protocol(e.to_string()))?;
         trace!(?req, "request");
         Ok(Ok(req))
+    }
+
+    /// Waits until the next request starts to arrive (or the connection ends); `false` when it sat idle for
+    /// `idle`: nothing received and no request of it in flight (a client waiting for a slow reply is not idle).
+    async fn wait_for_request(&mut self, idle: Duration) -> Result<bool, End> {
+        loop {
+            let timed_out = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return Err(End::Shutdown),
+                _ = self.dead.cancelled() => false,
+                // Cancel safe: no byte is consumed when the timer wins.
+                r = self.rd.fill_buf() => { r?; false }
+                _ = tokio::time::sleep(idle) => true,
+            };
+            if !timed_out {
+                return Ok(true);
+            }
+            if self.inflight.available_permits() == self.slots {
+                info!(idle_s = idle.as_secs_f64(), "closing a connection idle for longer than the idle timeout");
+                return Ok(false);
+            }
+        }
     }
 
     /// Answers an invalid request with its error (skipping its payload); `false` when the writer is gone.
@@ -364,6 +397,8 @@ async fn transmission<S>(
         dead,
         tasks: TaskTracker::new(),
         shutdown,
+        slots,
+        idle_timeout: config.idle_timeout,
     };
     let reason = t.serve().await;
     log_end(peer, reason);

@@ -156,6 +156,17 @@ pub struct ServeArgs {
     /// Cache per volume in MiB (map pages and stripe records) [config: volume_cache_mb; default 64]
     #[arg(long)]
     pub cache_mb: Option<usize>,
+    /// Close a connection that has not chosen an export this long after connecting, TLS handshake included
+    /// (e.g. 30s, 2m)
+    #[arg(long, value_name = "DURATION", default_value = "30s")]
+    pub handshake_timeout: String,
+    /// Close a connection that sent no request for this long while none of its requests was in flight
+    /// [default: never, as qemu keeps its connection open however long the guest leaves the disk alone]
+    #[arg(long, value_name = "DURATION")]
+    pub idle_timeout: Option<String>,
+    /// Most client connections at once; a connection over the limit is closed at once (and logged)
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    pub max_connections: usize,
 }
 
 /// `bf init`.

@@ -2,15 +2,15 @@
 
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 use blockframe::volume::{self, VolumeOptions};
-use nbd_server::{CancellationToken, ListenAddr, Listener, StoreRegistry};
+use nbd_server::{CancellationToken, ListenAddr, Listener, ServerConfig, StoreRegistry};
 
 use crate::cli::{NbdCommand, ServeArgs, VolumeCommand};
 use crate::open::open_keyed;
 use crate::settings::Settings;
-use crate::units::parse_size;
+use crate::units::{parse_duration, parse_size};
 use crate::EXIT_OK;
 
 /// `bf volume ...`.
@@ -63,9 +63,13 @@ fn serve(a: &ServeArgs, s: &Settings) -> Result<u8> {
         Some(p) => ListenAddr::Unix(p.clone()),
         None => ListenAddr::Tcp(a.listen.clone()),
     };
+    let config = server_config(a)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     rt.block_on(async {
-        let listener = Listener::bind(&addr).await.with_context(|| format!("listening on {addr:?}"))?;
+        let listener = Listener::bind(&addr).await.with_context(|| format!("listening on {}", describe(&addr)))?;
+        if let Some(warning) = exposure_warning(&listener, &config) {
+            eprintln!("bf: warning: {warning}");
+        }
         let token = CancellationToken::new();
         let t = token.clone();
         tokio::spawn(async move {
@@ -82,13 +86,44 @@ fn serve(a: &ServeArgs, s: &Settings) -> Result<u8> {
         });
         let what = a.volume.as_deref().map(|v| format!("volume {v}")).unwrap_or_else(|| "all volumes".into());
         eprintln!("bf: serving {what} over NBD on {}", describe(&addr));
-        nbd_server::serve(listener, registry.clone(), token).await.context("NBD server")?;
+        nbd_server::serve_with_config(listener, registry.clone(), token, config).await.context("NBD server")?;
         for (name, e) in registry.flush_all() {
             eprintln!("bf: flushing volume {name} at shutdown failed: {e}");
         }
         Ok::<(), anyhow::Error>(())
     })?;
     Ok(EXIT_OK)
+}
+
+/// The server's tunables from the command line.
+fn server_config(a: &ServeArgs) -> Result<ServerConfig> {
+    if a.max_connections == 0 {
+        bail!("--max-connections must be at least 1");
+    }
+    let handshake_timeout = parse_duration(&a.handshake_timeout).context("--handshake-timeout")?;
+    if handshake_timeout.is_zero() {
+        bail!("--handshake-timeout must be more than 0");
+    }
+    let idle_timeout = a.idle_timeout.as_deref().map(parse_duration).transpose().context("--idle-timeout")?;
+    if idle_timeout.is_some_and(|t| t.is_zero()) {
+        bail!("--idle-timeout must be more than 0 (leave it out for no idle timeout)");
+    }
+    Ok(ServerConfig { max_connections: a.max_connections, handshake_timeout, idle_timeout, ..ServerConfig::default() })
+}
+
+/// What to tell the operator when a TCP listener is reachable from other hosts without TLS: NBD itself has
+/// no authentication, so anyone who can connect can read and overwrite every volume served.
+fn exposure_warning(listener: &Listener, _config: &ServerConfig) -> Option<String> {
+    let Listener::Tcp(l) = listener else { return None };
+    let addr = l.local_addr().ok()?;
+    if addr.ip().is_loopback() {
+        return None;
+    }
+    Some(format!(
+        "listening on {addr}, which is not a loopback address, without TLS: NBD has no authentication, so anyone \
+         who can reach it can read and overwrite the volumes served (use --tls require --tls-verify-peer, a \
+         loopback address or --socket)"
+    ))
 }
 
 fn describe(addr: &ListenAddr) -> String {
