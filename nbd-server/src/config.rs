@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::tls::TlsConfig;
+
 /// Tunables of the server. `ServerConfig::default()` is suitable for most
 /// uses.
 #[derive(Debug, Clone)]
@@ -34,6 +36,9 @@ pub struct ServerConfig {
     /// Connections still busy after that are dropped without waiting for
     /// their outstanding backend calls.
     pub shutdown_grace: Duration,
+    /// TLS (`NBD_OPT_STARTTLS`). `None` (the default) answers STARTTLS with `NBD_REP_ERR_POLICY`; see
+    /// [`TlsConfig`].
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -45,6 +50,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(30),
             idle_timeout: None,
             shutdown_grace: Duration::from_secs(30),
+            tls: None,
         }
     }
 }

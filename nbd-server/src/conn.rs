@@ -14,6 +14,7 @@ pub(crate) enum End {
     Io(io::Error),
     Protocol(String),
     HandshakeTimeout(std::time::Duration),
+    Tls(io::Error),
     Shutdown,
 }
 
@@ -25,6 +26,7 @@ impl std::fmt::Display for End {
             End::HandshakeTimeout(t) => {
                 write!(f, "no export chosen within the {} s handshake timeout", t.as_secs_f64())
             }
+            End::Tls(e) => write!(f, "TLS handshake failed: {e}"),
             End::Shutdown => write!(f, "server shutdown"),
         }
     }

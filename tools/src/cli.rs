@@ -167,6 +167,27 @@ pub struct ServeArgs {
     /// Most client connections at once; a connection over the limit is closed at once (and logged)
     #[arg(long, value_name = "N", default_value_t = 128)]
     pub max_connections: usize,
+    /// TLS (NBD_OPT_STARTTLS), as nbdkit: off; on (clients choose); require (plaintext clients are refused)
+    #[arg(long, value_enum, default_value_t = TlsArg::Off)]
+    pub tls: TlsArg,
+    /// Directory with ca-cert.pem, server-cert.pem and server-key.pem (nbdkit's and qemu's layout; an optional
+    /// ca-crl.pem revokes client certificates); needed with --tls on/require
+    #[arg(long, value_name = "DIR")]
+    pub tls_certificates: Option<PathBuf>,
+    /// Clients must present a certificate signed by the CA in ca-cert.pem (client authentication)
+    #[arg(long)]
+    pub tls_verify_peer: bool,
+}
+
+/// `bf nbd serve --tls`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsArg {
+    /// No TLS: STARTTLS is refused.
+    Off,
+    /// TLS for clients that ask for it; plaintext clients are served too.
+    On,
+    /// Only TLS clients are served.
+    Require,
 }
 
 /// `bf init`.
