@@ -22,34 +22,7 @@ const SIZE: u64 = 4 << 20;
 
 /// Makes a CA, a server certificate for `localhost`, a client certificate, and a second ("rogue") CA with a
 /// client certificate of its own, then lays them out as the server and each client expects them.
-const MAKE_CERTS: &str = r#"
-set -e
-key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
-ca() {
-  key $1-key.pem
-  printf 'basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\nsubjectKeyIdentifier=hash\n' > $1.ext
-  openssl req -new -key $1-key.pem -subj "/CN=$2" -out $1.csr
-  openssl x509 -req -in $1.csr -signkey $1-key.pem -days 2 -extfile $1.ext -out $1-cert.pem 2>/dev/null
-}
-leaf() {
-  key $1-key.pem
-  printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=%s\n%s\n' "$4" "$5" > $1.ext
-  openssl req -new -key $1-key.pem -subj "/CN=$3" -out $1.csr
-  openssl x509 -req -in $1.csr -CA $2-cert.pem -CAkey $2-key.pem -CAcreateserial -days 2 -extfile $1.ext \
-    -out $1-cert.pem 2>/dev/null
-}
-ca ca "bf test CA"
-ca rogue "rogue CA"
-leaf server ca localhost serverAuth "subjectAltName=DNS:localhost,IP:127.0.0.1"
-leaf client ca client clientAuth ""
-leaf intruder rogue client clientAuth ""
-mkdir server client nocert intruder distrust
-cp ca-cert.pem server-cert.pem server-key.pem server/
-cp ca-cert.pem client-cert.pem client-key.pem client/
-cp ca-cert.pem nocert/
-cp ca-cert.pem intruder/ && cp intruder-cert.pem intruder/client-cert.pem && cp intruder-key.pem intruder/client-key.pem
-cp rogue-cert.pem distrust/ca-cert.pem && cp client-cert.pem client-key.pem distrust/
-"#;
+const MAKE_CERTS: &str = include_str!("common/make-test-certs.sh");
 
 /// The certificate directories: `server` (for the server), `client` (a trusted client certificate), `nocert`
 /// (only the CA), `intruder` (a client certificate from another CA), `distrust` (a CA that did not sign the
