@@ -13,6 +13,8 @@ pub(crate) type Writer<S> = BufWriter<tokio::io::WriteHalf<S>>;
 pub(crate) enum End {
     Io(io::Error),
     Protocol(String),
+    HandshakeTimeout(std::time::Duration),
+    Tls(io::Error),
     Shutdown,
 }
 
@@ -21,6 +23,10 @@ impl std::fmt::Display for End {
         match self {
             End::Io(e) => write!(f, "I/O error: {e}"),
             End::Protocol(m) => write!(f, "protocol violation: {m}"),
+            End::HandshakeTimeout(t) => {
+                write!(f, "no export chosen within the {} s handshake timeout", t.as_secs_f64())
+            }
+            End::Tls(e) => write!(f, "TLS handshake failed: {e}"),
             End::Shutdown => write!(f, "server shutdown"),
         }
     }

@@ -16,7 +16,8 @@
 //! `STRUCTURED_REPLY`, `LIST_META_CONTEXT` / `SET_META_CONTEXT`
 //! (`base:allocation`); commands READ, WRITE (FUA), FLUSH, TRIM,
 //! WRITE_ZEROES (NO_HOLE, FAST_ZERO), CACHE, DISC and BLOCK_STATUS, with
-//! simple or structured replies. TLS is not supported.
+//! simple or structured replies. `NBD_OPT_STARTTLS` upgrades to TLS (rustls) with x509 certificates and
+//! optional client-certificate verification when [`ServerConfig::tls`] is set ([`tls`]).
 //!
 //! The wire format code ([`handshake`], [`request`], [`reply`]) is pure and
 //! independent of sockets.
@@ -49,11 +50,15 @@ pub mod request;
 mod server;
 mod session;
 pub mod store_backend;
+pub mod tls;
 
 pub use backend::{errno_for, BlockBackend, ExportInfo, ExportRegistry, Extent, SimpleRegistry};
 pub use mem::{MemBackend, MEM_CHUNK_SIZE};
 pub use negotiation::MAX_OPTION_LEN;
-pub use server::{serve, serve_blocking, serve_connection, serve_with_config, ListenAddr, Listener, ServerConfig};
+pub use server::{
+    serve, serve_blocking, serve_connection, serve_with_config, ListenAddr, Listener, ServerConfig, SocketFile,
+};
 pub use store_backend::{StoreRegistry, VolumeBackend};
+pub use tls::{TlsConfig, TlsError, TlsMode};
 /// Re-export of the cancellation token type used for shutdown.
 pub use tokio_util::sync::CancellationToken;

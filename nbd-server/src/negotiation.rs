@@ -25,9 +25,35 @@ pub(crate) struct Negotiated {
     pub(crate) params: TransmissionParams,
 }
 
-/// Per-connection negotiation state.
+/// How a negotiation phase ended.
+pub(crate) enum Outcome {
+    /// Enter transmission with this export.
+    Export(Negotiated),
+    /// The client aborted (`NBD_OPT_ABORT`).
+    Aborted,
+    /// `NBD_OPT_STARTTLS` was acknowledged: the TLS handshake comes next, then a fresh negotiation.
+    StartTls,
+}
+
+/// Where TLS stands on a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TlsState {
+    /// The server has no TLS: STARTTLS is refused by policy.
+    Disabled,
+    /// The client may upgrade (`--tls on`).
+    Offered,
+    /// The client must upgrade before anything but ABORT (`--tls require`).
+    Required,
+    /// The connection runs over TLS.
+    Active,
+}
+
+/// Per-connection negotiation state. Everything here is forgotten at STARTTLS (a fresh state serves the
+/// TLS phase): options a man in the middle injected before TLS must not survive into it (CVE-2021-3716).
 struct HandshakeState {
     no_zeroes: bool,
+    fixed_newstyle: bool,
+    tls: TlsState,
     structured: bool,
     /// Export name of the last successful `NBD_OPT_SET_META_CONTEXT` that
     /// selected `base:allocation`.
@@ -84,18 +110,16 @@ fn params_for(st: &HandshakeState, name: &str, backend: &dyn BlockBackend, stric
 enum Step {
     /// Read the next option.
     Next,
-    /// Negotiation is over: enter transmission with this export, or (`None`) the client aborted.
-    Done(Option<Negotiated>),
+    /// This negotiation phase is over.
+    Done(Outcome),
 }
 
-/// Fixed newstyle handshake and option haggling. `Ok(None)` = client
-/// aborted cleanly.
-pub(crate) async fn handshake<S>(
+/// Sends the fixed newstyle greeting and reads the client flags.
+pub(crate) async fn greet<S>(
     rd: &mut Reader<S>,
     wr: &mut Writer<S>,
-    registry: &Arc<dyn ExportRegistry>,
     shutdown: &CancellationToken,
-) -> Result<Option<Negotiated>, End>
+) -> Result<ClientFlags, End>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -103,12 +127,35 @@ where
     wr.flush().await?;
     let mut flags = [0u8; 4];
     read_exact_or_shutdown(rd, &mut flags, shutdown).await?;
-    let cflags = parse_client_flags(u32::from_be_bytes(flags)).map_err(|e| End::Protocol(e.to_string()))?;
-    let mut st = HandshakeState { no_zeroes: cflags.no_zeroes, structured: false, meta_export: None, cached: None };
+    parse_client_flags(u32::from_be_bytes(flags)).map_err(|e| End::Protocol(e.to_string()))
+}
+
+/// Option haggling, from a fresh state, until the client chooses an export, aborts or starts TLS.
+pub(crate) async fn haggle<S>(
+    rd: &mut Reader<S>,
+    wr: &mut Writer<S>,
+    registry: &Arc<dyn ExportRegistry>,
+    shutdown: &CancellationToken,
+    cflags: ClientFlags,
+    tls: TlsState,
+) -> Result<Outcome, End>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut st = HandshakeState {
+        no_zeroes: cflags.no_zeroes,
+        fixed_newstyle: cflags.fixed_newstyle,
+        tls,
+        structured: false,
+        meta_export: None,
+        cached: None,
+    };
     loop {
         let (opt, data) = read_option(rd, shutdown).await?;
         let step = if shutdown.is_cancelled() && opt != NBD_OPT_ABORT {
             refuse_during_shutdown(wr, opt).await?
+        } else if tls == TlsState::Required && opt != NBD_OPT_ABORT && opt != NBD_OPT_STARTTLS {
+            refuse_before_tls(wr, opt).await?
         } else {
             match parse_option(opt, &data) {
                 Ok(parsed) => dispatch(wr, registry, &mut st, opt, parsed).await?,
@@ -122,8 +169,8 @@ where
             }
         };
         wr.flush().await?;
-        if let Step::Done(n) = step {
-            return Ok(n);
+        if let Step::Done(outcome) = step {
+            return Ok(outcome);
         }
     }
 }
@@ -154,6 +201,37 @@ async fn refuse_during_shutdown<W: AsyncWrite + Unpin>(wr: &mut W, opt: u32) -> 
     Ok(Step::Next)
 }
 
+/// `--tls require` before STARTTLS: every option but ABORT and STARTTLS is refused, without looking at it
+/// (FORCEDTLS); EXPORT_NAME cannot be refused, so it ends the connection.
+async fn refuse_before_tls<W: AsyncWrite + Unpin>(wr: &mut W, opt: u32) -> Result<Step, End> {
+    if opt == NBD_OPT_EXPORT_NAME {
+        return Err(End::Protocol("NBD_OPT_EXPORT_NAME without TLS, which this server requires".into()));
+    }
+    send_option_reply(wr, opt, NBD_REP_ERR_TLS_REQD, b"this server requires TLS: send NBD_OPT_STARTTLS first").await?;
+    Ok(Step::Next)
+}
+
+/// `NBD_OPT_STARTTLS`: acknowledged when TLS is offered and not yet active; the caller runs the TLS handshake.
+async fn start_tls<W: AsyncWrite + Unpin>(wr: &mut W, st: &HandshakeState, opt: u32) -> Result<Step, End> {
+    let refusal: Option<(u32, &[u8])> = match st.tls {
+        TlsState::Disabled => Some((NBD_REP_ERR_POLICY, b"TLS is not enabled on this server")),
+        TlsState::Active => Some((NBD_REP_ERR_INVALID, b"TLS is already active")),
+        // The protocol allows TLS only after fixed newstyle negotiation.
+        _ if !st.fixed_newstyle => Some((NBD_REP_ERR_POLICY, b"TLS needs fixed newstyle negotiation")),
+        TlsState::Offered | TlsState::Required => None,
+    };
+    match refusal {
+        Some((reply, msg)) => {
+            send_option_reply(wr, opt, reply, msg).await?;
+            Ok(Step::Next)
+        }
+        None => {
+            send_option_reply(wr, opt, NBD_REP_ACK, &[]).await?;
+            Ok(Step::Done(Outcome::StartTls))
+        }
+    }
+}
+
 /// Runs the handler of one parsed option.
 async fn dispatch<W: AsyncWrite + Unpin>(
     wr: &mut W,
@@ -167,17 +245,14 @@ async fn dispatch<W: AsyncWrite + Unpin>(
             send_option_reply(wr, opt, NBD_REP_ACK, &[]).await?;
             wr.flush().await?;
             let _ = wr.shutdown().await;
-            Ok(Step::Done(None))
+            Ok(Step::Done(Outcome::Aborted))
         }
         ClientOption::ExportName(name) => export_name(wr, registry, st, name).await,
         ClientOption::List => {
             list(wr, registry, opt).await?;
             Ok(Step::Next)
         }
-        ClientOption::StartTls => {
-            send_option_reply(wr, opt, NBD_REP_ERR_UNSUP, b"TLS is not supported").await?;
-            Ok(Step::Next)
-        }
+        ClientOption::StartTls => start_tls(wr, st, opt).await,
         ClientOption::StructuredReply => {
             st.structured = true;
             send_option_reply(wr, opt, NBD_REP_ACK, &[]).await?;
@@ -206,7 +281,7 @@ async fn export_name<W: AsyncWrite + Unpin>(
     let params = params_for(st, &name, backend.as_ref(), false);
     let flags = params.transmission_flags(backend.can_multi_conn());
     wr.write_all(&encode_export_name_reply(params.size, flags, st.no_zeroes)).await?;
-    Ok(Step::Done(Some(Negotiated { name, backend, params })))
+    Ok(Step::Done(Outcome::Export(Negotiated { name, backend, params })))
 }
 
 /// `NBD_OPT_LIST`: one `NBD_REP_SERVER` per export, then ACK.
@@ -253,7 +328,7 @@ async fn info_or_go<W: AsyncWrite + Unpin>(
     let (min, preferred) = sanitize_block_sizes(backend.min_block_size(), backend.preferred_block_size());
     send_option_reply(wr, opt, NBD_REP_INFO, &encode_info_block_size(min, preferred, MAX_BLOCK_SIZE)).await?;
     send_option_reply(wr, opt, NBD_REP_ACK, &[]).await?;
-    Ok(if go { Step::Done(Some(Negotiated { name: req.name, backend, params })) } else { Step::Next })
+    Ok(if go { Step::Done(Outcome::Export(Negotiated { name: req.name, backend, params })) } else { Step::Next })
 }
 
 async fn description(registry: &Arc<dyn ExportRegistry>, name: &str) -> String {

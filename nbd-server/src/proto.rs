@@ -49,7 +49,7 @@ pub const NBD_OPT_EXPORT_NAME: u32 = 1;
 pub const NBD_OPT_ABORT: u32 = 2;
 /// Option: list exports.
 pub const NBD_OPT_LIST: u32 = 3;
-/// Option: start TLS (not supported by this server).
+/// Option: start TLS.
 pub const NBD_OPT_STARTTLS: u32 = 5;
 /// Option: query an export.
 pub const NBD_OPT_INFO: u32 = 6;

@@ -1,6 +1,7 @@
 //! Accept loop, listeners, configuration and graceful shutdown.
 
 use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +30,13 @@ pub enum Listener {
     /// TCP listener (`nbd://host:port/export`).
     Tcp(TcpListener),
     /// Unix domain socket listener (`nbd+unix:///export?socket=path`).
-    Unix(UnixListener),
+    Unix {
+        /// The socket.
+        listener: UnixListener,
+        /// The socket file to remove when the listener is dropped ([`Listener::bind_unix`] sets it; a listener
+        /// the caller bound itself has none).
+        file: Option<SocketFile>,
+    },
 }
 
 impl From<TcpListener> for Listener {
@@ -40,7 +47,7 @@ impl From<TcpListener> for Listener {
 
 impl From<UnixListener> for Listener {
     fn from(l: UnixListener) -> Self {
-        Listener::Unix(l)
+        Listener::Unix { listener: l, file: None }
     }
 }
 
@@ -50,10 +57,18 @@ impl Listener {
         Ok(Listener::Tcp(TcpListener::bind(addr).await?))
     }
 
-    /// Bind a Unix socket listener at `path` (which must not exist). Must be
-    /// called within a tokio runtime.
+    /// Bind a Unix socket listener at `path`; the socket file is removed again when the listener is dropped
+    /// (when [`serve`] stops accepting). Must be called within a tokio runtime.
+    ///
+    /// A socket file left behind by a server that died (nothing accepts on it: connecting fails with
+    /// `ECONNREFUSED`) is replaced. Refused, leaving the path alone: a socket a server still listens on
+    /// ([`io::ErrorKind::AddrInUse`]), and a path that is not a socket ([`io::ErrorKind::AlreadyExists`]).
     pub fn bind_unix(path: impl AsRef<Path>) -> io::Result<Self> {
-        Ok(Listener::Unix(UnixListener::bind(path)?))
+        let path = path.as_ref();
+        remove_stale_socket(path)?;
+        let listener = UnixListener::bind(path)?;
+        let file = SocketFile::new(path)?;
+        Ok(Listener::Unix { listener, file: Some(file) })
     }
 
     /// Bind according to `addr`. Must be called within a tokio runtime.
@@ -68,10 +83,68 @@ impl Listener {
     pub fn local_addr_string(&self) -> String {
         match self {
             Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-            Listener::Unix(l) => {
-                l.local_addr().ok().and_then(|a| a.as_pathname().map(|p| p.display().to_string())).unwrap_or_default()
-            }
+            Listener::Unix { listener, .. } => listener
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+                .unwrap_or_default(),
         }
+    }
+}
+
+/// A Unix socket file this process bound: removed on drop if the path still names that same socket (a newer
+/// server may have replaced it meanwhile).
+#[derive(Debug)]
+pub struct SocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl SocketFile {
+    fn new(path: &Path) -> io::Result<Self> {
+        let m = std::fs::symlink_metadata(path)?;
+        Ok(Self { path: path.to_owned(), dev: m.dev(), ino: m.ino() })
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let ours = std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.dev() == self.dev && m.ino() == self.ino);
+        if !ours {
+            return;
+        }
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => debug!(path = %self.path.display(), "removed the socket file"),
+            Err(e) => warn!(path = %self.path.display(), error = %e, "cannot remove the socket file"),
+        }
+    }
+}
+
+/// Removes a socket file nobody listens on any more; refuses a live socket and anything that is not a socket.
+fn remove_stale_socket(path: &Path) -> io::Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket; not replacing it", path.display()),
+        ));
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("a server is already listening on {}", path.display()),
+        )),
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+            std::fs::remove_file(path)?;
+            info!(path = %path.display(), "removed a stale socket file nobody listened on");
+            Ok(())
+        }
+        Err(e) => Err(io::Error::new(e.kind(), format!("{} exists and cannot be probed: {e}", path.display()))),
     }
 }
 
@@ -126,6 +199,7 @@ pub async fn serve_with_config(
             }
             Err(e) => {
                 warn!(error = %e, "accept failed; stopping");
+                drop(listener);
                 sessions.close();
                 stop.cancel();
                 sessions.wait().await;
@@ -133,7 +207,7 @@ pub async fn serve_with_config(
             }
         };
         if sessions.len() >= config.max_connections {
-            warn!(%peer, "too many connections; refusing");
+            warn!(%peer, limit = config.max_connections, "too many connections; closing the new one");
             drop(stream);
             continue;
         }
@@ -153,6 +227,9 @@ pub async fn serve_with_config(
             }
         }
     }
+    // Stop accepting at once: new clients get ECONNREFUSED instead of waiting in the backlog, and the Unix
+    // socket file is gone before the process exits.
+    drop(listener);
     info!(open = sessions.len(), "NBD server shutting down");
     stop.cancel();
     sessions.close();
@@ -187,8 +264,8 @@ async fn accept(listener: &Listener) -> io::Result<(Stream, String)> {
             let (s, a) = l.accept().await?;
             Ok((Stream::Tcp(s), a.to_string()))
         }
-        Listener::Unix(l) => {
-            let (s, _) = l.accept().await?;
+        Listener::Unix { listener, .. } => {
+            let (s, _) = listener.accept().await?;
             Ok((Stream::Unix(s), "unix".to_owned()))
         }
     }

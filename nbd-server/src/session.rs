@@ -12,9 +12,12 @@
 
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::server::TlsStream;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, trace, warn};
@@ -22,10 +25,11 @@ use tracing::{debug, info, trace, warn};
 use crate::backend::{errno_for, BlockBackend, ExportRegistry, Extent};
 use crate::config::ServerConfig;
 use crate::conn::{End, Reader, Writer};
-use crate::negotiation::{handshake, Negotiated};
+use crate::negotiation::{greet, haggle, Negotiated, Outcome, TlsState};
 use crate::proto::*;
 use crate::reply::*;
 use crate::request::*;
+use crate::tls::TlsMode;
 
 /// Run one client session to completion. Never panics on peer input; all
 /// errors end only this session.
@@ -38,17 +42,16 @@ pub(crate) async fn run_session<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (rd, wr) = tokio::io::split(stream);
-    let mut rd = BufReader::with_capacity(64 * 1024, rd);
-    let mut wr = BufWriter::with_capacity(64 * 1024, wr);
     let hs = tokio::select! {
         biased;
-        r = handshake(&mut rd, &mut wr, &registry, &shutdown) => r,
+        r = tokio::time::timeout(config.handshake_timeout, negotiate(stream, &registry, &config, &shutdown, &peer)) => {
+            r.unwrap_or(Err(End::HandshakeTimeout(config.handshake_timeout)))
+        }
         // Only reachable if the peer stops reading our option replies.
         _ = grace_expired(&shutdown, config.shutdown_grace) => Err(End::Shutdown),
     };
-    let negotiated = match hs {
-        Ok(Some(n)) => n,
+    let (rd, wr, negotiated) = match hs {
+        Ok(Some(ready)) => ready,
         Ok(None) => {
             debug!(%peer, "client ended negotiation");
             return;
@@ -58,9 +61,9 @@ pub(crate) async fn run_session<S>(
                 End::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                     debug!(%peer, "client closed during handshake")
                 }
+                End::Tls(e) => warn!(%peer, error = %e, "TLS handshake failed; connection closed"),
                 other => info!(%peer, reason = %other, "handshake ended"),
             }
-            let _ = wr.shutdown().await;
             return;
         }
     };
@@ -81,6 +84,92 @@ pub(crate) async fn run_session<S>(
         Err(e) => warn!(%peer, error = %e, "flush at end of session panicked"),
     }
     info!(%peer, "session closed");
+}
+
+/// A connection before (`Left`) or after (`Right`) STARTTLS.
+type Conn<S> = Either<S, TlsStream<S>>;
+
+/// A negotiated connection, ready for the transmission phase.
+type Ready<S> = (Reader<Conn<S>>, Writer<Conn<S>>, Negotiated);
+
+fn buffered<S: AsyncRead + AsyncWrite + Unpin>(conn: Conn<S>) -> (Reader<Conn<S>>, Writer<Conn<S>>) {
+    let (rd, wr) = tokio::io::split(conn);
+    (BufReader::with_capacity(64 * 1024, rd), BufWriter::with_capacity(64 * 1024, wr))
+}
+
+/// The handshake: greeting, option haggling and, when the client sends STARTTLS, the TLS handshake and a
+/// second haggling from a fresh state over TLS. `Ok(None)`: the client aborted.
+async fn negotiate<S>(
+    stream: S,
+    registry: &Arc<dyn ExportRegistry>,
+    config: &ServerConfig,
+    shutdown: &CancellationToken,
+    peer: &str,
+) -> Result<Option<Ready<S>>, End>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let tls = match &config.tls {
+        None => TlsState::Disabled,
+        Some(t) if t.mode() == TlsMode::Require => TlsState::Required,
+        Some(_) => TlsState::Offered,
+    };
+    let (mut rd, mut wr) = buffered(Either::Left(stream));
+    let plain = async {
+        let cflags = greet(&mut rd, &mut wr, shutdown).await?;
+        if tls == TlsState::Required && !cflags.fixed_newstyle {
+            return Err(End::Protocol("TLS is required but the client does not use fixed newstyle".into()));
+        }
+        Ok((cflags, haggle(&mut rd, &mut wr, registry, shutdown, cflags, tls).await?))
+    }
+    .await;
+    let (cflags, outcome) = match plain {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = wr.shutdown().await;
+            return Err(e);
+        }
+    };
+    match outcome {
+        Outcome::Export(n) => return Ok(Some((rd, wr, n))),
+        Outcome::Aborted => return Ok(None),
+        Outcome::StartTls => {}
+    }
+    let Some(tls_config) = &config.tls else {
+        return Err(End::Protocol("STARTTLS acknowledged without TLS configured".into()));
+    };
+    // The client may send nothing between STARTTLS and its TLS ClientHello, which it sends only after our
+    // ACK: bytes already buffered were sent before it saw the ACK (or injected by someone in the middle),
+    // and must not be taken as TLS-protected.
+    if !rd.buffer().is_empty() {
+        return Err(End::Protocol("data after NBD_OPT_STARTTLS before the TLS handshake".into()));
+    }
+    wr.flush().await?;
+    let Either::Left(plain) = rd.into_inner().unsplit(wr.into_inner()) else {
+        return Err(End::Protocol("STARTTLS on a TLS connection".into()));
+    };
+    let stream = tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => return Err(End::Shutdown),
+        r = tls_config.acceptor().accept(plain) => r.map_err(End::Tls)?,
+    };
+    let (_, session) = stream.get_ref();
+    info!(
+        %peer,
+        version = ?session.protocol_version(),
+        client_certificate = session.peer_certificates().is_some_and(|c| !c.is_empty()),
+        "TLS established"
+    );
+    let (mut rd, mut wr) = buffered(Either::Right(stream));
+    match haggle(&mut rd, &mut wr, registry, shutdown, cflags, TlsState::Active).await {
+        Ok(Outcome::Export(n)) => Ok(Some((rd, wr, n))),
+        Ok(Outcome::Aborted) => Ok(None),
+        Ok(Outcome::StartTls) => Err(End::Protocol("second STARTTLS acknowledged".into())),
+        Err(e) => {
+            let _ = wr.shutdown().await;
+            Err(e)
+        }
+    }
 }
 
 /// One encoded reply plus the resources it holds until it is written.
@@ -228,6 +317,9 @@ struct Transmission<'a, S> {
     dead: CancellationToken,
     tasks: TaskTracker,
     shutdown: &'a CancellationToken,
+    /// The request slots (`inflight`'s permits when nothing is in flight).
+    slots: usize,
+    idle_timeout: Option<Duration>,
 }
 
 impl<S> Transmission<'_, S>
@@ -264,6 +356,11 @@ where
 
     /// The next request header, or (`Ok(Err)`) why there is none.
     async fn read_header(&mut self) -> Result<Result<RequestHeader, &'static str>, End> {
+        if let Some(idle) = self.idle_timeout {
+            if !self.wait_for_request(idle).await? {
+                return Ok(Err("idle timeout"));
+            }
+        }
         let mut hdr = [0u8; REQUEST_HEADER_LEN];
         tokio::select! {
             biased;
@@ -278,6 +375,28 @@ where
         let req = parse_request_header(&hdr).map_err(|e| End::Protocol(e.to_string()))?;
         trace!(?req, "request");
         Ok(Ok(req))
+    }
+
+    /// Waits until the next request starts to arrive (or the connection ends); `false` when it sat idle for
+    /// `idle`: nothing received and no request of it in flight (a client waiting for a slow reply is not idle).
+    async fn wait_for_request(&mut self, idle: Duration) -> Result<bool, End> {
+        loop {
+            let timed_out = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return Err(End::Shutdown),
+                _ = self.dead.cancelled() => false,
+                // Cancel safe: no byte is consumed when the timer wins.
+                r = self.rd.fill_buf() => { r?; false }
+                _ = tokio::time::sleep(idle) => true,
+            };
+            if !timed_out {
+                return Ok(true);
+            }
+            if self.inflight.available_permits() == self.slots {
+                info!(idle_s = idle.as_secs_f64(), "closing a connection idle for longer than the idle timeout");
+                return Ok(false);
+            }
+        }
     }
 
     /// Answers an invalid request with its error (skipping its payload); `false` when the writer is gone.
@@ -364,6 +483,8 @@ async fn transmission<S>(
         dead,
         tasks: TaskTracker::new(),
         shutdown,
+        slots,
+        idle_timeout: config.idle_timeout,
     };
     let reason = t.serve().await;
     log_end(peer, reason);

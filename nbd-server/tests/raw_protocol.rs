@@ -23,6 +23,7 @@ const REQ_MAGIC: u32 = 0x2560_9513;
 const SIMPLE_MAGIC: u32 = 0x6744_6698;
 const CHUNK_MAGIC: u32 = 0x668e_33ef;
 const ERR_UNSUP: u32 = 0x8000_0001;
+const ERR_POLICY: u32 = 0x8000_0002;
 const ERR_INVALID: u32 = 0x8000_0003;
 const ERR_UNKNOWN: u32 = 0x8000_0006;
 const EINVAL: u32 = 22;
@@ -277,9 +278,9 @@ fn option_errors_keep_the_session_alive() {
     // Unknown option (with data to skip).
     c.opt(0x1234, &[1, 2, 3, 4, 5]);
     assert_eq!(c.opt_reply().1, ERR_UNSUP);
-    // STARTTLS unsupported.
+    // STARTTLS refused by policy: this server has no TLS configured.
     c.opt(5, &[]);
-    assert_eq!(c.opt_reply().1, ERR_UNSUP);
+    assert_eq!(c.opt_reply().1, ERR_POLICY);
     // LIST must not carry data.
     c.opt(3, &[0]);
     assert_eq!(c.opt_reply().1, ERR_INVALID);

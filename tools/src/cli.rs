@@ -156,6 +156,38 @@ pub struct ServeArgs {
     /// Cache per volume in MiB (map pages and stripe records) [config: volume_cache_mb; default 64]
     #[arg(long)]
     pub cache_mb: Option<usize>,
+    /// Close a connection that has not chosen an export this long after connecting, TLS handshake included
+    /// (e.g. 30s, 2m)
+    #[arg(long, value_name = "DURATION", default_value = "30s")]
+    pub handshake_timeout: String,
+    /// Close a connection that sent no request for this long while none of its requests was in flight
+    /// [default: never, as qemu keeps its connection open however long the guest leaves the disk alone]
+    #[arg(long, value_name = "DURATION")]
+    pub idle_timeout: Option<String>,
+    /// Most client connections at once; a connection over the limit is closed at once (and logged)
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    pub max_connections: usize,
+    /// TLS (NBD_OPT_STARTTLS), as nbdkit: off; on (clients choose); require (plaintext clients are refused)
+    #[arg(long, value_enum, default_value_t = TlsArg::Off)]
+    pub tls: TlsArg,
+    /// Directory with ca-cert.pem, server-cert.pem and server-key.pem (nbdkit's and qemu's layout; an optional
+    /// ca-crl.pem revokes client certificates); needed with --tls on/require
+    #[arg(long, value_name = "DIR")]
+    pub tls_certificates: Option<PathBuf>,
+    /// Clients must present a certificate signed by the CA in ca-cert.pem (client authentication)
+    #[arg(long)]
+    pub tls_verify_peer: bool,
+}
+
+/// `bf nbd serve --tls`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsArg {
+    /// No TLS: STARTTLS is refused.
+    Off,
+    /// TLS for clients that ask for it; plaintext clients are served too.
+    On,
+    /// Only TLS clients are served.
+    Require,
 }
 
 /// `bf init`.

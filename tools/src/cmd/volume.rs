@@ -2,15 +2,15 @@
 
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 use blockframe::volume::{self, VolumeOptions};
-use nbd_server::{CancellationToken, ListenAddr, Listener, StoreRegistry};
+use nbd_server::{CancellationToken, ListenAddr, Listener, ServerConfig, StoreRegistry, TlsConfig, TlsMode};
 
-use crate::cli::{NbdCommand, ServeArgs, VolumeCommand};
+use crate::cli::{NbdCommand, ServeArgs, TlsArg, VolumeCommand};
 use crate::open::open_keyed;
 use crate::settings::Settings;
-use crate::units::parse_size;
+use crate::units::{parse_duration, parse_size};
 use crate::EXIT_OK;
 
 /// `bf volume ...`.
@@ -63,9 +63,18 @@ fn serve(a: &ServeArgs, s: &Settings) -> Result<u8> {
         Some(p) => ListenAddr::Unix(p.clone()),
         None => ListenAddr::Tcp(a.listen.clone()),
     };
+    let config = server_config(a)?;
+    let tls_note = config.tls.as_ref().map(|t| {
+        let mode = if t.mode() == TlsMode::Require { "TLS required" } else { "TLS offered" };
+        let peer = if t.verifies_peer() { ", client certificates verified" } else { "" };
+        format!("{mode}{peer}")
+    });
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     rt.block_on(async {
-        let listener = Listener::bind(&addr).await.with_context(|| format!("listening on {addr:?}"))?;
+        let listener = Listener::bind(&addr).await.with_context(|| format!("listening on {}", describe(&addr)))?;
+        if let Some(warning) = exposure_warning(&listener, &config) {
+            eprintln!("bf: warning: {warning}");
+        }
         let token = CancellationToken::new();
         let t = token.clone();
         tokio::spawn(async move {
@@ -81,14 +90,85 @@ fn serve(a: &ServeArgs, s: &Settings) -> Result<u8> {
             t.cancel();
         });
         let what = a.volume.as_deref().map(|v| format!("volume {v}")).unwrap_or_else(|| "all volumes".into());
-        eprintln!("bf: serving {what} over NBD on {}", describe(&addr));
-        nbd_server::serve(listener, registry.clone(), token).await.context("NBD server")?;
+        let tls = match &tls_note {
+            None => String::new(),
+            Some(n) => format!(" ({n})"),
+        };
+        eprintln!("bf: serving {what} over NBD on {}{tls}", describe(&addr));
+        nbd_server::serve_with_config(listener, registry.clone(), token, config).await.context("NBD server")?;
         for (name, e) in registry.flush_all() {
             eprintln!("bf: flushing volume {name} at shutdown failed: {e}");
         }
         Ok::<(), anyhow::Error>(())
     })?;
     Ok(EXIT_OK)
+}
+
+/// The server's tunables from the command line.
+fn server_config(a: &ServeArgs) -> Result<ServerConfig> {
+    if a.max_connections == 0 {
+        bail!("--max-connections must be at least 1");
+    }
+    let handshake_timeout = parse_duration(&a.handshake_timeout).context("--handshake-timeout")?;
+    if handshake_timeout.is_zero() {
+        bail!("--handshake-timeout must be more than 0");
+    }
+    let idle_timeout = a.idle_timeout.as_deref().map(parse_duration).transpose().context("--idle-timeout")?;
+    if idle_timeout.is_some_and(|t| t.is_zero()) {
+        bail!("--idle-timeout must be more than 0 (leave it out for no idle timeout)");
+    }
+    Ok(ServerConfig {
+        max_connections: a.max_connections,
+        handshake_timeout,
+        idle_timeout,
+        tls: tls_config(a)?,
+        ..ServerConfig::default()
+    })
+}
+
+/// `--tls`, `--tls-certificates` and `--tls-verify-peer`.
+fn tls_config(a: &ServeArgs) -> Result<Option<TlsConfig>> {
+    let mode = match a.tls {
+        TlsArg::Off => {
+            if a.tls_certificates.is_some() || a.tls_verify_peer {
+                bail!("--tls-certificates and --tls-verify-peer need --tls on or --tls require");
+            }
+            return Ok(None);
+        }
+        TlsArg::On => TlsMode::On,
+        TlsArg::Require => TlsMode::Require,
+    };
+    let Some(dir) = &a.tls_certificates else {
+        bail!("--tls needs --tls-certificates DIR (with ca-cert.pem, server-cert.pem and server-key.pem)");
+    };
+    let tls = TlsConfig::from_dir(dir, mode, a.tls_verify_peer)
+        .with_context(|| format!("loading the TLS certificates in {}", dir.display()))?;
+    Ok(Some(tls))
+}
+
+/// What to tell the operator when a TCP listener is reachable from other hosts without TLS: NBD itself has
+/// no authentication, so anyone who can connect can read and overwrite every volume served.
+fn exposure_warning(listener: &Listener, config: &ServerConfig) -> Option<String> {
+    let Listener::Tcp(l) = listener else { return None };
+    let addr = l.local_addr().ok()?;
+    if addr.ip().is_loopback() {
+        return None;
+    }
+    let risk = "anyone who can reach it can read and overwrite the volumes served";
+    match &config.tls {
+        None => Some(format!(
+            "listening on {addr}, which is not a loopback address, without TLS: NBD has no authentication, so \
+             {risk} (use --tls require --tls-verify-peer, a loopback address or --socket)"
+        )),
+        Some(t) if t.mode() == TlsMode::On => Some(format!(
+            "listening on {addr} with --tls on: plaintext clients are served too, so {risk} (use --tls require \
+             --tls-verify-peer)"
+        )),
+        Some(t) if !t.verifies_peer() => Some(format!(
+            "listening on {addr} without --tls-verify-peer: TLS encrypts, but any client is let in, so {risk}"
+        )),
+        Some(_) => None,
+    }
 }
 
 fn describe(addr: &ListenAddr) -> String {

@@ -3,6 +3,7 @@
 mod files;
 mod mount;
 mod nbd;
+mod nbd_tls;
 mod s3;
 mod scrub;
 mod util;

@@ -34,6 +34,11 @@ impl Server {
     pub(crate) fn start(env: &Env, extra: &[&str]) -> Server {
         let socket = env.path("nbd.sock");
         let _ = std::fs::remove_file(&socket);
+        Server::start_on(env, socket, extra)
+    }
+
+    /// Starts `bf nbd serve --socket SOCKET` and waits until it accepts connections.
+    pub(crate) fn start_on(env: &Env, socket: PathBuf, extra: &[&str]) -> Server {
         let child = env
             .bf()
             .args(["nbd", "serve", "--socket", socket.to_str().unwrap()])
@@ -43,8 +48,8 @@ impl Server {
             .spawn()
             .expect("starting bf nbd serve");
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !socket.exists() {
-            assert!(Instant::now() < deadline, "server did not start");
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "server did not start:\n{}", env.log_tail());
             std::thread::sleep(Duration::from_millis(20));
         }
         Server { child, socket }
@@ -61,7 +66,7 @@ impl Server {
         assert!(status.success(), "server exit status {status}");
     }
 
-    fn kill9(mut self) {
+    pub(crate) fn kill9(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
