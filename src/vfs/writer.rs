@@ -211,27 +211,23 @@ impl Vfs {
         // retired the change goes to what is committed now (pjdfstest's utimensat/06.t lost a chmod so).
         let mut candidate = handle_writer;
         for _ in 0..SETATTR_TRIES {
-            let writer = match self.setattr_target(ino, &changes, candidate.take())? {
+            match self.setattr_target(ino, &changes, candidate.take())? {
                 Target::Done(a) => return Ok(a),
-                Target::Writer(w) => w,
-            };
-            let Some(w) = writer else {
-                self.setattr_committed(ino, &changes)?;
-                return self.shared.attr(&lock(&self.shared.state), ino);
-            };
-            let op = lock(&w.op);
-            match self.shared.slot_writer(ino) {
-                Some(cur) if Arc::ptr_eq(&cur, &w) => {}
-                Some(_) => continue,
-                None if w.writers.load(Ordering::SeqCst) > 0 => {}
-                None => {
-                    drop(op);
-                    self.setattr_committed(ino, &changes)?;
-                    return self.shared.attr(&lock(&self.shared.state), ino);
+                Target::Writer(None) => self.setattr_committed(ino, &changes)?,
+                Target::Writer(Some(w)) => {
+                    let op = lock(&w.op);
+                    match self.shared.slot_writer(ino) {
+                        // Replaced by a newer writer meanwhile: look again.
+                        Some(cur) if !Arc::ptr_eq(&cur, &w) => continue,
+                        // Retired meanwhile (and not an open handle's): the committed version takes it.
+                        None if w.writers.load(Ordering::SeqCst) == 0 => {
+                            drop(op);
+                            self.setattr_committed(ino, &changes)?;
+                        }
+                        _ => self.setattr_writer(ino, &w, &op, &changes)?,
+                    }
                 }
             }
-            self.setattr_writer(ino, &w, &op, &changes)?;
-            drop(op);
             return self.shared.attr(&lock(&self.shared.state), ino);
         }
         Err(Error::internal(format!("inode {ino}: its writer kept changing")))
