@@ -316,7 +316,6 @@ impl Scrubber<'_> {
             *slot = self.check_shard(&addr, i, leaf, bufs, &mut out);
         }
         out.good = found_at.iter().filter(|f| f.is_some()).count();
-        let homes: Vec<usize> = (0..width).map(|i| addr.home(self.store, i)).collect();
         out.crowded = crowded(&found_at, body.k as usize, body.m as usize, self.writable.len());
         if !self.opts.repair {
             out.crowded_left = out.crowded;
@@ -333,6 +332,7 @@ impl Scrubber<'_> {
                 found_at[issue.shard as usize] = Some(to);
             }
         }
+        let homes: Vec<usize> = (0..width).map(|i| addr.home(self.store, i)).collect();
         if let Err(e) = self.move_home(file, body, &addr, bufs, &homes, &mut found_at, &mut out) {
             out.errors.push(format!("segment {seg}: {e}"));
         }
@@ -364,23 +364,12 @@ impl Scrubber<'_> {
         self.with_committed(file, || {
             for &i in &away {
                 let (Some(from), home) = (found_at[i], homes[i]) else { continue };
-                let payload = &bufs.shards[i * sl..(i + 1) * sl];
-                let header = ShardHeader::for_payload(
-                    body.store_id,
-                    body.file_id,
-                    addr.segment,
-                    i as u16,
-                    (body.k, body.m),
-                    payload,
-                );
-                let leaf = body.leaf(addr.segment, i).copied().unwrap_or([0; 32]);
-                let key = (addr.key_of)(i);
-                match write_rebuilt(self.store, &key, &header, payload, &leaf, &[home]) {
+                match put_verified(self.store, body, addr, i, &bufs.shards[i * sl..(i + 1) * sl], &[home]) {
                     Ok(_) => {
                         found_at[i] = Some(home);
                         out.moved += 1;
                         self.tally(|t| t[home].2 += 1);
-                        if let Err(e) = self.store.locations()[from].delete(&key) {
+                        if let Err(e) = self.store.locations()[from].delete(&(addr.key_of)(i)) {
                             tracing::warn!(error = %e, shard = i, "the copy left on a foreign location was not deleted");
                         }
                     }
@@ -506,11 +495,7 @@ impl Scrubber<'_> {
         home: usize,
         occupied: &[u32],
     ) -> Result<usize> {
-        let header =
-            ShardHeader::for_payload(body.store_id, body.file_id, addr.segment, i as u16, (body.k, body.m), payload);
-        let leaf = body.leaf(addr.segment, i).copied().unwrap_or([0; 32]);
-        let targets = repair_targets(home, &self.writable, occupied);
-        let target = write_rebuilt(self.store, &(addr.key_of)(i), &header, payload, &leaf, &targets)?;
+        let target = put_verified(self.store, body, addr, i, payload, &repair_targets(home, &self.writable, occupied))?;
         if target != home {
             // A damaged copy at home would shadow nothing (readers search on), but remove it if we can.
             let _ = self.store.locations()[home].delete(&(addr.key_of)(i));
@@ -519,6 +504,22 @@ impl Scrubber<'_> {
         }
         Ok(target)
     }
+}
+
+/// Writes shard `i` of a segment (its verified `payload` under a fresh header) to the first of `targets` that
+/// stores it and reads it back matching its Merkle leaf; returns that location.
+fn put_verified(
+    store: &crate::store::Store,
+    body: &ManifestBody,
+    addr: &StripeAddr<'_>,
+    i: usize,
+    payload: &[u8],
+    targets: &[usize],
+) -> Result<usize> {
+    let header =
+        ShardHeader::for_payload(body.store_id, body.file_id, addr.segment, i as u16, (body.k, body.m), payload);
+    let leaf = body.leaf(addr.segment, i).copied().unwrap_or([0; 32]);
+    write_rebuilt(store, &(addr.key_of)(i), &header, payload, &leaf, targets)
 }
 
 /// Whether shards found at `found_at` (by shard; `None` for bad ones) survive the loss of fewer locations
