@@ -70,7 +70,7 @@ struct Input {
 #[derive(Default)]
 struct Skipped {
     /// Not committed although they hold data (a name that is not UTF-8): the command fails at the end.
-    refused: Vec<String>,
+    refused: usize,
     /// Kinds the store does not keep (FIFOs, sockets, devices): reported, as tar and rsync do.
     other: usize,
 }
@@ -110,7 +110,7 @@ fn walk(dir: &Path, prefix: &str, out: &mut Vec<Input>, skipped: &mut Skipped) -
         let path = e.path();
         let Some(part) = e.file_name().to_str().map(str::to_string) else {
             eprintln!("bf: {}: the name is not UTF-8; not committed", shown(&path.to_string_lossy()));
-            skipped.refused.push(path.to_string_lossy().into_owned());
+            skipped.refused += 1;
             continue;
         };
         let name = format!("{prefix}/{part}");
@@ -125,7 +125,7 @@ fn walk(dir: &Path, prefix: &str, out: &mut Vec<Input>, skipped: &mut Skipped) -
                 Some(t) => out.push(Input { path, name, link: Some(t.to_string()) }),
                 None => {
                     eprintln!("bf: {}: the link's target is not UTF-8; not committed", shown(&name));
-                    skipped.refused.push(name);
+                    skipped.refused += 1;
                 }
             }
         } else {
@@ -174,8 +174,8 @@ pub(crate) fn commit_cmd(a: &CommitArgs, s: &Settings) -> Result<u8> {
     if a.json {
         out!("{}", serde_json::to_string_pretty(&reports)?)?;
     }
-    if !skipped.refused.is_empty() {
-        bail!("{} entries were not committed (their names are not UTF-8); everything else was", skipped.refused.len());
+    if skipped.refused > 0 {
+        bail!("{} entries were not committed (their names are not UTF-8); everything else was", skipped.refused);
     }
     let degraded = reports.iter().any(|r| r.shards_not_stored > 0);
     Ok(if degraded { EXIT_DEGRADED } else { EXIT_OK })
