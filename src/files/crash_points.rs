@@ -15,6 +15,8 @@ use crate::store::{Store, MIN_SEGMENT_SIZE};
 use crate::testing::fault::CrashSwitch;
 use crate::testing::{mem_store, test_bytes, MemStore};
 
+use super::tests::scrub;
+
 const SEG: usize = MIN_SEGMENT_SIZE as usize;
 
 /// A 4+2 store on in-memory locations whose changes count towards one crash switch.
@@ -37,10 +39,7 @@ impl Rig {
 
     /// The store as a new process opens it after the crash: descriptor and catalog read afresh.
     fn reopen(&self) -> Arc<Store> {
-        let mut s = Store::open(self.dir.path()).unwrap();
-        s.set_locations(self.store.locations().to_vec()).unwrap();
-        s.unlock(self.store.key().unwrap().clone()).unwrap();
-        Arc::new(s)
+        Arc::new(super::tests::reopen(self.dir.path(), &self.store))
     }
 }
 
@@ -70,12 +69,6 @@ fn get(store: &Store, name: &str) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     read_to(store, &f, &mut out, 2, &|_| {}).unwrap_or_else(|e| panic!("{name} is in the catalog but unreadable: {e}"));
     Some(out)
-}
-
-fn scrub(store: &Store, repair: bool) -> crate::scrub::ScrubReport {
-    let opts = crate::scrub::ScrubOptions { repair, ..Default::default() };
-    let ctl = crate::scrub::RunControl { max_duration: None, total: None, progress: &|_| {} };
-    crate::scrub::run(store, &opts, crate::scrub::Selection::All, &ctl).unwrap().0
 }
 
 /// Runs `op` after `prepare` once uncut to count its changes, then once per crash point on a fresh store:

@@ -18,7 +18,7 @@ fn req(name: &str, len: usize) -> CommitRequest {
 }
 
 /// The store as another process opens it (a fresh catalog read), on the same locations.
-fn reopen(dir: &std::path::Path, store: &Store) -> Store {
+pub(super) fn reopen(dir: &std::path::Path, store: &Store) -> Store {
     let mut s = Store::open(dir).unwrap();
     s.set_locations(store.locations().to_vec()).unwrap();
     s.unlock(store.key().unwrap().clone()).unwrap();
@@ -26,7 +26,7 @@ fn reopen(dir: &std::path::Path, store: &Store) -> Store {
 }
 
 /// A whole-store scrub.
-fn scrub(store: &Store, repair: bool) -> crate::scrub::ScrubReport {
+pub(super) fn scrub(store: &Store, repair: bool) -> crate::scrub::ScrubReport {
     let opts = crate::scrub::ScrubOptions { repair, ..Default::default() };
     let ctl = crate::scrub::RunControl { max_duration: None, total: None, progress: &|_| {} };
     crate::scrub::run(store, &opts, crate::scrub::Selection::All, &ctl).unwrap().0
