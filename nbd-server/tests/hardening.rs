@@ -20,16 +20,6 @@ fn server_with(config: ServerConfig) -> TestServer {
     TestServer::start_with_config(vec![("disk", "", m as Arc<dyn BlockBackend>)], config)
 }
 
-/// Connects and reads the 18-byte greeting.
-fn greeted(s: &TestServer) -> UnixStream {
-    let mut c = UnixStream::connect(&s.sock).expect("connect");
-    c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    let mut g = [0u8; 18];
-    c.read_exact(&mut g).expect("greeting");
-    assert_eq!(&g[..8], b"NBDMAGIC");
-    c
-}
-
 /// Client flags, then NBD_OPT_EXPORT_NAME "disk" (NO_ZEROES: a 10-byte reply).
 fn enter_transmission(c: &mut UnixStream) {
     let mut b = 3u32.to_be_bytes().to_vec();
@@ -120,9 +110,9 @@ fn a_client_that_never_finishes_the_handshake_is_closed() {
     let config = ServerConfig { handshake_timeout: Duration::from_millis(300), ..ServerConfig::default() };
     let s = server_with(config);
     // Silent after the greeting.
-    let mut idle = greeted(&s);
+    let mut idle = s.greeted();
     // Sends its flags, then half an option header.
-    let mut slow = greeted(&s);
+    let mut slow = s.greeted();
     slow.write_all(&3u32.to_be_bytes()).expect("flags");
     slow.write_all(b"IHAVE").expect("partial option");
     let t = Instant::now();
@@ -130,7 +120,7 @@ fn a_client_that_never_finishes_the_handshake_is_closed() {
     assert!(closed_within(&mut slow, Duration::from_secs(5)), "slow connection not closed");
     assert!(t.elapsed() < Duration::from_secs(3), "took {:?}", t.elapsed());
     // A client that completes the handshake in time is not affected, however long it then stays.
-    let mut c = greeted(&s);
+    let mut c = s.greeted();
     enter_transmission(&mut c);
     std::thread::sleep(Duration::from_millis(600));
     flush(&mut c, 7);
@@ -140,8 +130,8 @@ fn a_client_that_never_finishes_the_handshake_is_closed() {
 fn connections_over_the_cap_are_closed_at_once() {
     let config = ServerConfig { max_connections: 2, ..ServerConfig::default() };
     let s = server_with(config);
-    let a = greeted(&s);
-    let mut b = greeted(&s);
+    let a = s.greeted();
+    let mut b = s.greeted();
     let mut over = UnixStream::connect(&s.sock).expect("connect");
     assert!(closed_within(&mut over, Duration::from_secs(5)), "third connection got a greeting");
     // Once one leaves, a new client is served again.
@@ -165,7 +155,7 @@ fn connections_over_the_cap_are_closed_at_once() {
 fn the_idle_timeout_closes_only_connections_with_nothing_to_do() {
     let config = ServerConfig { idle_timeout: Some(Duration::from_millis(400)), ..ServerConfig::default() };
     let s = server_with(config);
-    let mut c = greeted(&s);
+    let mut c = s.greeted();
     enter_transmission(&mut c);
     // Requests more often than the timeout keep it open.
     for cookie in 0..4 {
@@ -181,7 +171,7 @@ fn the_idle_timeout_closes_only_connections_with_nothing_to_do() {
 fn by_default_an_idle_connection_stays_open() {
     let s = server_with(ServerConfig::default());
     assert_eq!(ServerConfig::default().idle_timeout, None);
-    let mut c = greeted(&s);
+    let mut c = s.greeted();
     enter_transmission(&mut c);
     assert!(!closed_within(&mut c, Duration::from_millis(700)));
     flush(&mut c, 9);

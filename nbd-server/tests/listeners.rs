@@ -93,9 +93,7 @@ fn shutdown_grace_bounds_stuck_clients() {
     let m = Arc::new(MemBackend::new(64 << 20));
     let config = ServerConfig { shutdown_grace: Duration::from_millis(500), ..ServerConfig::default() };
     let s = TestServer::start_with_config(vec![("d", "", m as Arc<dyn BlockBackend>)], config);
-    let mut c = UnixStream::connect(&s.sock).expect("connect");
-    let mut g = [0u8; 18];
-    c.read_exact(&mut g).expect("greeting");
+    let mut c = s.greeted();
     let mut b = 3u32.to_be_bytes().to_vec();
     b.extend_from_slice(b"IHAVEOPT");
     b.extend_from_slice(&1u32.to_be_bytes());

@@ -258,11 +258,7 @@ fn meta_data(name: &str, query: &str) -> Vec<u8> {
 
 /// Connects, reads the greeting and sends the client flags (FIXED_NEWSTYLE | NO_ZEROES).
 fn start(s: &TestServer) -> UnixStream {
-    let mut c = UnixStream::connect(&s.sock).expect("connect");
-    c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    let mut g = [0u8; 18];
-    c.read_exact(&mut g).expect("greeting");
-    assert_eq!(&g[..8], b"NBDMAGIC");
+    let mut c = s.greeted();
     c.write_all(&3u32.to_be_bytes()).expect("flags");
     c
 }

@@ -66,6 +66,17 @@ impl TestServer {
         (s, m)
     }
 
+    /// A raw client connection that has read the 18-byte newstyle greeting (reads time out after 10 s).
+    pub fn greeted(&self) -> std::os::unix::net::UnixStream {
+        use std::io::Read;
+        let mut c = std::os::unix::net::UnixStream::connect(&self.sock).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let mut g = [0u8; 18];
+        c.read_exact(&mut g).expect("greeting");
+        assert_eq!(&g[..8], b"NBDMAGIC");
+        c
+    }
+
     /// `nbd+unix:///NAME?socket=PATH`.
     pub fn uri(&self, export: &str) -> String {
         format!("nbd+unix:///{}?socket={}", export, self.sock.display())
