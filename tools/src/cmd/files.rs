@@ -66,7 +66,7 @@ struct Input {
     link: Option<String>,
 }
 
-/// Entries of a tree that `commit -r` did not commit, each with the reason.
+/// How many entries of a tree `commit -r` did not commit, by reason.
 #[derive(Default)]
 struct Skipped {
     /// Not committed although they hold data (a name that is not UTF-8): the command fails at the end.
