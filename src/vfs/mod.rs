@@ -43,6 +43,7 @@ use crate::stripe::StripeBuffers;
 
 use cache::{Bytes, SegmentCache};
 use handles::HandleTable;
+pub use reader::ReadData;
 use spool::Spool;
 pub use tree::{Ino, ROOT};
 use tree::{NodeKind, Tree};
