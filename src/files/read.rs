@@ -135,6 +135,16 @@ impl<'a> SegmentReader<'a> {
         Ok(())
     }
 
+    /// Like [`SegmentReader::read`], but fills `buf` (reusing its allocation) and hands it back: the reader
+    /// keeps no segment buffer afterwards.
+    pub fn read_into(&mut self, segment: u64, buf: Vec<u8>) -> Result<Vec<u8>> {
+        self.bufs.data = buf;
+        let len = self.read(segment)?.len();
+        let mut out = std::mem::take(&mut self.bufs.data);
+        out.truncate(len);
+        Ok(out)
+    }
+
     /// Returns the verified plaintext of `segment`.
     pub fn read(&mut self, segment: u64) -> Result<&[u8]> {
         if let (Some(pack), Data::Packed { offset, .. }) = (&self.file.pack, self.file.body.data) {

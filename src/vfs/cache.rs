@@ -52,8 +52,9 @@ struct Inner<K> {
 
 impl<K: Hash + Eq + Clone> Inner<K> {
     /// Evicts until `need` more bytes fit in `capacity`: the least recently used cold segments, or any when
-    /// `force`. Returns whether they fit.
-    fn make_room(&mut self, need: usize, capacity: usize, hot: Duration, force: bool) -> bool {
+    /// `force`. Returns whether they fit. `for_load`: room for a load about to start, which can take an
+    /// evicted buffer as [`Inner::spare`] (other evictions free theirs: nothing would take it).
+    fn make_room(&mut self, need: usize, capacity: usize, hot: Duration, force: bool, for_load: bool) -> bool {
         while self.used_bytes + need > capacity {
             let victim = self.order.iter().find_map(|(_, k)| match self.map.get(k) {
                 Some(Slot::Ready { touched, .. }) if force || touched.elapsed() >= hot => Some(k.clone()),
@@ -63,7 +64,7 @@ impl<K: Hash + Eq + Clone> Inner<K> {
             if let Some(Slot::Ready { data, tick, .. }) = self.map.remove(&victim) {
                 self.order.remove(&tick);
                 self.used_bytes -= data.len();
-                if let Ok(buf) = Arc::try_unwrap(data) {
+                if let (true, Ok(buf)) = (for_load, Arc::try_unwrap(data)) {
                     self.spare = Some(buf);
                 }
             }
@@ -166,7 +167,7 @@ impl<K: Hash + Eq + Clone> SegmentCache<K> {
     pub fn lend(&self, bytes: usize) -> Lent<'_, K> {
         let bytes = bytes.min(self.capacity_bytes / 4 * 3);
         let mut inner = self.lock();
-        inner.make_room(bytes, self.capacity_bytes, self.hot, true);
+        inner.make_room(bytes, self.capacity_bytes, self.hot, true, false);
         inner.used_bytes += bytes;
         Lent { cache: self, bytes }
     }
@@ -225,7 +226,7 @@ impl<K: Hash + Eq + Clone> SegmentCache<K> {
                 }
                 None => {
                     let waited = started.elapsed();
-                    if inner.make_room(reserve, self.capacity_bytes, self.hot, waited >= MAX_WAIT) {
+                    if inner.make_room(reserve, self.capacity_bytes, self.hot, waited >= MAX_WAIT, true) {
                         break;
                     }
                     if !wait {
@@ -248,7 +249,8 @@ impl<K: Hash + Eq + Clone> SegmentCache<K> {
         let mut inner = self.lock();
         inner.map.remove(key);
         inner.used_bytes -= reserve;
-        if data.len() <= self.capacity_bytes && inner.make_room(data.len(), self.capacity_bytes, self.hot, true) {
+        if data.len() <= self.capacity_bytes && inner.make_room(data.len(), self.capacity_bytes, self.hot, true, false)
+        {
             inner.tick += 1;
             let tick = inner.tick;
             inner.order.insert(tick, key.clone());
@@ -324,6 +326,9 @@ mod tests {
         c.get_or_load(&5u32, 10, || Ok(vec![5; 10])).unwrap();
         c.trim();
         assert_eq!(c.take_spare().capacity(), 0, "trim frees the spare");
+        // Room made for a loan keeps no spare (nothing would take it).
+        drop(c.lend(20));
+        assert_eq!(c.take_spare().capacity(), 0, "a loan's evictions are freed");
     }
 
     #[test]

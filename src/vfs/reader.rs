@@ -81,16 +81,9 @@ impl Shared {
 
     fn decode(&self, file: &OpenFile, segment: u64) -> Result<Vec<u8>> {
         self.decoded.fetch_add(1, Ordering::Relaxed);
-        // The decoded buffer itself goes into the cache (no copy); the decoder keeps the buffer of a segment the
-        // cache evicted to make room for this one, or allocates a new one.
-        self.decoders.with(
-            file,
-            |r| {
-                let mut out = self.cache.take_spare();
-                r.read_swap(segment, &mut out).map(|()| out)
-            },
-            &self.store,
-        )
+        // The decoded buffer itself goes into the cache (no copy): the buffer of a segment the cache evicted to
+        // make room for this one, or a new one. The decoder keeps none between segments.
+        self.decoders.with(file, |r| r.read_into(segment, self.cache.take_spare()), &self.store)
     }
 
     /// Segment `seg` of `file` and the part of it that bytes `offset..end` of the file cover (marked read
