@@ -29,15 +29,16 @@ impl Http {
             .stderr(std::fs::File::create(&log).expect("server log"))
             .spawn()
             .expect("starting bf serve");
+        let mut srv = Http { child, addr: String::new(), log };
         let deadline = Instant::now() + Duration::from_secs(30);
         let marker = "serving files on ";
         loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let text = srv.log();
             if let Some(i) = text.find(marker) {
                 let rest = &text[i + marker.len()..];
                 let url = rest.split_whitespace().next().unwrap_or("");
-                let addr = url.split("://").nth(1).unwrap_or("").trim_end_matches('/').to_string();
-                return Http { child, addr, log };
+                srv.addr = url.split("://").nth(1).unwrap_or("").trim_end_matches('/').to_string();
+                return srv;
             }
             assert!(Instant::now() < deadline, "bf serve did not start:\n{text}");
             std::thread::sleep(Duration::from_millis(20));
@@ -79,8 +80,8 @@ fn curl(env: &Env, args: &[&str]) -> (String, Vec<u8>, i32) {
 fn status(headers: &str) -> u16 {
     headers
         .lines()
-        .filter(|l| l.starts_with("HTTP/"))
-        .last()
+        .rev()
+        .find(|l| l.starts_with("HTTP/"))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|s| s.parse().ok())
         .unwrap_or(0)
