@@ -24,7 +24,8 @@ use crate::names::{self, Target};
 use crate::range::{self, ByteRange, RangePlan};
 use crate::segments::{Layout, SegmentPool};
 use crate::stream::{self, Piece, Source};
-use crate::tree::Catalog;
+use crate::tree::{Catalog, Snapshot};
+use crate::writes;
 
 /// What every request shares.
 pub struct State {
@@ -38,23 +39,42 @@ pub struct State {
     pub tokens: Option<TokenSet>,
     /// How long a client may leave a body chunk unread.
     pub send_timeout: Duration,
+    /// `PUT` and `DELETE` are served.
+    pub writable: bool,
+    /// One commit at a time.
+    pub commits: tokio::sync::Semaphore,
 }
 
 type Resp = Response<Body>;
 
 /// Answers one request.
-pub async fn handle<B>(state: Arc<State>, req: Request<B>) -> Result<Resp, Infallible> {
+pub async fn handle<B>(state: Arc<State>, req: Request<B>) -> Result<Resp, Infallible>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let resp = respond(&state, &req).await;
+    let resp = respond(&state, req).await;
     tracing::info!(%method, path = %path, status = resp.status().as_u16(), "request");
     Ok(resp)
 }
 
-async fn respond<B>(state: &State, req: &Request<B>) -> Resp {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD are served\n");
-        r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+async fn respond<B>(state: &State, req: Request<B>) -> Resp
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let m = req.method();
+    let write = state.writable && (m == Method::PUT || m == Method::DELETE);
+    if m != Method::GET && m != Method::HEAD && !write {
+        let (allow, msg) = if state.writable {
+            ("GET, HEAD, PUT, DELETE", "only GET, HEAD, PUT and DELETE are served\n")
+        } else {
+            ("GET, HEAD", "only GET and HEAD are served (writes need bf serve --writable)\n")
+        };
+        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, msg);
+        r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
         return r;
     }
     if let Some(tokens) = &state.tokens {
@@ -73,6 +93,10 @@ async fn respond<B>(state: &State, req: &Request<B>) -> Resp {
             return text(StatusCode::SERVICE_UNAVAILABLE, &format!("the catalog cannot be read: {e}\n"));
         }
     };
+    if write {
+        return write_response(state, req, target, &snap).await;
+    }
+    let req = &req;
     let query = req.uri().query();
     match target {
         Target::Dir(name) => match snap.list(&name) {
@@ -89,6 +113,45 @@ async fn respond<B>(state: &State, req: &Request<B>) -> Resp {
             None => not_found(),
         },
     }
+}
+
+/// `PUT` (commit the body as the file) and `DELETE` (remove the file).
+async fn write_response<B>(state: &State, req: Request<B>, target: Target, snap: &Snapshot) -> Resp
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let Target::File(name) = target else {
+        return text(StatusCode::CONFLICT, "a directory cannot be written: directories follow from file names\n");
+    };
+    if snap.is_dir(&name) {
+        return text(StatusCode::CONFLICT, "a directory of that name exists\n");
+    }
+    let current = snap.file(&name).cloned();
+    let outcome = if req.method() == Method::DELETE {
+        match current {
+            Some(entry) => writes::delete(&state.store, (*entry).clone()).await,
+            None => return not_found(),
+        }
+    } else {
+        let validators = current
+            .as_ref()
+            .and_then(|e| e.meta.as_ref().map(|m| Validators::new(&e.manifest.body.root_hex(), m.mtime_unix_ns)));
+        if let Err(o) = writes::put_precondition(req.headers(), validators.as_ref()) {
+            return text(o.status, &format!("{}\n", o.message));
+        }
+        let size = header_str(req.headers(), header::CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok());
+        let Ok(_permit) = state.commits.acquire().await else {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+        };
+        writes::put(&state.store, &name, size, true, req.into_body()).await
+    };
+    state.catalog.invalidate().await;
+    let mut r = text(outcome.status, &outcome.message);
+    if let Some(etag) = &outcome.etag {
+        set(&mut r, header::ETAG, etag);
+    }
+    r
 }
 
 fn listing_response<B>(req: &Request<B>, dir: &str, items: &[listing::Item]) -> Resp {

@@ -1,4 +1,5 @@
-//! `bf serve`: the files of a BlockFrame store over HTTP/1.1 (optionally TLS), read-only.
+//! `bf serve`: the files of a BlockFrame store over HTTP/1.1 (optionally TLS); read-only unless writes
+//! (`PUT` of a whole file, `DELETE`, see [`writes`]) are enabled.
 //!
 //! Reads go through the store's verified, repairing read path (the one `bf get` uses): a byte range fetches
 //! only the segments it touches, every shard is checked against its Merkle leaf and rebuilt from parity when
@@ -25,6 +26,7 @@ pub mod server;
 pub mod stream;
 pub mod tls;
 pub mod tree;
+pub mod writes;
 
 pub use auth::{new_token, TokenSet};
 pub use error::ServeError;

@@ -71,6 +71,8 @@ pub struct Config {
     pub tokens: Option<TokenSet>,
     /// Serve a non-loopback address without tokens.
     pub insecure: bool,
+    /// Serve `PUT` and `DELETE`.
+    pub writable: bool,
     /// The limits.
     pub limits: Limits,
 }
@@ -108,6 +110,8 @@ impl Server {
             pool: SegmentPool::new(l.segment_buffers),
             tokens: config.tokens,
             send_timeout: l.idle_timeout,
+            writable: config.writable,
+            commits: tokio::sync::Semaphore::new(1),
         });
         Ok(Server { listener, addr: config.listen, tls, state, limits: config.limits })
     }

@@ -119,6 +119,11 @@ impl Catalog {
         Catalog { store, max_age, current: tokio::sync::Mutex::new(None) }
     }
 
+    /// Forgets the snapshot, so the next request re-reads the catalog (after a write of this server).
+    pub async fn invalidate(&self) {
+        *self.current.lock().await = None;
+    }
+
     /// The current snapshot; re-reads the catalog (on a blocking thread, one reader at a time) when it is older
     /// than `max_age`. When re-reading fails, the last good snapshot is kept and the error logged.
     pub async fn snapshot(&self) -> Result<Arc<Snapshot>, ServeError> {

@@ -31,7 +31,14 @@ fn store_with(files: &[(&str, &[u8])]) -> (tempfile::TempDir, MemStore) {
 
 /// Starts a server on a loopback port; returns its address and the token that stops it.
 async fn serve(store: Arc<blockframe::store::Store>, limits: Limits) -> (String, CancellationToken) {
-    let config = Config { listen: "127.0.0.1:0".parse().unwrap(), tls: None, tokens: None, insecure: false, limits };
+    let config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        tls: None,
+        tokens: None,
+        insecure: false,
+        writable: false,
+        limits,
+    };
     let server = Server::bind(store, config).await.unwrap();
     let addr = server.local_addr().unwrap().to_string();
     let stop = CancellationToken::new();

@@ -104,9 +104,12 @@ pub struct HttpServeArgs {
     /// Serve a non-loopback address without tokens (anyone who can reach it can read every file)
     #[arg(long)]
     pub insecure: bool,
-    /// Serve read-only (the default, and so far the only mode: writes over HTTP are not implemented)
-    #[arg(long)]
+    /// Serve read-only (the default)
+    #[arg(long, conflicts_with = "writable")]
     pub read_only: bool,
+    /// Also serve PUT (commit the body as the file, all-or-nothing, replacing one of that name) and DELETE
+    #[arg(long)]
+    pub writable: bool,
     /// Most client connections at once; one over the limit is closed at once (and logged)
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub max_connections: usize,

@@ -53,6 +53,7 @@ fn serve(a: &HttpServeArgs, s: &Settings) -> Result<u8> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     rt.block_on(async {
         let auth = if config.tokens.is_some() { "bearer tokens required" } else { "no authentication" };
+        let mode = if config.writable { "PUT and DELETE allowed" } else { "read-only" };
         let scheme = if config.tls.is_some() { "https" } else { "http" };
         let server = Server::bind(st, config).await?;
         let addr = server.local_addr()?;
@@ -69,7 +70,7 @@ fn serve(a: &HttpServeArgs, s: &Settings) -> Result<u8> {
             tracing::info!("shutting down: finishing the responses in progress");
             t.cancel();
         });
-        eprintln!("bf: serving files on {scheme}://{addr}/ ({auth})");
+        eprintln!("bf: serving files on {scheme}://{addr}/ ({auth}, {mode})");
         server.run(token).await?;
         Ok::<(), anyhow::Error>(())
     })?;
@@ -92,7 +93,7 @@ fn config(a: &HttpServeArgs) -> Result<Config> {
         (None, None) => None,
         _ => bail!("--tls-cert and --tls-key go together"),
     };
-    Ok(Config { listen, tls, tokens, insecure: a.insecure, limits })
+    Ok(Config { listen, tls, tokens, insecure: a.insecure, writable: a.writable && !a.read_only, limits })
 }
 
 /// `host:port` to one socket address (the first the name resolves to).

@@ -510,3 +510,62 @@ fn malformed_huge_and_slow_requests_get_clear_errors() {
     assert!(r.starts_with("HTTP/1.1 200") && r.ends_with("fine\n"), "{r}");
     srv.stop();
 }
+
+#[test]
+fn writable_put_and_delete_commit_all_or_nothing() {
+    if !have("curl") {
+        return;
+    }
+    let env = store_with(&[("keep.txt", b"keep\n")]);
+    // Read-only by default: writes are refused.
+    let srv = Http::start(&env, &[]);
+    let src = env.write("upload.bin", &data(500_000, 8));
+    let (h, _, _) = curl(&env, &["-T", src.to_str().unwrap(), &srv.url("/up/load.bin")]);
+    assert_eq!((status(&h), header(&h, "allow")), (405, Some("GET, HEAD")));
+    srv.stop();
+
+    let srv = Http::start(&env, &["--writable"]);
+    let u = srv.url("/up/l%20oad.bin");
+    let (h, body, _) = curl(&env, &["-T", src.to_str().unwrap(), &u]);
+    assert_eq!(status(&h), 201, "{}", String::from_utf8_lossy(&body));
+    let etag = header(&h, "etag").unwrap().to_string();
+    assert_eq!(etag, format!("\"{}\"", root_of(&env, "up/l oad.bin")));
+    // What bf get returns is what was uploaded; the server sees it at once.
+    env.ok(&["get", "up/l oad.bin", "-o", "got.bin"]);
+    assert!(std::fs::read(env.path("got.bin")).unwrap() == std::fs::read(&src).unwrap());
+    let (_, got, _) = curl(&env, &[&u]);
+    assert!(got == std::fs::read(&src).unwrap());
+    // Create-only and replace-this-version preconditions.
+    let small = env.write("small.txt", b"v2\n");
+    let (h, _, _) = curl(&env, &["-T", small.to_str().unwrap(), "-H", "If-None-Match: *", &u]);
+    assert_eq!(status(&h), 412);
+    let (h, _, _) = curl(&env, &["-T", small.to_str().unwrap(), "-H", "If-Match: \"old\"", &u]);
+    assert_eq!(status(&h), 412);
+    let (h, _, _) = curl(&env, &["-T", small.to_str().unwrap(), "-H", &format!("If-Match: {etag}"), &u]);
+    assert_eq!(status(&h), 200, "a replace");
+    assert_eq!(curl(&env, &[&u]).1, b"v2\n");
+
+    // An upload cut short is not committed: the old version stays.
+    let mut s = TcpStream::connect(&srv.addr).unwrap();
+    s.write_all(b"PUT /up/l%20oad.bin HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n").unwrap();
+    s.write_all(&[7u8; 300_000]).unwrap();
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !srv.log().contains("an upload was not committed") {
+        assert!(Instant::now() < deadline, "the broken upload was not refused:\n{}", srv.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(curl(&env, &[&u]).1, b"v2\n", "a broken upload replaced the file");
+
+    let (h, _, _) = curl(&env, &["-T", small.to_str().unwrap(), &srv.url("/up")]);
+    assert_eq!(status(&h), 409, "a file over a directory");
+
+    let (h, _, _) = curl(&env, &["-X", "DELETE", &u]);
+    assert_eq!(status(&h), 200);
+    let (h, _, _) = curl(&env, &[&u]);
+    assert_eq!(status(&h), 404);
+    assert!(!env.ok(&["ls"]).contains("oad.bin"));
+    let (h, _, _) = curl(&env, &["-X", "DELETE", &srv.url("/nope")]);
+    assert_eq!(status(&h), 404);
+    srv.stop();
+}
