@@ -20,12 +20,14 @@ use crate::body::Body;
 use crate::conditional::{self, Conditions, Outcome, Validators};
 use crate::error::ServeError;
 use crate::listing;
+use crate::metrics::Metrics;
 use crate::names::{self, Target};
 use crate::range::{self, ByteRange, RangePlan};
 use crate::segments::{Layout, SegmentPool};
 use crate::stream::{self, Piece, Source};
 use crate::tree::{Catalog, Snapshot};
 use crate::writes;
+use std::sync::atomic::Ordering;
 
 /// What every request shares.
 pub struct State {
@@ -43,6 +45,8 @@ pub struct State {
     pub writable: bool,
     /// One commit at a time.
     pub commits: tokio::sync::Semaphore,
+    /// The counters.
+    pub metrics: Arc<Metrics>,
 }
 
 type Resp = Response<Body>;
@@ -55,7 +59,9 @@ where
 {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let started = std::time::Instant::now();
     let resp = respond(&state, req).await;
+    state.metrics.request(resp.status().as_u16(), started.elapsed());
     tracing::info!(%method, path = %path, status = resp.status().as_u16(), "request");
     Ok(resp)
 }
@@ -128,7 +134,8 @@ where
         return text(StatusCode::CONFLICT, "a directory of that name exists\n");
     }
     let current = snap.file(&name).cloned();
-    let outcome = if req.method() == Method::DELETE {
+    let req_was_put = req.method() == Method::PUT;
+    let outcome = if !req_was_put {
         match current {
             Some(entry) => writes::delete(&state.store, (*entry).clone()).await,
             None => return not_found(),
@@ -147,6 +154,12 @@ where
         writes::put(&state.store, &name, size, true, req.into_body()).await
     };
     state.catalog.invalidate().await;
+    if let Some(etag) = &outcome.etag {
+        tracing::debug!(%etag, "upload committed");
+        state.metrics.uploads_committed.fetch_add(1, Ordering::Relaxed);
+    } else if req_was_put {
+        state.metrics.uploads_failed.fetch_add(1, Ordering::Relaxed);
+    }
     let mut r = text(outcome.status, &outcome.message);
     if let Some(etag) = &outcome.etag {
         set(&mut r, header::ETAG, etag);
@@ -218,8 +231,14 @@ async fn file_response<B>(state: &State, req: &Request<B>, entry: Arc<Entry>) ->
         tracing::error!(file = %info.name, "the manifest's segments do not add up to the file's size");
         return text(StatusCode::INTERNAL_SERVER_ERROR, "the file's manifest is inconsistent\n");
     }
-    let src =
-        Source { store: state.store.clone(), file, layout, pool: state.pool.clone(), send_timeout: state.send_timeout };
+    let src = Source {
+        store: state.store.clone(),
+        file,
+        layout,
+        pool: state.pool.clone(),
+        send_timeout: state.send_timeout,
+        metrics: state.metrics.clone(),
+    };
     let mut r = match planned(src, plan, &info, head).await {
         Ok(r) => r,
         Err(e) => return read_failure(&e, "reading"),

@@ -19,6 +19,7 @@ pub mod error;
 pub mod handler;
 pub mod io;
 pub mod listing;
+pub mod metrics;
 pub mod names;
 pub mod range;
 pub mod segments;

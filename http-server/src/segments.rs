@@ -6,6 +6,7 @@
 //! buffers, about 1.3 segment sizes); slots are reused, and at most `buffers` exist whatever the number of
 //! requests, so many concurrent range requests on a large file wait for a slot instead of multiplying memory.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -15,12 +16,14 @@ use blockframe::files::read::{OpenFile, SegmentReader, StripeBuffers};
 use blockframe::store::Store;
 
 use crate::error::ServeError;
+use crate::metrics::Metrics;
 
 /// The pool of segment buffers shared by every response.
 pub struct SegmentPool {
     permits: Arc<Semaphore>,
     spare: Mutex<Vec<Slot>>,
     buffers: usize,
+    metrics: Arc<Metrics>,
 }
 
 /// A decoder and its buffers.
@@ -33,8 +36,14 @@ struct Slot {
 impl SegmentPool {
     /// A pool of at most `buffers` (≥ 1) segment buffers.
     pub fn new(buffers: usize) -> Arc<Self> {
+        Self::with_metrics(buffers, Arc::default())
+    }
+
+    /// A pool that counts its reads and read failures in `metrics`.
+    pub fn with_metrics(buffers: usize, metrics: Arc<Metrics>) -> Arc<Self> {
         let buffers = buffers.max(1);
-        Arc::new(SegmentPool { permits: Arc::new(Semaphore::new(buffers)), spare: Mutex::new(Vec::new()), buffers })
+        let permits = Arc::new(Semaphore::new(buffers));
+        Arc::new(SegmentPool { permits, spare: Mutex::new(Vec::new()), buffers, metrics })
     }
 
     /// Segment buffers not in use right now.
@@ -104,8 +113,12 @@ pub async fn read(
     })
     .await?;
     let len = match result {
-        Ok(len) => len,
+        Ok(len) => {
+            pool.metrics.segment_reads.fetch_add(1, Ordering::Relaxed);
+            len
+        }
         Err(e) => {
+            pool.metrics.segment_read_failures.fetch_add(1, Ordering::Relaxed);
             pool.give_back(slot);
             return Err(e.into());
         }

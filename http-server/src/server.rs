@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ use crate::auth::{self, TokenSet};
 use crate::error::ServeError;
 use crate::handler::{self, State};
 use crate::io::Deadline;
+use crate::metrics::Metrics;
 use crate::segments::SegmentPool;
 use crate::tree::Catalog;
 
@@ -73,6 +75,8 @@ pub struct Config {
     pub insecure: bool,
     /// Serve `PUT` and `DELETE`.
     pub writable: bool,
+    /// Where to serve `/metrics` (Prometheus text, no authentication: loopback only unless `insecure`).
+    pub metrics_listen: Option<SocketAddr>,
     /// The limits.
     pub limits: Limits,
 }
@@ -80,6 +84,7 @@ pub struct Config {
 /// A bound server, ready to [`run`](Server::run).
 pub struct Server {
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     addr: SocketAddr,
     tls: Option<TlsAcceptor>,
     state: Arc<State>,
@@ -101,19 +106,26 @@ impl Server {
             Some((cert, key)) => Some(crate::tls::acceptor(cert, key)?),
             None => None,
         };
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
+        if let Some(m) = config.metrics_listen {
+            auth::check_exposure(m, false, config.insecure)?;
+        }
+        let listener = bind(config.listen).await?;
+        let metrics_listener = match config.metrics_listen {
+            Some(m) => Some(bind(m).await?),
+            None => None,
+        };
+        let metrics = Arc::new(Metrics::default());
         let state = Arc::new(State {
             catalog: Catalog::new(store.clone(), l.catalog_max_age),
             store,
-            pool: SegmentPool::new(l.segment_buffers),
+            pool: SegmentPool::with_metrics(l.segment_buffers, metrics.clone()),
+            metrics,
             tokens: config.tokens,
             send_timeout: l.idle_timeout,
             writable: config.writable,
             commits: tokio::sync::Semaphore::new(1),
         });
-        Ok(Server { listener, addr: config.listen, tls, state, limits: config.limits })
+        Ok(Server { listener, metrics_listener, addr: config.listen, tls, state, limits: config.limits })
     }
 
     /// The address actually bound (a port of 0 picks one).
@@ -121,10 +133,18 @@ impl Server {
         self.listener.local_addr().map_err(|source| ServeError::Bind { addr: self.addr, source })
     }
 
+    /// The address `/metrics` is served on, if any.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// Serves until `shutdown` is cancelled, then gives open connections the grace period to finish.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServeError> {
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), ServeError> {
         let slots = Arc::new(Semaphore::new(self.limits.max_connections));
         let tracker = TaskTracker::new();
+        if let Some(l) = self.metrics_listener.take() {
+            tracker.spawn(serve_metrics(l, self.state.clone(), self.limits.clone(), shutdown.clone()));
+        }
         loop {
             let (tcp, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -140,14 +160,18 @@ impl Server {
             };
             let Ok(permit) = slots.clone().try_acquire_owned() else {
                 tracing::warn!(%peer, limit = self.limits.max_connections, "connection limit reached; closing the new connection");
+                self.state.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
                 drop(tcp);
                 continue;
             };
             let conn =
                 Connection { state: self.state.clone(), tls: self.tls.clone(), limits: self.limits.clone(), peer };
             let stop = shutdown.clone();
+            let metrics = self.state.metrics.clone();
             tracker.spawn(async move {
+                metrics.connections_open.fetch_add(1, Ordering::Relaxed);
                 conn.serve(tcp, stop).await;
+                metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
                 drop(permit);
             });
         }
@@ -157,6 +181,52 @@ impl Server {
         }
         Ok(())
     }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })
+}
+
+/// Serves `GET /metrics` on its own listener (a few connections at a time, the same timeouts).
+async fn serve_metrics(listener: TcpListener, state: Arc<State>, limits: Limits, stop: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(8));
+    loop {
+        let tcp = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => match a {
+                Ok((tcp, _)) => tcp,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else { continue };
+        let (state, limits) = (state.clone(), limits.clone());
+        tokio::spawn(async move {
+            let io = TokioIo::new(Deadline::new(tcp, limits.idle_timeout));
+            let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let state = state.clone();
+                async move { Ok::<_, std::convert::Infallible>(metrics_response(&state, req.uri().path())) }
+            });
+            let mut builder = http1::Builder::new();
+            builder.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
+            let _ = builder.serve_connection(io, service).await;
+            drop(permit);
+        });
+    }
+}
+
+fn metrics_response(state: &State, path: &str) -> http::Response<crate::body::Body> {
+    if path != "/metrics" {
+        return handler::text(http::StatusCode::NOT_FOUND, "only /metrics is served here\n");
+    }
+    let in_use = state.pool.buffers() - state.pool.available();
+    let text = state.metrics.render(in_use, state.pool.buffers());
+    let mut r = handler::text(http::StatusCode::OK, &text);
+    r.headers_mut()
+        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    r
 }
 
 /// One accepted connection.

@@ -13,6 +13,7 @@ use blockframe::store::Store;
 
 use crate::body::{Body, BodyAbort};
 use crate::error::ServeError;
+use crate::metrics::Metrics;
 use crate::range::ByteRange;
 use crate::segments::{self, Layout, Segment, SegmentPool};
 
@@ -67,6 +68,8 @@ pub struct Source {
     pub pool: Arc<SegmentPool>,
     /// How long a client may leave a chunk unread before the response is dropped.
     pub send_timeout: Duration,
+    /// Where bytes sent and aborted responses are counted.
+    pub metrics: Arc<Metrics>,
 }
 
 /// The segments the data pieces touch, in order, each run of the same segment once.
@@ -178,8 +181,10 @@ impl Producer {
                 }
                 Bytes::copy_from_slice(&bytes[from..to])
             };
-            pos += chunk.len() as u64;
+            let n = chunk.len() as u64;
+            pos += n;
             self.send(chunk).await?;
+            self.src.metrics.bytes_sent.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(())
     }
@@ -223,6 +228,7 @@ impl Producer {
         match why {
             Stop::Client(why) => tracing::debug!(file = %name, sent = self.sent, "response ended: {why}"),
             Stop::Read(e) => {
+                self.src.metrics.responses_aborted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::error!(
                     file = %name, sent = self.sent, error = %e,
                     "aborting the response: a segment cannot be read and verified (nothing unverified is sent)"

@@ -37,6 +37,7 @@ async fn serve(store: Arc<blockframe::store::Store>, limits: Limits) -> (String,
         tokens: None,
         insecure: false,
         writable: false,
+        metrics_listen: None,
         limits,
     };
     let server = Server::bind(store, config).await.unwrap();

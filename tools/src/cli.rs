@@ -107,6 +107,9 @@ pub struct HttpServeArgs {
     /// Serve read-only (the default)
     #[arg(long, conflicts_with = "writable")]
     pub read_only: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (no authentication: loopback only unless --insecure)
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
     /// Also serve PUT (commit the body as the file, all-or-nothing, replacing one of that name) and DELETE
     #[arg(long)]
     pub writable: bool,

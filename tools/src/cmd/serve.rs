@@ -70,6 +70,9 @@ fn serve(a: &HttpServeArgs, s: &Settings) -> Result<u8> {
             tracing::info!("shutting down: finishing the responses in progress");
             t.cancel();
         });
+        if let Some(m) = server.metrics_addr() {
+            eprintln!("bf: metrics on http://{m}/metrics");
+        }
         eprintln!("bf: serving files on {scheme}://{addr}/ ({auth}, {mode})");
         server.run(token).await?;
         Ok::<(), anyhow::Error>(())
@@ -93,7 +96,16 @@ fn config(a: &HttpServeArgs) -> Result<Config> {
         (None, None) => None,
         _ => bail!("--tls-cert and --tls-key go together"),
     };
-    Ok(Config { listen, tls, tokens, insecure: a.insecure, writable: a.writable && !a.read_only, limits })
+    let metrics_listen = a.metrics_listen.as_deref().map(resolve).transpose()?;
+    Ok(Config {
+        listen,
+        tls,
+        tokens,
+        insecure: a.insecure,
+        writable: a.writable && !a.read_only,
+        metrics_listen,
+        limits,
+    })
 }
 
 /// `host:port` to one socket address (the first the name resolves to).

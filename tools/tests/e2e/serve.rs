@@ -49,6 +49,14 @@ impl Http {
         format!("http://{}{path}", self.addr)
     }
 
+    /// The `/metrics` URL the server printed (started with `--metrics-listen`).
+    fn metrics_url(&self) -> String {
+        let log = self.log();
+        let marker = "metrics on ";
+        let i = log.find(marker).expect("no metrics address in the log");
+        log[i + marker.len()..].split_whitespace().next().unwrap_or("").to_string()
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -357,7 +365,7 @@ fn damaged_store_is_served_exactly_or_the_transfer_fails() {
         std::fs::remove_dir_all(env.location(loc).join("shards")).unwrap();
         std::fs::create_dir(env.location(loc).join("shards")).unwrap();
     }
-    let srv = Http::start(&env, &[]);
+    let srv = Http::start(&env, &["--metrics-listen", "127.0.0.1:0"]);
     let u = srv.url("/big.bin");
     let (h, body, code) = curl(&env, &[&u]);
     assert_eq!((code, status(&h)), (0, 200));
@@ -385,6 +393,21 @@ fn damaged_store_is_served_exactly_or_the_transfer_fails() {
     let (h, body, code) = curl(&env, &["-r", "0-655359", &u]);
     assert_eq!((code, status(&h)), (0, 206));
     assert!(body == big[..655_360]);
+
+    // The metrics count what happened.
+    let (h, body, _) = curl(&env, &[&srv.metrics_url()]);
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(header(&h, "content-type"), Some("text/plain; version=0.0.4; charset=utf-8"));
+    for line in [
+        "bf_http_responses_aborted_total 1",
+        "bf_http_segment_read_failures_total 2",
+        "bf_http_requests_total{code=\"5xx\"} 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line:?}:\n{text}");
+    }
+    let sent: u64 =
+        text.lines().find_map(|l| l.strip_prefix("bf_http_response_bytes_total ")).unwrap().parse().unwrap();
+    assert_eq!(sent, 1_000_000 + 100_001 + 655_360 + 655_360, "file bytes sent");
     srv.stop();
 }
 
