@@ -146,6 +146,22 @@ mod tests {
 
     const SERVE: Outcome = Outcome::Serve { use_range: true };
 
+    proptest::proptest! {
+        #[test]
+        fn any_header_is_evaluated_without_panicking(h in "(W/)?[\"*, a-z0-9é]{0,30}") {
+            let v = v();
+            let c = Conditions {
+                if_match: Some(&h),
+                if_none_match: Some(&h),
+                if_modified_since: Some(&h),
+                if_unmodified_since: Some(&h),
+                if_range: Some(&h),
+            };
+            let _ = evaluate(&c, &v);
+            let _ = entity_tags(&h).count();
+        }
+    }
+
     #[test]
     fn validators_are_a_quoted_root_and_whole_seconds() {
         let v = v();

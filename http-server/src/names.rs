@@ -151,6 +151,13 @@ mod tests {
 
     proptest! {
         #[test]
+        fn any_path_parses_without_panicking(p in "/?[a-z%0-9A-F/.é]{0,30}") {
+            if let Ok(Target::File(n) | Target::Dir(n)) = parse_path(&p) {
+                prop_assert!(!n.starts_with('/') && !n.ends_with('/'));
+            }
+        }
+
+        #[test]
         fn every_valid_name_round_trips(parts in prop::collection::vec("[^/\u{0}]{1,12}", 1..4), dir in any::<bool>()) {
             prop_assume!(parts.iter().all(|p| p != "." && p != ".."));
             let name = parts.join("/");

@@ -281,6 +281,15 @@ mod tests {
 
     proptest! {
         #[test]
+        fn any_header_is_planned_without_panicking(h in "(bytes|BYTES|x)?=?[-0-9, \t=a+]{0,40}", len in 0u64..1000) {
+            match plan(Some(&h), len) {
+                RangePlan::Single(r) => prop_assert!(r.start < r.end && r.end <= len),
+                RangePlan::Multi(rs) => prop_assert!(rs.iter().all(|r| r.start < r.end && r.end <= len)),
+                _ => {}
+            }
+        }
+
+        #[test]
         fn resolved_ranges_lie_in_the_file(specs in prop::collection::vec(
             prop_oneof![
                 (0u64..300, prop::option::of(0u64..300)).prop_map(|(f, l)| RangeSpec::From {
