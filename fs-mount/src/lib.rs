@@ -16,7 +16,7 @@ use blockframe::error::FsErrorKind;
 use blockframe::vfs::{self, Attr, OpenMode, SetAttr, Vfs};
 use blockframe::Error;
 use fuser::{
-    AccessFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    AccessFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, SessionACL, TimeOrNow,
     WriteFlags,
@@ -36,11 +36,17 @@ pub struct MountOptions {
     /// cache) serves nothing else meanwhile, so there are more threads than cores: readers of segments already
     /// decoded are served while other readers wait.
     pub threads: usize,
+    /// Let the kernel cache writes (FUSE's writeback cache): a `write` returns once the data is in the page
+    /// cache, and the kernel sends it on in large requests, several at once, at the latest when the file is
+    /// closed or fsynced. The kernel then keeps the size, mtime and ctime of files being written, and sends the
+    /// times in a `setattr` before the close. Off: every `write` waits for the server (about 1.4× slower for a
+    /// large sequential write here).
+    pub writeback_cache: bool,
 }
 
 impl Default for MountOptions {
     fn default() -> Self {
-        MountOptions { read_only: false, allow_other: false, threads: 16 }
+        MountOptions { read_only: false, allow_other: false, threads: 16, writeback_cache: true }
     }
 }
 
@@ -112,6 +118,7 @@ fn ns_of(t: TimeOrNow) -> i64 {
 /// The `fuser` filesystem over a [`Vfs`].
 pub struct BlockFrameFs {
     vfs: Arc<Vfs>,
+    writeback_cache: bool,
 }
 
 /// The caller of a request, as the owner of what it creates.
@@ -128,9 +135,9 @@ fn kind_of(kind: vfs::FileType) -> FileType {
 }
 
 impl BlockFrameFs {
-    /// Serves `vfs`.
-    pub fn new(vfs: Arc<Vfs>) -> Self {
-        BlockFrameFs { vfs }
+    /// Serves `vfs`, asking the kernel for its writeback cache when `writeback_cache`.
+    pub fn new(vfs: Arc<Vfs>, writeback_cache: bool) -> Self {
+        BlockFrameFs { vfs, writeback_cache }
     }
 
     fn attr(&self, a: &Attr) -> FileAttr {
@@ -160,6 +167,11 @@ impl Filesystem for BlockFrameFs {
         // Large requests: fewer round trips for sequential reads and writes.
         let _ = config.set_max_readahead(4 << 20).or_else(|max| config.set_max_readahead(max));
         let _ = config.set_max_write(1 << 20);
+        if self.writeback_cache && !self.vfs.read_only() {
+            if let Err(missing) = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE) {
+                tracing::info!(?missing, "the kernel offers no writeback cache: every write waits for the server");
+            }
+        }
         Ok(())
     }
 
@@ -193,7 +205,7 @@ impl Filesystem for BlockFrameFs {
         size: Option<u64>,
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
-        _ctime: Option<SystemTime>,
+        ctime: Option<SystemTime>,
         fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
@@ -202,8 +214,16 @@ impl Filesystem for BlockFrameFs {
         reply: ReplyAttr,
     ) {
         // Who may change what was checked by the kernel (default_permissions).
-        let changes =
-            SetAttr { size, mode, uid, gid, atime_unix_ns: atime.map(ns_of), mtime_unix_ns: mtime.map(ns_of) };
+        let changes = SetAttr {
+            size,
+            mode,
+            uid,
+            gid,
+            atime_unix_ns: atime.map(ns_of),
+            mtime_unix_ns: mtime.map(ns_of),
+            // Sent by the kernel when it keeps the times (writeback cache).
+            ctime_unix_ns: ctime.map(|t| ns_of(TimeOrNow::SpecificTime(t))),
+        };
         match guard("setattr", || self.vfs.setattr(ino.0, fh.map(|f| f.0), changes)) {
             Ok(a) => reply.attr(&TTL, &self.attr(&a)),
             Err(e) => reply.error(e),
@@ -534,7 +554,7 @@ impl Mount {
         config.acl = if opts.allow_other { SessionACL::All } else { SessionACL::Owner };
         config.n_threads = Some(opts.threads.max(1));
         config.clone_fd = true;
-        let session = fuser::Session::new(BlockFrameFs::new(vfs), dir, &config)?;
+        let session = fuser::Session::new(BlockFrameFs::new(vfs, opts.writeback_cache), dir, &config)?;
         Ok(Mount { session, dir: dir.to_path_buf() })
     }
 

@@ -362,13 +362,15 @@ impl Location for LocalDir {
 
     fn get_into(&self, key: &str, buf: &mut Vec<u8>) -> Result<()> {
         let path = self.path(key)?;
-        buf.clear();
         let mut f = File::open(&path).ctx(|| format!("opening {}", path.display()))?;
         match self.engine {
             IoEngine::Uring => {
                 super::uring::read_all(&mut f, buf).ctx(|| format!("reading {} (io_uring)", path.display()))
             }
-            IoEngine::Std => f.read_to_end(buf).map(|_| ()).ctx(|| format!("reading {}", path.display())),
+            IoEngine::Std => {
+                buf.clear();
+                f.read_to_end(buf).map(|_| ()).ctx(|| format!("reading {}", path.display()))
+            }
         }
     }
 

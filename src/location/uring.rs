@@ -110,11 +110,16 @@ pub fn write_parts(file: &mut File, parts: &[&[u8]], sync: bool) -> io::Result<(
     Ok(())
 }
 
-/// Reads the whole file into `buf` (cleared first).
+/// Reads the whole file into `buf`, replacing what it held. Only bytes past `buf`'s old length are zeroed
+/// first: a buffer reused for shards of one size is not zeroed again for every read (a sixth of a cold read's
+/// CPU time went to that).
 pub fn read_all(file: &mut File, buf: &mut Vec<u8>) -> io::Result<()> {
     let len = file.metadata()?.len() as usize;
-    buf.clear();
-    buf.resize(len, 0);
+    if buf.len() < len {
+        buf.resize(len, 0);
+    } else {
+        buf.truncate(len);
+    }
     let fd = types::Fd(file.as_raw_fd());
     let n = if len == 0 {
         0
@@ -160,6 +165,15 @@ mod tests {
             assert_eq!(&back[..6], b"header");
             assert_eq!(&back[6..], &big[..]);
         }
+        // A reused buffer, longer or shorter than the file, holds exactly the file afterwards.
+        let mut back = vec![7u8; 1_000_000];
+        read_all(&mut File::open(&p).unwrap(), &mut back).unwrap();
+        assert_eq!((&back[..6], &back[6..]), (&b"header"[..], &big[..]));
+        std::fs::write(d.path().join("small"), b"abc").unwrap();
+        read_all(&mut File::open(d.path().join("small")).unwrap(), &mut back).unwrap();
+        assert_eq!(back, b"abc");
+        read_all(&mut File::open(&p).unwrap(), &mut back).unwrap();
+        assert_eq!((&back[..6], &back[6..]), (&b"header"[..], &big[..]));
         let mut f = File::create(d.path().join("empty")).unwrap();
         write_parts(&mut f, &[], true).unwrap();
         let mut back = vec![1];

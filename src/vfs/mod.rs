@@ -43,6 +43,7 @@ use crate::stripe::StripeBuffers;
 
 use cache::{Bytes, SegmentCache};
 use handles::HandleTable;
+pub use reader::ReadData;
 use spool::Spool;
 pub use tree::{Ino, ROOT};
 use tree::{NodeKind, Tree};
@@ -134,7 +135,7 @@ impl Stat {
         }
     }
 
-    /// Applies the metadata part of `changes`; any change also sets the ctime to `now`.
+    /// Applies the metadata part of `changes`; any change also sets the ctime (to `now` unless it is given).
     fn apply(&mut self, changes: &SetAttr, now: i64) {
         if let Some(m) = changes.mode {
             self.mode = m & 0o7777;
@@ -143,7 +144,7 @@ impl Stat {
         self.gid = changes.gid.unwrap_or(self.gid);
         self.atime_unix_ns = changes.atime_unix_ns.unwrap_or(self.atime_unix_ns);
         self.mtime_unix_ns = changes.mtime_unix_ns.unwrap_or(self.mtime_unix_ns);
-        self.ctime_unix_ns = now;
+        self.ctime_unix_ns = changes.ctime_unix_ns.unwrap_or(now);
     }
 
     /// A change of the contents at `now`.
@@ -232,6 +233,8 @@ pub struct SetAttr {
     pub atime_unix_ns: Option<i64>,
     /// New modification time, nanoseconds since the epoch.
     pub mtime_unix_ns: Option<i64>,
+    /// New status-change time (`None`: the time of the change), nanoseconds since the epoch.
+    pub ctime_unix_ns: Option<i64>,
 }
 
 impl SetAttr {
@@ -1133,6 +1136,12 @@ fn show_file(st: &mut State, name: &str, c: &Arc<Committed>) -> Result<()> {
     match st.tree.resolve(name) {
         Some(ino) if st.entries.contains_key(&ino) => Err(Error::fs(FsErrorKind::AlreadyExists, name)),
         Some(ino) => match st.tree.file_mut(ino) {
+            // A new version from elsewhere of a file this mount does not write: a new inode number, because
+            // the kernel keeps the size and times of an inode it knows (writeback cache). Handles open on the
+            // old number read the old version to their end, as after a rename over a local file.
+            Some(FileSlot { committed: Some(old), writer: None }) if old.key() != c.key() => {
+                st.tree.renumber(ino, FileSlot { committed: Some(c.clone()), writer: None }).map(|_| ())
+            }
             Some(slot) => {
                 slot.committed = Some(c.clone());
                 Ok(())

@@ -2,10 +2,35 @@
 //! of decoders into the shared cache, with read-ahead for sequential readers.
 
 use super::*;
+use std::ops::Range;
+
+/// Bytes read through the mount: a slice of one cached segment (no copy), or bytes of their own.
+#[derive(Debug)]
+pub enum ReadData {
+    /// Bytes of their own (a read from a spool, or one spanning segments).
+    Owned(Vec<u8>),
+    /// `range` of a decoded segment.
+    Segment {
+        /// The segment's plaintext.
+        data: Bytes,
+        /// What was read of it.
+        range: Range<usize>,
+    },
+}
+
+impl std::ops::Deref for ReadData {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            ReadData::Owned(v) => v,
+            ReadData::Segment { data, range } => &data[range.clone()],
+        }
+    }
+}
 
 impl Vfs {
     /// Reads up to `size` bytes at `offset` (fewer at the end of the file).
-    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<ReadData> {
         let h = self.file_handle(fh)?;
         let Handle::File(h) = &*h else {
             return Err(Error::fs(FsErrorKind::BadHandle, format!("handle {fh}")));
@@ -16,11 +41,11 @@ impl Vfs {
             let mut buf = vec![0u8; n];
             let got = spool.read_at(offset, &mut buf)?;
             buf.truncate(got);
-            return Ok(buf);
+            return Ok(ReadData::Owned(buf));
         }
         match &h.committed {
             Some(c) => self.shared.read_committed(h, &c.file(&self.shared.store)?, offset, size as usize, self),
-            None => Ok(Vec::new()),
+            None => Ok(ReadData::Owned(Vec::new())),
         }
     }
 
@@ -56,15 +81,35 @@ impl Shared {
 
     fn decode(&self, file: &OpenFile, segment: u64) -> Result<Vec<u8>> {
         self.decoded.fetch_add(1, Ordering::Relaxed);
-        // The decoded buffer itself goes into the cache (no copy); the decoder allocates a new one.
+        // The decoded buffer itself goes into the cache (no copy); the decoder keeps the buffer of a segment the
+        // cache evicted to make room for this one, or allocates a new one.
         self.decoders.with(
             file,
             |r| {
-                let mut out = Vec::new();
+                let mut out = self.cache.take_spare();
                 r.read_swap(segment, &mut out).map(|()| out)
             },
             &self.store,
         )
+    }
+
+    /// Segment `seg` of `file` and the part of it that bytes `offset..end` of the file cover (marked read
+    /// through when that reaches its end).
+    fn segment_part(&self, file: &OpenFile, seg: u64, offset: u64, end: u64) -> Result<(Bytes, Range<usize>)> {
+        let data = self.segment(file, seg)?;
+        let start = seg * file.body.segment_size;
+        let a = (offset.max(start) - start) as usize;
+        let b = (end.min(start + data.len() as u64) - start) as usize;
+        if a >= b {
+            return Err(Error::corrupt(
+                format!("segment {seg} of {}", file.meta.name),
+                "shorter than the manifest says",
+            ));
+        }
+        if b == data.len() {
+            self.cache.read_through(&(file.body.file_id, seg));
+        }
+        Ok((data, a..b))
     }
 
     pub(super) fn read_committed(
@@ -74,31 +119,26 @@ impl Shared {
         offset: u64,
         size: usize,
         vfs: &Vfs,
-    ) -> Result<Vec<u8>> {
+    ) -> Result<ReadData> {
         let total = file.meta.size;
         if offset >= total || size == 0 {
-            return Ok(Vec::new());
+            return Ok(ReadData::Owned(Vec::new()));
         }
         let end = offset.saturating_add(size as u64).min(total);
         let seg_size = file.body.segment_size;
         let (first, last) = (offset / seg_size, (end - 1) / seg_size);
-        let mut out = Vec::with_capacity((end - offset) as usize);
-        for seg in first..=last {
-            let data = self.segment(file, seg)?;
-            let start = seg * seg_size;
-            let a = (offset.max(start) - start) as usize;
-            let b = (end.min(start + data.len() as u64) - start) as usize;
-            if a >= b {
-                return Err(Error::corrupt(
-                    format!("segment {seg} of {}", file.meta.name),
-                    "shorter than the manifest says",
-                ));
+        // A read within one segment is a slice of it; one across segments gathers their parts.
+        let out = if first == last {
+            let (data, range) = self.segment_part(file, first, offset, end)?;
+            ReadData::Segment { data, range }
+        } else {
+            let mut v = Vec::with_capacity((end - offset) as usize);
+            for seg in first..=last {
+                let (data, range) = self.segment_part(file, seg, offset, end)?;
+                v.extend_from_slice(&data[range]);
             }
-            out.extend_from_slice(&data[a..b]);
-            if b == data.len() {
-                self.cache.read_through(&(file.body.file_id, seg));
-            }
-        }
+            ReadData::Owned(v)
+        };
         // Read-ahead when this read continues the previous one (the kernel's own read-ahead reorders reads a
         // little, hence the window).
         let prev = h.last_end.swap(end, Ordering::Relaxed);
@@ -170,6 +210,7 @@ pub(super) fn prefetch_loop(shared: &Shared, rx: &Mutex<Receiver<Prefetch>>) {
             Ok(j) => j,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 shared.decoders.trim();
+                shared.cache.trim();
                 continue;
             }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,

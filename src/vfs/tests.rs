@@ -116,7 +116,7 @@ fn committed_files_appear_with_metadata_and_read_at_any_offset() {
     {
         let got = v.read(fh, off, len).unwrap();
         let end = (off as usize + len as usize).min(big.len());
-        assert_eq!(got, &big[off as usize..end], "offset {off}");
+        assert_eq!(&*got, &big[off as usize..end], "offset {off}");
     }
     assert!(v.read(fh, big.len() as u64 + 10, 10).unwrap().is_empty());
     v.release(fh).unwrap();
@@ -215,9 +215,9 @@ fn external_commits_appear_and_corruption_is_an_io_error() {
     }
     let a = resolve(&v, "victim").unwrap();
     let fh = v.open(a.ino, OpenMode::default()).unwrap();
-    assert_eq!(v.read(fh, 0, SEG as u32).unwrap(), &bytes[..SEG]);
+    assert_eq!(&*v.read(fh, 0, SEG as u32).unwrap(), &bytes[..SEG]);
     assert_eq!(v.read(fh, 2 * SEG as u64 + 1, 10).unwrap_err().fs_kind(), FsErrorKind::Io);
-    assert_eq!(v.read(fh, 3 * SEG as u64, 10).unwrap(), &bytes[3 * SEG..3 * SEG + 10]);
+    assert_eq!(&*v.read(fh, 3 * SEG as u64, 10).unwrap(), &bytes[3 * SEG..3 * SEG + 10]);
     v.release(fh).unwrap();
 }
 

@@ -209,6 +209,18 @@ impl<F> Tree<F> {
         }
     }
 
+    /// Gives file `ino` a new inode number in the same place, with payload `data`; returns the new number.
+    pub fn renumber(&mut self, ino: Ino, data: F) -> Result<Ino> {
+        let path = self.path(ino).unwrap_or_default();
+        match self.nodes.get(&ino).map(|n| &n.kind) {
+            Some(NodeKind::File(_)) => {}
+            Some(NodeKind::Dir { .. }) => return Err(err(FsErrorKind::IsADirectory, &path)),
+            None => return Err(err(FsErrorKind::NotFound, &path)),
+        }
+        let node = self.detach(ino).ok_or_else(|| err(FsErrorKind::NotFound, &path))?;
+        Ok(self.attach(node.parent, &node.name, NodeKind::File(data)))
+    }
+
     /// Adds the file at `path`, creating the directories it implies (not explicit). When a file is already
     /// there, its payload is replaced and its inode kept. Fails when a component is a file or the path is a
     /// directory (a store may hold both `a` and `a/b`: the first one seen wins).

@@ -358,6 +358,10 @@ pub struct MountArgs {
     /// Decrypted segment cache in MiB [config: mount_cache_mb; default 128]
     #[arg(long)]
     pub cache_mb: Option<usize>,
+    /// Make every write wait for the server instead of letting the kernel cache writes (FUSE writeback cache,
+    /// on by default: the kernel sends cached writes on before a close or fsync returns).
+    #[arg(long)]
+    pub no_writeback_cache: bool,
 }
 
 /// `bf umount`.

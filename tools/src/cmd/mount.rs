@@ -58,7 +58,12 @@ pub fn mount_cmd(a: &MountArgs, s: &Settings) -> Result<u8> {
         ..VfsOptions::default()
     };
     let vfs = Arc::new(Vfs::new(Arc::new(store), opts)?);
-    let mopts = MountOptions { read_only: a.read_only, allow_other: a.allow_other, ..MountOptions::default() };
+    let mopts = MountOptions {
+        read_only: a.read_only,
+        allow_other: a.allow_other,
+        writeback_cache: !a.no_writeback_cache,
+        ..MountOptions::default()
+    };
     let mut mount =
         Mount::new(vfs.clone(), &a.dir, &mopts).with_context(|| format!("mounting on {}", a.dir.display()))?;
     let mut unmounter = mount.unmounter();

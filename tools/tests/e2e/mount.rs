@@ -242,6 +242,21 @@ fn mount_serves_committed_files_byte_exact() {
     env.ok(&["commit", "later.bin"]);
     wait_for("later.bin to appear", || m.p("later.bin").exists());
     ok(Command::new("cmp").arg(env.path("later.bin")).arg(m.p("later.bin")));
+    // Replaced by another process, larger then smaller: the mount shows each new version whole (the kernel,
+    // which keeps the size of an inode it knows, gets a new inode), while a handle opened before reads the old one.
+    let mut old_reader = std::fs::File::open(m.p("later.bin")).unwrap();
+    for (len, seed) in [(5 * SEG + 11, 100), (SEG / 3, 101)] {
+        env.write("later.bin", &data(len, seed));
+        env.ok(&["commit", "--replace", "later.bin"]);
+        wait_for("the new version to show", || {
+            std::fs::metadata(m.p("later.bin")).is_ok_and(|md| md.len() == len as u64)
+        });
+        ok(Command::new("cmp").arg(env.path("later.bin")).arg(m.p("later.bin")));
+    }
+    let mut old = Vec::new();
+    std::io::Read::read_to_end(&mut old_reader, &mut old).unwrap();
+    drop(old_reader);
+    assert!(old == data(3 * SEG, 99), "a handle opened before the replacements read other bytes");
     m.unmount(&env);
 }
 
@@ -310,6 +325,58 @@ fn mount_writes_are_committed_and_behave_like_a_disk() {
     }
     assert!(m.p("empty").is_dir());
     m.unmount(&env);
+}
+
+/// What users see of a file written through the mount (size, content, mtime and ctime to the nanosecond) is what
+/// a remount shows: with the kernel's writeback cache the kernel keeps the times of a file being written and sends
+/// them on before the close, and a partial-page write into a write-only file makes the kernel read the page first.
+#[test]
+fn mount_keeps_the_times_and_bytes_users_saw_with_and_without_the_writeback_cache() {
+    use std::io::{Seek, SeekFrom, Write};
+    use std::os::unix::fs::MetadataExt;
+    if !fuse_usable() {
+        return;
+    }
+    for extra in [&[][..], &["--no-writeback-cache"][..]] {
+        let env = Env::new();
+        env.init(4, 2);
+        let mut base = data(3 * SEG + 100, 9);
+        env.write("base.bin", &base);
+        env.ok(&["commit", "base.bin"]);
+        let m = Mounted::start(&env, extra);
+        // New file: several writes, the last one past a hole.
+        let mut f = std::fs::File::create(m.p("new.bin")).unwrap();
+        let mut want = data(2 * SEG + 1234, 3);
+        f.write_all(&want).unwrap();
+        f.seek(SeekFrom::Start(5 * SEG as u64)).unwrap();
+        f.write_all(b"end").unwrap();
+        drop(f);
+        want.resize(5 * SEG, 0);
+        want.extend_from_slice(b"end");
+        // Committed file: a few bytes in the middle of a page through a write-only handle, then an append.
+        let mut f = std::fs::OpenOptions::new().write(true).open(m.p("base.bin")).unwrap();
+        f.seek(SeekFrom::Start(5000)).unwrap();
+        f.write_all(b"XYZ").unwrap();
+        drop(f);
+        let mut f = std::fs::OpenOptions::new().append(true).open(m.p("base.bin")).unwrap();
+        f.write_all(b"tail").unwrap();
+        drop(f);
+        base[5000..5003].copy_from_slice(b"XYZ");
+        base.extend_from_slice(b"tail");
+        let seen = |m: &Mounted, name: &str| {
+            let md = std::fs::metadata(m.p(name)).unwrap();
+            (md.len(), md.mtime(), md.mtime_nsec(), md.ctime(), md.ctime_nsec())
+        };
+        let before = (seen(&m, "new.bin"), seen(&m, "base.bin"));
+        assert_eq!(std::fs::read(m.p("new.bin")).unwrap(), want, "{extra:?}");
+        assert_eq!(std::fs::read(m.p("base.bin")).unwrap(), base, "{extra:?}");
+        m.unmount(&env);
+        let m = Mounted::start(&env, extra);
+        assert_eq!((seen(&m, "new.bin"), seen(&m, "base.bin")), before, "size and times after a remount {extra:?}");
+        assert_eq!(std::fs::read(m.p("new.bin")).unwrap(), want, "{extra:?}");
+        assert_eq!(std::fs::read(m.p("base.bin")).unwrap(), base, "{extra:?}");
+        m.unmount(&env);
+    }
 }
 
 #[test]
