@@ -14,7 +14,10 @@ use crate::format::manifest::{Data, FileMeta, ManifestBody};
 use crate::format::shard::HEADER_LEN;
 use crate::store::{placement, shard_key, Store};
 pub use crate::stripe::ShardProblem;
-use crate::stripe::{self, read_stripe, StripeAddr, StripeBuffers, StripeError};
+/// The buffers a [`SegmentReader`] decodes into; servers keep a bounded pool of them
+/// ([`SegmentReader::with_parts`]).
+pub use crate::stripe::StripeBuffers;
+use crate::stripe::{self, read_stripe, StripeAddr, StripeError};
 
 /// Result of looking for one shard.
 #[derive(Clone, Debug)]

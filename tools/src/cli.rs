@@ -77,6 +77,75 @@ pub enum Command {
     /// Serve volumes as network block devices.
     #[command(subcommand)]
     Nbd(NbdCommand),
+    /// Serve the store's files over HTTP (GET/HEAD with byte ranges, directory listings, bearer tokens,
+    /// TLS) until SIGINT/SIGTERM; `bf serve token new` makes an access token.
+    Serve(HttpServeArgs),
+}
+
+/// `bf serve`.
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct HttpServeArgs {
+    /// Token management instead of serving.
+    #[command(subcommand)]
+    pub action: Option<HttpServeAction>,
+    /// TCP address to listen on; without --token-file only a loopback address is allowed (or --insecure)
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// TLS certificate chain (PEM); needs --tls-key
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM); needs --tls-cert
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Clients must send one of these tokens: a file of `blake3:<hex>` lines (`bf serve token new` prints one)
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Serve a non-loopback address without tokens (anyone who can reach it can read every file)
+    #[arg(long)]
+    pub insecure: bool,
+    /// Serve read-only (the default)
+    #[arg(long, conflicts_with = "writable")]
+    pub read_only: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (no authentication: loopback only unless --insecure)
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+    /// Also serve PUT (commit the body as the file, all-or-nothing, replacing one of that name) and DELETE
+    #[arg(long)]
+    pub writable: bool,
+    /// Most client connections at once; one over the limit is closed at once (and logged)
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers (and to finish a TLS handshake), e.g. 30s
+    #[arg(long, value_name = "DURATION", default_value = "30s")]
+    pub header_timeout: String,
+    /// Close a connection on which nothing moved for this long (idle keep-alive, a client that stopped
+    /// reading), e.g. 2m
+    #[arg(long, value_name = "DURATION", default_value = "2m")]
+    pub idle_timeout: String,
+    /// Most segment buffers (about 1.3 segment sizes each) in use across all requests; more requests wait
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub segment_buffers: usize,
+}
+
+/// `bf serve ...` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum HttpServeAction {
+    /// Access tokens for `bf serve --token-file`.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+/// `bf serve token ...`.
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Make a new random token: prints the token (give it to the client) and its hash line (for the tokens
+    /// file); with --add-to, appends the hash line to that file and prints only the token.
+    New {
+        /// Append the hash line to this tokens file (created with mode 0600 if missing).
+        #[arg(long, value_name = "FILE")]
+        add_to: Option<PathBuf>,
+    },
 }
 
 /// `bf location ...`.

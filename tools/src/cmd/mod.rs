@@ -6,6 +6,7 @@ mod location;
 pub(crate) mod mount;
 mod recover;
 mod scrub;
+mod serve;
 mod status;
 mod volume;
 
@@ -32,5 +33,6 @@ pub fn run(cmd: Command, s: &Settings) -> Result<u8> {
         Command::Location(c) => location::location_cmd(&c, s),
         Command::Volume(c) => volume::volume_cmd(&c, s),
         Command::Nbd(c) => volume::nbd_cmd(&c, s),
+        Command::Serve(a) => serve::serve_cmd(&a, s),
     }
 }

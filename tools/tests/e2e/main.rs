@@ -6,4 +6,5 @@ mod nbd;
 mod nbd_tls;
 mod s3;
 mod scrub;
+mod serve;
 mod util;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::nbd::{have, ok, Server};
 use crate::util::Env;
 
-const MAKE_CERTS: &str = include_str!("../../../nbd-server/tests/common/make-test-certs.sh");
+pub(crate) const MAKE_CERTS: &str = include_str!("../../../nbd-server/tests/common/make-test-certs.sh");
 
 fn volume_env() -> Env {
     let env = Env::new();

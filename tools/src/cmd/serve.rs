@@ -1,0 +1,121 @@
+//! `bf serve`: the store's files over HTTP (the `http-server` crate), and `bf serve token new`.
+
+use std::io::Write;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+
+use http_server::{CancellationToken, Config, Limits, Server, TokenSet};
+
+use crate::cli::{HttpServeAction, HttpServeArgs, TokenCommand};
+use crate::open::open_keyed;
+use crate::settings::Settings;
+use crate::units::parse_duration;
+use crate::EXIT_OK;
+
+/// `bf serve ...`.
+pub(crate) fn serve_cmd(a: &HttpServeArgs, s: &Settings) -> Result<u8> {
+    match &a.action {
+        Some(HttpServeAction::Token(TokenCommand::New { add_to })) => token_new(add_to.as_deref()),
+        None => serve(a, s),
+    }
+}
+
+fn token_new(add_to: Option<&Path>) -> Result<u8> {
+    let (token, line) = http_server::new_token()?;
+    match add_to {
+        None => {
+            out!("{token}")?;
+            out!("{line}")?;
+            eprintln!("bf: give the first line to the client (Authorization: Bearer <token>); add the second to the tokens file");
+        }
+        Some(path) => {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            writeln!(f, "{line}").and_then(|()| f.sync_all()).with_context(|| format!("writing {}", path.display()))?;
+            out!("{token}")?;
+            eprintln!("bf: added its hash to {} (a running bf serve reads it at start)", path.display());
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+fn serve(a: &HttpServeArgs, s: &Settings) -> Result<u8> {
+    let config = config(a)?;
+    let st = Arc::new(open_keyed(s)?);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    rt.block_on(async {
+        let auth = if config.tokens.is_some() { "bearer tokens required" } else { "no authentication" };
+        let mode = if config.writable { "PUT and DELETE allowed" } else { "read-only" };
+        let scheme = if config.tls.is_some() { "https" } else { "http" };
+        let server = Server::bind(st, config).await?;
+        let addr = server.local_addr()?;
+        let token = CancellationToken::new();
+        let t = token.clone();
+        tokio::spawn(async move {
+            let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::info!("shutting down: finishing the responses in progress");
+            t.cancel();
+        });
+        if let Some(m) = server.metrics_addr() {
+            eprintln!("bf: metrics on http://{m}/metrics");
+        }
+        eprintln!("bf: serving files on {scheme}://{addr}/ ({auth}, {mode})");
+        server.run(token).await?;
+        Ok::<(), anyhow::Error>(())
+    })?;
+    Ok(EXIT_OK)
+}
+
+/// The server configuration from the command line.
+fn config(a: &HttpServeArgs) -> Result<Config> {
+    let listen = resolve(&a.listen)?;
+    let tokens = a.token_file.as_deref().map(TokenSet::load).transpose()?;
+    let limits = Limits {
+        max_connections: a.max_connections,
+        header_timeout: parse_duration(&a.header_timeout).context("--header-timeout")?,
+        idle_timeout: parse_duration(&a.idle_timeout).context("--idle-timeout")?,
+        segment_buffers: a.segment_buffers,
+        ..Limits::default()
+    };
+    let tls = match (&a.tls_cert, &a.tls_key) {
+        (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+        (None, None) => None,
+        _ => bail!("--tls-cert and --tls-key go together"),
+    };
+    let metrics_listen = a.metrics_listen.as_deref().map(resolve).transpose()?;
+    Ok(Config {
+        listen,
+        tls,
+        tokens,
+        insecure: a.insecure,
+        writable: a.writable && !a.read_only,
+        metrics_listen,
+        limits,
+    })
+}
+
+/// `host:port` to one socket address (the first the name resolves to).
+fn resolve(listen: &str) -> Result<SocketAddr> {
+    if let Ok(a) = listen.parse() {
+        return Ok(a);
+    }
+    listen
+        .to_socket_addrs()
+        .with_context(|| format!("--listen {listen}: expected HOST:PORT"))?
+        .next()
+        .with_context(|| format!("--listen {listen}: the name resolves to no address"))
+}

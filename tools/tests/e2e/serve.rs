@@ -1,0 +1,594 @@
+//! `bf serve` driven by real HTTP clients: curl (ranges, conditionals, TLS, tokens), wget -c, aria2c -x8,
+//! rclone's http remote; a damaged store; malformed and slow requests over raw TCP.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+use crate::nbd::have;
+use crate::util::{data, Env};
+
+/// A running `bf serve` on a loopback port it picked itself.
+struct Http {
+    child: Child,
+    addr: String,
+    log: std::path::PathBuf,
+}
+
+impl Http {
+    /// Starts `bf serve --listen 127.0.0.1:0 EXTRA...` and waits for the address it prints.
+    fn start(env: &Env, extra: &[&str]) -> Http {
+        let n = std::fs::read_dir(env.dir.path()).map(|d| d.count()).unwrap_or(0);
+        let log = env.path(&format!("serve-{n}.log"));
+        let child = env
+            .bf()
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("BF_LOG", "info")
+            .stderr(std::fs::File::create(&log).expect("server log"))
+            .spawn()
+            .expect("starting bf serve");
+        let mut srv = Http { child, addr: String::new(), log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let marker = "serving files on ";
+        loop {
+            let text = srv.log();
+            if let Some(i) = text.find(marker) {
+                let rest = &text[i + marker.len()..];
+                let url = rest.split_whitespace().next().unwrap_or("");
+                srv.addr = url.split("://").nth(1).unwrap_or("").trim_end_matches('/').to_string();
+                return srv;
+            }
+            assert!(Instant::now() < deadline, "bf serve did not start:\n{text}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// The `/metrics` URL the server printed (started with `--metrics-listen`).
+    fn metrics_url(&self) -> String {
+        let log = self.log();
+        let marker = "metrics on ";
+        let i = log.find(marker).expect("no metrics address in the log");
+        log[i + marker.len()..].split_whitespace().next().unwrap_or("").to_string()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM; the server must exit 0.
+    fn stop(mut self) {
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let status = self.child.wait().expect("waiting for bf serve");
+        assert!(status.success(), "bf serve exit status {status}:\n{}", self.log());
+    }
+}
+
+impl Drop for Http {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `curl -s` with `args`; returns (headers, body, exit code). `-D` writes the headers of every response.
+fn curl(env: &Env, args: &[&str]) -> (String, Vec<u8>, i32) {
+    let hdr = env.path("curl-headers");
+    let out: Output = Command::new("curl").args(["-s", "-D"]).arg(&hdr).args(args).output().expect("running curl");
+    let headers = std::fs::read_to_string(&hdr).unwrap_or_default();
+    (headers, out.stdout, out.status.code().unwrap_or(-1))
+}
+
+/// The status of the last response in a header dump.
+fn status(headers: &str) -> u16 {
+    headers
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("HTTP/"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The value of header `name` in the last response of a header dump.
+fn header<'a>(headers: &'a str, name: &str) -> Option<&'a str> {
+    let last = headers.rfind("HTTP/").map_or(headers, |i| &headers[i..]);
+    last.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// A store with 64 KiB segments (4+2) holding `files` (name, bytes); returns the env.
+fn store_with(files: &[(&str, &[u8])]) -> Env {
+    let env = Env::new();
+    env.init(4, 2);
+    for (name, bytes) in files {
+        let src = env.write("src.tmp", bytes);
+        env.ok(&["commit", src.to_str().unwrap(), "--name", name]);
+    }
+    env
+}
+
+fn root_of(env: &Env, name: &str) -> String {
+    let ls: serde_json::Value = serde_json::from_str(&env.ok(&["ls", "--json"])).expect("bf ls --json");
+    ls.as_array()
+        .and_then(|a| a.iter().find(|f| f["name"] == name))
+        .and_then(|f| f["root"].as_str())
+        .unwrap_or_else(|| panic!("{name} not in bf ls: {ls}"))
+        .to_string()
+}
+
+const ODD: &str = "dir/a b#?%ü.txt";
+
+#[test]
+fn curl_ranges_conditionals_and_listings() {
+    if !have("curl") {
+        return;
+    }
+    let big = data(1_000_000, 1);
+    let env = store_with(&[("big.bin", &big), (ODD, b"odd name\n"), ("dir/sub/page.html", b"<p>hi</p>")]);
+    let srv = Http::start(&env, &[]);
+    let u = srv.url("/big.bin");
+
+    // The whole file, with its validators.
+    let (h, body, code) = curl(&env, &[&u]);
+    assert_eq!((code, status(&h)), (0, 200), "{h}");
+    assert!(body == big, "whole file differs");
+    let etag = format!("\"{}\"", root_of(&env, "big.bin"));
+    assert_eq!(header(&h, "etag"), Some(etag.as_str()));
+    assert_eq!(header(&h, "accept-ranges"), Some("bytes"));
+    assert_eq!(header(&h, "content-length"), Some("1000000"));
+    assert_eq!(header(&h, "content-type"), Some("application/octet-stream"));
+    let last_modified = header(&h, "last-modified").expect("last-modified").to_string();
+
+    // Single, open-ended, suffix ranges; one across segment boundaries.
+    for (range, start, end) in [
+        ("100-199", 100, 200),
+        ("999000-", 999_000, 1_000_000),
+        ("-500", 999_500, 1_000_000),
+        ("65000-200000", 65_000, 200_001),
+    ] {
+        let (h, body, _) = curl(&env, &["-r", range, &u]);
+        assert_eq!(status(&h), 206, "{range}: {h}");
+        assert_eq!(header(&h, "content-range"), Some(format!("bytes {start}-{}/1000000", end - 1).as_str()));
+        assert!(body == big[start..end], "range {range} differs");
+    }
+
+    // Multiple ranges: multipart/byteranges with one part per range.
+    let (h, body, _) = curl(&env, &["-r", "0-9,500000-500009,-5", &u]);
+    assert_eq!(status(&h), 206);
+    let ctype = header(&h, "content-type").unwrap();
+    let boundary = ctype.strip_prefix("multipart/byteranges; boundary=").expect(ctype);
+    let parts = multipart_parts(&body, boundary);
+    let want: Vec<(String, &[u8])> = vec![
+        ("bytes 0-9/1000000".into(), &big[0..10]),
+        ("bytes 500000-500009/1000000".into(), &big[500_000..500_010]),
+        ("bytes 999995-999999/1000000".into(), &big[999_995..]),
+    ];
+    assert_eq!(parts.len(), 3);
+    for ((cr, bytes), (want_cr, want_bytes)) in parts.iter().zip(&want) {
+        assert_eq!(cr, want_cr);
+        assert!(bytes == want_bytes, "part {cr} differs");
+    }
+    assert_eq!(header(&h, "content-length"), Some(body.len().to_string().as_str()));
+
+    // Past the end, and a malformed range.
+    let (h, _, _) = curl(&env, &["-r", "2000000-", &u]);
+    assert_eq!(status(&h), 416);
+    assert_eq!(header(&h, "content-range"), Some("bytes */1000000"));
+    let (h, body, _) = curl(&env, &["-H", "Range: bytes=9-2", &u]);
+    assert_eq!(status(&h), 416);
+    assert!(String::from_utf8_lossy(&body).contains("the last position is before the first"));
+
+    // HEAD.
+    let (h, _, _) = curl(&env, &["-I", &u]);
+    assert_eq!((status(&h), header(&h, "content-length")), (200, Some("1000000")));
+
+    // Preconditions: 304 by tag and by date, 412, If-Range.
+    let inm = format!("If-None-Match: {etag}");
+    let (h, body, _) = curl(&env, &["-H", &inm, &u]);
+    assert_eq!((status(&h), body.len()), (304, 0), "{h}");
+    assert_eq!(header(&h, "etag"), Some(etag.as_str()));
+    let (h, _, _) = curl(&env, &["-H", &format!("If-Modified-Since: {last_modified}"), &u]);
+    assert_eq!(status(&h), 304);
+    let (h, _, _) = curl(&env, &["-H", "If-Modified-Since: Thu, 01 Jan 1970 00:00:01 GMT", &u]);
+    assert_eq!(status(&h), 200);
+    let (h, _, _) = curl(&env, &["-H", "If-Match: \"not-it\"", &u]);
+    assert_eq!(status(&h), 412);
+    let (h, _, _) = curl(&env, &["-H", &format!("If-Match: {etag}"), "-r", "0-0", &u]);
+    assert_eq!(status(&h), 206);
+    let (h, body, _) = curl(&env, &["-H", &format!("If-Range: {etag}"), "-r", "10-19", &u]);
+    assert_eq!((status(&h), body.len()), (206, 10));
+    let (h, body, _) = curl(&env, &["-H", "If-Range: \"stale\"", "-r", "10-19", &u]);
+    assert_eq!((status(&h), body.len()), (200, 1_000_000), "a stale If-Range sends the whole file");
+
+    // Names that need encoding, downloads, content types.
+    let odd = srv.url("/dir/a%20b%23%3F%25%C3%BC.txt");
+    let (h, body, _) = curl(&env, &[&odd]);
+    assert_eq!((status(&h), body.as_slice()), (200, &b"odd name\n"[..]), "{h}");
+    assert_eq!(header(&h, "content-type"), Some("text/plain"));
+    let (h, _, _) = curl(&env, &["-I", &format!("{odd}?download")]);
+    assert_eq!(
+        header(&h, "content-disposition"),
+        Some("attachment; filename=\"a b#?%_.txt\"; filename*=UTF-8''a%20b%23%3F%25%C3%BC.txt")
+    );
+    let (h, _, _) = curl(&env, &["-I", &srv.url("/dir/sub/page.html")]);
+    assert_eq!(header(&h, "content-type"), Some("text/html"));
+
+    // Listings: HTML with encoded links, JSON, the redirect to the slash, 404, 405.
+    let (h, body, _) = curl(&env, &[&srv.url("/dir/")]);
+    let page = String::from_utf8_lossy(&body);
+    assert_eq!(header(&h, "content-type"), Some("text/html; charset=utf-8"));
+    assert!(page.contains("<a href=\"a%20b%23%3F%25%C3%BC.txt\">a b#?%ü.txt</a>"), "{page}");
+    assert!(page.contains("<a href=\"sub/\">sub/</a>"), "{page}");
+    let (_, body, _) = curl(&env, &["-H", "Accept: application/json", &srv.url("/dir/")]);
+    let json: serde_json::Value = serde_json::from_slice(&body).expect("JSON listing");
+    let names: Vec<&str> = json["entries"].as_array().unwrap().iter().filter_map(|e| e["name"].as_str()).collect();
+    assert_eq!(names, ["sub", "a b#?%ü.txt"]);
+    let (_, body, _) = curl(&env, &[&srv.url("/?format=json")]);
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(json["entries"][1]["size"], 1_000_000);
+    let (h, _, _) = curl(&env, &[&srv.url("/dir")]);
+    assert_eq!((status(&h), header(&h, "location")), (301, Some("/dir/")));
+    let (h, _, _) = curl(&env, &[&srv.url("/nope")]);
+    assert_eq!(status(&h), 404);
+    let (h, _, _) = curl(&env, &["-X", "DELETE", &u]);
+    assert_eq!((status(&h), header(&h, "allow")), (405, Some("GET, HEAD")));
+    srv.stop();
+}
+
+/// The parts of a multipart/byteranges body as (Content-Range, bytes).
+fn multipart_parts(body: &[u8], boundary: &str) -> Vec<(String, Vec<u8>)> {
+    let delim = format!("--{boundary}");
+    let mut parts = Vec::new();
+    let mut rest = body;
+    while let Some(i) = find(rest, delim.as_bytes()) {
+        rest = &rest[i + delim.len()..];
+        if rest.starts_with(b"--") {
+            break;
+        }
+        let head_end = find(rest, b"\r\n\r\n").expect("part headers");
+        let head = String::from_utf8_lossy(&rest[..head_end]).into_owned();
+        let cr = header(&head, "content-range").unwrap_or("").to_string();
+        let len = cr.split(['-', '/', ' ']).collect::<Vec<_>>();
+        let (a, b): (usize, usize) = (len[1].parse().unwrap(), len[2].parse().unwrap());
+        let start = head_end + 4;
+        parts.push((cr, rest[start..start + (b - a + 1)].to_vec()));
+        rest = &rest[start + (b - a + 1)..];
+    }
+    parts
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+#[test]
+fn wget_resumes_and_aria2c_downloads_over_eight_connections() {
+    if !have("wget") || !have("aria2c") {
+        return;
+    }
+    let big = data(12 << 20, 2);
+    let env = store_with(&[("video.bin", &big)]);
+    let srv = Http::start(&env, &[]);
+    let u = srv.url("/video.bin");
+
+    // wget -c: a partial download is completed from where it stopped (a Range request), byte-exact.
+    let out = env.path("wget.bin");
+    std::fs::write(&out, &big[..3_333_333]).unwrap();
+    let o = Command::new("wget").args(["-q", "-c", "-O"]).arg(&out).arg(&u).output().unwrap();
+    assert!(o.status.success(), "wget -c: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(std::fs::read(&out).unwrap() == big, "wget -c result differs");
+    assert!(srv.log().contains("status=206"), "wget -c did not resume with a range:\n{}", srv.log());
+
+    // aria2c -x8 -s8: eight connections, each asking for its own ranges.
+    let dir = env.path("aria");
+    let o = Command::new("aria2c")
+        .args(["-q", "-x8", "-s8", "-k1M", "--allow-overwrite=true", "--file-allocation=none", "-d"])
+        .arg(&dir)
+        .args(["-o", "video.bin", &u])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "aria2c: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(std::fs::read(dir.join("video.bin")).unwrap() == big, "aria2c result differs");
+    let ranged = srv.log().matches("status=206").count();
+    assert!(ranged >= 8, "aria2c made only {ranged} range requests");
+    srv.stop();
+}
+
+#[test]
+fn rclone_http_remote_lists_and_copies_the_tree() {
+    if !have("rclone") {
+        return;
+    }
+    let files: Vec<(String, Vec<u8>)> = vec![
+        ("top.txt".into(), b"top\n".to_vec()),
+        (ODD.into(), data(70_000, 3)),
+        ("dir/sub/deep.bin".into(), data(300_000, 4)),
+        ("été/naïve file.bin".into(), data(5, 5)),
+    ];
+    let refs: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect();
+    let env = store_with(&refs);
+    let srv = Http::start(&env, &[]);
+    let config = env.write("rclone.conf", b"");
+    let rclone = |args: &[&str]| {
+        let o = Command::new("rclone")
+            .args(args)
+            .args(["--http-url", &srv.url("/"), "--config", config.to_str().unwrap()])
+            .env("HOME", env.dir.path())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "rclone {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let listed = rclone(&["lsf", "-R", ":http:"]);
+    for (name, _) in &files {
+        assert!(listed.lines().any(|l| l == name), "rclone lsf lacks {name}:\n{listed}");
+    }
+    let sizes = rclone(&["ls", ":http:"]);
+    assert!(sizes.contains("   300000 dir/sub/deep.bin"), "{sizes}");
+    let dest = env.path("copy");
+    rclone(&["copy", ":http:", dest.to_str().unwrap()]);
+    for (name, bytes) in &files {
+        assert!(std::fs::read(dest.join(name)).unwrap_or_default() == *bytes, "rclone copy of {name} differs");
+    }
+    srv.stop();
+}
+
+/// Deletes every shard of segment `segment` of every file on location `loc`.
+fn delete_segment_shards(env: &Env, loc: usize, segment: u64) {
+    let shards = env.location(loc).join("shards");
+    for dir in std::fs::read_dir(&shards).unwrap().flatten() {
+        for f in std::fs::read_dir(dir.path()).unwrap().flatten() {
+            if f.file_name().to_string_lossy().starts_with(&format!("{segment:010}.")) {
+                std::fs::remove_file(f.path()).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn damaged_store_is_served_exactly_or_the_transfer_fails() {
+    if !have("curl") {
+        return;
+    }
+    let big = data(1_000_000, 6);
+    let env = store_with(&[("big.bin", &big)]);
+    // m = 2 whole locations lost: every byte still served, rebuilt from parity.
+    for loc in [1, 4] {
+        std::fs::remove_dir_all(env.location(loc).join("shards")).unwrap();
+        std::fs::create_dir(env.location(loc).join("shards")).unwrap();
+    }
+    let srv = Http::start(&env, &["--metrics-listen", "127.0.0.1:0"]);
+    let u = srv.url("/big.bin");
+    let (h, body, code) = curl(&env, &[&u]);
+    assert_eq!((code, status(&h)), (0, 200));
+    assert!(body == big, "download with 2 locations lost differs");
+    let (_, body, _) = curl(&env, &["-r", "300000-400000", &u]);
+    assert!(body == big[300_000..400_001], "range with 2 locations lost differs");
+
+    // A third shard of segment 10 lost: segments 0..10 go out, then the connection is aborted.
+    delete_segment_shards(&env, 0, 10);
+    let out = env.path("partial.bin");
+    let (h, _, code) = curl(&env, &["-o", out.to_str().unwrap(), &u]);
+    assert_eq!(status(&h), 200, "the headers went out before segment 10 was reached");
+    assert_ne!(code, 0, "curl must see a failed transfer");
+    let got = std::fs::read(&out).unwrap();
+    assert_eq!(got.len(), 10 * 65_536, "the body stops at the lost segment's start");
+    assert!(got == big[..got.len()], "what was sent is exact");
+    let log = srv.log();
+    assert!(log.contains("aborting the response") && log.contains("segment 10 is lost"), "{log}");
+
+    // A range starting in the lost segment: an error status, before any byte.
+    let (h, body, _) = curl(&env, &["-r", "655360-655370", &u]);
+    assert_eq!(status(&h), 500);
+    assert!(String::from_utf8_lossy(&body).contains("segment 10 is lost"));
+    // The rest of the file is still served.
+    let (h, body, code) = curl(&env, &["-r", "0-655359", &u]);
+    assert_eq!((code, status(&h)), (0, 206));
+    assert!(body == big[..655_360]);
+
+    // The metrics count what happened.
+    let (h, body, _) = curl(&env, &[&srv.metrics_url()]);
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(header(&h, "content-type"), Some("text/plain; version=0.0.4; charset=utf-8"));
+    for line in [
+        "bf_http_responses_aborted_total 1",
+        "bf_http_segment_read_failures_total 2",
+        "bf_http_requests_total{code=\"5xx\"} 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line:?}:\n{text}");
+    }
+    let sent: u64 =
+        text.lines().find_map(|l| l.strip_prefix("bf_http_response_bytes_total ")).unwrap().parse().unwrap();
+    assert_eq!(sent, 1_000_000 + 100_001 + 655_360 + 655_360, "file bytes sent");
+    srv.stop();
+}
+
+#[test]
+fn tokens_are_required_and_exposed_listeners_refused() {
+    if !have("curl") {
+        return;
+    }
+    let env = store_with(&[("f.txt", b"secret\n")]);
+    // Without tokens a non-loopback address is refused before anything is bound.
+    let err = env.fails(&["serve", "--listen", "0.0.0.0:0"], 1);
+    assert!(err.contains("without authentication") && err.contains("--insecure"), "{err}");
+
+    let tokens = env.path("tokens");
+    let token = env.ok(&["serve", "token", "new", "--add-to", tokens.to_str().unwrap()]).trim().to_string();
+    let two = env.ok(&["serve", "token", "new"]);
+    let (other, other_line) = two.trim().split_once('\n').unwrap();
+    assert!(other_line.starts_with("blake3:"), "{two}");
+    let stored = std::fs::read_to_string(&tokens).unwrap();
+    assert!(!stored.contains(&token), "the tokens file holds hashes only");
+    let srv = Http::start(&env, &["--token-file", tokens.to_str().unwrap()]);
+    let u = srv.url("/f.txt");
+    let (h, _, _) = curl(&env, &[&u]);
+    assert_eq!(status(&h), 401);
+    assert!(h.to_ascii_lowercase().contains("www-authenticate: bearer"), "{h}");
+    let (h, body, _) = curl(&env, &["-H", &format!("Authorization: Bearer {token}"), &u]);
+    assert_eq!((status(&h), body.as_slice()), (200, &b"secret\n"[..]));
+    let (h, _, _) = curl(&env, &["-H", &format!("Authorization: Bearer {other}"), &u]);
+    assert_eq!(status(&h), 401, "a token whose hash is not in the file");
+    let (h, _, _) = curl(&env, &["-u", &format!("anyone:{token}"), &u]);
+    assert_eq!(status(&h), 200, "the token as a Basic password (browsers)");
+    srv.stop();
+}
+
+#[test]
+fn tls_with_curl() {
+    if !have("curl") || !have("openssl") {
+        return;
+    }
+    let body = data(200_000, 7);
+    let env = store_with(&[("f.bin", &body)]);
+    let certs = env.path("certs");
+    std::fs::create_dir(&certs).unwrap();
+    crate::nbd::ok(Command::new("sh").arg("-c").arg(crate::nbd_tls::MAKE_CERTS).current_dir(&certs));
+    let cert = certs.join("server/server-cert.pem");
+    let key = certs.join("server/server-key.pem");
+    let srv = Http::start(&env, &["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]);
+    let port = srv.addr.rsplit(':').next().unwrap().to_string();
+    let u = format!("https://localhost:{port}/f.bin");
+    let ca = certs.join("ca-cert.pem");
+    let (h, got, code) = curl(&env, &["--cacert", ca.to_str().unwrap(), "-r", "1000-", &u]);
+    assert_eq!((code, status(&h)), (0, 206), "{h}");
+    assert!(got == body[1000..]);
+    // Plain HTTP to the TLS port gets nothing served.
+    let (_, got, code) = curl(&env, &["--max-time", "5", &format!("http://localhost:{port}/f.bin")]);
+    assert!(code != 0 || got.is_empty());
+    srv.stop();
+}
+
+/// Sends `request` on a fresh connection and returns what the server answered until it closed (or 10 s).
+fn raw(addr: &str, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(request);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn malformed_huge_and_slow_requests_get_clear_errors() {
+    let env = store_with(&[("f.txt", b"fine\n")]);
+    let srv = Http::start(&env, &["--header-timeout", "1s", "--idle-timeout", "3s"]);
+    let addr = srv.addr.clone();
+
+    // Garbage instead of a request line.
+    let r = raw(&addr, b"HELLO\r\n\r\n");
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    // Headers over the cap (16 KiB).
+    let huge = format!("GET /f.txt HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(64 << 10));
+    let r = raw(&addr, huge.as_bytes());
+    assert!(r.starts_with("HTTP/1.1 431"), "{r}");
+    // A bad percent-escape and an encoded slash.
+    let r = raw(&addr, b"GET /%ff HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert!(r.starts_with("HTTP/1.1 400") && r.contains("not UTF-8"), "{r}");
+    let r = raw(&addr, b"GET /a%2Fb HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+
+    // Slowloris: a header trickled byte by byte is cut off at the header timeout, not served forever.
+    let started = Instant::now();
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.write_all(b"GET /f.txt HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let mut closed = false;
+    for _ in 0..40 {
+        std::thread::sleep(Duration::from_millis(250));
+        if s.write_all(b"X-Slow: y\r\n").is_err() {
+            closed = true;
+            break;
+        }
+        let mut buf = [0u8; 512];
+        s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+        if let Ok(n) = s.read(&mut buf) {
+            closed = true;
+            assert!(n == 0 || String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408"), "{:?}", &buf[..n]);
+            break;
+        }
+    }
+    assert!(closed, "a slow header was not cut off");
+    assert!(started.elapsed() < Duration::from_secs(6), "cut off only after {:?}", started.elapsed());
+
+    // An idle keep-alive connection is closed after the idle timeout.
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.write_all(b"GET /f.txt HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let started = Instant::now();
+    let mut all = Vec::new();
+    let _ = s.read_to_end(&mut all);
+    assert!(String::from_utf8_lossy(&all).ends_with("fine\n"));
+    assert!(started.elapsed() < Duration::from_secs(8), "idle connection kept {:?}", started.elapsed());
+
+    // The server is still fine.
+    let r = raw(&addr, b"GET /f.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert!(r.starts_with("HTTP/1.1 200") && r.ends_with("fine\n"), "{r}");
+    srv.stop();
+}
+
+#[test]
+fn writable_put_and_delete_commit_all_or_nothing() {
+    if !have("curl") {
+        return;
+    }
+    let env = store_with(&[("keep.txt", b"keep\n")]);
+    // Read-only by default: writes are refused.
+    let srv = Http::start(&env, &[]);
+    let src = env.write("upload.bin", &data(500_000, 8));
+    let (h, _, _) = curl(&env, &["-T", src.to_str().unwrap(), &srv.url("/up/load.bin")]);
+    assert_eq!((status(&h), header(&h, "allow")), (405, Some("GET, HEAD")));
+    srv.stop();
+
+    let srv = Http::start(&env, &["--writable"]);
+    let u = srv.url("/up/l%20oad.bin");
+    let (h, body, _) = curl(&env, &["-T", src.to_str().unwrap(), &u]);
+    assert_eq!(status(&h), 201, "{}", String::from_utf8_lossy(&body));
+    let etag = header(&h, "etag").unwrap().to_string();
+    assert_eq!(etag, format!("\"{}\"", root_of(&env, "up/l oad.bin")));
+    // What bf get returns is what was uploaded; the server sees it at once.
+    env.ok(&["get", "up/l oad.bin", "-o", "got.bin"]);
+    assert!(std::fs::read(env.path("got.bin")).unwrap() == std::fs::read(&src).unwrap());
+    let (_, got, _) = curl(&env, &[&u]);
+    assert!(got == std::fs::read(&src).unwrap());
+    // Create-only and replace-this-version preconditions.
+    let small = env.write("small.txt", b"v2\n");
+    let (h, _, _) = curl(&env, &["-T", small.to_str().unwrap(), "-H", "If-None-Match: *", &u]);
+    assert_eq!(status(&h), 412);
+    let (h, _, _) = curl(&env, &["-T", small.to_str().unwrap(), "-H", "If-Match: \"old\"", &u]);
+    assert_eq!(status(&h), 412);
+    let (h, _, _) = curl(&env, &["-T", small.to_str().unwrap(), "-H", &format!("If-Match: {etag}"), &u]);
+    assert_eq!(status(&h), 200, "a replace");
+    assert_eq!(curl(&env, &[&u]).1, b"v2\n");
+
+    // An upload cut short is not committed: the old version stays.
+    let mut s = TcpStream::connect(&srv.addr).unwrap();
+    s.write_all(b"PUT /up/l%20oad.bin HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n").unwrap();
+    s.write_all(&[7u8; 300_000]).unwrap();
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !srv.log().contains("an upload was not committed") {
+        assert!(Instant::now() < deadline, "the broken upload was not refused:\n{}", srv.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(curl(&env, &[&u]).1, b"v2\n", "a broken upload replaced the file");
+
+    let (h, _, _) = curl(&env, &["-T", small.to_str().unwrap(), &srv.url("/up")]);
+    assert_eq!(status(&h), 409, "a file over a directory");
+
+    let (h, _, _) = curl(&env, &["-X", "DELETE", &u]);
+    assert_eq!(status(&h), 200);
+    let (h, _, _) = curl(&env, &[&u]);
+    assert_eq!(status(&h), 404);
+    assert!(!env.ok(&["ls"]).contains("oad.bin"));
+    let (h, _, _) = curl(&env, &["-X", "DELETE", &srv.url("/nope")]);
+    assert_eq!(status(&h), 404);
+    srv.stop();
+}
