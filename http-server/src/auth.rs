@@ -46,7 +46,8 @@ pub enum AuthError {
     /// A non-loopback listener without authentication.
     #[error(
         "refusing to listen on {addr} without authentication: it is not a loopback address, so anyone who can \
-         reach it could read every file (give --token-file, or --insecure to serve it openly anyway)"
+         reach it could read every file (give --token-file or --tls-client-ca, or --insecure to serve it openly \
+         anyway)"
     )]
     Exposed {
         /// The listening address.
@@ -169,9 +170,10 @@ fn base64url(bytes: &[u8]) -> String {
     out
 }
 
-/// The exposure rule: without tokens, only a loopback address may be served, unless `insecure`.
-pub fn check_exposure(addr: SocketAddr, has_tokens: bool, insecure: bool) -> Result<(), AuthError> {
-    if has_tokens || insecure || addr.ip().is_loopback() {
+/// The exposure rule: without authentication (tokens or client certificates), only a loopback address may be
+/// served, unless `insecure`.
+pub fn check_exposure(addr: SocketAddr, authenticated: bool, insecure: bool) -> Result<(), AuthError> {
+    if authenticated || insecure || addr.ip().is_loopback() {
         Ok(())
     } else {
         Err(AuthError::Exposed { addr })

@@ -69,6 +69,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// TLS certificate chain and key (PEM), both or neither.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// CA certificates (PEM) that client certificates must chain to: with it, a client without such a
+    /// certificate fails the TLS handshake. Needs `tls`. Counts as authentication for the exposure rule; with
+    /// `tokens` too, a client needs both.
+    pub tls_client_ca: Option<PathBuf>,
     /// Accepted bearer tokens; `None` serves without authentication (loopback only, unless `insecure`).
     pub tokens: Option<TokenSet>,
     /// Serve a non-loopback address without tokens.
@@ -101,10 +105,12 @@ impl Server {
         if l.max_header_bytes < 8192 {
             return Err(ServeError::Limit("the header size cap must be at least 8 KiB"));
         }
-        auth::check_exposure(config.listen, config.tokens.is_some(), config.insecure)?;
-        let tls = match &config.tls {
-            Some((cert, key)) => Some(crate::tls::acceptor(cert, key)?),
-            None => None,
+        let authenticated = config.tokens.is_some() || config.tls_client_ca.is_some();
+        auth::check_exposure(config.listen, authenticated, config.insecure)?;
+        let tls = match (&config.tls, &config.tls_client_ca) {
+            (Some((cert, key)), ca) => Some(crate::tls::acceptor(cert, key, ca.as_deref())?),
+            (None, Some(_)) => return Err(crate::tls::TlsError::ClientCaWithoutTls.into()),
+            (None, None) => None,
         };
         if let Some(m) = config.metrics_listen {
             auth::check_exposure(m, false, config.insecure)?;

@@ -34,6 +34,7 @@ async fn serve(store: Arc<blockframe::store::Store>, limits: Limits) -> (String,
     let config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         tls: None,
+        tls_client_ca: None,
         tokens: None,
         insecure: false,
         writable: false,

@@ -38,6 +38,7 @@
 
 #![warn(missing_docs)]
 
+pub mod activation;
 pub mod backend;
 mod config;
 mod conn;
@@ -52,6 +53,7 @@ mod session;
 pub mod store_backend;
 pub mod tls;
 
+pub use activation::{ActivationError, PassedListener};
 pub use backend::{errno_for, BlockBackend, ExportInfo, ExportRegistry, Extent, SimpleRegistry};
 pub use mem::{MemBackend, MEM_CHUNK_SIZE};
 pub use negotiation::MAX_OPTION_LEN;

@@ -71,6 +71,17 @@ impl Listener {
         Ok(Listener::Unix { listener, file: Some(file) })
     }
 
+    /// The listener for a socket passed by the service manager ([`crate::activation::take_listener`]). Must be
+    /// called within a tokio runtime. A Unix socket's file belongs to the service manager and is left alone.
+    pub fn from_passed(passed: crate::activation::PassedListener) -> io::Result<Self> {
+        Ok(match passed {
+            crate::activation::PassedListener::Tcp(l) => Listener::Tcp(TcpListener::from_std(l)?),
+            crate::activation::PassedListener::Unix(l) => {
+                Listener::Unix { listener: UnixListener::from_std(l)?, file: None }
+            }
+        })
+    }
+
     /// Bind according to `addr`. Must be called within a tokio runtime.
     pub async fn bind(addr: &ListenAddr) -> io::Result<Self> {
         match addr {

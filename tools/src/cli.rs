@@ -98,6 +98,10 @@ pub struct HttpServeArgs {
     /// TLS private key (PEM); needs --tls-cert
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Clients must present a TLS certificate signed by a CA in this PEM file (client certificate
+    /// authentication; needs --tls-cert); with --token-file too, they need both
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Clients must send one of these tokens: a file of `blake3:<hex>` lines (`bf serve token new` prints one)
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
@@ -213,9 +217,10 @@ pub struct ServeArgs {
     /// Serve only this volume (also the default export) [default: every volume]
     #[arg(long)]
     pub volume: Option<String>,
-    /// TCP address to listen on (loopback by default; NBD has no authentication without TLS).
-    #[arg(long, default_value = "127.0.0.1:10809", conflicts_with = "socket")]
-    pub listen: String,
+    /// TCP address to listen on (NBD has no authentication without TLS) [default: 127.0.0.1:10809]. Under
+    /// systemd socket activation (LISTEN_FDS, LISTEN_PID) the socket passed as fd 3 is used instead.
+    #[arg(long, conflicts_with = "socket")]
+    pub listen: Option<String>,
     /// Listen on a Unix socket instead of TCP.
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,

@@ -52,7 +52,12 @@ fn serve(a: &HttpServeArgs, s: &Settings) -> Result<u8> {
     let st = Arc::new(open_keyed(s)?);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     rt.block_on(async {
-        let auth = if config.tokens.is_some() { "bearer tokens required" } else { "no authentication" };
+        let auth = match (config.tokens.is_some(), config.tls_client_ca.is_some()) {
+            (true, true) => "client certificates and bearer tokens required",
+            (true, false) => "bearer tokens required",
+            (false, true) => "client certificates required",
+            (false, false) => "no authentication",
+        };
         let mode = if config.writable { "PUT and DELETE allowed" } else { "read-only" };
         let scheme = if config.tls.is_some() { "https" } else { "http" };
         let server = Server::bind(st, config).await?;
@@ -100,6 +105,7 @@ fn config(a: &HttpServeArgs) -> Result<Config> {
     Ok(Config {
         listen,
         tls,
+        tls_client_ca: a.tls_client_ca.clone(),
         tokens,
         insecure: a.insecure,
         writable: a.writable && !a.read_only,
@@ -109,7 +115,7 @@ fn config(a: &HttpServeArgs) -> Result<Config> {
 }
 
 /// `host:port` to one socket address (the first the name resolves to).
-fn resolve(listen: &str) -> Result<SocketAddr> {
+pub(crate) fn resolve(listen: &str) -> Result<SocketAddr> {
     if let Ok(a) = listen.parse() {
         return Ok(a);
     }

@@ -52,6 +52,11 @@ pub(crate) fn nbd_cmd(cmd: &NbdCommand, s: &Settings) -> Result<u8> {
 }
 
 fn serve(a: &ServeArgs, s: &Settings) -> Result<u8> {
+    // First, before any thread starts: taking the socket edits the environment.
+    let passed = nbd_server::activation::take_listener().context("socket activation")?;
+    if passed.is_some() && (a.socket.is_some() || a.listen.is_some()) {
+        bail!("a socket was passed by socket activation (LISTEN_FDS): leave out --listen and --socket");
+    }
     let st = Arc::new(open_keyed(s)?);
     let cache_mb = a.cache_mb.or(s.file.volume_cache_mb).unwrap_or(volume::DEFAULT_CACHE_BYTES >> 20);
     let options = VolumeOptions { cache_bytes: cache_mb << 20 };
@@ -59,9 +64,10 @@ fn serve(a: &ServeArgs, s: &Settings) -> Result<u8> {
     if let Some(v) = &a.volume {
         registry.preopen(v).with_context(|| format!("opening volume {v}"))?;
     }
-    let addr = match &a.socket {
-        Some(p) => ListenAddr::Unix(p.clone()),
-        None => ListenAddr::Tcp(a.listen.clone()),
+    let addr = match (&a.socket, &a.listen) {
+        (Some(p), _) => ListenAddr::Unix(p.clone()),
+        (None, Some(l)) => ListenAddr::Tcp(l.clone()),
+        (None, None) => ListenAddr::Tcp(DEFAULT_NBD_LISTEN.into()),
     };
     let config = server_config(a)?;
     let tls_note = config.tls.as_ref().map(|t| {
@@ -71,7 +77,17 @@ fn serve(a: &ServeArgs, s: &Settings) -> Result<u8> {
     });
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     rt.block_on(async {
-        let listener = Listener::bind(&addr).await.with_context(|| format!("listening on {}", describe(&addr)))?;
+        let (listener, place) = match passed {
+            Some(p) => {
+                let l = Listener::from_passed(p).context("the socket passed by socket activation")?;
+                let place = format!("{} (passed by socket activation)", describe_listener(&l));
+                (l, place)
+            }
+            None => {
+                let l = Listener::bind(&addr).await.with_context(|| format!("listening on {}", describe(&addr)))?;
+                (l, describe(&addr))
+            }
+        };
         if let Some(warning) = exposure_warning(&listener, &config) {
             eprintln!("bf: warning: {warning}");
         }
@@ -94,7 +110,7 @@ fn serve(a: &ServeArgs, s: &Settings) -> Result<u8> {
             None => String::new(),
             Some(n) => format!(" ({n})"),
         };
-        eprintln!("bf: serving {what} over NBD on {}{tls}", describe(&addr));
+        eprintln!("bf: serving {what} over NBD on {place}{tls}");
         nbd_server::serve_with_config(listener, registry.clone(), token, config).await.context("NBD server")?;
         for (name, e) in registry.flush_all() {
             eprintln!("bf: flushing volume {name} at shutdown failed: {e}");
@@ -168,6 +184,17 @@ fn exposure_warning(listener: &Listener, config: &ServerConfig) -> Option<String
             "listening on {addr} without --tls-verify-peer: TLS encrypts, but any client is let in, so {risk}"
         )),
         Some(_) => None,
+    }
+}
+
+/// Where `bf nbd serve` listens without --listen, --socket or socket activation.
+const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";
+
+/// A bound listener as the start message names it.
+fn describe_listener(l: &Listener) -> String {
+    match l {
+        Listener::Tcp(_) => format!("nbd://{}", l.local_addr_string()),
+        Listener::Unix { .. } => format!("unix socket {}", l.local_addr_string()),
     }
 }
 

@@ -7,4 +7,5 @@ mod nbd_tls;
 mod s3;
 mod scrub;
 mod serve;
+mod systemd;
 mod util;

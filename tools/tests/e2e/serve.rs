@@ -467,6 +467,204 @@ fn tls_with_curl() {
     srv.stop();
 }
 
+#[test]
+fn client_certificates_with_curl() {
+    if !have("curl") || !have("openssl") {
+        return;
+    }
+    let env = store_with(&[("f.txt", b"for certified clients\n")]);
+    let certs = env.path("certs");
+    std::fs::create_dir(&certs).unwrap();
+    crate::nbd::ok(Command::new("sh").arg("-c").arg(crate::nbd_tls::MAKE_CERTS).current_dir(&certs));
+    let p = |f: &str| certs.join(f).to_str().unwrap().to_string();
+    let tls =
+        ["--tls-cert", &p("server-cert.pem"), "--tls-key", &p("server-key.pem"), "--tls-client-ca", &p("ca-cert.pem")];
+
+    // A client CA file that holds no certificate is refused at start, and so is a client CA without TLS.
+    let empty = env.write("empty.pem", b"");
+    let err = env.fails(&["serve", "--listen", "127.0.0.1:0", "--tls-client-ca", empty.to_str().unwrap()], 2);
+    assert!(err.contains("--tls-cert"), "{err}");
+    let mut bad = tls.map(str::to_string);
+    bad[5] = empty.to_str().unwrap().into();
+    let err = env.fails(
+        &[&["serve", "--listen", "127.0.0.1:0"][..], &bad.iter().map(String::as_str).collect::<Vec<_>>()].concat(),
+        1,
+    );
+    assert!(err.contains("holds no certificate"), "{err}");
+
+    let srv = Http::start(&env, &tls);
+    assert!(srv.log().contains("client certificates required"), "{}", srv.log());
+    let port = srv.addr.rsplit(':').next().unwrap().to_string();
+    let u = format!("https://localhost:{port}/f.txt");
+    let ca = p("ca-cert.pem");
+    let (h, body, code) =
+        curl(&env, &["--cacert", &ca, "--cert", &p("client-cert.pem"), "--key", &p("client-key.pem"), &u]);
+    assert_eq!((code, status(&h)), (0, 200), "the CA's client is served: {h}");
+    assert_eq!(body, b"for certified clients\n");
+    let (h, body, code) = curl(&env, &["--cacert", &ca, "--max-time", "10", &u]);
+    assert!(code != 0 && status(&h) == 0 && body.is_empty(), "no certificate: curl {code}, {h}");
+    let (h, body, code) = curl(
+        &env,
+        &["--cacert", &ca, "--cert", &p("intruder-cert.pem"), "--key", &p("intruder-key.pem"), "--max-time", "10", &u],
+    );
+    assert!(code != 0 && status(&h) == 0 && body.is_empty(), "another CA's certificate: curl {code}, {h}");
+    let log = srv.log();
+    assert!(log.matches("TLS handshake failed").count() >= 2, "the refusals are logged:\n{log}");
+    srv.stop();
+}
+
+/// An 8 s VP8 WebM (320x240, 25 fps, a keyframe every second, about 175 KB: three 64 KiB segments), made with
+/// `ffmpeg -f lavfi -i testsrc=size=320x240:rate=25 -t 8 -c:v libvpx -b:v 300k -g 25 -auto-alt-ref 0 v.webm`.
+/// testsrc draws a frame counter, so frames at different times differ.
+pub(crate) const TEST_VIDEO: &[u8] = include_bytes!("../data/testsrc-8s.webm");
+
+/// The MD5 of the frame `ffmpeg -ss SECS` decodes first from `input` (a path or a URL).
+fn frame_md5(input: &str, secs: &str) -> String {
+    let out = crate::nbd::ok(Command::new("ffmpeg").args([
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-ss",
+        secs,
+        "-i",
+        input,
+        "-frames:v",
+        "1",
+        "-f",
+        "md5",
+        "-",
+    ]));
+    let md5 = out.trim().strip_prefix("MD5=").unwrap_or_else(|| panic!("ffmpeg printed {out:?}"));
+    md5.to_string()
+}
+
+#[test]
+fn ffprobe_and_ffmpeg_seek_into_a_served_video() {
+    if !have("ffmpeg") || !have("ffprobe") {
+        return;
+    }
+    let env = store_with(&[("videos/test.webm", TEST_VIDEO)]);
+    let local = env.write("local.webm", TEST_VIDEO);
+    let local = local.to_str().unwrap();
+    let srv = Http::start(&env, &["--metrics-listen", "127.0.0.1:0"]);
+    let url = srv.url("/videos/test.webm");
+    let probe = crate::nbd::ok(Command::new("ffprobe").args([
+        "-v",
+        "error",
+        "-show_entries",
+        "format=duration,size,format_name:stream=codec_name,width,height",
+        "-of",
+        "json",
+        &url,
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&probe).expect("ffprobe json");
+    assert_eq!(v["streams"][0]["codec_name"], "vp8", "{v}");
+    assert_eq!((v["streams"][0]["width"].as_u64(), v["streams"][0]["height"].as_u64()), (Some(320), Some(240)));
+    assert_eq!(v["format"]["size"], TEST_VIDEO.len().to_string(), "{v}");
+    let duration: f64 = v["format"]["duration"].as_str().and_then(|d| d.parse().ok()).unwrap_or(0.0);
+    assert!((duration - 8.0).abs() < 0.1, "{v}");
+
+    // Seeking over HTTP decodes the very frame seeking in the local file does; frames at other times differ.
+    let mut seen = Vec::new();
+    for secs in ["1.5", "4", "6.9"] {
+        let over_http = frame_md5(&url, secs);
+        assert_eq!(over_http, frame_md5(local, secs), "the frame at {secs} s");
+        seen.push(over_http);
+    }
+    seen.dedup();
+    assert_eq!(seen.len(), 3, "different times gave the same frame: {seen:?}");
+    // ffmpeg seeks with range requests: every request was answered 2xx, none failed.
+    let (_, metrics, _) = curl(&env, &[&srv.metrics_url()]);
+    let metrics = String::from_utf8_lossy(&metrics);
+    for bad in ["bf_http_requests_total{code=\"4xx\"} 0", "bf_http_requests_total{code=\"5xx\"} 0"] {
+        assert!(metrics.lines().any(|l| l == bad), "{metrics}");
+    }
+    srv.stop();
+}
+
+/// An httpdirfs FUSE mount of a URL, unmounted on drop.
+struct HttpDirFs {
+    child: Child,
+    dir: std::path::PathBuf,
+}
+
+impl HttpDirFs {
+    /// Mounts `url` at `dir` (httpdirfs in the foreground, as a child) and waits until the mount is up.
+    fn mount(env: &Env, url: &str, dir: std::path::PathBuf, extra: &[&str]) -> HttpDirFs {
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Command::new("httpdirfs")
+            .args(["-f", "--retry-wait", "1"])
+            .args(extra)
+            .arg(url)
+            .arg(&dir)
+            .stdout(env.log_file())
+            .stderr(env.log_file())
+            .spawn()
+            .expect("starting httpdirfs");
+        let fs = HttpDirFs { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let target = fs.dir.canonicalize().unwrap();
+        let mounted = || {
+            std::fs::read_to_string("/proc/self/mounts")
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.split_whitespace().nth(1) == Some(target.to_str().unwrap_or("")))
+        };
+        while !mounted() {
+            assert!(Instant::now() < deadline, "httpdirfs did not mount:\n{}", env.log_tail());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        fs
+    }
+}
+
+impl Drop for HttpDirFs {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3").arg("-u").arg(&self.dir).status();
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).stderr(std::process::Stdio::null()).status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn httpdirfs_mounts_the_listing_and_reads_files_byte_exact() {
+    if !have("httpdirfs") || !std::path::Path::new("/dev/fuse").exists() {
+        return;
+    }
+    let big = data(700_000, 21);
+    let mid = data(65_536 * 2 + 17, 22);
+    // No empty file: httpdirfs takes a link whose size is 0 for an invalid one and does not show it.
+    let files: [(&str, &[u8]); 3] = [("big.bin", &big), ("dir/mid file.bin", &mid), ("dir/sub/small.txt", b"small\n")];
+    let env = store_with(&files);
+    let tokens = env.path("tokens");
+    let token = env.ok(&["serve", "token", "new", "--add-to", tokens.to_str().unwrap()]).trim().to_string();
+    let srv = Http::start(&env, &["--token-file", tokens.to_str().unwrap()]);
+    // The token as HTTP Basic password, as for browsers.
+    let mnt = HttpDirFs::mount(&env, &srv.url("/"), env.path("mnt"), &["-u", "any", "-p", &token]);
+    let mut root: Vec<String> = std::fs::read_dir(&mnt.dir)
+        .expect("listing the mount")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    root.sort();
+    assert_eq!(root, ["big.bin", "dir"]);
+    for (name, bytes) in files {
+        let got = std::fs::read(mnt.dir.join(name)).unwrap_or_else(|e| panic!("reading {name}: {e}"));
+        assert_eq!(got.len(), bytes.len(), "{name}");
+        assert!(got == bytes, "{name} differs");
+        assert_eq!(std::fs::metadata(mnt.dir.join(name)).unwrap().len(), bytes.len() as u64);
+    }
+    // A read in the middle of a later segment, as a program seeking in the file makes it.
+    let mut f = std::fs::File::open(mnt.dir.join("big.bin")).unwrap();
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(500_000)).unwrap();
+    let mut part = vec![0u8; 10_000];
+    f.read_exact(&mut part).unwrap();
+    assert!(part == big[500_000..510_000]);
+    drop(f);
+    drop(mnt);
+    srv.stop();
+}
+
 /// Sends `request` on a fresh connection and returns what the server answered until it closed (or 10 s).
 fn raw(addr: &str, request: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
@@ -590,5 +788,109 @@ fn writable_put_and_delete_commit_all_or_nothing() {
     assert!(!env.ok(&["ls"]).contains("oad.bin"));
     let (h, _, _) = curl(&env, &["-X", "DELETE", &srv.url("/nope")]);
     assert_eq!(status(&h), 404);
+    srv.stop();
+}
+
+/// A page that plays `videos/test.webm`, seeks to 5 s, draws the frame shown onto a canvas and writes what
+/// it saw into `#state` (time, size, duration, distinct colours of the frame).
+const PLAYER_PAGE: &[u8] = include_bytes!("../data/player.html");
+
+/// The headless Chromium on PATH, if any.
+fn chromium() -> Option<&'static str> {
+    ["chromium-headless-shell", "chromium"].into_iter().find(|c| {
+        Command::new("sh").args(["-c", &format!("command -v {c}")]).output().is_ok_and(|o| o.status.success())
+    })
+}
+
+/// Runs headless Chromium on `url` with `args` (after the page's timers and media had 10 s of virtual time).
+fn browse(env: &Env, chrome: &str, args: &[&str], url: &str) -> Vec<u8> {
+    let profile = env.path("chromium-profile");
+    let child = Command::new(chrome)
+        .args(["--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--mute-audio", "--virtual-time-budget=10000"])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .arg(url)
+        .env("HOME", env.dir.path())
+        .current_dir(env.dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting chromium");
+    let id = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(Duration::from_secs(90)) {
+        Ok(out) => out.expect("chromium"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &id.to_string()]).status();
+            panic!("chromium did not finish on {url}");
+        }
+    };
+    assert!(out.status.success(), "chromium on {url}: {}", out.status);
+    out.stdout
+}
+
+/// The RGB24 pixels of a 320x240 picture made by ffmpeg from `input` (`pre`: input options, `vf`: a filter).
+fn rgb_320x240(pre: &[&str], input: &str, vf: &str) -> Vec<u8> {
+    let out = Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error"])
+        .args(pre)
+        .args(["-i", input, "-frames:v", "1", "-vf", vf, "-f", "rawvideo", "-pix_fmt", "rgb24", "-"])
+        .output()
+        .expect("ffmpeg");
+    assert!(out.status.success(), "ffmpeg on {input}: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.stdout.len(), 320 * 240 * 3, "ffmpeg on {input}");
+    out.stdout
+}
+
+fn mean_abs_diff(a: &[u8], b: &[u8]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| f64::from(x.abs_diff(*y))).sum::<f64>() / a.len().max(1) as f64
+}
+
+#[test]
+fn chromium_shows_the_listing_and_plays_and_seeks_a_served_video() {
+    let Some(chrome) = chromium() else {
+        eprintln!("SKIP: chromium-headless-shell is not installed (scripts/test installs it)");
+        return;
+    };
+    let env = store_with(&[("videos/test.webm", TEST_VIDEO), ("player.html", PLAYER_PAGE), ("notes/a b.txt", b"hi\n")]);
+    let srv = Http::start(&env, &[]);
+
+    // The listing as the browser parsed it: a link per entry, directories with their slash.
+    let dom = String::from_utf8_lossy(&browse(&env, chrome, &["--dump-dom"], &srv.url("/"))).into_owned();
+    for link in ["href=\"player.html\"", "href=\"videos/\"", "href=\"notes/\""] {
+        assert!(dom.contains(link), "no {link} in the listing:\n{dom}");
+    }
+    let dom = String::from_utf8_lossy(&browse(&env, chrome, &["--dump-dom"], &srv.url("/notes/"))).into_owned();
+    assert!(dom.contains("href=\"a%20b.txt\"") && dom.contains("a b.txt"), "{dom}");
+
+    // The player: the video's metadata came over HTTP, and the seek to 5 s landed (a server without ranges
+    // leaves the video unseekable, and the seek ends at 0).
+    let dom = String::from_utf8_lossy(&browse(&env, chrome, &["--dump-dom"], &srv.url("/player.html"))).into_owned();
+    let state = dom.split("id=\"state\">").nth(1).and_then(|r| r.split('<').next()).unwrap_or("");
+    assert!(state.starts_with("seeked t=5.00 size=320x240 duration=8.00 colors="), "the player says {state:?}");
+    let colors: usize = state.rsplit('=').next().and_then(|c| c.parse().ok()).unwrap_or(0);
+    assert!(colors > 100, "the frame drawn is a picture, not a blank: {state:?}");
+
+    // A screenshot of the player shows the frame at 5 s.
+    let shot = env.path("player.png");
+    browse(
+        &env,
+        chrome,
+        &[&format!("--screenshot={}", shot.display()), "--window-size=320,300"],
+        &srv.url("/player.html"),
+    );
+    let png = std::fs::read(&shot).expect("the screenshot");
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 5_000, "not a picture: {} bytes", png.len());
+    if have("ffmpeg") {
+        let shown = rgb_320x240(&[], shot.to_str().unwrap(), "crop=320:240:0:0");
+        let video = env.write("local.webm", TEST_VIDEO);
+        let at5 = rgb_320x240(&["-ss", "5"], video.to_str().unwrap(), "null");
+        let at0 = rgb_320x240(&[], video.to_str().unwrap(), "null");
+        let (d5, d0) = (mean_abs_diff(&shown, &at5), mean_abs_diff(&shown, &at0));
+        assert!(d5 < 8.0 && d5 < d0, "the screenshot differs from the frame at 5 s by {d5:.2}, at 0 s by {d0:.2}");
+    }
     srv.stop();
 }
