@@ -9,6 +9,7 @@
 //!   reads and verifies one erasure-coded stripe over them;
 //! - [`log`]: the log-structured block store (appends into stripes sealed whole; replay; checkpoints);
 //! - [`files`] (commit, catalog, read) and [`volume`] (block volumes): the two kinds of data;
+//! - [`metrics`]: counters and the Prometheus text format the servers' metrics endpoints share (pure);
 //! - [`scrub`] (keyless check and repair), [`recover`] (rebuild a lost descriptor) and [`vfs`] (the filesystem
 //!   view mount adapters use) on top.
 //!
@@ -22,6 +23,7 @@ pub mod files;
 pub mod format;
 pub mod location;
 pub mod log;
+pub mod metrics;
 pub mod pending;
 pub mod recover;
 pub mod scrub;

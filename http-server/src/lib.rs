@@ -31,5 +31,5 @@ pub mod writes;
 
 pub use auth::{new_token, TokenSet};
 pub use error::ServeError;
-pub use server::{Config, Limits, Server};
+pub use server::{bind_metrics, serve_metrics, Config, Limits, RenderMetrics, Server};
 pub use tokio_util::sync::CancellationToken;

@@ -1,12 +1,12 @@
 //! Counters of one server, rendered in the Prometheus text exposition format (version 0.0.4) for
-//! `--metrics-listen`. Lock-free counters; the rendering is pure.
+//! `--metrics-listen` with the helpers of [`blockframe::metrics`]. Lock-free counters; the rendering is pure.
 
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// Upper bounds (seconds) of the request duration histogram's buckets.
-pub const DURATION_BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0];
+use blockframe::metrics::{family, get, sample, single, Histogram};
+
+pub use blockframe::metrics::DURATION_BUCKETS;
 
 /// Status classes counted (1xx..5xx).
 const CLASSES: usize = 5;
@@ -15,9 +15,7 @@ const CLASSES: usize = 5;
 #[derive(Default)]
 pub struct Metrics {
     requests: [AtomicU64; CLASSES],
-    duration_buckets: [AtomicU64; DURATION_BUCKETS.len()],
-    duration_count: AtomicU64,
-    duration_sum_us: AtomicU64,
+    duration: Histogram,
     /// Body bytes of files sent.
     pub bytes_sent: AtomicU64,
     /// Responses cut short because a segment could not be read and verified.
@@ -41,32 +39,18 @@ impl Metrics {
     pub fn request(&self, status: u16, took: Duration) {
         let class = usize::from(status / 100).clamp(1, CLASSES) - 1;
         self.requests[class].fetch_add(1, Ordering::Relaxed);
-        let secs = took.as_secs_f64();
-        for (b, bound) in self.duration_buckets.iter().zip(DURATION_BUCKETS) {
-            if secs <= bound {
-                b.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.duration_count.fetch_add(1, Ordering::Relaxed);
-        self.duration_sum_us.fetch_add(took.as_micros().min(u128::from(u64::MAX)) as u64, Ordering::Relaxed);
+        self.duration.observe(took);
     }
 
     /// The text exposition, with the segment buffer gauges given by the caller.
     pub fn render(&self, buffers_in_use: usize, buffers_max: usize) -> String {
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut out = String::new();
         family(&mut out, "bf_http_requests_total", "counter", "HTTP requests answered, by status class.");
         for (i, c) in self.requests.iter().enumerate() {
-            let _ = writeln!(out, "bf_http_requests_total{{code=\"{}xx\"}} {}", i + 1, get(c));
+            sample(&mut out, "bf_http_requests_total", &format!("code=\"{}xx\"", i + 1), get(c));
         }
         family(&mut out, "bf_http_request_duration_seconds", "histogram", "Time until a response's head was ready.");
-        for (b, bound) in self.duration_buckets.iter().zip(DURATION_BUCKETS) {
-            let _ = writeln!(out, "bf_http_request_duration_seconds_bucket{{le=\"{bound}\"}} {}", get(b));
-        }
-        let count = get(&self.duration_count);
-        let _ = writeln!(out, "bf_http_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "bf_http_request_duration_seconds_sum {}", get(&self.duration_sum_us) as f64 / 1e6);
-        let _ = writeln!(out, "bf_http_request_duration_seconds_count {count}");
+        self.duration.render(&mut out, "bf_http_request_duration_seconds", "");
         let simple: [(&str, &str, &str, u64); 10] = [
             ("bf_http_response_bytes_total", "counter", "File bytes sent in response bodies.", get(&self.bytes_sent)),
             (
@@ -95,16 +79,10 @@ impl Metrics {
             ("bf_http_segment_buffers_max", "gauge", "The cap on segment buffers.", buffers_max as u64),
         ];
         for (name, kind, help, v) in simple {
-            family(&mut out, name, kind, help);
-            let _ = writeln!(out, "{name} {v}");
+            single(&mut out, name, kind, help, v);
         }
         out
     }
-}
-
-/// The HELP and TYPE lines of a metric family.
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
 #[cfg(test)]

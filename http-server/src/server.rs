@@ -117,7 +117,7 @@ impl Server {
         }
         let listener = bind(config.listen).await?;
         let metrics_listener = match config.metrics_listen {
-            Some(m) => Some(bind(m).await?),
+            Some(m) => Some(bind_metrics(m, config.insecure).await?),
             None => None,
         };
         let metrics = Arc::new(Metrics::default());
@@ -149,7 +149,12 @@ impl Server {
         let slots = Arc::new(Semaphore::new(self.limits.max_connections));
         let tracker = TaskTracker::new();
         if let Some(l) = self.metrics_listener.take() {
-            tracker.spawn(serve_metrics(l, self.state.clone(), self.limits.clone(), shutdown.clone()));
+            let state = self.state.clone();
+            let render: RenderMetrics = Arc::new(move || {
+                let in_use = state.pool.buffers() - state.pool.available();
+                state.metrics.render(in_use, state.pool.buffers())
+            });
+            tracker.spawn(serve_metrics(l, render, shutdown.clone()));
         }
         loop {
             let (tcp, peer) = tokio::select! {
@@ -193,8 +198,20 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
     TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })
 }
 
-/// Serves `GET /metrics` on its own listener (a few connections at a time, the same timeouts).
-async fn serve_metrics(listener: TcpListener, state: Arc<State>, limits: Limits, stop: CancellationToken) {
+/// What renders the metrics text for [`serve_metrics`] (called once per scrape).
+pub type RenderMetrics = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Binds a `--metrics-listen` address: the endpoint has no authentication, so only a loopback address is
+/// accepted unless `insecure`.
+pub async fn bind_metrics(addr: SocketAddr, insecure: bool) -> Result<TcpListener, ServeError> {
+    auth::check_exposure(addr, false, insecure)?;
+    bind(addr).await
+}
+
+/// Serves `GET /metrics` (Prometheus text from `render`) on its own listener, a few connections at a time, with
+/// the default header and idle timeouts, until `stop`. Used by `bf serve`, `bf nbd serve` and `bf mount`.
+pub async fn serve_metrics(listener: TcpListener, render: RenderMetrics, stop: CancellationToken) {
+    let limits = Limits::default();
     let slots = Arc::new(Semaphore::new(8));
     loop {
         let tcp = tokio::select! {
@@ -208,12 +225,12 @@ async fn serve_metrics(listener: TcpListener, state: Arc<State>, limits: Limits,
             },
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else { continue };
-        let (state, limits) = (state.clone(), limits.clone());
+        let (render, limits) = (render.clone(), limits.clone());
         tokio::spawn(async move {
             let io = TokioIo::new(Deadline::new(tcp, limits.idle_timeout));
             let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let state = state.clone();
-                async move { Ok::<_, std::convert::Infallible>(metrics_response(&state, req.uri().path())) }
+                let render = render.clone();
+                async move { Ok::<_, std::convert::Infallible>(metrics_response(&*render, req.uri().path())) }
             });
             let mut builder = http1::Builder::new();
             builder.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
@@ -223,13 +240,11 @@ async fn serve_metrics(listener: TcpListener, state: Arc<State>, limits: Limits,
     }
 }
 
-fn metrics_response(state: &State, path: &str) -> http::Response<crate::body::Body> {
+fn metrics_response(render: &(dyn Fn() -> String + Send + Sync), path: &str) -> http::Response<crate::body::Body> {
     if path != "/metrics" {
         return handler::text(http::StatusCode::NOT_FOUND, "only /metrics is served here\n");
     }
-    let in_use = state.pool.buffers() - state.pool.available();
-    let text = state.metrics.render(in_use, state.pool.buffers());
-    let mut r = handler::text(http::StatusCode::OK, &text);
+    let mut r = handler::text(http::StatusCode::OK, &render());
     r.headers_mut()
         .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
     r

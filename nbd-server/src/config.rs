@@ -1,7 +1,9 @@
 //! Tunables of the server.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::metrics::NbdMetrics;
 use crate::tls::TlsConfig;
 
 /// Tunables of the server. `ServerConfig::default()` is suitable for most
@@ -39,6 +41,9 @@ pub struct ServerConfig {
     /// TLS (`NBD_OPT_STARTTLS`). `None` (the default) answers STARTTLS with `NBD_REP_ERR_POLICY`; see
     /// [`TlsConfig`].
     pub tls: Option<TlsConfig>,
+    /// Counters to keep (requests, bytes, latencies, connections); `None` (the default) keeps none. The
+    /// caller renders them ([`NbdMetrics::render`]) where it serves metrics.
+    pub metrics: Option<Arc<NbdMetrics>>,
 }
 
 impl Default for ServerConfig {
@@ -51,6 +56,7 @@ impl Default for ServerConfig {
             idle_timeout: None,
             shutdown_grace: Duration::from_secs(30),
             tls: None,
+            metrics: None,
         }
     }
 }

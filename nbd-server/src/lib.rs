@@ -44,6 +44,7 @@ mod config;
 mod conn;
 pub mod handshake;
 pub mod mem;
+pub mod metrics;
 mod negotiation;
 pub mod proto;
 pub mod reply;
@@ -56,6 +57,7 @@ pub mod tls;
 pub use activation::{ActivationError, PassedListener};
 pub use backend::{errno_for, BlockBackend, ExportInfo, ExportRegistry, Extent, SimpleRegistry};
 pub use mem::{MemBackend, MEM_CHUNK_SIZE};
+pub use metrics::NbdMetrics;
 pub use negotiation::MAX_OPTION_LEN;
 pub use server::{
     serve, serve_blocking, serve_connection, serve_with_config, ListenAddr, Listener, ServerConfig, SocketFile,

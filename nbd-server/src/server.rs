@@ -103,6 +103,17 @@ impl Listener {
     }
 }
 
+/// One open connection in the metrics' gauge: decremented on drop.
+struct OpenConnection(Option<Arc<crate::metrics::NbdMetrics>>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        if let Some(m) = &self.0 {
+            m.connections_open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
 /// A Unix socket file this process bound: removed on drop if the path still names that same socket (a newer
 /// server may have replaced it meanwhile).
 #[derive(Debug)]
@@ -217,11 +228,21 @@ pub async fn serve_with_config(
                 return Err(e);
             }
         };
+        let metrics = config.metrics.clone();
         if sessions.len() >= config.max_connections {
             warn!(%peer, limit = config.max_connections, "too many connections; closing the new one");
+            if let Some(m) = &metrics {
+                blockframe::metrics::add(&m.connections_refused, 1);
+            }
             drop(stream);
             continue;
         }
+        if let Some(m) = &metrics {
+            blockframe::metrics::add(&m.connections_total, 1);
+            m.connections_open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        // Counts the connection as closed when its session task ends, however it ends.
+        let open = OpenConnection(metrics);
         next_id += 1;
         let peer = format!("{peer}#{next_id}");
         debug!(%peer, "accepted connection");
@@ -231,10 +252,16 @@ pub async fn serve_with_config(
         match stream {
             Stream::Tcp(s) => {
                 let _ = s.set_nodelay(true);
-                sessions.spawn(run_session(s, registry, config, token, peer));
+                sessions.spawn(async move {
+                    run_session(s, registry, config, token, peer).await;
+                    drop(open);
+                });
             }
             Stream::Unix(s) => {
-                sessions.spawn(run_session(s, registry, config, token, peer));
+                sessions.spawn(async move {
+                    run_session(s, registry, config, token, peer).await;
+                    drop(open);
+                });
             }
         }
     }

@@ -25,6 +25,7 @@ use tracing::{debug, info, trace, warn};
 use crate::backend::{errno_for, BlockBackend, ExportRegistry, Extent};
 use crate::config::ServerConfig;
 use crate::conn::{End, Reader, Writer};
+use crate::metrics::NbdMetrics;
 use crate::negotiation::{greet, haggle, Negotiated, Outcome, TlsState};
 use crate::proto::*;
 use crate::reply::*;
@@ -320,6 +321,7 @@ struct Transmission<'a, S> {
     /// The request slots (`inflight`'s permits when nothing is in flight).
     slots: usize,
     idle_timeout: Option<Duration>,
+    metrics: Option<Arc<NbdMetrics>>,
 }
 
 impl<S> Transmission<'_, S>
@@ -407,6 +409,9 @@ where
         permit: OwnedSemaphorePermit,
     ) -> Result<bool, End> {
         debug!(cookie = req.cookie, typ = req.typ, errno = e.errno, msg = e.message, "request rejected");
+        if let Some(m) = &self.metrics {
+            blockframe::metrics::add(&m.requests_invalid, 1);
+        }
         if req.has_payload() {
             or_shutdown(self.shutdown, discard(&mut self.rd, u64::from(req.length))).await??;
         }
@@ -440,8 +445,14 @@ where
         let backend = Arc::clone(&self.backend);
         let tx = self.tx.clone();
         let (structured, size) = (self.params.structured, self.params.size);
+        let metrics = self.metrics.clone();
         self.tasks.spawn(async move {
-            let result = match tokio::task::spawn_blocking(move || execute(backend.as_ref(), cmd, payload)).await {
+            let started = std::time::Instant::now();
+            let ran = tokio::task::spawn_blocking(move || execute(backend.as_ref(), cmd, payload)).await;
+            if let Some(m) = &metrics {
+                m.request(&cmd, matches!(ran, Ok(Ok(_))), started.elapsed());
+            }
+            let result = match ran {
                 Ok(Ok(out)) => Ok(out),
                 Ok(Err(e)) => {
                     debug!(cookie, ?cmd, error = %e, "backend error");
@@ -485,6 +496,7 @@ async fn transmission<S>(
         shutdown,
         slots,
         idle_timeout: config.idle_timeout,
+        metrics: config.metrics.clone(),
     };
     let reason = t.serve().await;
     log_end(peer, reason);

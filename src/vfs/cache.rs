@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -73,12 +74,30 @@ impl<K: Hash + Eq + Clone> Inner<K> {
     }
 }
 
+/// What the cache did, for metrics: reads answered from it, reads that loaded, loads by read-ahead.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Reads ([`SegmentCache::get_or_load`]) that found the segment cached or being loaded by another reader.
+    pub hits: u64,
+    /// Reads that loaded the segment themselves.
+    pub misses: u64,
+    /// Segments loaded by read-ahead ([`SegmentCache::prefetch`]).
+    pub read_ahead_loads: u64,
+    /// Bytes held now.
+    pub used_bytes: u64,
+    /// The capacity.
+    pub capacity_bytes: u64,
+}
+
 /// The cache. `K` identifies a segment (file id and index).
 pub struct SegmentCache<K> {
     inner: Mutex<Inner<K>>,
     loaded: Condvar,
     capacity_bytes: usize,
     hot: Duration,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    read_ahead_loads: AtomicU64,
 }
 
 impl<K> std::fmt::Debug for SegmentCache<K> {
@@ -139,6 +158,20 @@ impl<K: Hash + Eq + Clone> SegmentCache<K> {
             loaded: Condvar::new(),
             capacity_bytes,
             hot,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            read_ahead_loads: AtomicU64::new(0),
+        }
+    }
+
+    /// The counters since the cache was made, and its fill.
+    pub fn stats(&self) -> CacheStats {
+        CacheStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            read_ahead_loads: self.read_ahead_loads.load(Ordering::Relaxed),
+            used_bytes: self.used_bytes() as u64,
+            capacity_bytes: self.capacity_bytes as u64,
         }
     }
 
@@ -205,7 +238,13 @@ impl<K: Hash + Eq + Clone> SegmentCache<K> {
         let mut inner = self.lock();
         let started = Instant::now();
         let reserve = if len <= self.capacity_bytes { len } else { 0 };
+        let mut counted = false;
         loop {
+            let found = inner.map.contains_key(key);
+            if wait && found && !counted {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                counted = true;
+            }
             match inner.map.get_mut(key) {
                 Some(Slot::Ready { data, tick, touched }) => {
                     let data = data.clone();
@@ -241,6 +280,12 @@ impl<K: Hash + Eq + Clone> SegmentCache<K> {
         inner.map.insert(key.clone(), Slot::Loading(reserve));
         inner.used_bytes += reserve;
         drop(inner);
+        // A read that waited for another reader's load which then failed loads itself: counted once, as a hit.
+        match (wait, counted) {
+            (true, false) => self.misses.fetch_add(1, Ordering::Relaxed),
+            (false, _) => self.read_ahead_loads.fetch_add(1, Ordering::Relaxed),
+            (true, true) => 0,
+        };
         let mut guard = LoadGuard { cache: self, key: Some(key.clone()) };
         let data: Bytes = match load() {
             Ok(d) => Arc::new(d),
@@ -268,6 +313,20 @@ impl<K: Hash + Eq + Clone> SegmentCache<K> {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn stats_count_hits_misses_and_read_ahead() {
+        let c = SegmentCache::new(100);
+        c.get_or_load(&1u32, 10, || Ok(vec![1; 10])).unwrap();
+        c.get_or_load(&1u32, 10, || unreachable!("cached")).unwrap();
+        c.get_or_load(&1u32, 10, || unreachable!("cached")).unwrap();
+        assert!(c.prefetch(&2, 10, || Ok(vec![2; 10])).is_some());
+        c.get_or_load(&2u32, 10, || unreachable!("read ahead")).unwrap();
+        assert!(c.get_or_load(&3u32, 10, || Err(crate::Error::internal("unreadable"))).is_err());
+        let s = c.stats();
+        assert_eq!((s.hits, s.misses, s.read_ahead_loads), (3, 2, 1));
+        assert_eq!((s.used_bytes, s.capacity_bytes), (20, 100));
+    }
 
     #[test]
     fn hot_segments_are_kept_from_read_ahead_and_loads_wait_for_them() {

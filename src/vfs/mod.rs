@@ -503,6 +503,11 @@ impl Vfs {
         &self.shared.store
     }
 
+    /// The segment cache's hit, miss and read-ahead counters and its fill (for `bf mount --metrics-listen`).
+    pub fn cache_stats(&self) -> cache::CacheStats {
+        self.shared.cache.stats()
+    }
+
     /// Segments decoded (verified, rebuilt when needed, decrypted) since the view was made.
     pub fn segments_decoded(&self) -> u64 {
         self.shared.decoded.load(Ordering::Relaxed)

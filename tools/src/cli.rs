@@ -251,6 +251,10 @@ pub struct ServeArgs {
     /// Clients must present a certificate signed by the CA in ca-cert.pem (client authentication)
     #[arg(long)]
     pub tls_verify_peer: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (requests, bytes, latencies, connections; no
+    /// authentication, so a loopback address only)
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
 }
 
 /// `bf nbd serve --tls`.
@@ -367,6 +371,10 @@ pub struct MountArgs {
     /// on by default: the kernel sends cached writes on before a close or fsync returns).
     #[arg(long)]
     pub no_writeback_cache: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (segment cache hits and misses, segments decoded; no
+    /// authentication, so a loopback address only)
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
 }
 
 /// `bf umount`.

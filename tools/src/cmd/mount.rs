@@ -58,6 +58,9 @@ pub fn mount_cmd(a: &MountArgs, s: &Settings) -> Result<u8> {
         ..VfsOptions::default()
     };
     let vfs = Arc::new(Vfs::new(Arc::new(store), opts)?);
+    if let Some(addr) = &a.metrics_listen {
+        serve_metrics(super::serve::resolve(addr)?, vfs.clone())?;
+    }
     let mopts = MountOptions {
         read_only: a.read_only,
         allow_other: a.allow_other,
@@ -98,6 +101,20 @@ pub fn mount_cmd(a: &MountArgs, s: &Settings) -> Result<u8> {
     );
     mount.run().context("serving the mount")?;
     Ok(EXIT_OK)
+}
+
+/// Binds `addr` and serves the mount's metrics on it from a thread of its own (FUSE requests are served by
+/// plain threads; this is the mount's only runtime besides the signal thread's).
+fn serve_metrics(addr: std::net::SocketAddr, vfs: Arc<Vfs>) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
+    let listener = rt.block_on(http_server::bind_metrics(addr, false)).context("--metrics-listen")?;
+    eprintln!("bf: metrics on http://{}/metrics", listener.local_addr().unwrap_or(addr));
+    let render: http_server::RenderMetrics =
+        Arc::new(move || fs_mount::render_metrics(vfs.cache_stats(), vfs.segments_decoded()));
+    std::thread::spawn(move || {
+        rt.block_on(http_server::serve_metrics(listener, render, http_server::CancellationToken::new()));
+    });
+    Ok(())
 }
 
 /// Runs the mount as a child (`--foreground`, in its own process group, logging to `<store>/mount.log`) and

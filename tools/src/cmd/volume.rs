@@ -5,7 +5,9 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 
 use blockframe::volume::{self, VolumeOptions};
-use nbd_server::{CancellationToken, ListenAddr, Listener, ServerConfig, StoreRegistry, TlsConfig, TlsMode};
+use nbd_server::{
+    CancellationToken, ListenAddr, Listener, NbdMetrics, ServerConfig, StoreRegistry, TlsConfig, TlsMode,
+};
 
 use crate::cli::{NbdCommand, ServeArgs, TlsArg, VolumeCommand};
 use crate::open::open_keyed;
@@ -69,7 +71,8 @@ fn serve(a: &ServeArgs, s: &Settings) -> Result<u8> {
         (None, Some(l)) => ListenAddr::Tcp(l.clone()),
         (None, None) => ListenAddr::Tcp(DEFAULT_NBD_LISTEN.into()),
     };
-    let config = server_config(a)?;
+    let mut config = server_config(a)?;
+    let metrics_listen = a.metrics_listen.as_deref().map(super::serve::resolve).transpose()?;
     let tls_note = config.tls.as_ref().map(|t| {
         let mode = if t.mode() == TlsMode::Require { "TLS required" } else { "TLS offered" };
         let peer = if t.verifies_peer() { ", client certificates verified" } else { "" };
@@ -92,6 +95,13 @@ fn serve(a: &ServeArgs, s: &Settings) -> Result<u8> {
             eprintln!("bf: warning: {warning}");
         }
         let token = CancellationToken::new();
+        if let Some(m) = metrics_listen {
+            let l = http_server::bind_metrics(m, false).await.context("--metrics-listen")?;
+            let metrics = Arc::new(NbdMetrics::default());
+            config.metrics = Some(metrics.clone());
+            eprintln!("bf: metrics on http://{}/metrics", l.local_addr().unwrap_or(m));
+            tokio::spawn(http_server::serve_metrics(l, Arc::new(move || metrics.render()), token.clone()));
+        }
         let t = token.clone();
         tokio::spawn(async move {
             let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

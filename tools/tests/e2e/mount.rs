@@ -702,3 +702,47 @@ fn fsx_on_the_mount_with_files_spanning_segments() {
     assert!(std::fs::metadata(m.p("a")).unwrap().len() > 0);
     m.unmount(&env);
 }
+
+/// The value of an unlabelled sample in a Prometheus text exposition.
+pub(crate) fn metric(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The `/metrics` URL a server printed on stderr (`bf: metrics on http://ADDR/metrics`).
+pub(crate) fn metrics_url(log: &str) -> Option<String> {
+    let i = log.find("metrics on ")?;
+    log[i + "metrics on ".len()..].split_whitespace().next().map(str::to_string)
+}
+
+#[test]
+fn mount_metrics_count_cache_hits_and_misses() {
+    if !fuse_usable() || !crate::nbd::have("curl") {
+        return;
+    }
+    let env = Env::new();
+    env.init(4, 2);
+    let bytes = data(SEG * 3, 31);
+    let src = env.write("src.bin", &bytes);
+    env.ok(&["commit", src.to_str().unwrap(), "--name", "f.bin"]);
+    let m = Mounted::start(&env, &["--metrics-listen", "127.0.0.1:0"]);
+    let log = std::fs::read_to_string(&m.log).unwrap_or_default();
+    let url = metrics_url(&log).unwrap_or_else(|| panic!("no metrics address in the log: {log}"));
+    let scrape = || String::from_utf8_lossy(&ok(Command::new("curl").args(["-sf", &url]))).into_owned();
+    let before = scrape();
+    assert_eq!(metric(&before, "bf_mount_cache_misses_total"), Some(0), "{before}");
+    assert_eq!(metric(&before, "bf_mount_cache_capacity_bytes"), Some(128 << 20), "{before}");
+    // Two whole reads, the kernel's page cache of the file dropped between them (dd's fadvise DONTNEED), so
+    // the second reaches the server and finds every segment in its cache.
+    let f = m.p("f.bin");
+    assert!(std::fs::read(&f).unwrap() == bytes);
+    ok(Command::new("dd").arg(format!("if={}", f.display())).args(["iflag=nocache", "count=0", "status=none"]));
+    assert!(std::fs::read(&f).unwrap() == bytes);
+    let after = scrape();
+    let hits = metric(&after, "bf_mount_cache_hits_total").unwrap_or(0);
+    let misses = metric(&after, "bf_mount_cache_misses_total").unwrap_or(0);
+    let ahead = metric(&after, "bf_mount_cache_read_ahead_loads_total").unwrap_or(0);
+    assert_eq!(misses + ahead, 3, "each of the three segments loaded once:\n{after}");
+    assert!(hits >= 3, "the second read hit the cache:\n{after}");
+    assert_eq!(metric(&after, "bf_mount_segments_decoded_total"), Some(3), "{after}");
+    m.unmount(&env);
+}

@@ -138,7 +138,7 @@ fn nbd_serve_takes_a_tcp_socket_passed_by_socket_activation() {
     let port = listener.local_addr().expect("local addr").port();
     let uri = format!("nbd://127.0.0.1:{port}/disk");
 
-    let server = start_activated(&env, listener.as_raw_fd(), &[]);
+    let server = start_activated(&env, listener.as_raw_fd(), &["--metrics-listen", "127.0.0.1:0"]);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !env.log_tail().contains("passed by socket activation") {
         assert!(Instant::now() < deadline, "bf nbd serve did not start:\n{}", env.log_tail());
@@ -151,6 +151,26 @@ fn nbd_serve_takes_a_tcp_socket_passed_by_socket_activation() {
     let bytes = data(3 << 20, 11);
     let src = env.write("in.img", &bytes);
     ok(Command::new("nbdcopy").arg(&src).arg(&uri));
+    if have("curl") {
+        let url = crate::mount::metrics_url(&env.log_tail()).expect("no metrics address in the log");
+        let text = ok(Command::new("curl").args(["-sf", &url]));
+        let written = crate::mount::metric(&text, "bf_nbd_written_bytes_total").unwrap_or(0);
+        // nbdcopy writes the 8 MiB image (zeros as WRITE_ZEROES or TRIM where it detects them).
+        assert!(written >= bytes.len() as u64, "{text}");
+        assert!(text.lines().any(|l| l.starts_with("bf_nbd_requests_total{command=\"write\"} ") && !l.ends_with(" 0")));
+        assert!(text.contains("bf_nbd_request_duration_seconds_bucket{command=\"flush\",le=\"+Inf\"}"), "{text}");
+        assert!(crate::mount::metric(&text, "bf_nbd_connections_total").unwrap_or(0) >= 2, "{text}");
+        // The clients have disconnected: the gauge comes back to 0 once the server has seen them go.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = ok(Command::new("curl").args(["-sf", &url]));
+            if crate::mount::metric(&text, "bf_nbd_connections_open") == Some(0) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "connections still counted open:\n{text}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     stop(server, &env);
 
     // A client that connects while no server runs waits in the socket's queue, and is served by the next one.
