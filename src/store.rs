@@ -316,6 +316,21 @@ impl Store {
         }
         let _lock = self.lock_catalog()?;
         let loc = create_location(&self.dir, &spec)?;
+        self.replace_location_locked(index, spec, loc)
+    }
+
+    /// [`Store::replace_location`] with the new location's backend already opened (tests pass a fault-injecting
+    /// one). `spec` is what the descriptor records for it.
+    pub fn replace_location_with(&mut self, index: usize, spec: String, loc: Arc<dyn Location>) -> Result<()> {
+        if index >= self.desc.locations.len() {
+            return Err(Error::Config(format!("no location number {index}")));
+        }
+        let _lock = self.lock_catalog()?;
+        self.replace_location_locked(index, spec, loc)
+    }
+
+    /// The replacement itself, the catalog lock held: the marker on the new location, then the descriptor.
+    fn replace_location_locked(&mut self, index: usize, spec: String, loc: Arc<dyn Location>) -> Result<()> {
         match read_marker(loc.as_ref())? {
             Some(marker) => {
                 if marker.store_id != self.desc.store_id || marker.index as usize != index {

@@ -229,3 +229,65 @@ fn a_volume_flush_cut_anywhere_keeps_what_an_earlier_flush_made_durable() {
         },
     );
 }
+
+/// `bf location replace` of location 1 by an empty location, then the repairing scrub that rebuilds onto it
+/// (shards and catalog copies), cut after every change to the locations (the new location's marker is the
+/// first): reopened as a new process would (the descriptor names the old or the new location), every file reads
+/// back exact, and a repair (after doing the replacement again when it was cut) leaves the store healthy.
+#[test]
+fn a_location_replace_and_its_rebuild_cut_anywhere_lose_nothing() {
+    use crate::location::Location;
+    use crate::testing::fault::FaultyLocation;
+    use crate::testing::MemLocation;
+    let a = test_bytes(4 * SEG + 5, 9);
+    let b = test_bytes(SEG / 2, 10);
+    let run = |cut: Option<u64>| -> u64 {
+        let dir = tempfile::tempdir().unwrap();
+        let MemStore { mut store, faulty, .. } = mem_store(dir.path(), 4, 2, 6, MIN_SEGMENT_SIZE).unwrap();
+        put(&store, &[("a", &a), ("b", &b)], false).unwrap();
+        let switch = CrashSwitch::counting();
+        let fresh = Arc::new(FaultyLocation::new(Arc::new(MemLocation::new("mem-new")) as Arc<dyn Location>));
+        for l in faulty.iter().chain([&fresh]) {
+            l.set_crash_switch(Some(switch.clone()));
+        }
+        let spec = dir.path().join("new-location").display().to_string();
+        if let Some(n) = cut {
+            switch.arm(n);
+        }
+        let replaced = store.replace_location_with(1, spec.clone(), fresh.clone()).is_ok();
+        let repaired = replaced && scrub(&store, true).health_after() == Health::Healthy;
+        let ctx = format!("crash after change {cut:?} of the replacement and its repair");
+        assert!(switch.crashed() || repaired, "{ctx}: not reached, yet it failed");
+        let changes = switch.changes();
+        switch.disarm();
+        // A new process: the descriptor on disk says which location is number 1.
+        let mut reopened = Store::open(dir.path()).unwrap();
+        let now_new = reopened.descriptor().locations[1] == spec;
+        assert!(now_new || !replaced, "{ctx}: the replacement returned success but the descriptor is old");
+        let mut locs: Vec<Arc<dyn Location>> = faulty.iter().map(|l| l.clone() as Arc<dyn Location>).collect();
+        if now_new {
+            locs[1] = fresh.clone();
+        }
+        reopened.set_locations(locs).unwrap();
+        reopened.unlock(store.key().unwrap().clone()).unwrap();
+        assert_eq!(get(&reopened, "a").as_ref(), Some(&a), "{ctx}");
+        assert_eq!(get(&reopened, "b").as_ref(), Some(&b), "{ctx}");
+        if !now_new {
+            reopened
+                .replace_location_with(1, spec.clone(), fresh.clone())
+                .unwrap_or_else(|e| panic!("{ctx}: again: {e}"));
+        }
+        let r = scrub(&reopened, true);
+        assert_eq!(r.health_after(), Health::Healthy, "{ctx}: {r:#?}");
+        assert_eq!(scrub(&reopened, false).health(), Health::Healthy, "{ctx}");
+        assert_eq!(get(&reopened, "a").as_ref(), Some(&a), "{ctx}, after repair");
+        assert_eq!(get(&reopened, "b").as_ref(), Some(&b), "{ctx}, after repair");
+        assert!(!fresh.inner().list("shards").unwrap().is_empty(), "{ctx}: nothing was rebuilt onto the new location");
+        changes
+    };
+    let total = run(None);
+    assert!(total > 10, "{total} changes");
+    for n in 0..total {
+        run(Some(n));
+    }
+}
