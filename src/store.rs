@@ -308,12 +308,7 @@ impl Store {
     /// onto the new one by a repairing scrub. Holds the catalog lock so no commit runs meanwhile.
     pub fn replace_location(&mut self, index: usize, spec: &str) -> Result<()> {
         let spec = canonical_spec(spec)?;
-        if index >= self.desc.locations.len() {
-            return Err(Error::Config(format!("no location number {index}")));
-        }
-        if self.desc.locations.contains(&spec) {
-            return Err(Error::Config(format!("location {spec} is already part of this store")));
-        }
+        self.check_replacement(index, &spec)?;
         let _lock = self.lock_catalog()?;
         let loc = create_location(&self.dir, &spec)?;
         self.replace_location_locked(index, spec, loc)
@@ -322,11 +317,20 @@ impl Store {
     /// [`Store::replace_location`] with the new location's backend already opened (tests pass a fault-injecting
     /// one). `spec` is what the descriptor records for it.
     pub fn replace_location_with(&mut self, index: usize, spec: String, loc: Arc<dyn Location>) -> Result<()> {
+        self.check_replacement(index, &spec)?;
+        let _lock = self.lock_catalog()?;
+        self.replace_location_locked(index, spec, loc)
+    }
+
+    /// Refuses a replacement of a location number the store lacks, or by a location it has already.
+    fn check_replacement(&self, index: usize, spec: &str) -> Result<()> {
         if index >= self.desc.locations.len() {
             return Err(Error::Config(format!("no location number {index}")));
         }
-        let _lock = self.lock_catalog()?;
-        self.replace_location_locked(index, spec, loc)
+        if self.desc.locations.iter().any(|l| l == spec) {
+            return Err(Error::Config(format!("location {spec} is already part of this store")));
+        }
+        Ok(())
     }
 
     /// The replacement itself, the catalog lock held: the marker on the new location, then the descriptor.
