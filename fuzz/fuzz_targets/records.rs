@@ -1,7 +1,8 @@
 //! The checksummed, MACed records read from locations: manifests, catalog records, checkpoints and parts,
-//! volume superblocks, log-store records and checkpoints. The first byte picks the record; the rest is tried
-//! both as the object's bytes (framing: magic, version, checksum) and as a body sealed into a valid envelope
-//! (so the body decoders and their validation are reached), keyless and with a key (MAC checked).
+//! volume superblocks, log-store records and checkpoints, pack indexes and intent markers. The first byte picks
+//! the record; the rest is tried both as the object's bytes (framing: magic, version, checksum) and as a body
+//! sealed into a valid envelope (so the body decoders and their validation are reached), keyless and with a key
+//! (MAC checked).
 #![no_main]
 
 use blockframe::crypto::MasterKey;
@@ -10,6 +11,11 @@ use libfuzzer_sys::fuzz_target;
 
 fn try_all(bytes: &[u8], which: u8, key: Option<&MasterKey>) {
     let what = "fuzz";
+    // The index at the end of a pack (framing read before the tag is checked) and intent markers.
+    if let Some(k) = key {
+        let _ = format::pack_index::open(&k.segment_cipher(&[3; 16]), bytes);
+    }
+    let _ = blockframe::files::intent::decode(bytes);
     match which % 7 {
         0 => {
             if let Ok(m) = Manifest::decode(bytes, key, what) {

@@ -317,6 +317,7 @@ pub fn apply(store: &Store, batch: Batch) -> Result<Outcomes> {
     let _lock = store.lock_catalog()?;
     let objects = scan_objects(store);
     let mut done = None;
+    let mut marked = Vec::new();
     let st = catalog_log::append(store, |st| {
         let mut plan = Plan::new(st, &objects);
         for f in &batch.removes {
@@ -329,9 +330,21 @@ pub fn apply(store: &Store, batch: Batch) -> Result<Outcomes> {
             plan.move_packed(m, *from);
         }
         let (ops, rest) = plan.finish();
+        // Before the record: shards it leaves unnamed must not look like a file the catalog lost.
+        marked = rest.unnamed.clone();
+        crate::files::intent::mark_removal(store, &rest.unnamed)?;
         done = Some(rest);
         Ok(ops)
-    })?;
+    });
+    let st = match st {
+        Ok(st) => st,
+        Err(e) => {
+            if !matches!(e, Error::OutcomeUnknown { .. }) {
+                crate::files::intent::clear_removal(store, &marked);
+            }
+            return Err(e);
+        }
+    };
     let Some(rest) = done else { return Err(Error::internal("catalog batch was not planned")) };
     // The change is durable: what follows only deletes garbage, and a failure there is left to scrub.
     collect_garbage(store, &st, &rest.legacy_gone, &rest.removed_ids);
@@ -342,6 +355,9 @@ pub fn apply(store: &Store, batch: Batch) -> Result<Outcomes> {
 struct Planned {
     legacy_gone: Vec<FileRef>,
     removed_ids: BTreeSet<[u8; 16]>,
+    /// Removed ids with shard folders of their own (files in their own segments, packs) that no entry of the
+    /// batch keeps: they get a removal marker before the record.
+    unnamed: Vec<[u8; 16]>,
     outcomes: Outcomes,
 }
 
@@ -360,6 +376,8 @@ struct Plan<'s> {
     moved: BTreeSet<(Hash, [u8; 16])>,
     /// Packs files were moved out of.
     vacated: BTreeSet<[u8; 16]>,
+    /// Packed files of the batch superseded before they were published (they have no shard folder).
+    packed_gone: BTreeSet<[u8; 16]>,
     done: Planned,
 }
 
@@ -373,7 +391,13 @@ impl<'s> Plan<'s> {
             gone: BTreeSet::new(),
             moved: BTreeSet::new(),
             vacated: BTreeSet::new(),
-            done: Planned { legacy_gone: Vec::new(), removed_ids: BTreeSet::new(), outcomes: Vec::new() },
+            packed_gone: BTreeSet::new(),
+            done: Planned {
+                legacy_gone: Vec::new(),
+                removed_ids: BTreeSet::new(),
+                unnamed: Vec::new(),
+                outcomes: Vec::new(),
+            },
         }
     }
 
@@ -424,10 +448,14 @@ impl<'s> Plan<'s> {
         }
         // An earlier version in this same batch is replaced before it was ever published.
         let removed_ids = &mut self.done.removed_ids;
-        self.puts.retain(|(k, _, _)| {
+        let packed_gone = &mut self.packed_gone;
+        self.puts.retain(|(k, _, pack)| {
             let superseded = k.0 == key.0 && k.1 != key.1;
             if superseded {
                 removed_ids.insert(k.1);
+                if pack.is_some() {
+                    packed_gone.insert(k.1);
+                }
             }
             !superseded
         });
@@ -457,12 +485,18 @@ impl<'s> Plan<'s> {
     /// The record's operations (removals, then puts, then the packs emptied) and what is left to do.
     fn finish(mut self) -> (Vec<CatalogOp>, Planned) {
         let emptied = self.empty_packs();
+        let kept: BTreeSet<[u8; 16]> = self.puts.iter().map(|((_, id), _, _)| *id).collect();
         let mut ops = std::mem::take(&mut self.removes);
         ops.extend(self.puts.into_iter().map(|(_, b, _)| CatalogOp::Put(b)));
         for pack in emptied {
             ops.push(CatalogOp::Remove { name_tag: PACK_NAME_TAG, file_id: pack });
             self.done.removed_ids.insert(pack);
         }
+        let is_packed = |m: &Manifest| matches!(m.body.data, Data::Packed { .. });
+        let mut packed = std::mem::take(&mut self.packed_gone);
+        packed.extend(self.gone.iter().filter(|k| self.st.entries.get(*k).is_some_and(|m| is_packed(m))).map(|k| k.1));
+        self.done.unnamed =
+            self.done.removed_ids.iter().filter(|id| !kept.contains(*id) && !packed.contains(*id)).copied().collect();
         (ops, self.done)
     }
 

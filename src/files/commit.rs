@@ -213,6 +213,7 @@ pub(crate) fn store_file(
     let file_id: [u8; 16] = random_bytes()?;
     let mut pipeline = Pipeline::new(store, key.segment_cipher(&file_id), file_id);
     pipeline.deferred = deferred;
+    crate::files::intent::mark_commit(store, &file_id);
     let span = tracing::info_span!("commit", name = %req.name);
     let _enter = span.enter();
     let stored = stream(&pipeline, input, req, progress).and_then(|results| {

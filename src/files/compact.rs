@@ -71,16 +71,10 @@ pub fn compact(store: &Store, max_packs: usize) -> Result<CompactReport> {
                     "a file's bytes do not match",
                 ));
             }
-            if !packer.fits(len - crate::codec::crypto::TAG_LEN) {
+            if !packer.fits(len - crate::codec::crypto::TAG_LEN, m.body.sealed_meta.len()) {
                 sealed.extend(packer.seal(store, &mut codec)?);
             }
-            let at = packer.id();
-            let new_offset = packer.add_cipher(cipher);
-            let body = ManifestBody {
-                data: Data::Packed { pack: at, offset: new_offset as u64, cipher_hash },
-                ..m.body.clone()
-            };
-            body.validate("moved packed file")?;
+            let body = packer.add_cipher(cipher, &m.body)?;
             batch.move_packed(m.rebuilt(body, key), pack.file_id);
             report.files_moved += 1;
         }
@@ -101,6 +95,8 @@ pub fn compact(store: &Store, max_packs: usize) -> Result<CompactReport> {
         }
         return Err(e);
     }
+    let named: Vec<[u8; 16]> = sealed.iter().map(|p| p.manifest.body.file_id).collect();
+    crate::files::intent::clear_commit(store, &named);
     tracing::info!(
         packs = report.packs_dropped,
         files = report.files_moved,

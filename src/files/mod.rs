@@ -6,6 +6,8 @@ pub mod catalog_log;
 pub mod commit;
 pub mod compact;
 pub mod health;
+pub mod intent;
+pub mod lost_found;
 pub mod pack;
 pub mod read;
 pub mod session;

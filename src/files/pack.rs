@@ -12,6 +12,7 @@ use crate::codec::erasure::{self, Codec};
 use crate::codec::merkle::{self, Hash};
 use crate::error::{Error, Result};
 use crate::format::manifest::{packed_root, Data, FileMeta, Manifest, ManifestBody, SegmentEntry, PACK_NAME_TAG};
+use crate::format::pack_index::{self, IndexEntry};
 use crate::store::{shard_key, Store};
 use crate::stripe::{write_stripe, StripeAddr};
 
@@ -45,17 +46,44 @@ pub struct Packer {
     pack_id: [u8; 16],
     data: Vec<u8>,
     capacity: usize,
+    /// What the index at the end of the pack will hold, and its encoded length so far.
+    index: Vec<IndexEntry>,
+    index_len: usize,
 }
 
 impl Packer {
     /// An empty pack.
     pub fn new(store: &Store) -> Result<Self> {
-        Ok(Packer { pack_id: random_bytes()?, data: Vec::new(), capacity: capacity(store) as usize })
+        Ok(Packer {
+            pack_id: random_bytes()?,
+            data: Vec::new(),
+            capacity: capacity(store) as usize,
+            index: Vec::new(),
+            index_len: 0,
+        })
     }
 
-    /// True when a file of `len` plaintext bytes still fits.
-    pub fn fits(&self, len: usize) -> bool {
-        self.data.len() + len + TAG_LEN <= self.capacity
+    /// True when a file of `len` plaintext bytes with `sealed_meta_len` bytes of sealed metadata still fits
+    /// (with its entry in the index).
+    pub fn fits(&self, len: usize, sealed_meta_len: usize) -> bool {
+        // An entry's fixed fields take at most 96 bytes as postcard; the index's count and trailer come once.
+        let entry = 96 + sealed_meta_len;
+        self.data.len() + len + TAG_LEN + self.index_len + entry + pack_index::FIXED_LEN + 8 <= self.capacity
+    }
+
+    fn index_add(&mut self, body: &ManifestBody) {
+        let Data::Packed { offset, .. } = body.data else { return };
+        let e = IndexEntry {
+            file_id: body.file_id,
+            offset,
+            cipher_len: body.plain_size() + TAG_LEN as u64,
+            name_tag: body.name_tag,
+            committed_unix_ns: body.committed_unix_ns,
+            meta_nonce: body.meta_nonce,
+            sealed_meta: body.sealed_meta.clone(),
+        };
+        self.index_len += e.encoded_len();
+        self.index.push(e);
     }
 
     /// Id of the open pack.
@@ -76,7 +104,7 @@ impl Packer {
     /// Encrypts `plain` as a new file with `meta` and appends it; returns its manifest (to publish after
     /// [`Packer::seal`]). The caller checks [`Packer::fits`] first.
     pub fn add(&mut self, store: &Store, name_tag: Hash, meta: &FileMeta, plain: &[u8]) -> Result<Manifest> {
-        if !self.fits(plain.len()) {
+        if !self.fits(plain.len(), meta.sealed_len()) {
             return Err(Error::internal("file does not fit the pack"));
         }
         let key = store.key()?;
@@ -106,15 +134,25 @@ impl Packer {
             data: Data::Packed { pack: self.pack_id, offset: offset as u64, cipher_hash },
         };
         body.validate("new packed file")?;
+        self.index_add(&body);
         Ok(Manifest::new(body, key))
     }
 
-    /// Appends a packed file's ciphertext unchanged (moved from another pack); returns its offset here. The
-    /// caller checks [`Packer::fits`] with the plaintext length first.
-    pub fn add_cipher(&mut self, cipher: &[u8]) -> usize {
+    /// Appends a packed file's ciphertext unchanged (moved from another pack, `body` its manifest's body there);
+    /// returns the body of its manifest here. The caller checks [`Packer::fits`] first.
+    pub fn add_cipher(&mut self, cipher: &[u8], body: &ManifestBody) -> Result<ManifestBody> {
         let offset = self.data.len();
         self.data.extend_from_slice(cipher);
-        offset
+        let Data::Packed { cipher_hash, .. } = body.data else {
+            return Err(Error::internal("moving a file that is not packed"));
+        };
+        let moved = ManifestBody {
+            data: Data::Packed { pack: self.pack_id, offset: offset as u64, cipher_hash },
+            ..body.clone()
+        };
+        moved.validate("moved packed file")?;
+        self.index_add(&moved);
+        Ok(moved)
     }
 
     /// Stores the pack's k+m shards (not yet durable: the caller syncs the locations before publishing) and
@@ -126,7 +164,10 @@ impl Packer {
         }
         let pack_id = self.pack_id;
         let mut data = std::mem::take(&mut self.data);
+        let index = std::mem::take(&mut self.index);
+        self.index_len = 0;
         self.pack_id = random_bytes()?;
+        data.extend(pack_index::seal(&store.key()?.segment_cipher(&pack_id), &index)?);
         let r = store_pack(store, codec, &pack_id, &mut data);
         if r.is_err() {
             store.remove_shards(&pack_id);
@@ -147,6 +188,7 @@ fn store_pack(store: &Store, codec: &mut Codec, pack_id: &[u8; 16], data: &mut V
     let key_of = |i: usize| shard_key(pack_id, 0, i);
     let addr =
         StripeAddr { file_id: pack_id, segment: 0, placement_start, shard_len: sl, key_of: &key_of, deferred: true };
+    crate::files::intent::mark_commit(store, pack_id);
     let written = write_stripe(store, codec, &addr, data)?;
     let missing = written.missing.iter().map(|(i, _)| addr.home(store, *i)).collect();
     let body = ManifestBody {

@@ -128,10 +128,10 @@ impl<'a> Session<'a> {
         plain: &[u8],
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<Waiting> {
-        if !self.packer.fits(plain.len()) {
+        let meta = req.meta(plain.len() as u64);
+        if !self.packer.fits(plain.len(), meta.sealed_len()) {
             self.seal_pack();
         }
-        let meta = req.meta(plain.len() as u64);
         let pack_id = self.packer.id();
         let manifest = self.packer.add(self.store, name_tag, &meta, plain)?;
         progress(plain.len() as u64);
@@ -227,14 +227,20 @@ impl<'a> Session<'a> {
         let mut results = published.into_iter().skip(packs.len());
         let mut kept_packs = std::collections::BTreeSet::new();
         let mut out = Vec::with_capacity(waiting.len());
+        let mut named = Vec::new();
         for (w, o) in waiting.into_iter().zip(outcome) {
             if let Some(done) = o {
                 out.push(done);
                 continue;
             }
             let r = results.next().unwrap_or_else(|| Err(Error::internal("missing publication outcome")));
+            if r.is_ok() && w.pack.is_none() {
+                named.push(w.manifest.body.file_id);
+            }
             out.push(self.finish_one(w, r, &packs, &mut kept_packs));
         }
+        named.extend(kept_packs.iter().copied());
+        crate::files::intent::clear_commit(self.store, &named);
         // Published: what follows is housekeeping, and its failure must not hide the reports.
         if let Err(e) = self.drop_unused_packs(&packs, &kept_packs) {
             tracing::warn!(error = %e, "could not drop packs none of whose files were published");

@@ -30,6 +30,8 @@ pub const MAGIC_SCRUB_STATE: [u8; 8] = *b"BFSCRUB\0";
 pub const MAGIC_PENDING: [u8; 8] = *b"BFPEND\0\0";
 /// Magic of a key file.
 pub const MAGIC_KEY: [u8; 8] = *b"BFKEY\0\0\0";
+/// Magic of an intent marker (`shards/<id>/commit-intent` or `remove-intent`).
+pub const MAGIC_INTENT: [u8; 8] = *b"BFINTNT\0";
 
 /// Frames `payload` (already encoded) in an envelope.
 pub fn seal_bytes(magic: [u8; 8], payload: &[u8]) -> Vec<u8> {

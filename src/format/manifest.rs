@@ -193,6 +193,11 @@ impl FileMeta {
         }
     }
 
+    /// Length of [`FileMeta::seal`]'s sealed bytes.
+    pub fn sealed_len(&self) -> usize {
+        postcard::experimental::serialized_size(self).map_or(usize::MAX / 4, |n| n + TAG_LEN)
+    }
+
     /// Encrypts the metadata for a manifest of `file_id` (in the current format): the sealed bytes and their
     /// nonce.
     pub fn seal(&self, key: &MasterKey, file_id: &[u8; 16]) -> Result<(Vec<u8>, [u8; 12])> {

@@ -7,6 +7,7 @@ mod envelope;
 pub mod journal;
 pub mod log;
 pub mod manifest;
+pub mod pack_index;
 pub mod shard;
 pub mod volume;
 

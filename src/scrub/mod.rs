@@ -33,8 +33,9 @@ use crate::files::catalog::{self, FileRef};
 use crate::store::{read_marker, write_marker, Store};
 
 pub use catalog_copies::CatalogReport;
+pub use orphans::{survey as survey_orphans, OrphanSurvey};
 use policy::Throttle;
-pub use policy::{orphan_due, repair_targets, throttle_delay, DEFAULT_ORPHAN_GRACE};
+pub use policy::{classify_orphan, orphan_due, repair_targets, throttle_delay, OrphanKind, DEFAULT_ORPHAN_GRACE};
 pub use report::*;
 
 /// What a scrub does.

@@ -52,3 +52,33 @@ pub fn repair_targets(home: usize, writable: &[bool], occupied: &[u32]) -> Vec<u
 pub fn orphan_due(changed: SystemTime, now: SystemTime, grace: Duration) -> bool {
     now.duration_since(changed).is_ok_and(|age| age >= grace)
 }
+
+/// What a shard set that no catalog entry names is (see [`crate::files::intent`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OrphanKind {
+    /// Left by a cut commit or removal (an intent marker says so): deleted after the grace period.
+    Leftover,
+    /// Unmarked, and some segment has fewer than k shards: nothing whole can be made of it (shards a
+    /// removal could not delete on a location that was away, leftovers of versions without markers).
+    #[default]
+    Fragment,
+    /// Unmarked and whole-looking (every segment from 0 to the last has k shards): a file whose catalog entry
+    /// was lost. Damage: kept, and restorable with the key (`bf lost-found`).
+    Unreferenced,
+}
+
+/// Classifies an orphan from the `(segment, shard)` names found on all locations and whether any location
+/// holds an intent marker for it.
+pub fn classify_orphan(shards: &std::collections::BTreeSet<(u64, u16)>, marked: bool, k: usize) -> OrphanKind {
+    if marked {
+        return OrphanKind::Leftover;
+    }
+    let Some(&(last, _)) = shards.iter().next_back() else { return OrphanKind::Fragment };
+    let whole = (0..=last).all(|s| shards.range((s, 0)..=(s, u16::MAX)).count() >= k);
+    if whole {
+        OrphanKind::Unreferenced
+    } else {
+        OrphanKind::Fragment
+    }
+}

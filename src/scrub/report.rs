@@ -242,10 +242,23 @@ pub struct OrphanReport {
     pub locations: Vec<usize>,
     /// Shard objects.
     pub shards: u64,
+    /// Segments it has shards of (up to the highest).
+    #[serde(default)]
+    pub segments: u64,
     /// Seconds since the newest of them changed (or since first seen), when known.
     pub age_secs: Option<u64>,
+    /// A cut operation's leftover, a fragment, or a file the catalog lost.
+    #[serde(default)]
+    pub kind: super::policy::OrphanKind,
     /// Whether repair deleted them.
     pub deleted: bool,
+}
+
+impl OrphanReport {
+    /// Damage: a whole-looking file no catalog entry names (kept until restored or discarded).
+    pub fn is_lost_entry(&self) -> bool {
+        self.kind == super::policy::OrphanKind::Unreferenced
+    }
 }
 
 /// Result of a scrub run.
@@ -292,7 +305,7 @@ impl ScrubReport {
         let catalog = if self.catalog.bad() > 0 { Health::Degraded } else { Health::Healthy };
         let lost =
             if self.catalog.objects == 0 && !self.catalog.errors.is_empty() { Health::Lost } else { Health::Healthy };
-        files.max(vols).max(self.location_health()).max(catalog).max(lost)
+        files.max(vols).max(self.location_health()).max(catalog).max(lost).max(self.orphan_health())
     }
 
     /// Health after repairs (unusable locations keep the store degraded: a disk needs attention).
@@ -305,7 +318,16 @@ impl ScrubReport {
             _ if self.catalog.objects == 0 => Health::Lost,
             _ => Health::Degraded,
         };
-        files.max(vols).max(self.location_health_after()).max(catalog)
+        files.max(vols).max(self.location_health_after()).max(catalog).max(self.orphan_health())
+    }
+
+    /// Lost while some file's data is there but no catalog entry names it (until `bf lost-found` restores it).
+    pub fn orphan_health(&self) -> Health {
+        if self.orphans.iter().any(OrphanReport::is_lost_entry) {
+            Health::Lost
+        } else {
+            Health::Healthy
+        }
     }
 
     /// Degraded when some location is unusable after this run (gone, foreign, marker not restored).

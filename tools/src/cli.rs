@@ -68,6 +68,9 @@ pub enum Command {
     Status(StatusArgs),
     /// Rebuild a lost or damaged store descriptor (store.bf) from the locations and the key file.
     Recover(RecoverArgs),
+    /// Files whose shards are whole but that no catalog entry names (scrub reports them as data lost and never
+    /// deletes them): list them, restore them as lost+found/<file id> (needs the key), or discard them.
+    LostFound(LostFoundArgs),
     /// Show or replace the store's locations (directories and object stores).
     #[command(subcommand)]
     Location(LocationCommand),
@@ -421,6 +424,20 @@ pub struct ScrubArgs {
 #[derive(Args, Debug)]
 pub struct StatusArgs {
     /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `bf lost-found`.
+#[derive(Args, Debug)]
+pub struct LostFoundArgs {
+    /// Publish every restorable one again, as lost+found/<file id> (one catalog record)
+    #[arg(long, conflicts_with = "discard")]
+    pub restore: bool,
+    /// Delete the shards of this lost file for good (repeatable)
+    #[arg(long, value_name = "FILE_ID")]
+    pub discard: Vec<String>,
+    /// Print JSON
     #[arg(long)]
     pub json: bool,
 }

@@ -3,6 +3,7 @@
 mod files;
 mod init;
 mod location;
+mod lost_found;
 pub(crate) mod mount;
 mod recover;
 mod scrub;
@@ -30,6 +31,7 @@ pub fn run(cmd: Command, s: &Settings) -> Result<u8> {
         Command::Scrub(a) => scrub::scrub_cmd(&a, s),
         Command::Status(a) => status::status_cmd(&a, s),
         Command::Recover(a) => recover::recover_cmd(&a, s),
+        Command::LostFound(a) => lost_found::lost_found_cmd(&a, s),
         Command::Location(c) => location::location_cmd(&c, s),
         Command::Volume(c) => volume::volume_cmd(&c, s),
         Command::Nbd(c) => volume::nbd_cmd(&c, s),

@@ -9,7 +9,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use blockframe::files::catalog;
 use blockframe::scrub::volumes::VolumeReport;
 use blockframe::scrub::{
-    self, FileReport, Health, LocationReport, LocationState, RunControl, ScrubOptions, ScrubReport, Selection,
+    self, FileReport, Health, LocationReport, LocationState, OrphanKind, RunControl, ScrubOptions, ScrubReport,
+    Selection,
 };
 use blockframe::store::Store;
 
@@ -172,8 +173,23 @@ fn print_report(st: &Store, r: &ScrubReport) -> std::io::Result<()> {
     }
     for o in &r.orphans {
         let age = o.age_secs.map(|a| format!("{:.1} h old", a as f64 / 3600.0)).unwrap_or_else(|| "age unknown".into());
-        let what = if o.deleted { "deleted" } else { "kept (younger than the grace period, or no --repair)" };
-        out!("orphan {}: {} shards on {} locations, {age}: {what}", o.file_id, o.shards, o.locations.len())?;
+        let what = match (o.kind, o.deleted) {
+            (OrphanKind::Unreferenced, _) => {
+                "LOST from the catalog: its shards look whole and are kept; `bf lost-found --restore` brings it back"
+            }
+            (_, true) => "deleted",
+            (OrphanKind::Leftover, false) => {
+                "left by a cut commit or removal; kept (younger than the grace period, or no --repair)"
+            }
+            (OrphanKind::Fragment, false) => "a fragment; kept (younger than the grace period, or no --repair)",
+        };
+        out!(
+            "orphan {}: {} shards of {} segments on {} locations, {age}: {what}",
+            o.file_id,
+            o.shards,
+            o.segments,
+            o.locations.len()
+        )?;
     }
     for v in &r.volumes {
         print_volume(v)?;

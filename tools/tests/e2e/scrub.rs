@@ -263,3 +263,35 @@ fn deleting_the_local_state_loses_nothing() {
     let ls = env.ok(&["--key-file", keyf, "ls"]);
     assert_eq!(ls.lines().count(), 3, "{ls}");
 }
+
+#[test]
+fn files_whose_catalog_is_lost_everywhere_are_kept_and_restored_by_lost_found() {
+    let env = Env::new();
+    env.init(2, 1);
+    let (big, small) = (data(3 * SEG + 11, 1), data(1000, 2));
+    env.write("big", &big);
+    env.write("d/small", &small);
+    env.ok(&["commit", "big"]);
+    env.ok(&["commit", "-r", "d"]);
+    assert_eq!(env.ok(&["lost-found"]).trim(), "no lost files");
+    for i in 0..3 {
+        std::fs::remove_dir_all(env.location(i).join("catalog")).unwrap();
+    }
+    env.fails(&["get", "big", "-o", "-"], 1);
+    // Scrub reports the loss, and even a repair with no grace period keeps the shards.
+    let o = env.run(&["scrub", "--repair", "--orphan-grace-hours", "0"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(4), "{out}");
+    assert_eq!(out.matches("LOST from the catalog").count(), 2, "{out}");
+    let out = env.ok(&["lost-found"]);
+    assert!(out.contains("4 segments  restorable") && out.contains("pack of 1 files  restorable"), "{out}");
+    assert!(out.contains("  d/small  1000 bytes"), "{out}");
+    let id = out.lines().find(|l| l.contains("4 segments")).and_then(|l| l.split_whitespace().next()).unwrap();
+    let out = env.ok(&["lost-found", "--restore"]);
+    assert_eq!(out.matches("restored").count(), 2, "{out}");
+    assert_eq!(env.run(&["get", &format!("lost+found/{id}"), "-o", "-"]).stdout, big);
+    assert_eq!(env.run(&["get", "d/small", "-o", "-"]).stdout, small);
+    env.ok(&["scrub"]);
+    assert_eq!(env.ok(&["lost-found"]).trim(), "no lost files");
+    env.fails(&["lost-found", "--discard", id], 1);
+}
