@@ -255,8 +255,7 @@ fn check_stripe(
                     let payload = &shards[i * sl..(i + 1) * sl];
                     let header =
                         ShardHeader::for_payload(sb.store_id, sb.vol_id, stripe, i as u16, (sb.k, sb.m), payload);
-                    let n = store.locations().len();
-                    let targets: Vec<usize> = (0..n).map(|j| (addr.home(store, i) + j) % n).collect();
+                    let targets = volume_repair_targets(store, &addr, i, k + m);
                     match write_rebuilt(store, &(addr.key_of)(i), &header, payload, &leaves[i], &targets) {
                         Ok(loc) => {
                             issue.repaired_to = Some(loc);
@@ -270,6 +269,17 @@ fn check_stripe(
         }
     }
     r.issues.extend(issues);
+}
+
+/// Where a rebuilt shard `i` of a volume stripe may go: its home, else a location that is home to none of the
+/// stripe's shards (none when the stripe spans every location). Never beside another shard of the stripe: two
+/// shards on one location would silently lower the tolerance below m lost locations; a shard that cannot go
+/// home stays missing (reported) until a later repair finds home writable.
+fn volume_repair_targets(store: &Store, addr: &StripeAddr<'_>, i: usize, width: usize) -> Vec<usize> {
+    let n = store.locations().len();
+    let home = addr.home(store, i);
+    let taken: std::collections::BTreeSet<usize> = (0..width).map(|j| addr.home(store, j)).collect();
+    (0..n).map(|j| (home + j) % n).filter(|&t| t == home || !taken.contains(&t)).collect()
 }
 
 /// Rebuilds missing data shards, regenerates parity, and checks every shard against its leaf.
@@ -404,6 +414,56 @@ mod tests {
         assert_eq!(lost.stripes_lost, vec![0]);
         assert_eq!(lost.health(), Health::Lost);
         assert_eq!(lost.shards_repaired, 0);
+    }
+
+    #[test]
+    fn a_volume_shard_whose_home_cannot_be_written_is_never_put_beside_another_of_its_stripe() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("store");
+        let opts = InitOptions {
+            k: 2,
+            m: 1,
+            segment_size: MIN_SEGMENT_SIZE,
+            locations: vec![],
+            key: KeySource::NewKeyFile(dir.join("master.key")),
+        };
+        let st = Arc::new(Store::init(&dir, opts).unwrap());
+        volume::cow::create(&st, "v", 16 * SS as u64, SS).unwrap();
+        let data: Vec<u8> = (0..3 * SS as usize).map(|i| (i * 7 % 253) as u8).collect();
+        Volume::open(st.clone(), "v", VolumeOptions::default()).unwrap().write(0, &data, true).unwrap();
+        let keyless = Store::open(&dir).unwrap();
+        let id = scrub_ids(&keyless);
+        // Location 1 loses the volume's shards and cannot take new ones (a file where its folder was).
+        let vol = |i: usize| dir.join(format!("locations/loc-{i:02}/volumes/{}", hex::encode(id)));
+        let shards_on = |i: usize| files(&vol(i), |n| n.contains('-') && n.contains('.'));
+        let lost = shards_on(1).len();
+        assert!(lost > 0);
+        let keep = d.path().join("loc1-volume");
+        std::fs::rename(vol(1), &keep).unwrap();
+        std::fs::write(vol(1), b"not a folder").unwrap();
+        let r = scrub_volume(&keyless, &id, true);
+        assert_eq!(r.shards_repaired, 0, "nowhere to go but beside another shard of its stripe: {r:?}");
+        for i in [0, 2] {
+            let mut stripes: Vec<String> = shards_on(i)
+                .iter()
+                .filter_map(|p| p.file_name()?.to_str()?.split('-').next().map(str::to_string))
+                .collect();
+            let all = stripes.len();
+            stripes.dedup();
+            assert_eq!(stripes.len(), all, "location {i} holds two shards of one stripe");
+        }
+        assert_eq!(scrub_volume(&keyless, &id, false).health(), Health::Degraded);
+        // Home is back: the repair puts them there, and the volume is whole.
+        std::fs::remove_file(vol(1)).unwrap();
+        std::fs::rename(&keep, vol(1)).unwrap();
+        shards_on(1).into_iter().for_each(|f| std::fs::remove_file(f).unwrap());
+        let fixed = scrub_volume(&keyless, &id, true);
+        assert_eq!(fixed.shards_repaired as usize, lost, "{fixed:?}");
+        assert_eq!(scrub_volume(&keyless, &id, false).health(), Health::Healthy);
+        let v = Volume::open(st.clone(), "v", VolumeOptions::default()).unwrap();
+        let mut back = vec![0u8; data.len()];
+        v.read(0, &mut back).unwrap();
+        assert_eq!(back, data);
     }
 
     fn scrub_ids(st: &Store) -> [u8; 16] {
