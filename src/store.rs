@@ -389,10 +389,15 @@ impl Store {
     /// durable. Fails with [`Error::WriteQuorum`] unless at least m+1 locations (all, when fewer) accept it; the
     /// copies already written are then left for the caller to clean up.
     pub fn put_replicated(&self, key: &str, bytes: &[u8], what: &str) -> Result<()> {
+        self.on_every_location(what, &|l| l.put(key, &[bytes]).and_then(|_| l.sync()))
+    }
+
+    /// Runs `write` on every location in parallel. Fails with [`Error::WriteQuorum`] (naming `what`) unless at
+    /// least m+1 locations (all, when fewer) succeed; what the others did is left for the caller.
+    pub fn on_every_location(&self, what: &str, write: &(dyn Fn(&dyn Location) -> Result<()> + Sync)) -> Result<()> {
         let locations = &self.locations;
         let outcomes: Vec<Result<()>> = std::thread::scope(|s| {
-            let hs: Vec<_> =
-                locations.iter().map(|l| s.spawn(move || l.put(key, &[bytes]).and_then(|_| l.sync()))).collect();
+            let hs: Vec<_> = locations.iter().map(|l| s.spawn(move || write(l.as_ref()))).collect();
             hs.into_iter()
                 .map(|h| h.join().unwrap_or_else(|_| Err(Error::internal("location writer panicked"))))
                 .collect()

@@ -17,7 +17,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, LocationFailure, Result};
+use crate::error::Result;
 use crate::format::{self, MAGIC_INTENT};
 use crate::store::{shard_prefix, Store};
 
@@ -128,31 +128,10 @@ pub fn mark_removal(store: &Store, ids: &[[u8; 16]]) -> Result<()> {
     }
     let markers: Vec<(String, Vec<u8>)> =
         ids.iter().map(|id| (key(id, Intent::Remove), encode(store, id, Intent::Remove))).collect();
-    let locations = store.locations();
-    let outcomes: Vec<Result<()>> = std::thread::scope(|s| {
-        let hs: Vec<_> = locations
-            .iter()
-            .map(|l| {
-                let markers = &markers;
-                s.spawn(move || {
-                    markers.iter().try_for_each(|(k, b)| l.put_deferred(k, &[b]))?;
-                    l.sync()
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::internal("marker writer panicked")))).collect()
-    });
-    let ok = outcomes.iter().filter(|o| o.is_ok()).count();
-    let need = (store.descriptor().m as usize + 1).min(locations.len());
-    if ok < need {
-        let failures = outcomes
-            .into_iter()
-            .zip(locations)
-            .filter_map(|(o, l)| o.err().map(|e| LocationFailure::new(l.name(), e)))
-            .collect();
-        return Err(Error::write_quorum("the removal markers", ok, need, failures));
-    }
-    Ok(())
+    store.on_every_location("the removal markers", &|l| {
+        markers.iter().try_for_each(|(k, b)| l.put_deferred(k, &[b]))?;
+        l.sync()
+    })
 }
 
 #[cfg(test)]
