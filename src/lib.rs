@@ -9,7 +9,9 @@
 //!   reads and verifies one erasure-coded stripe over them;
 //! - [`log`]: the log-structured block store (appends into stripes sealed whole; replay; checkpoints);
 //! - [`files`] (commit, catalog, read) and [`volume`] (block volumes): the two kinds of data;
-//! - [`metrics`]: counters and the Prometheus text format the servers' metrics endpoints share (pure);
+//! - [`metrics`]: counters and the Prometheus text format the servers' metrics endpoints share (pure, using no
+//!   other module, so the read path can bump its counters, [`metrics::reads`]); [`metrics::store`], on top,
+//!   renders a store's section of every endpoint (those counters and the last scrub's results);
 //! - [`scrub`] (keyless check and repair), [`recover`] (rebuild a lost descriptor) and [`vfs`] (the filesystem
 //!   view mount adapters use) on top.
 //!

@@ -18,6 +18,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use blockframe::metrics::store::StoreMetrics;
 use blockframe::store::Store;
 
 use crate::auth::{self, TokenSet};
@@ -150,9 +151,12 @@ impl Server {
         let tracker = TaskTracker::new();
         if let Some(l) = self.metrics_listener.take() {
             let state = self.state.clone();
+            let store_metrics = StoreMetrics::default();
             let render: RenderMetrics = Arc::new(move || {
                 let in_use = state.pool.buffers() - state.pool.available();
-                state.metrics.render(in_use, state.pool.buffers())
+                let mut text = state.metrics.render(in_use, state.pool.buffers());
+                store_metrics.render(&state.store, &mut text);
+                text
             });
             tracker.spawn(serve_metrics(l, render, shutdown.clone()));
         }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use blockframe::metrics::store::StoreMetrics;
 use blockframe::vfs::{Vfs, VfsOptions};
 use fs_mount::{Mount, MountOptions};
 
@@ -109,8 +110,12 @@ fn serve_metrics(addr: std::net::SocketAddr, vfs: Arc<Vfs>) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
     let listener = rt.block_on(http_server::bind_metrics(addr, false)).context("--metrics-listen")?;
     eprintln!("bf: metrics on http://{}/metrics", listener.local_addr().unwrap_or(addr));
-    let render: http_server::RenderMetrics =
-        Arc::new(move || fs_mount::render_metrics(vfs.cache_stats(), vfs.segments_decoded()));
+    let store_metrics = StoreMetrics::default();
+    let render: http_server::RenderMetrics = Arc::new(move || {
+        let mut text = fs_mount::render_metrics(vfs.cache_stats(), vfs.segments_decoded());
+        store_metrics.render(vfs.store(), &mut text);
+        text
+    });
     std::thread::spawn(move || {
         rt.block_on(http_server::serve_metrics(listener, render, http_server::CancellationToken::new()));
     });

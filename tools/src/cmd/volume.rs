@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
+use blockframe::metrics::store::StoreMetrics;
 use blockframe::volume::{self, VolumeOptions};
 use nbd_server::{
     CancellationToken, ListenAddr, Listener, NbdMetrics, ServerConfig, StoreRegistry, TlsConfig, TlsMode,
@@ -100,7 +101,13 @@ fn serve(a: &ServeArgs, s: &Settings) -> Result<u8> {
             let metrics = Arc::new(NbdMetrics::default());
             config.metrics = Some(metrics.clone());
             eprintln!("bf: metrics on http://{}/metrics", l.local_addr().unwrap_or(m));
-            tokio::spawn(http_server::serve_metrics(l, Arc::new(move || metrics.render()), token.clone()));
+            let (store, store_metrics) = (st.clone(), StoreMetrics::default());
+            let render: http_server::RenderMetrics = Arc::new(move || {
+                let mut text = metrics.render();
+                store_metrics.render(&store, &mut text);
+                text
+            });
+            tokio::spawn(http_server::serve_metrics(l, render, token.clone()));
         }
         let t = token.clone();
         tokio::spawn(async move {
