@@ -15,9 +15,13 @@
 //! - [`scrub`] (keyless check and repair), [`recover`] (rebuild a lost descriptor) and [`vfs`] (the filesystem
 //!   view mount adapters use) on top.
 //!
+//! [`activation`] (systemd socket activation: the listening socket a service manager passes) serves the `bf`
+//! servers; it uses no other module.
+//!
 //! [`testing`] (with the `testing` feature, and in the library's own tests) holds fault injection, an in-memory
 //! location and the location conformance suite.
 
+pub mod activation;
 pub mod clock;
 pub mod codec;
 pub mod error;

@@ -56,7 +56,7 @@ pub(crate) fn nbd_cmd(cmd: &NbdCommand, s: &Settings) -> Result<u8> {
 
 fn serve(a: &ServeArgs, s: &Settings) -> Result<u8> {
     // First, before any thread starts: taking the socket edits the environment.
-    let passed = nbd_server::activation::take_listener().context("socket activation")?;
+    let passed = blockframe::activation::take_listener().context("socket activation")?;
     if passed.is_some() && (a.socket.is_some() || a.listen.is_some()) {
         bail!("a socket was passed by socket activation (LISTEN_FDS): leave out --listen and --socket");
     }
