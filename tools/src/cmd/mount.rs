@@ -86,6 +86,7 @@ pub fn mount_cmd(a: &MountArgs, s: &Settings) -> Result<u8> {
             }
         });
         tracing::info!("signal received: committing open files and unmounting");
+        crate::notify::stopping();
         for e in vfs.flush_all() {
             eprintln!("bf: commit failed: {e}");
         }
@@ -93,14 +94,19 @@ pub fn mount_cmd(a: &MountArgs, s: &Settings) -> Result<u8> {
             eprintln!("bf: unmounting failed: {e}");
         }
     });
-    eprintln!(
-        "bf: mounted {} on {}{}; unmount with `bf umount {}`",
+    let mounted = format!(
+        "mounted {} on {}{}; unmount with `bf umount {}`",
         s.store.display(),
         a.dir.display(),
         if a.read_only { " (read-only)" } else { "" },
         a.dir.display()
     );
-    mount.run().context("serving the mount")?;
+    eprintln!("bf: {mounted}");
+    crate::notify::ready(&mounted);
+    let served = mount.run();
+    // Unmounted (by a signal, or by `bf umount` from outside): what is left of the shutdown is the exit.
+    crate::notify::stopping();
+    served.context("serving the mount")?;
     Ok(EXIT_OK)
 }
 

@@ -82,12 +82,15 @@ fn serve(a: &HttpServeArgs, s: &Settings) -> Result<u8> {
                 _ = tokio::signal::ctrl_c() => {}
             }
             tracing::info!("shutting down: finishing the responses in progress");
+            crate::notify::stopping();
             t.cancel();
         });
         if let Some(m) = server.metrics_addr() {
             eprintln!("bf: metrics on http://{m}/metrics");
         }
-        eprintln!("bf: serving files on {scheme}://{addr}/{passed_note} ({auth}, {mode})");
+        let serving = format!("serving files on {scheme}://{addr}/{passed_note} ({auth}, {mode})");
+        eprintln!("bf: {serving}");
+        crate::notify::ready(&serving);
         server.run(token).await?;
         Ok::<(), anyhow::Error>(())
     })?;

@@ -120,6 +120,7 @@ fn serve(a: &ServeArgs, s: &Settings) -> Result<u8> {
                 _ = tokio::signal::ctrl_c() => {}
             }
             tracing::info!("shutting down: finishing in-flight requests and flushing");
+            crate::notify::stopping();
             t.cancel();
         });
         let what = a.volume.as_deref().map(|v| format!("volume {v}")).unwrap_or_else(|| "all volumes".into());
@@ -127,7 +128,9 @@ fn serve(a: &ServeArgs, s: &Settings) -> Result<u8> {
             None => String::new(),
             Some(n) => format!(" ({n})"),
         };
-        eprintln!("bf: serving {what} over NBD on {place}{tls}");
+        let serving = format!("serving {what} over NBD on {place}{tls}");
+        eprintln!("bf: {serving}");
+        crate::notify::ready(&serving);
         nbd_server::serve_with_config(listener, registry.clone(), token, config).await.context("NBD server")?;
         for (name, e) in registry.flush_all() {
             eprintln!("bf: flushing volume {name} at shutdown failed: {e}");

@@ -45,6 +45,11 @@ fn unit_files_verify_and_their_commands_parse() {
     ] {
         assert!(names.iter().any(|n| n == want), "scripts/systemd has no {want}: {names:?}");
     }
+    // The servers tell systemd when they are ready (sd_notify).
+    for server in ["bf-nbd.service", "bf-serve.service", "bf-mount.service"] {
+        let text = std::fs::read_to_string(units_dir().join(server)).expect("unit file");
+        assert!(text.lines().any(|l| l == "Type=notify"), "{server} is not Type=notify");
+    }
     let bf = env!("CARGO_BIN_EXE_bf");
     let dir = tempfile::tempdir().expect("tempdir");
     for u in &units {
@@ -320,4 +325,97 @@ fn serve_under_systemd_socket_activate() {
     let _ = Command::new("kill").arg(activator.id().to_string()).status();
     let status = activator.wait().expect("waiting");
     assert!(status.success(), "bf serve exit status {status}:\n{}", env.log_tail());
+}
+
+/// A datagram socket standing in for the service manager's notification socket (`NOTIFY_SOCKET`).
+struct NotifySocket {
+    sock: std::os::unix::net::UnixDatagram,
+    path: PathBuf,
+}
+
+impl NotifySocket {
+    fn bind(env: &Env) -> NotifySocket {
+        let path = env.path("notify.sock");
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).expect("binding the notification socket");
+        // A bound on the wait for a notice that never comes, not a measurement.
+        sock.set_read_timeout(Some(Duration::from_secs(60))).expect("read timeout");
+        NotifySocket { sock, path }
+    }
+
+    /// Reads notices until one has the line `line`; returns that notice.
+    fn wait_for(&self, line: &str, env: &Env) -> String {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let n = self.sock.recv(&mut buf).unwrap_or_else(|e| panic!("no {line} ({e}):\n{}", env.log_tail()));
+            let notice = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if notice.lines().any(|l| l == line) {
+                return notice;
+            }
+        }
+    }
+}
+
+/// The value of `STATUS=` in a notice.
+fn status_of(notice: &str) -> &str {
+    notice.lines().find_map(|l| l.strip_prefix("STATUS=")).unwrap_or_else(|| panic!("no STATUS= in {notice:?}"))
+}
+
+/// SIGTERM to `child`; STOPPING=1 must arrive, then a clean exit.
+fn stop_notified(mut child: Child, notify: &NotifySocket, env: &Env) {
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    notify.wait_for("STOPPING=1", env);
+    let status = child.wait().expect("waiting for bf");
+    assert!(status.success(), "bf exit status {status}:\n{}", env.log_tail());
+}
+
+#[test]
+fn servers_notify_the_service_manager_when_ready_and_when_stopping() {
+    let env = Env::new();
+    env.init(4, 2);
+    let bytes = data(150_000, 14);
+    env.commit_file("f.bin", &bytes);
+    env.ok(&["volume", "create", "disk", "--size", "4M"]);
+    let notify = NotifySocket::bind(&env);
+    let spawn = |args: &[&str]| {
+        env.bf()
+            .env("NOTIFY_SOCKET", &notify.path)
+            .env("BF_LOG", "info")
+            .args(args)
+            .stderr(env.log_file())
+            .spawn()
+            .expect("starting bf")
+    };
+
+    // bf serve: once READY=1 has arrived, a request is answered without waiting.
+    let child = spawn(&["serve", "--listen", "127.0.0.1:0"]);
+    let ready = notify.wait_for("READY=1", &env);
+    let status = status_of(&ready);
+    let url = status.strip_prefix("serving files on ").and_then(|s| s.split_whitespace().next());
+    let url = url.unwrap_or_else(|| panic!("STATUS={status}"));
+    let out = env.path("f.out");
+    if have("curl") {
+        ok(Command::new("curl").args(["-sf", "-o"]).arg(&out).arg(format!("{url}f.bin")));
+        assert!(std::fs::read(&out).expect("downloaded") == bytes);
+    }
+    stop_notified(child, &notify, &env);
+
+    // bf nbd serve: the socket accepts once READY=1 has arrived.
+    let socket = env.path("nbd.sock");
+    let child = spawn(&["nbd", "serve", "--socket", socket.to_str().expect("utf-8 path")]);
+    let ready = notify.wait_for("READY=1", &env);
+    assert!(status_of(&ready).contains("over NBD on unix socket"), "{ready}");
+    std::os::unix::net::UnixStream::connect(&socket).expect("the NBD socket accepts once ready");
+    stop_notified(child, &notify, &env);
+
+    // bf mount --foreground: mounted once READY=1 has arrived; unmounting from outside says STOPPING=1.
+    if !crate::mount::fuse_usable() {
+        return;
+    }
+    env.set_var("NOTIFY_SOCKET", notify.path.to_str().expect("utf-8 path"));
+    let m = crate::mount::Mounted::start(&env, &[]);
+    let ready = notify.wait_for("READY=1", &env);
+    assert!(status_of(&ready).starts_with("mounted "), "{ready}");
+    assert!(std::fs::read(m.p("f.bin")).expect("read through the mount") == bytes);
+    m.unmount(&env);
+    notify.wait_for("STOPPING=1", &env);
 }
