@@ -285,6 +285,11 @@ fn serve_takes_a_tcp_socket_passed_by_socket_activation() {
     let o = wait_output(start_activated(&env, unix.as_raw_fd(), &["serve"]), 30, "bf serve on a Unix socket");
     assert!(!o.status.success());
     assert!(env.log_tail().contains("bf serve listens on TCP"), "{}", env.log_tail());
+    // A passed socket on every address is held to the exposure rule, as --listen is.
+    let open = std::net::TcpListener::bind("0.0.0.0:0").expect("bind 0.0.0.0");
+    let o = wait_output(start_activated(&env, open.as_raw_fd(), &["serve"]), 30, "bf serve on 0.0.0.0");
+    assert!(!o.status.success());
+    assert!(env.log_tail().contains("refusing to listen on 0.0.0.0:"), "{}", env.log_tail());
 }
 
 #[test]
