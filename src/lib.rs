@@ -9,13 +9,19 @@
 //!   reads and verifies one erasure-coded stripe over them;
 //! - [`log`]: the log-structured block store (appends into stripes sealed whole; replay; checkpoints);
 //! - [`files`] (commit, catalog, read) and [`volume`] (block volumes): the two kinds of data;
-//! - [`metrics`]: counters and the Prometheus text format the servers' metrics endpoints share (pure);
+//! - [`metrics`]: counters and the Prometheus text format the servers' metrics endpoints share (pure, using no
+//!   other module, so the read path can bump its counters, [`metrics::reads`]); [`metrics::store`], on top,
+//!   renders a store's section of every endpoint (those counters and the last scrub's results);
 //! - [`scrub`] (keyless check and repair), [`recover`] (rebuild a lost descriptor) and [`vfs`] (the filesystem
 //!   view mount adapters use) on top.
+//!
+//! [`activation`] (systemd socket activation: the listening socket a service manager passes) serves the `bf`
+//! servers; it uses no other module.
 //!
 //! [`testing`] (with the `testing` feature, and in the library's own tests) holds fault injection, an in-memory
 //! location and the location conformance suite.
 
+pub mod activation;
 pub mod clock;
 pub mod codec;
 pub mod error;

@@ -17,6 +17,7 @@ use crate::error::{Error, IoContext, LocationFailure, Result};
 use crate::files::catalog_log::CatalogState;
 use crate::format::{self, MAGIC_KEY, MAGIC_LOCATION, MAGIC_STORE};
 use crate::location::{open_location, sync_dir, Location, LocationExt};
+use crate::metrics::reads::ReadStats;
 
 /// Default data shards per segment.
 pub const DEFAULT_DATA_SHARDS: u16 = 4;
@@ -94,6 +95,8 @@ pub struct Store {
     min_shards_written: usize,
     /// The catalog as last read or written by this process (see [`crate::files::catalog_log`]).
     catalog: Mutex<Option<Arc<CatalogState>>>,
+    /// What this process's reads met (shards rebuilt on the fly, verification failures).
+    read_stats: ReadStats,
 }
 
 impl std::fmt::Debug for Store {
@@ -239,7 +242,15 @@ impl Store {
         }
         let locations = desc.locations.iter().map(|l| open_location(dir, l)).collect::<Result<_>>()?;
         let min_shards_written = default_min_shards_written(desc.k, desc.m);
-        Ok(Store { dir: dir.to_path_buf(), desc, locations, key: None, min_shards_written, catalog: Mutex::new(None) })
+        Ok(Store {
+            dir: dir.to_path_buf(),
+            desc,
+            locations,
+            key: None,
+            min_shards_written,
+            catalog: Mutex::new(None),
+            read_stats: ReadStats::default(),
+        })
     }
 
     /// Verifies and installs the key.
@@ -283,6 +294,12 @@ impl Store {
     /// Locations in descriptor order.
     pub fn locations(&self) -> &[Arc<dyn Location>] {
         &self.locations
+    }
+
+    /// The counters of what reads of this store met since it was opened: shards missing or failing verification,
+    /// stripes rebuilt from parity or beyond repair (the metrics endpoints render them).
+    pub fn read_stats(&self) -> &ReadStats {
+        &self.read_stats
     }
 
     /// Shards of a stripe that must be stored for a write to succeed (see [`Store::set_min_shards_written`]).

@@ -8,6 +8,7 @@ use crate::codec::erasure::Codec;
 use crate::codec::merkle::Hash;
 use crate::error::{Error, LocationFailure, Result};
 use crate::format::shard::{self, Expected, ShardFault, ShardHeader};
+use crate::metrics::reads::ShardFailure;
 use crate::store::{placement, Store};
 
 /// Where a stripe's shards live and how they are named.
@@ -157,6 +158,17 @@ pub enum ShardProblem {
     Unreadable(String),
 }
 
+impl ShardProblem {
+    /// The reason the read path's counters file it under.
+    pub fn failure(&self) -> ShardFailure {
+        match self {
+            ShardProblem::Missing => ShardFailure::Missing,
+            ShardProblem::Fault(_) => ShardFailure::Corrupt,
+            ShardProblem::Unreadable(_) => ShardFailure::Unreadable,
+        }
+    }
+}
+
 impl std::fmt::Display for ShardProblem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -238,7 +250,8 @@ fn fetch_data_shards(
 }
 
 /// Fills `bufs.data` with the k verified data shards of a stripe, rebuilding missing ones from parity.
-/// `leaves` are the stripe's k+m Merkle leaves.
+/// `leaves` are the stripe's k+m Merkle leaves. Counts the shards it could not use, and the stripe when it was
+/// rebuilt or lost, in the store's [`Store::read_stats`].
 pub fn read_stripe(
     store: &Store,
     codec: &mut Codec,
@@ -254,12 +267,16 @@ pub fn read_stripe(
     bufs.data.resize(k * sl, 0);
     let mut have = vec![false; k];
     let mut bad = Vec::new();
+    let stats = store.read_stats();
     let name = |i: usize| store.locations()[addr.home(store, i)].name().to_string();
     let fetched = fetch_data_shards(store, addr, &leaves[..k], bufs);
     for (i, (slot, r)) in have.iter_mut().zip(fetched).enumerate() {
         match r {
             Ok(()) => *slot = true,
-            Err(p) => bad.push(format!("{i}@{}: {p}", name(i))),
+            Err(p) => {
+                stats.shard_failed(p.failure());
+                bad.push(format!("{i}@{}: {p}", name(i)));
+            }
         }
     }
     let mut good = have.iter().filter(|h| **h).count();
@@ -278,10 +295,14 @@ pub fn read_stripe(
                 parity_ok.push(j);
                 good += 1;
             }
-            (Err(p), _) => bad.push(format!("{}@{}: {p}", k + j, name(k + j))),
+            (Err(p), _) => {
+                stats.shard_failed(p.failure());
+                bad.push(format!("{}@{}: {p}", k + j, name(k + j)));
+            }
         }
     }
     if good < k {
+        stats.stripe_lost();
         return Err(StripeError::Lost { have: good, bad });
     }
     tracing::debug!(segment = addr.segment, missing = %bad.join(", "), "rebuilding stripe from parity");
@@ -300,8 +321,10 @@ pub fn read_stripe(
             blake3::hash(payload).as_bytes(),
         );
         if !*h && leaf != leaves[i] {
+            stats.stripe_lost();
             return Err(StripeError::Mismatch);
         }
     }
+    stats.stripe_rebuilt();
     Ok(())
 }

@@ -108,6 +108,45 @@ fn corrupt_shards_are_rebuilt_and_verify_reports_them() {
 }
 
 #[test]
+fn reads_count_the_shards_they_could_not_use_and_the_segments_they_rebuilt() {
+    use crate::location::LocationExt;
+    use crate::metrics::reads::{ReadCounts, ShardFailure};
+    use crate::store::{placement, shard_key};
+    let d = tempfile::tempdir().unwrap();
+    let store = new_store(d.path(), 4, 2);
+    let bytes = data(3 * MIN_SEGMENT_SIZE as usize, 5);
+    commit(&store, &mut Cursor::new(&bytes), &req("f"), &|_| {}).unwrap();
+    assert_eq!(get(&store, "f").unwrap(), bytes);
+    assert_eq!(store.read_stats().counts(), ReadCounts::default(), "an intact read counts nothing");
+    let body = catalog::find(&store, "f").unwrap().manifest.body;
+    let shard = |segment: u64, i: usize| {
+        let loc = &store.locations()[placement(body.placement_start, segment, i, store.locations().len())];
+        (loc.clone(), shard_key(&body.file_id, segment, i))
+    };
+    // Segment 0 loses data shard 1; segment 1's data shard 2 has a flipped payload byte; segment 2 is intact.
+    let (loc, key) = shard(0, 1);
+    loc.delete(&key).unwrap();
+    let (loc, key) = shard(1, 2);
+    let mut b = loc.get(&key).unwrap();
+    let last = b.len() - 1;
+    b[last] ^= 1;
+    loc.put(&key, &[&b]).unwrap();
+    assert_eq!(get(&store, "f").unwrap(), bytes);
+    let c = store.read_stats().counts();
+    assert_eq!((c.shards(ShardFailure::Missing), c.shards(ShardFailure::Corrupt)), (1, 1), "{c:?}");
+    assert_eq!((c.stripes_rebuilt, c.stripes_lost, c.shards(ShardFailure::Unreadable)), (2, 0, 0), "{c:?}");
+    // Data shard 0 and parity shard 4 of segment 0 gone too: 3 of 6 left, beyond repair.
+    for i in [0, 4] {
+        let (loc, key) = shard(0, i);
+        loc.delete(&key).unwrap();
+    }
+    assert!(matches!(get(&store, "f"), Err(Error::TooManyLost { segment: 0, .. })));
+    let c = store.read_stats().counts();
+    assert_eq!(c.stripes_lost, 1, "{c:?}");
+    assert_eq!(c.shards(ShardFailure::Missing), 1 + 3, "shards 0, 1 and 4 of segment 0 missing: {c:?}");
+}
+
+#[test]
 fn input_changing_size_during_commit_is_refused() {
     let d = tempfile::tempdir().unwrap();
     let store = new_store(d.path(), 2, 1);

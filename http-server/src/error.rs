@@ -24,6 +24,9 @@ pub enum ServeError {
         /// Why.
         source: std::io::Error,
     },
+    /// The listening socket passed by socket activation could not be used.
+    #[error("the socket passed by socket activation: {0}")]
+    Passed(#[source] std::io::Error),
     /// Authentication setup (tokens file, exposure rule).
     #[error(transparent)]
     Auth(#[from] AuthError),

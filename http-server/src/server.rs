@@ -18,6 +18,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use blockframe::metrics::store::StoreMetrics;
 use blockframe::store::Store;
 
 use crate::auth::{self, TokenSet};
@@ -98,28 +99,37 @@ pub struct Server {
 impl Server {
     /// Checks the configuration (the exposure rule, TLS files, limits) and binds the listener.
     pub async fn bind(store: Arc<Store>, config: Config) -> Result<Server, ServeError> {
-        let l = &config.limits;
-        if l.max_connections == 0 || l.segment_buffers == 0 || l.header_timeout.is_zero() || l.idle_timeout.is_zero() {
-            return Err(ServeError::Limit("connections, segment buffers and timeouts must be more than 0"));
-        }
-        if l.max_header_bytes < 8192 {
-            return Err(ServeError::Limit("the header size cap must be at least 8 KiB"));
-        }
-        let authenticated = config.tokens.is_some() || config.tls_client_ca.is_some();
-        auth::check_exposure(config.listen, authenticated, config.insecure)?;
-        let tls = match (&config.tls, &config.tls_client_ca) {
-            (Some((cert, key)), ca) => Some(crate::tls::acceptor(cert, key, ca.as_deref())?),
-            (None, Some(_)) => return Err(crate::tls::TlsError::ClientCaWithoutTls.into()),
-            (None, None) => None,
-        };
-        if let Some(m) = config.metrics_listen {
-            auth::check_exposure(m, false, config.insecure)?;
-        }
+        let tls = check(&config)?;
         let listener = bind(config.listen).await?;
+        Server::on(store, config, listener, tls).await
+    }
+
+    /// A server on a listening TCP socket passed by the service manager (socket activation, see
+    /// [`blockframe::activation`]): like [`Server::bind`], with the socket's own address as `config.listen`
+    /// (the exposure rule applies to it). Must be called within a tokio runtime.
+    pub async fn from_passed(
+        store: Arc<Store>,
+        mut config: Config,
+        listener: std::net::TcpListener,
+    ) -> Result<Server, ServeError> {
+        config.listen = listener.local_addr().map_err(ServeError::Passed)?;
+        let tls = check(&config)?;
+        let listener = TcpListener::from_std(listener).map_err(ServeError::Passed)?;
+        Server::on(store, config, listener, tls).await
+    }
+
+    /// The server on a bound `listener`, the configuration checked; binds the metrics listener.
+    async fn on(
+        store: Arc<Store>,
+        config: Config,
+        listener: TcpListener,
+        tls: Option<TlsAcceptor>,
+    ) -> Result<Server, ServeError> {
         let metrics_listener = match config.metrics_listen {
             Some(m) => Some(bind_metrics(m, config.insecure).await?),
             None => None,
         };
+        let l = &config.limits;
         let metrics = Arc::new(Metrics::default());
         let state = Arc::new(State {
             catalog: Catalog::new(store.clone(), l.catalog_max_age),
@@ -150,9 +160,12 @@ impl Server {
         let tracker = TaskTracker::new();
         if let Some(l) = self.metrics_listener.take() {
             let state = self.state.clone();
+            let store_metrics = StoreMetrics::default();
             let render: RenderMetrics = Arc::new(move || {
                 let in_use = state.pool.buffers() - state.pool.available();
-                state.metrics.render(in_use, state.pool.buffers())
+                let mut text = state.metrics.render(in_use, state.pool.buffers());
+                store_metrics.render(&state.store, &mut text);
+                text
             });
             tracker.spawn(serve_metrics(l, render, shutdown.clone()));
         }
@@ -191,6 +204,28 @@ impl Server {
             tracing::warn!("connections still open after the shutdown grace period; closing them");
         }
         Ok(())
+    }
+}
+
+/// Checks a configuration before anything is bound: the limits, the exposure rule of both listeners, the TLS
+/// files; returns the TLS acceptor when TLS is on.
+fn check(config: &Config) -> Result<Option<TlsAcceptor>, ServeError> {
+    let l = &config.limits;
+    if l.max_connections == 0 || l.segment_buffers == 0 || l.header_timeout.is_zero() || l.idle_timeout.is_zero() {
+        return Err(ServeError::Limit("connections, segment buffers and timeouts must be more than 0"));
+    }
+    if l.max_header_bytes < 8192 {
+        return Err(ServeError::Limit("the header size cap must be at least 8 KiB"));
+    }
+    let authenticated = config.tokens.is_some() || config.tls_client_ca.is_some();
+    auth::check_exposure(config.listen, authenticated, config.insecure)?;
+    if let Some(m) = config.metrics_listen {
+        auth::check_exposure(m, false, config.insecure)?;
+    }
+    match (&config.tls, &config.tls_client_ca) {
+        (Some((cert, key)), ca) => Ok(Some(crate::tls::acceptor(cert, key, ca.as_deref())?)),
+        (None, Some(_)) => Err(crate::tls::TlsError::ClientCaWithoutTls.into()),
+        (None, None) => Ok(None),
     }
 }
 

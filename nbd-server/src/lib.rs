@@ -38,7 +38,6 @@
 
 #![warn(missing_docs)]
 
-pub mod activation;
 pub mod backend;
 mod config;
 mod conn;
@@ -54,8 +53,8 @@ mod session;
 pub mod store_backend;
 pub mod tls;
 
-pub use activation::{ActivationError, PassedListener};
 pub use backend::{errno_for, BlockBackend, ExportInfo, ExportRegistry, Extent, SimpleRegistry};
+pub use blockframe::activation::{ActivationError, PassedListener};
 pub use mem::{MemBackend, MEM_CHUNK_SIZE};
 pub use metrics::NbdMetrics;
 pub use negotiation::MAX_OPTION_LEN;

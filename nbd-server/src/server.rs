@@ -11,6 +11,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use blockframe::activation::PassedListener;
+
 use crate::backend::ExportRegistry;
 pub use crate::config::ServerConfig;
 use crate::session::run_session;
@@ -71,14 +73,13 @@ impl Listener {
         Ok(Listener::Unix { listener, file: Some(file) })
     }
 
-    /// The listener for a socket passed by the service manager ([`crate::activation::take_listener`]). Must be
-    /// called within a tokio runtime. A Unix socket's file belongs to the service manager and is left alone.
-    pub fn from_passed(passed: crate::activation::PassedListener) -> io::Result<Self> {
+    /// The listener for a socket passed by the service manager ([`blockframe::activation::take_listener`]).
+    /// Must be called within a tokio runtime. A Unix socket's file belongs to the service manager and is left
+    /// alone.
+    pub fn from_passed(passed: PassedListener) -> io::Result<Self> {
         Ok(match passed {
-            crate::activation::PassedListener::Tcp(l) => Listener::Tcp(TcpListener::from_std(l)?),
-            crate::activation::PassedListener::Unix(l) => {
-                Listener::Unix { listener: UnixListener::from_std(l)?, file: None }
-            }
+            PassedListener::Tcp(l) => Listener::Tcp(TcpListener::from_std(l)?),
+            PassedListener::Unix(l) => Listener::Unix { listener: UnixListener::from_std(l)?, file: None },
         })
     }
 

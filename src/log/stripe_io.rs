@@ -9,6 +9,7 @@ use crate::error::{Error, LocationFailure, Result};
 use crate::format::log::*;
 use crate::format::shard::{ShardHeader, HEADER_LEN};
 use crate::location::LocationExt;
+use crate::metrics::reads::ShardFailure;
 use crate::store::{placement, Store};
 
 /// Where a volume's stripes live.
@@ -259,6 +260,7 @@ fn verify_blocks(rec: &RecordBody, first: u32, blocks: &[u8]) -> Result<()> {
 }
 
 /// Reads whole shards until k verify against the record, and rebuilds the k data parts (`k x bps x 4096` bytes).
+/// Counts the shards it could not use and the stripe, rebuilt or lost, in the store's read counters.
 fn rebuild(store: &Store, codec: &mut Codec, layout: &Layout, rec: &RecordBody) -> Result<Vec<u8>> {
     let (k, m) = (layout.k as usize, layout.m as usize);
     let sl = rec.blocks_per_shard() * BLOCK;
@@ -266,6 +268,7 @@ fn rebuild(store: &Store, codec: &mut Codec, layout: &Layout, rec: &RecordBody) 
     let mut parity = vec![0u8; m * sl];
     let mut have = vec![false; k + m];
     let mut bad = Vec::new();
+    let stats = store.read_stats();
     for i in 0..k + m {
         if have.iter().filter(|h| **h).count() == k {
             break;
@@ -277,17 +280,33 @@ fn rebuild(store: &Store, codec: &mut Codec, layout: &Layout, rec: &RecordBody) 
                 dst.copy_from_slice(&part);
                 have[i] = true;
             }
-            Err(e) => bad.push(format!("{i}: {e}")),
+            Err(e) => {
+                stats.shard_failed(failure_of(&e));
+                bad.push(format!("{i}: {e}"));
+            }
         }
     }
     let good = have.iter().filter(|h| **h).count();
     if good < k {
+        stats.stripe_lost();
         let file = format!("log stripe {} of volume {}", rec.seq, hex::encode(layout.vol_id));
         return Err(Error::TooManyLost { file, segment: rec.seq, have: good, need: k, bad: bad.join("; ") });
     }
     let parity_ok = (0..m).filter(|j| have[k + j]).map(|j| (j, &parity[j * sl..(j + 1) * sl]));
     codec.reconstruct(&mut data, sl, &have[..k], parity_ok)?;
+    if have[..k].contains(&false) {
+        stats.stripe_rebuilt();
+    }
     Ok(data)
+}
+
+/// The reason the read path's counters file a shard under, from the error fetching it.
+fn failure_of(e: &Error) -> ShardFailure {
+    match e {
+        e if e.is_not_found() => ShardFailure::Missing,
+        Error::Corrupt { .. } => ShardFailure::Corrupt,
+        _ => ShardFailure::Unreadable,
+    }
 }
 
 /// The data part of shard `i`, verified against its header and the record.

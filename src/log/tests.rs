@@ -344,17 +344,27 @@ fn reads_survive_m_lost_locations_and_corrupt_shards() {
         }
     }
     mem[1].delete_prefix("logvol").unwrap();
-    let log = open(dir.path(), as_locations(&mem));
+    let store = store_over(dir.path(), as_locations(&mem));
+    let log = BlockLog::open(store.clone(), &[7; 16], opts()).unwrap();
     assert_reads(&log, &model);
+    // The reads rebuilt stripes from parity, each time finding a shard missing or corrupt, and lost none.
+    let c = store.read_stats().counts();
+    let (missing, corrupt) = (c.shards(ShardFailure::Missing), c.shards(ShardFailure::Corrupt));
+    assert!(c.stripes_rebuilt > 0 && missing > 0 && corrupt > 0, "{c:?}");
+    assert!(missing + corrupt >= c.stripes_rebuilt && c.stripes_lost == 0, "{c:?}");
     // A third loss is beyond repair for some stripe: an error, never wrong bytes.
     mem[2].delete_prefix("logvol").unwrap();
-    let log2 = open(dir.path(), as_locations(&mem));
+    let store = store_over(dir.path(), as_locations(&mem));
+    let log2 = BlockLog::open(store.clone(), &[7; 16], opts()).unwrap();
     let mut buf = vec![0u8; BLOCKS as usize * BLOCK];
     match log2.read(0, &mut buf) {
         Err(e) => assert_eq!(e.kind(), ErrorKind::DataLost, "{e}"),
         Ok(()) => panic!("read succeeded with three of five shards gone"),
     }
+    assert!(store.read_stats().counts().stripes_lost >= 1, "the failed read counted a stripe lost");
 }
+
+use crate::metrics::reads::ShardFailure;
 
 const HEADER_LEN_FOR_TESTS: usize = crate::format::shard::HEADER_LEN;
 

@@ -93,8 +93,10 @@ pub struct HttpServeArgs {
     #[command(subcommand)]
     pub action: Option<HttpServeAction>,
     /// TCP address to listen on; without --token-file only a loopback address is allowed (or --insecure)
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    pub listen: String,
+    /// [default: 127.0.0.1:8080]. Under systemd socket activation (LISTEN_FDS, LISTEN_PID) the TCP socket passed
+    /// as fd 3 is used instead.
+    #[arg(long)]
+    pub listen: Option<String>,
     /// TLS certificate chain (PEM); needs --tls-key
     #[arg(long, value_name = "FILE", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,

@@ -9,6 +9,7 @@ macro_rules! out {
 
 mod cli;
 mod cmd;
+mod notify;
 mod open;
 mod output;
 mod settings;

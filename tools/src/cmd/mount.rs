@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use blockframe::metrics::store::StoreMetrics;
 use blockframe::vfs::{Vfs, VfsOptions};
 use fs_mount::{Mount, MountOptions};
 
@@ -85,6 +86,7 @@ pub fn mount_cmd(a: &MountArgs, s: &Settings) -> Result<u8> {
             }
         });
         tracing::info!("signal received: committing open files and unmounting");
+        crate::notify::stopping();
         for e in vfs.flush_all() {
             eprintln!("bf: commit failed: {e}");
         }
@@ -92,14 +94,19 @@ pub fn mount_cmd(a: &MountArgs, s: &Settings) -> Result<u8> {
             eprintln!("bf: unmounting failed: {e}");
         }
     });
-    eprintln!(
-        "bf: mounted {} on {}{}; unmount with `bf umount {}`",
+    let mounted = format!(
+        "mounted {} on {}{}; unmount with `bf umount {}`",
         s.store.display(),
         a.dir.display(),
         if a.read_only { " (read-only)" } else { "" },
         a.dir.display()
     );
-    mount.run().context("serving the mount")?;
+    eprintln!("bf: {mounted}");
+    crate::notify::ready(&mounted);
+    let served = mount.run();
+    // Unmounted (by a signal, or by `bf umount` from outside): what is left of the shutdown is the exit.
+    crate::notify::stopping();
+    served.context("serving the mount")?;
     Ok(EXIT_OK)
 }
 
@@ -109,8 +116,12 @@ fn serve_metrics(addr: std::net::SocketAddr, vfs: Arc<Vfs>) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
     let listener = rt.block_on(http_server::bind_metrics(addr, false)).context("--metrics-listen")?;
     eprintln!("bf: metrics on http://{}/metrics", listener.local_addr().unwrap_or(addr));
-    let render: http_server::RenderMetrics =
-        Arc::new(move || fs_mount::render_metrics(vfs.cache_stats(), vfs.segments_decoded()));
+    let store_metrics = StoreMetrics::default();
+    let render: http_server::RenderMetrics = Arc::new(move || {
+        let mut text = fs_mount::render_metrics(vfs.cache_stats(), vfs.segments_decoded());
+        store_metrics.render(vfs.store(), &mut text);
+        text
+    });
     std::thread::spawn(move || {
         rt.block_on(http_server::serve_metrics(listener, render, http_server::CancellationToken::new()));
     });

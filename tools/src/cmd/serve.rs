@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
+use blockframe::activation::PassedListener;
 use http_server::{CancellationToken, Config, Limits, Server, TokenSet};
 
 use crate::cli::{HttpServeAction, HttpServeArgs, TokenCommand};
@@ -48,6 +49,11 @@ fn token_new(add_to: Option<&Path>) -> Result<u8> {
 }
 
 fn serve(a: &HttpServeArgs, s: &Settings) -> Result<u8> {
+    // First, before any thread starts: taking the socket edits the environment.
+    let passed = passed_listener()?;
+    if passed.is_some() && a.listen.is_some() {
+        bail!("a socket was passed by socket activation (LISTEN_FDS): leave out --listen");
+    }
     let config = config(a)?;
     let st = Arc::new(open_keyed(s)?);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
@@ -60,7 +66,10 @@ fn serve(a: &HttpServeArgs, s: &Settings) -> Result<u8> {
         };
         let mode = if config.writable { "PUT and DELETE allowed" } else { "read-only" };
         let scheme = if config.tls.is_some() { "https" } else { "http" };
-        let server = Server::bind(st, config).await?;
+        let (server, passed_note) = match passed {
+            Some(l) => (Server::from_passed(st, config, l).await?, " (passed by socket activation)"),
+            None => (Server::bind(st, config).await?, ""),
+        };
         let addr = server.local_addr()?;
         let token = CancellationToken::new();
         let t = token.clone();
@@ -73,21 +82,38 @@ fn serve(a: &HttpServeArgs, s: &Settings) -> Result<u8> {
                 _ = tokio::signal::ctrl_c() => {}
             }
             tracing::info!("shutting down: finishing the responses in progress");
+            crate::notify::stopping();
             t.cancel();
         });
         if let Some(m) = server.metrics_addr() {
             eprintln!("bf: metrics on http://{m}/metrics");
         }
-        eprintln!("bf: serving files on {scheme}://{addr}/ ({auth}, {mode})");
+        let serving = format!("serving files on {scheme}://{addr}/{passed_note} ({auth}, {mode})");
+        eprintln!("bf: {serving}");
+        crate::notify::ready(&serving);
         server.run(token).await?;
         Ok::<(), anyhow::Error>(())
     })?;
     Ok(EXIT_OK)
 }
 
+/// Where `bf serve` listens without --listen or socket activation.
+const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8080";
+
+/// The TCP socket passed by socket activation, if any (a Unix socket is refused: HTTP is served on TCP).
+fn passed_listener() -> Result<Option<std::net::TcpListener>> {
+    match blockframe::activation::take_listener().context("socket activation")? {
+        None => Ok(None),
+        Some(PassedListener::Tcp(l)) => Ok(Some(l)),
+        Some(PassedListener::Unix(_)) => {
+            bail!("socket activation passed a Unix socket; bf serve listens on TCP (ListenStream=HOST:PORT)")
+        }
+    }
+}
+
 /// The server configuration from the command line.
 fn config(a: &HttpServeArgs) -> Result<Config> {
-    let listen = resolve(&a.listen)?;
+    let listen = resolve(a.listen.as_deref().unwrap_or(DEFAULT_HTTP_LISTEN))?;
     let tokens = a.token_file.as_deref().map(TokenSet::load).transpose()?;
     let limits = Limits {
         max_connections: a.max_connections,

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
+use blockframe::metrics::store::StoreMetrics;
 use blockframe::volume::{self, VolumeOptions};
 use nbd_server::{
     CancellationToken, ListenAddr, Listener, NbdMetrics, ServerConfig, StoreRegistry, TlsConfig, TlsMode,
@@ -55,7 +56,7 @@ pub(crate) fn nbd_cmd(cmd: &NbdCommand, s: &Settings) -> Result<u8> {
 
 fn serve(a: &ServeArgs, s: &Settings) -> Result<u8> {
     // First, before any thread starts: taking the socket edits the environment.
-    let passed = nbd_server::activation::take_listener().context("socket activation")?;
+    let passed = blockframe::activation::take_listener().context("socket activation")?;
     if passed.is_some() && (a.socket.is_some() || a.listen.is_some()) {
         bail!("a socket was passed by socket activation (LISTEN_FDS): leave out --listen and --socket");
     }
@@ -100,7 +101,13 @@ fn serve(a: &ServeArgs, s: &Settings) -> Result<u8> {
             let metrics = Arc::new(NbdMetrics::default());
             config.metrics = Some(metrics.clone());
             eprintln!("bf: metrics on http://{}/metrics", l.local_addr().unwrap_or(m));
-            tokio::spawn(http_server::serve_metrics(l, Arc::new(move || metrics.render()), token.clone()));
+            let (store, store_metrics) = (st.clone(), StoreMetrics::default());
+            let render: http_server::RenderMetrics = Arc::new(move || {
+                let mut text = metrics.render();
+                store_metrics.render(&store, &mut text);
+                text
+            });
+            tokio::spawn(http_server::serve_metrics(l, render, token.clone()));
         }
         let t = token.clone();
         tokio::spawn(async move {
@@ -113,6 +120,7 @@ fn serve(a: &ServeArgs, s: &Settings) -> Result<u8> {
                 _ = tokio::signal::ctrl_c() => {}
             }
             tracing::info!("shutting down: finishing in-flight requests and flushing");
+            crate::notify::stopping();
             t.cancel();
         });
         let what = a.volume.as_deref().map(|v| format!("volume {v}")).unwrap_or_else(|| "all volumes".into());
@@ -120,7 +128,9 @@ fn serve(a: &ServeArgs, s: &Settings) -> Result<u8> {
             None => String::new(),
             Some(n) => format!(" ({n})"),
         };
-        eprintln!("bf: serving {what} over NBD on {place}{tls}");
+        let serving = format!("serving {what} over NBD on {place}{tls}");
+        eprintln!("bf: {serving}");
+        crate::notify::ready(&serving);
         nbd_server::serve_with_config(listener, registry.clone(), token, config).await.context("NBD server")?;
         for (name, e) in registry.flush_all() {
             eprintln!("bf: flushing volume {name} at shutdown failed: {e}");

@@ -746,3 +746,28 @@ fn mount_metrics_count_cache_hits_and_misses() {
     assert_eq!(metric(&after, "bf_mount_segments_decoded_total"), Some(3), "{after}");
     m.unmount(&env);
 }
+
+#[test]
+fn mount_metrics_count_segments_rebuilt_on_the_fly() {
+    if !fuse_usable() || !crate::nbd::have("curl") {
+        return;
+    }
+    let env = Env::new();
+    env.init(4, 2);
+    let bytes = data(SEG * 2, 32);
+    let id = env.commit_file("f.bin", &bytes);
+    let m = Mounted::start(&env, &["--metrics-listen", "127.0.0.1:0"]);
+    let log = std::fs::read_to_string(&m.log).unwrap_or_default();
+    let url = metrics_url(&log).unwrap_or_else(|| panic!("no metrics address in the log: {log}"));
+    let scrape = || String::from_utf8_lossy(&ok(Command::new("curl").args(["-sf", &url]))).into_owned();
+    let before = scrape();
+    assert_eq!(metric(&before, "bf_read_stripes_rebuilt_total"), Some(0), "{before}");
+    // Data shard 3 of segment 1 lost while mounted: the mount rebuilds that segment from parity, once (cached).
+    std::fs::remove_file(env.shard_file(&id, 1, 3)).unwrap();
+    assert!(std::fs::read(m.p("f.bin")).unwrap() == bytes);
+    let after = scrape();
+    assert_eq!(metric(&after, "bf_read_stripes_rebuilt_total"), Some(1), "{after}");
+    assert_eq!(crate::serve::sample(&after, "bf_read_shard_failures_total{reason=\"missing\"}"), Some(1), "{after}");
+    assert_eq!(metric(&after, "bf_read_stripes_lost_total"), Some(0), "{after}");
+    m.unmount(&env);
+}

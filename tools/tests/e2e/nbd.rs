@@ -407,6 +407,42 @@ fn scrub_repairs_volume_shards() {
     srv.stop();
 }
 
+#[test]
+fn metrics_count_volume_stripes_rebuilt_on_the_fly() {
+    if !have("qemu-img") || !have("curl") {
+        return;
+    }
+    let env = volume_env("16M");
+    let img = env.write("img.raw", &data(10 << 20, 22));
+    let srv = Server::start(&env, &[]);
+    ok(Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(&img).arg(srv.uri("disk")));
+    srv.stop();
+    // One shard of every stripe lost (those that are data shards make reads rebuild their stripe).
+    let lost: Vec<PathBuf> = crate::util::files_under(&env.location(2).join("logvol"))
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("/log/"))
+        .collect();
+    assert!(lost.len() >= 3, "10 MiB in stripes of 4 MiB: {lost:?}");
+    lost.iter().for_each(|f| std::fs::remove_file(f).unwrap());
+    let srv = Server::start(&env, &["--read-only", "--metrics-listen", "127.0.0.1:0"]);
+    let url = crate::mount::metrics_url(&env.log_tail()).expect("no metrics address in the log");
+    let scrape = || ok(Command::new("curl").args(["-sf", &url]));
+    let missing = |t: &str| crate::serve::sample(t, "bf_read_shard_failures_total{reason=\"missing\"}");
+    let before = scrape();
+    assert_eq!(missing(&before), Some(0), "{before}");
+    assert_eq!(crate::mount::metric(&before, "bf_read_stripes_rebuilt_total"), Some(0), "{before}");
+    ok(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&img).arg(srv.uri("disk")));
+    let after = scrape();
+    let rebuilt = crate::mount::metric(&after, "bf_read_stripes_rebuilt_total").unwrap_or(0);
+    // Three stripes in a row place a data shard on any one location at least once; each read of blocks in the
+    // lost shard rebuilds the stripe (finding that one shard missing).
+    assert!(rebuilt >= 1, "{after}");
+    assert_eq!(missing(&after), Some(rebuilt), "{after}");
+    assert_eq!(crate::mount::metric(&after, "bf_read_stripes_lost_total"), Some(0), "{after}");
+    assert!(after.contains("# TYPE bf_scrub_last_timestamp_seconds gauge"), "{after}");
+    srv.stop();
+}
+
 /// xfstests' fsx and fsstress (built by `scripts/test` from `../shared/third_party/fs-exercisers`) on ext4 over a
 /// log volume, through nbdfuse and a loop device, with a real tree copied in first; then, after a server
 /// restart, `e2fsck -fn` is clean and the tree reads back equal.

@@ -411,6 +411,118 @@ fn damaged_store_is_served_exactly_or_the_transfer_fails() {
     srv.stop();
 }
 
+/// Flips the last byte of a shard object (its payload: the shard then fails its hash check).
+fn corrupt(path: &std::path::Path) {
+    let mut b = std::fs::read(path).unwrap();
+    let last = b.len() - 1;
+    b[last] ^= 1;
+    std::fs::write(path, b).unwrap();
+}
+
+/// The value of a sample (name with its labels, as written) in a Prometheus text exposition.
+pub(crate) fn sample(text: &str, series: &str) -> Option<u64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[test]
+fn metrics_count_repairs_on_the_fly_and_show_the_last_scrub() {
+    if !have("curl") {
+        eprintln!("SKIP: curl is not installed");
+        return;
+    }
+    let env = Env::new();
+    env.init(4, 2);
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        ("ok.bin", data(70_000, 1)),
+        ("degraded.bin", data(100_000, 2)),
+        ("at-risk.bin", data(60_000, 3)),
+        ("lost.bin", data(50_000, 4)),
+    ];
+    let ids: Vec<String> = files.iter().map(|(name, bytes)| env.commit_file(name, bytes)).collect();
+    let srv = Http::start(&env, &["--metrics-listen", "127.0.0.1:0"]);
+    let scrape = || String::from_utf8_lossy(&curl(&env, &[&srv.metrics_url()]).1).into_owned();
+    let before = scrape();
+    for series in [
+        "bf_read_shard_failures_total{reason=\"missing\"}",
+        "bf_read_shard_failures_total{reason=\"corrupt\"}",
+        "bf_read_stripes_rebuilt_total",
+        "bf_read_stripes_lost_total",
+        "bf_scrub_last_timestamp_seconds",
+        "bf_scrub_files{result=\"healthy\"}",
+    ] {
+        assert_eq!(sample(&before, series), Some(0), "{series} before any damage:\n{before}");
+    }
+
+    // degraded.bin: data shard 0 of segment 0 deleted, data shard 1 of segment 1 corrupt (one rebuild each);
+    // at-risk.bin: two data shards gone (k = 4 left); lost.bin: three gone.
+    std::fs::remove_file(env.shard_file(&ids[1], 0, 0)).unwrap();
+    corrupt(&env.shard_file(&ids[1], 1, 1));
+    for (f, shards) in [(2, 0..2), (3, 0..3)] {
+        for i in shards {
+            std::fs::remove_file(env.shard_file(&ids[f], 0, i)).unwrap();
+        }
+    }
+    for (name, bytes) in &files[..3] {
+        let (h, body, code) = curl(&env, &[&srv.url(&format!("/{name}"))]);
+        assert_eq!((code, status(&h)), (0, 200), "{name}");
+        assert!(body == *bytes, "{name} differs");
+    }
+    let (h, _, _) = curl(&env, &[&srv.url("/lost.bin")]);
+    assert_eq!(status(&h), 500);
+    let text = scrape();
+    // Missing: 1 of degraded.bin, 2 of at-risk.bin, 3 of lost.bin (whose two parity shards verified).
+    for (series, want) in [
+        ("bf_read_shard_failures_total{reason=\"missing\"}", 6),
+        ("bf_read_shard_failures_total{reason=\"corrupt\"}", 1),
+        ("bf_read_shard_failures_total{reason=\"unreadable\"}", 0),
+        ("bf_read_stripes_rebuilt_total", 3),
+        ("bf_read_stripes_lost_total", 1),
+    ] {
+        assert_eq!(sample(&text, series), Some(want), "{series}:\n{text}");
+    }
+
+    // A check-only scrub: the scrape shows its results (the server reads the record bf scrub wrote).
+    env.fails(&["scrub"], 4);
+    let text = scrape();
+    for (series, want) in [
+        ("bf_scrub_files{result=\"healthy\"}", 1),
+        ("bf_scrub_files{result=\"degraded\"}", 1),
+        ("bf_scrub_files{result=\"at_risk\"}", 1),
+        ("bf_scrub_files{result=\"lost\"}", 1),
+        ("bf_scrub_last_files", 4),
+        ("bf_scrub_last_shards_bad", 7),
+        ("bf_scrub_last_shards_repaired", 0),
+        ("bf_scrub_last_segments_at_risk", 1),
+        ("bf_scrub_last_segments_lost", 1),
+        ("bf_scrub_last_repair", 0),
+        ("bf_scrub_last_health_after", 2),
+        ("bf_scrub_last_orphans", 0),
+        ("bf_scrub_unfinished", 0),
+        ("bf_data_lost_bytes", 50_000),
+    ] {
+        assert_eq!(sample(&text, series), Some(want), "{series} after bf scrub:\n{text}");
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let at = sample(&text, "bf_scrub_last_timestamp_seconds").unwrap_or(0);
+    assert!(at <= now && at + 600 > now, "last scrub at {at}, now {now}");
+    assert!(sample(&text, "bf_data_at_risk_bytes").unwrap_or(0) > 0, "{text}");
+
+    // A repairing scrub rebuilds the shards of the two files that can be, and says so.
+    env.fails(&["scrub", "--repair"], 4);
+    let text = scrape();
+    for (series, want) in [
+        ("bf_scrub_files{result=\"healthy\"}", 3),
+        ("bf_scrub_files{result=\"degraded\"}", 0),
+        ("bf_scrub_files{result=\"at_risk\"}", 0),
+        ("bf_scrub_files{result=\"lost\"}", 1),
+        ("bf_scrub_last_shards_repaired", 4),
+        ("bf_scrub_last_repair", 1),
+    ] {
+        assert_eq!(sample(&text, series), Some(want), "{series} after bf scrub --repair:\n{text}");
+    }
+    srv.stop();
+}
+
 #[test]
 fn tokens_are_required_and_exposed_listeners_refused() {
     if !have("curl") {

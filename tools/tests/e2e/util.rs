@@ -91,6 +91,37 @@ impl Env {
         self.store().join(format!("locations/loc-{i:02}"))
     }
 
+    /// The shard directories (file ids, in hex) on every location of the store.
+    fn shard_dirs(&self) -> std::collections::BTreeSet<String> {
+        let Ok(locs) = std::fs::read_dir(self.store().join("locations")) else { return Default::default() };
+        locs.flatten()
+            .filter_map(|l| std::fs::read_dir(l.path().join("shards")).ok())
+            .flat_map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect()
+    }
+
+    /// Commits `bytes` as `name` (larger than a pack takes, so in segments of its own) and returns its file id
+    /// in hex: the name of its shard directory on each location.
+    pub fn commit_file(&self, name: &str, bytes: &[u8]) -> String {
+        let before = self.shard_dirs();
+        let src = self.write("commit.tmp", bytes);
+        self.ok(&["commit", src.to_str().unwrap(), "--name", name]);
+        let new: Vec<String> = self.shard_dirs().difference(&before).cloned().collect();
+        assert_eq!(new.len(), 1, "committing {name} made shard directories {new:?}");
+        new[0].clone()
+    }
+
+    /// The object of shard `shard` of segment `segment` of file `id` (from [`Env::commit_file`]), on whichever
+    /// location holds it.
+    pub fn shard_file(&self, id: &str, segment: u64, shard: usize) -> PathBuf {
+        let name = format!("shards/{id}/{segment:010}.{shard:03}");
+        let locs = std::fs::read_dir(self.store().join("locations")).expect("locations");
+        locs.flatten()
+            .map(|l| l.path().join(&name))
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| panic!("no location holds {name}"))
+    }
+
     pub fn write(&self, name: &str, bytes: &[u8]) -> PathBuf {
         let p = self.path(name);
         if let Some(parent) = p.parent() {

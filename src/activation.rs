@@ -3,7 +3,7 @@
 //! fd 3 on) and `LISTEN_PID` (the process they are meant for). The server then accepts on that socket
 //! instead of binding its own, so it can be started on the first connection, restarted without refusing
 //! clients (the socket stays open in the manager meanwhile), and bound to a privileged port or a socket
-//! path in `/run` without the rights to bind it.
+//! path in `/run` without the rights to bind it. `bf nbd serve` (TCP or Unix) and `bf serve` (TCP) take it.
 //!
 //! [`passed_fds`] is the pure reading of the two variables; [`take_listener`] checks fd 3 (a socket, listening,
 //! stream, TCP or Unix) and takes it, once per process.

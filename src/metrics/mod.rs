@@ -2,6 +2,12 @@
 //! endpoints (`bf serve`, `bf nbd serve`, `bf mount`). Lock-free atomics that the hot paths bump; rendering is
 //! pure and writes into a `String`. No registry and no labels beyond what a caller writes itself: each server
 //! keeps its own struct of counters and renders it with [`family`], [`sample`] and [`Histogram::render`].
+//!
+//! [`reads`] holds the read path's counters of a store (shards rebuilt on the fly, verification failures); the
+//! store's section of every endpoint (those counters and the last scrub's results) is [`store::StoreMetrics`].
+
+pub mod reads;
+pub mod store;
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
