@@ -292,6 +292,8 @@ struct Writer {
     writers: AtomicUsize,
     /// Owner, mode and times the next commit records.
     stat: Mutex<Stat>,
+    /// The kernel sent this file's times (writeback cache): writes no longer set them.
+    kernel_times: AtomicBool,
 }
 
 struct WriterOp {

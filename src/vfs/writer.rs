@@ -110,7 +110,9 @@ impl Vfs {
         let spool = self.shared.ensure_spool(w, &_op, None)?;
         spool.write_at(offset, data)?;
         w.dirty.store(true, Ordering::SeqCst);
-        lock(&w.stat).modified(now_ns());
+        if !w.kernel_times.load(Ordering::SeqCst) {
+            lock(&w.stat).modified(now_ns());
+        }
         u32::try_from(data.len()).map_err(|_| Error::fs(FsErrorKind::InvalidArgument, "write too large"))
     }
 
@@ -286,6 +288,11 @@ impl Vfs {
         }
         if changes.changes_metadata() {
             if w.spool().is_some() {
+                // A ctime comes only from a kernel that keeps the times (writeback cache): from now on its times
+                // win over the arrival time of a write it sent before them.
+                if changes.ctime_unix_ns.is_some() {
+                    w.kernel_times.store(true, Ordering::SeqCst);
+                }
                 lock(&w.stat).apply(changes, now_ns());
                 w.dirty.store(true, Ordering::SeqCst);
             } else {
@@ -778,6 +785,7 @@ impl Writer {
             unlinked: AtomicBool::new(false),
             writers: AtomicUsize::new(0),
             stat: Mutex::new(stat),
+            kernel_times: AtomicBool::new(false),
         })
     }
 
