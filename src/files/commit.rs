@@ -399,25 +399,42 @@ fn finish(store: &Store, req: &CommitRequest, stored: Stored, deferred: bool) ->
 
 /// Builds, validates and MACs the manifest of what was stored.
 fn seal_manifest(store: &Store, req: &CommitRequest, stored: &Stored) -> Result<Manifest> {
-    let key = store.key()?;
-    let d = store.descriptor();
     let segments: Vec<SegmentEntry> = stored.results.iter().map(|r| r.entry).collect();
     let leaves: Vec<Hash> = stored.results.iter().flat_map(|r| r.leaves.iter().copied()).collect();
     let size: u64 = segments.iter().map(|s| s.plain_len).sum();
-    let meta = req.meta(size);
-    let (sealed_meta, meta_nonce) = meta.seal(key, &stored.file_id)?;
+    let own = OwnSegments { file_id: stored.file_id, placement_start: stored.placement_start, segments, leaves };
+    segments_manifest(store, own, stored.name_tag, &req.meta(size))
+}
+
+/// Where the bytes of a file in its own segments are: what its manifest says besides the name and metadata.
+pub(crate) struct OwnSegments {
+    /// File id.
+    pub file_id: [u8; 16],
+    /// Placement rotation start.
+    pub placement_start: u32,
+    /// Each segment's plaintext and shard lengths.
+    pub segments: Vec<SegmentEntry>,
+    /// The k+m Merkle leaves of every segment.
+    pub leaves: Vec<Hash>,
+}
+
+/// Seals `meta`, then builds, validates and MACs the manifest of a file in its own segments.
+pub(crate) fn segments_manifest(store: &Store, own: OwnSegments, name_tag: Hash, meta: &FileMeta) -> Result<Manifest> {
+    let key = store.key()?;
+    let d = store.descriptor();
+    let (sealed_meta, meta_nonce) = meta.seal(key, &own.file_id)?;
     let body = ManifestBody {
         store_id: d.store_id,
-        file_id: stored.file_id,
-        name_tag: stored.name_tag,
+        file_id: own.file_id,
+        name_tag,
         committed_unix_ns: crate::clock::unix_ns(),
         k: d.k,
         m: d.m,
         segment_size: d.segment_size,
-        placement_start: stored.placement_start,
-        root: merkle::root(&leaves),
-        segments,
-        leaves,
+        placement_start: own.placement_start,
+        root: merkle::root(&own.leaves),
+        segments: own.segments,
+        leaves: own.leaves,
         meta_nonce,
         sealed_meta,
         data: crate::format::manifest::Data::Segments,

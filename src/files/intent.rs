@@ -96,25 +96,23 @@ pub fn mark_commit(store: &Store, id: &[u8; 16]) {
 /// Drops the commit markers of files whose record is durable (best effort: a marker left beside a catalogued
 /// file is harmless).
 pub fn clear_commit(store: &Store, ids: &[[u8; 16]]) {
-    for loc in store.locations() {
-        for id in ids {
-            if let Err(e) = loc.delete(&key(id, Intent::Commit)) {
-                tracing::debug!(location = loc.name(), error = %e, "could not drop a commit marker");
-            }
-        }
-    }
+    drop_markers(store, ids, Intent::Commit);
 }
 
 /// Drops removal markers of a removal whose record was not written (best effort).
 pub fn clear_removal(store: &Store, ids: &[[u8; 16]]) {
+    drop_markers(store, ids, Intent::Remove);
+    if !ids.is_empty() {
+        store.locations().iter().for_each(|l| drop(l.sync()));
+    }
+}
+
+fn drop_markers(store: &Store, ids: &[[u8; 16]], intent: Intent) {
     for loc in store.locations() {
         for id in ids {
-            if let Err(e) = loc.delete(&key(id, Intent::Remove)) {
-                tracing::debug!(location = loc.name(), error = %e, "could not drop a removal marker");
+            if let Err(e) = loc.delete(&key(id, intent)) {
+                tracing::debug!(location = loc.name(), error = %e, ?intent, "could not drop an intent marker");
             }
-        }
-        if !ids.is_empty() {
-            let _ = loc.sync();
         }
     }
 }

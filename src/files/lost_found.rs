@@ -22,9 +22,11 @@ use crate::codec::erasure::{self, Codec};
 use crate::codec::merkle::{self, leaf_hash, Hash};
 use crate::error::{Error, Result};
 use crate::files::catalog::{self, Batch};
-use crate::format::manifest::{packed_root, Data, FileMeta, Manifest, ManifestBody, SegmentEntry, PACK_NAME_TAG};
+use crate::files::commit::{segments_manifest, OwnSegments};
+use crate::files::pack::packed_body;
+use crate::format::manifest::{Data, FileMeta, Manifest, ManifestBody, SegmentEntry, PACK_NAME_TAG};
 use crate::format::pack_index::{self, IndexEntry};
-use crate::format::shard::{ShardHeader, HEADER_LEN};
+use crate::format::shard::{self, Expected, ShardHeader};
 use crate::location::LocationExt;
 use crate::scrub::{survey_orphans, OrphanKind, OrphanSurvey};
 use crate::store::{placement, placement_start, shard_key, Store};
@@ -89,30 +91,10 @@ pub fn examine(store: &Store, id: &[u8; 16], survey: &OrphanSurvey) -> Result<Lo
     let size = segments.iter().map(|s| s.plain_len).sum();
     let name = format!("{LOST_FOUND_DIR}/{}", hex::encode(id));
     let meta = FileMeta::file(name.clone(), size, crate::clock::unix_ns() as i64, 0o600);
-    let (sealed_meta, meta_nonce) = meta.seal(key, id)?;
-    let body = ManifestBody {
-        store_id: d.store_id,
-        file_id: *id,
-        name_tag: key.name_tag(&name),
-        committed_unix_ns: crate::clock::unix_ns(),
-        k: d.k,
-        m: d.m,
-        segment_size: d.segment_size,
-        placement_start: placement_start(id, store.locations().len()),
-        root: merkle::root(&leaves),
-        segments,
-        leaves,
-        meta_nonce,
-        sealed_meta,
-        data: Data::Segments,
-    };
-    body.validate("restored manifest")?;
-    Ok(Lost {
-        id: *id,
-        pack: false,
-        manifests: vec![(Manifest::new(body, key), name.clone())],
-        files: vec![(name, size)],
-    })
+    let own =
+        OwnSegments { file_id: *id, placement_start: placement_start(id, store.locations().len()), segments, leaves };
+    let manifest = segments_manifest(store, own, key.name_tag(&name), &meta)?;
+    Ok(Lost { id: *id, pack: false, manifests: vec![(manifest, name.clone())], files: vec![(name, size)] })
 }
 
 /// A pack's manifest rebuilt from its stripe, and each file its index names, checked by decrypting it. A file
@@ -122,6 +104,7 @@ fn examine_pack(store: &Store, id: &[u8; 16], stripe: &Stripe, entries: &[IndexE
     let key = store.key()?;
     let d = store.descriptor();
     let what = || format!("lost pack {}", hex::encode(id));
+    let leaves = stripe.leaves(id, 0);
     let end = stripe.data.iter().rposition(|&b| b != 0).map_or(0, |p| p + 1);
     if erasure::shard_len(end as u64, d.k as usize) != stripe.shard_len {
         return Err(Error::corrupt(what(), "its length does not match its shards"));
@@ -136,8 +119,8 @@ fn examine_pack(store: &Store, id: &[u8; 16], stripe: &Stripe, entries: &[IndexE
         segment_size: d.segment_size,
         placement_start: placement_start(id, store.locations().len()),
         segments: vec![SegmentEntry { plain_len: end as u64, shard_len: stripe.shard_len as u32 }],
-        leaves: stripe.leaves(id, 0),
-        root: merkle::root(&stripe.leaves(id, 0)),
+        root: merkle::root(&leaves),
+        leaves,
         meta_nonce: [0; 12],
         sealed_meta: vec![],
         data: Data::Pack,
@@ -159,7 +142,6 @@ fn examine_pack(store: &Store, id: &[u8; 16], stripe: &Stripe, entries: &[IndexE
 /// when that is taken).
 fn packed_manifest(store: &Store, pack: &[u8; 16], files: &[u8], e: &IndexEntry) -> Result<(Manifest, String)> {
     let key = store.key()?;
-    let d = store.descriptor();
     let at = usize::try_from(e.offset).ok();
     let range = at.and_then(|a| Some(a..a.checked_add(usize::try_from(e.cipher_len).ok()?)?));
     let cipher = range.and_then(|r| files.get(r)).filter(|c| c.len() >= TAG_LEN);
@@ -168,25 +150,7 @@ fn packed_manifest(store: &Store, pack: &[u8; 16], files: &[u8], e: &IndexEntry)
     if !key.segment_cipher(&e.file_id).open_segment(0, true, &mut cipher.to_vec(), plain_len) {
         return Err(Error::corrupt("packed file", "does not decrypt with this key"));
     }
-    let cipher_hash = *blake3::hash(cipher).as_bytes();
-    let body = ManifestBody {
-        store_id: d.store_id,
-        file_id: e.file_id,
-        name_tag: e.name_tag,
-        committed_unix_ns: e.committed_unix_ns,
-        k: d.k,
-        m: d.m,
-        segment_size: d.segment_size,
-        placement_start: 0,
-        segments: vec![SegmentEntry { plain_len: plain_len as u64, shard_len: 0 }],
-        leaves: vec![],
-        root: packed_root(&e.file_id, cipher.len() as u64, &cipher_hash),
-        meta_nonce: e.meta_nonce,
-        sealed_meta: e.sealed_meta.clone(),
-        data: Data::Packed { pack: *pack, offset: e.offset, cipher_hash },
-    };
-    body.validate("restored packed file")?;
-    let m = Manifest::new(body, key);
+    let m = Manifest::new(packed_body(store, e, pack, cipher)?, key);
     let mut meta = m.meta(key)?;
     if catalog::find(store, &meta.name).is_err() {
         return Ok((m, meta.name));
@@ -255,16 +219,17 @@ fn read_shard(store: &Store, id: &[u8; 16], seg: u64, i: usize, holders: &[usize
     let key = shard_key(id, seg, i);
     for l in order {
         let Ok(bytes) = locs[l].get(&key) else { continue };
-        let Ok(h) = ShardHeader::decode(&bytes) else { continue };
-        let payload = &bytes[HEADER_LEN..];
-        let fits = h.store_id == d.store_id
-            && h.file_id == *id
-            && h.segment == seg
-            && h.shard as usize == i
-            && (h.k, h.m) == (d.k, d.m)
-            && h.payload_len as usize == payload.len()
-            && blake3::hash(payload).as_bytes() == &h.payload_hash;
-        if fits {
+        // No manifest to hold the leaf against: the header's own claims are checked, as verify checks them.
+        let Some(h) = ShardHeader::decode(&bytes).ok().filter(|h| (h.k, h.m) == (d.k, d.m)) else { continue };
+        let want = Expected {
+            store_id: &d.store_id,
+            file_id: id,
+            segment: seg,
+            shard: i as u16,
+            len: h.payload_len,
+            leaf: &h.leaf(),
+        };
+        if let Ok(payload) = shard::verify(&bytes, &want) {
             return Some(payload.to_vec());
         }
     }

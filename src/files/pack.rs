@@ -82,6 +82,10 @@ impl Packer {
             meta_nonce: body.meta_nonce,
             sealed_meta: body.sealed_meta.clone(),
         };
+        self.index_push(e);
+    }
+
+    fn index_push(&mut self, e: IndexEntry) {
         self.index_len += e.encoded_len();
         self.index.push(e);
     }
@@ -108,33 +112,23 @@ impl Packer {
             return Err(Error::internal("file does not fit the pack"));
         }
         let key = store.key()?;
-        let d = store.descriptor();
         let file_id: [u8; 16] = random_bytes()?;
         let offset = self.data.len();
         self.data.extend_from_slice(plain);
         self.data.resize(offset + plain.len() + TAG_LEN, 0);
         key.segment_cipher(&file_id).seal_segment(0, true, &mut self.data[offset..], plain.len())?;
-        let cipher = &self.data[offset..];
-        let cipher_hash = *blake3::hash(cipher).as_bytes();
         let (sealed_meta, meta_nonce) = meta.seal(key, &file_id)?;
-        let body = ManifestBody {
-            store_id: d.store_id,
+        let entry = IndexEntry {
             file_id,
+            offset: offset as u64,
+            cipher_len: (plain.len() + TAG_LEN) as u64,
             name_tag,
             committed_unix_ns: crate::clock::unix_ns(),
-            k: d.k,
-            m: d.m,
-            segment_size: d.segment_size,
-            placement_start: 0,
-            segments: vec![SegmentEntry { plain_len: plain.len() as u64, shard_len: 0 }],
-            leaves: vec![],
-            root: packed_root(&file_id, cipher.len() as u64, &cipher_hash),
             meta_nonce,
             sealed_meta,
-            data: Data::Packed { pack: self.pack_id, offset: offset as u64, cipher_hash },
         };
-        body.validate("new packed file")?;
-        self.index_add(&body);
+        let body = packed_body(store, &entry, &self.pack_id, &self.data[offset..])?;
+        self.index_push(entry);
         Ok(Manifest::new(body, key))
     }
 
@@ -174,6 +168,33 @@ impl Packer {
         }
         r.map(Some)
     }
+}
+
+/// The manifest body of a packed file as its index entry `e` describes it, lying in `pack` with ciphertext
+/// `cipher` (validated).
+pub(crate) fn packed_body(store: &Store, e: &IndexEntry, pack: &[u8; 16], cipher: &[u8]) -> Result<ManifestBody> {
+    let d = store.descriptor();
+    let plain_len =
+        cipher.len().checked_sub(TAG_LEN).ok_or_else(|| Error::corrupt("packed file", "shorter than its tag"))?;
+    let cipher_hash = *blake3::hash(cipher).as_bytes();
+    let body = ManifestBody {
+        store_id: d.store_id,
+        file_id: e.file_id,
+        name_tag: e.name_tag,
+        committed_unix_ns: e.committed_unix_ns,
+        k: d.k,
+        m: d.m,
+        segment_size: d.segment_size,
+        placement_start: 0,
+        segments: vec![SegmentEntry { plain_len: plain_len as u64, shard_len: 0 }],
+        leaves: vec![],
+        root: packed_root(&e.file_id, cipher.len() as u64, &cipher_hash),
+        meta_nonce: e.meta_nonce,
+        sealed_meta: e.sealed_meta.clone(),
+        data: Data::Packed { pack: *pack, offset: e.offset, cipher_hash },
+    };
+    body.validate("packed file")?;
+    Ok(body)
 }
 
 fn store_pack(store: &Store, codec: &mut Codec, pack_id: &[u8; 16], data: &mut Vec<u8>) -> Result<SealedPack> {
