@@ -18,6 +18,9 @@ use crate::stripe::StripeBuffers;
 /// A pack is compacted when its live files hold less than this share of it.
 pub const LIVE_BELOW: f64 = 0.5;
 
+/// Most packs one compaction rewrites (each is read whole, one at a time), so that it stays short.
+pub const MAX_PACKS: usize = 64;
+
 /// What a compaction did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct CompactReport {

@@ -194,12 +194,19 @@ impl<K: Hash + Eq + Clone> SegmentCache<K> {
         }
     }
 
-    /// Lends `bytes` of the capacity (at most three quarters of it) to other work, such as a commit of a large
+    /// The most [`SegmentCache::lend`] lends: three quarters of the capacity, so that reads go on meanwhile.
+    pub fn lendable(&self) -> usize {
+        self.capacity_bytes / 4 * 3
+    }
+
+    /// Lends `bytes` of the capacity (at most [`SegmentCache::lendable`]) to other work, such as a commit of a large
     /// file, evicting what it must: until the guard is dropped, segments and loads fit in the rest, so the two
     /// together stay within the capacity.
     pub fn lend(&self, bytes: usize) -> Lent<'_, K> {
-        let bytes = bytes.min(self.capacity_bytes / 4 * 3);
+        let bytes = bytes.min(self.lendable());
         let mut inner = self.lock();
+        // The spare buffer is outside the count: the borrower would otherwise use its memory twice over.
+        inner.spare = None;
         inner.make_room(bytes, self.capacity_bytes, self.hot, true, false);
         inner.used_bytes += bytes;
         Lent { cache: self, bytes }
@@ -385,6 +392,10 @@ mod tests {
         c.get_or_load(&5u32, 10, || Ok(vec![5; 10])).unwrap();
         c.trim();
         assert_eq!(c.take_spare().capacity(), 0, "trim frees the spare");
+        // A loan frees the spare even when it evicts nothing: the borrower counts on that memory.
+        c.get_or_load(&6u32, 10, || Ok(vec![6; 10])).unwrap();
+        drop(c.lend(0));
+        assert_eq!(c.take_spare().capacity(), 0, "a loan frees the spare");
         // Room made for a loan keeps no spare (nothing would take it).
         drop(c.lend(20));
         assert_eq!(c.take_spare().capacity(), 0, "a loan's evictions are freed");

@@ -392,6 +392,8 @@ struct Shared {
     dirty_entries: Mutex<Vec<(Ino, Instant)>>,
     /// Owner shown for entries that recorded none.
     default_owner: (u32, u32),
+    /// When committed removals may have left packs to compact (see [`Shared::compact_if_due`]).
+    compact_due: Mutex<Option<Instant>>,
     /// Held by [`Shared::sync_dirty`]: one write-behind commit at a time.
     syncing: Mutex<()>,
     /// Stops the background flusher.
@@ -477,6 +479,7 @@ impl Vfs {
             removals: Mutex::new(Vec::new()),
             dirty_entries: Mutex::new(Vec::new()),
             default_owner: opts.owner.unwrap_or_else(|| owner_of(store.dir())),
+            compact_due: Mutex::new(None),
             syncing: Mutex::new(()),
             flusher_stop: Mutex::new(false),
             flusher_wake: Condvar::new(),
@@ -699,6 +702,7 @@ impl Vfs {
     /// Commits outstanding writes and stops the read-ahead and flusher threads.
     pub fn shutdown(&self) -> Vec<Error> {
         let errors = self.flush_all();
+        self.shared.compact_if_due(true);
         self.shared.stop_flusher();
         lock(&self.prefetch).take();
         for t in lock(&self.threads).drain(..) {
@@ -714,6 +718,7 @@ impl Drop for Vfs {
         for e in self.flush_all() {
             tracing::error!(error = %e, "commit at close of the filesystem view failed (the data was kept in the spool directory)");
         }
+        self.shared.compact_if_due(true);
         self.shared.stop_flusher();
         lock(&self.prefetch).take();
         for t in lock(&self.threads).drain(..) {

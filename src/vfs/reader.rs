@@ -43,10 +43,16 @@ impl Vfs {
             buf.truncate(got);
             return Ok(ReadData::Owned(buf));
         }
-        match &h.committed {
-            Some(c) => self.shared.read_committed(h, &c.file(&self.shared.store)?, offset, size as usize, self),
-            None => Ok(ReadData::Owned(Vec::new())),
-        }
+        let Some(c) = &h.committed else {
+            return Ok(ReadData::Owned(Vec::new()));
+        };
+        let read =
+            |c: &Committed| self.shared.read_committed(h, &c.file(&self.shared.store)?, offset, size as usize, self);
+        read(c).or_else(|e| match self.shared.moved(c) {
+            // A compaction moved the file to another pack while this handle was open: read it where it is now.
+            Some(now) => read(&now),
+            None => Err(e),
+        })
     }
 
     pub(super) fn prefetch(&self, file: &Arc<OpenFile>, segments: std::ops::RangeInclusive<u64>) {
@@ -67,6 +73,20 @@ impl Vfs {
 }
 
 impl Shared {
+    /// The version of packed file `c` the catalog holds now, when a compaction (here or in another process)
+    /// moved its bytes to another pack since `c` was read; `None` when they did not move. Its bytes and root are
+    /// the same, so segments cached under its file id stay valid.
+    pub(super) fn moved(&self, c: &Committed) -> Option<Arc<Committed>> {
+        if !matches!(c.entry.manifest.body.data, crate::format::manifest::Data::Packed { .. }) {
+            return None;
+        }
+        let st = crate::files::catalog_log::current(&self.store).ok()?;
+        if st.entries.get(&c.key())?.body.data == c.entry.manifest.body.data {
+            return None;
+        }
+        catalog::load(&self.store, &c.entry.file).and_then(Committed::new).ok().map(Arc::new)
+    }
+
     /// The verified plaintext of one segment, from the cache or decoded.
     pub(super) fn segment(&self, file: &OpenFile, segment: u64) -> Result<Bytes> {
         let len = segment_len(file, segment);

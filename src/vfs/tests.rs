@@ -544,20 +544,80 @@ fn a_directory_with_an_entry_is_not_pruned_when_its_last_file_goes() {
 fn a_chmod_after_a_compaction_elsewhere_keeps_the_file_readable() {
     let d = tempfile::tempdir().unwrap();
     let v = vfs(d.path());
-    let mut s = Session::new(v.store(), SessionOptions::default()).unwrap();
-    for (name, len) in [("f", 100usize), ("g", 5000)] {
-        let req = CommitRequest { name: name.into(), mode: 0o644, replace: true, workers: 1, ..Default::default() };
-        s.commit(&mut Cursor::new(data(len, 1)), &req, &|_| {}).unwrap();
-    }
-    for r in s.flush().unwrap() {
-        r.unwrap();
-    }
+    put_packed(&v, &[("f", 100, 1), ("g", 5000, 1)]);
     let f = resolve(&v, "f").unwrap();
     catalog::remove(v.store(), &catalog::find(v.store(), "g").unwrap()).unwrap();
     let rep = crate::files::compact::compact(v.store(), 16).unwrap();
     assert_eq!(rep.files_moved, 1);
     v.setattr(f.ino, None, SetAttr { mode: Some(0o600), ..SetAttr::default() }).unwrap();
     assert_eq!(read_all(&v, "f").unwrap(), data(100, 1));
+}
+
+/// Commits `files` (name, length, seed) in one session, so small ones share a pack.
+fn put_packed(v: &Vfs, files: &[(&str, usize, u64)]) {
+    let mut s = Session::new(v.store(), SessionOptions::default()).unwrap();
+    for &(name, len, seed) in files {
+        let req = CommitRequest { name: name.into(), mode: 0o644, replace: true, workers: 1, ..Default::default() };
+        s.commit(&mut Cursor::new(data(len, seed)), &req, &|_| {}).unwrap();
+    }
+    for r in s.flush().unwrap() {
+        r.unwrap();
+    }
+}
+
+/// The packs in the catalog, by id.
+fn packs(v: &Vfs) -> Vec<[u8; 16]> {
+    let st = crate::files::catalog_log::current(v.store()).unwrap();
+    st.entries.values().filter(|m| m.body.is_pack()).map(|m| m.body.file_id).collect()
+}
+
+/// Unlinks through the mount that leave a pack mostly dead free its space: the pack is compacted (once
+/// removals pause, or at unmount), and the files left in it read back exact from their new pack.
+#[test]
+fn removals_through_the_mount_compact_the_packs_they_leave_mostly_dead() {
+    let d = tempfile::tempdir().unwrap();
+    let v = vfs(d.path());
+    let names: Vec<String> = (0..10).map(|i| format!("f{i}")).collect();
+    let files: Vec<(&str, usize, u64)> = names.iter().enumerate().map(|(i, n)| (n.as_str(), 3000, i as u64)).collect();
+    put_packed(&v, &files);
+    let before = packs(&v);
+    assert_eq!(before.len(), 1, "ten small files share one pack");
+    for n in &names[..7] {
+        resolve(&v, n).unwrap();
+        v.unlink(ROOT, n).unwrap();
+    }
+    v.sync_all().unwrap();
+    assert_eq!(packs(&v), before, "a pack is not compacted while removals may go on");
+    let v = remount(v, d.path());
+    let after = packs(&v);
+    assert_eq!(after.len(), 1, "the live files moved into one new pack");
+    assert_ne!(after, before, "the mostly dead pack is still there after unmount");
+    for (i, n) in names.iter().enumerate().skip(7) {
+        assert_eq!(read_all(&v, n).unwrap(), data(3000, i as u64), "{n} after the compaction");
+    }
+}
+
+/// A file open for reading and one open for writing when another process compacts their pack: both go on
+/// from where the file is now (the old pack is gone).
+#[test]
+fn handles_open_across_a_compaction_read_and_write_the_moved_file() {
+    let d = tempfile::tempdir().unwrap();
+    let v = vfs(d.path());
+    put_packed(&v, &[("f", 100, 1), ("w", 200, 2), ("g", 5000, 3)]);
+    let reading = v.open(resolve(&v, "f").unwrap().ino, OpenMode::default()).unwrap();
+    let writing = v.open(resolve(&v, "w").unwrap().ino, OpenMode { write: true, truncate: false }).unwrap();
+    let before = packs(&v);
+    catalog::remove(v.store(), &catalog::find(v.store(), "g").unwrap()).unwrap();
+    assert_eq!(crate::files::compact::compact(v.store(), 16).unwrap().files_moved, 2);
+    assert_ne!(packs(&v), before, "the test needs the pack to move");
+    assert_eq!(&*v.read(reading, 0, 1000).unwrap(), &data(100, 1)[..], "an open handle reads the moved file");
+    v.write(writing, 10, b"XY").unwrap();
+    v.release(writing).unwrap();
+    v.release(reading).unwrap();
+    v.sync_all().unwrap();
+    let mut want = data(200, 2);
+    want[10..12].copy_from_slice(b"XY");
+    assert_eq!(read_all(&v, "w").unwrap(), want, "a write to a moved file keeps the rest of it");
 }
 
 /// A refresh while a commit has taken the queued removals but not yet the namespace lock (it waits for `heavy`,

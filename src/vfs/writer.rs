@@ -339,8 +339,11 @@ impl Shared {
         let spool = Spool::create(&self.spool_dir)?;
         if let (Some(base), false) = (&op.base, truncate_to == Some(0)) {
             let _heavy = lock(&self.heavy);
-            let file = base.file(&self.store)?;
-            read_to(&self.store, &file, &mut SpoolWriter { spool: &spool, pos: 0 }, 1, &|_| {})?;
+            let copy = |c: &Committed| {
+                read_to(&self.store, &*c.file(&self.store)?, &mut SpoolWriter { spool: &spool, pos: 0 }, 1, &|_| {})
+            };
+            // A compaction may have moved a packed base to another pack since it was read.
+            copy(base).or_else(|e| self.moved(base).map_or(Err(e), |now| copy(&now)))?;
         }
         let spool = Arc::new(spool);
         *w.spool.write().unwrap_or_else(|e| e.into_inner()) = Some(spool.clone());
@@ -459,6 +462,7 @@ impl Shared {
                     tracing::error!(error = %e, "write-behind commit failed (the data was kept in the spool directory)");
                 }
             }
+            self.compact_if_due(false);
         }
     }
 
@@ -514,12 +518,43 @@ impl Shared {
             }
         }
         drop(ops);
+        drop(loaded);
+        drop(_room);
+        drop(_heavy);
         for (ino, w) in &items {
             if w.writers.load(Ordering::SeqCst) == 0 {
                 self.retire(*ino, w);
             }
         }
+        if !removals.is_empty() {
+            *lock(&self.compact_due) = Some(Instant::now());
+        }
         errors
+    }
+
+    /// Rewrites the packs that committed removals left mostly dead, as `bf rm` does, once no removal came for
+    /// a while (so that files a running `rm -r` is about to remove are not moved first), or at once when
+    /// `now`. The moved files show where they are now; handles opened before read them there too (see
+    /// [`Shared::moved`]). A failure loses nothing: the space is freed after a later removal.
+    pub(super) fn compact_if_due(&self, now: bool) {
+        let quiet = (self.opts.write_behind * 4).max(Duration::from_secs(2));
+        {
+            let mut due = lock(&self.compact_due);
+            if !due.is_some_and(|t| now || t.elapsed() >= quiet) || !lock(&self.removals).is_empty() {
+                return;
+            }
+            *due = None;
+        }
+        let mut loaded = lock(&self.ns);
+        match crate::files::compact::compact(&self.store, crate::files::compact::MAX_PACKS) {
+            Ok(r) if r.packs_dropped > 0 => {
+                if let Err(e) = self.refresh_locked(&mut loaded) {
+                    tracing::warn!(error = %e, "re-reading the catalog after a compaction failed");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "compacting packs failed; a later removal tries again"),
+        }
     }
 
     /// Memory the commit of `items` takes beyond packs: for a file too large to pack, its pipeline's segment

@@ -498,9 +498,6 @@ pub(crate) fn ls(a: &LsArgs, s: &Settings) -> Result<u8> {
     Ok(code)
 }
 
-/// Packs compacted by one `bf rm` at most.
-const COMPACT_PACKS: usize = 64;
-
 /// `bf rm`: every name is looked up first (one unknown name removes nothing), then all are removed in one
 /// catalog record.
 pub(crate) fn rm(a: &RmArgs, s: &Settings) -> Result<u8> {
@@ -537,7 +534,7 @@ pub(crate) fn rm(a: &RmArgs, s: &Settings) -> Result<u8> {
         eprintln!("bf: removed {}", shown(&e.label()));
     }
     // Packs the removals left mostly empty are rewritten (their space is freed); a failure here loses nothing.
-    match blockframe::files::compact::compact(&st, COMPACT_PACKS) {
+    match blockframe::files::compact::compact(&st, blockframe::files::compact::MAX_PACKS) {
         Ok(r) if r.packs_dropped > 0 => eprintln!(
             "bf: compacted {} packs ({} files moved, {} bytes freed)",
             r.packs_dropped, r.files_moved, r.bytes_freed
