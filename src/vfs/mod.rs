@@ -238,6 +238,11 @@ pub struct SetAttr {
 }
 
 impl SetAttr {
+    /// True when it changes times and nothing else.
+    fn times_only(&self) -> bool {
+        self.size.is_none() && self.mode.is_none() && self.uid.is_none() && self.gid.is_none()
+    }
+
     /// True when it changes more than the size.
     fn changes_metadata(&self) -> bool {
         SetAttr { size: None, ..*self } != SetAttr::default()

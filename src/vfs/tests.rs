@@ -553,6 +553,25 @@ fn a_chmod_after_a_compaction_elsewhere_keeps_the_file_readable() {
     assert_eq!(read_all(&v, "f").unwrap(), data(100, 1));
 }
 
+/// The kernel writes back the cached times of an inode after it was unlinked (as for the placeholders `tar x`
+/// makes for links): that must succeed, or the next syncfs(2) of the mount fails; other changes of it, and any
+/// change of a number never given, are refused.
+#[test]
+fn times_written_back_to_an_unlinked_inode_are_taken_and_other_changes_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let v = vfs(d.path());
+    let ino = write_file(&v, ROOT, "placeholder", b"");
+    v.unlink(ROOT, "placeholder").unwrap();
+    let times = SetAttr { mtime_unix_ns: Some(7), ctime_unix_ns: Some(8), ..SetAttr::default() };
+    let a = v.setattr(ino, None, times).unwrap();
+    assert_eq!((a.nlink, a.stat.mtime_unix_ns), (0, 7));
+    let chmod = SetAttr { mode: Some(0o600), ..SetAttr::default() };
+    assert_eq!(v.setattr(ino, None, chmod).unwrap_err().fs_kind(), FsErrorKind::NotFound);
+    assert_eq!(v.setattr(ino + 1000, None, times).unwrap_err().fs_kind(), FsErrorKind::NotFound);
+    v.sync_all().unwrap();
+    assert!(resolve(&v, "placeholder").is_err(), "the unlinked file came back");
+}
+
 /// Commits `files` (name, length, seed) in one session, so small ones share a pack.
 fn put_packed(v: &Vfs, files: &[(&str, usize, u64)]) {
     let mut s = Session::new(v.store(), SessionOptions::default()).unwrap();

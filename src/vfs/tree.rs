@@ -75,6 +75,11 @@ impl<F> Tree<F> {
         Tree { nodes: HashMap::from([(ROOT, root)]), next: ROOT + 1 }
     }
 
+    /// True for an inode number this tree gave and has removed since (numbers are never reused).
+    pub fn was_removed(&self, ino: Ino) -> bool {
+        ino < self.next && !self.nodes.contains_key(&ino)
+    }
+
     /// Number of nodes (the root included).
     pub fn len(&self) -> usize {
         self.nodes.len()
