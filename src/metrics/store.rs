@@ -31,7 +31,7 @@ impl FileStanding {
     pub const ALL: [FileStanding; 4] =
         [FileStanding::Healthy, FileStanding::Degraded, FileStanding::AtRisk, FileStanding::Lost];
 
-    /// The standing of a file from its last result.
+    /// The standing of a file (or volume) from its last result.
     pub fn of(f: &FileRecord) -> FileStanding {
         match f.health {
             Health::Healthy => FileStanding::Healthy,
@@ -63,25 +63,31 @@ pub struct ScrubGauges {
     pub unfinished: bool,
     /// Files by the standing of their last result, in the order of [`FileStanding::ALL`].
     pub files: [u64; FileStanding::ALL.len()],
-    /// Plaintext bytes at risk, by the files' last results.
+    /// Block volumes by the standing of their result in the last complete run, likewise.
+    pub volumes: [u64; FileStanding::ALL.len()],
+    /// Plaintext bytes at risk, by the files' and volumes' last results.
     pub bytes_at_risk: u64,
-    /// Plaintext bytes lost, by the files' last results.
+    /// Plaintext bytes lost, by the files' and volumes' last results.
     pub bytes_lost: u64,
 }
 
 impl ScrubGauges {
     /// The gauges of a record.
     pub fn of(state: &ScrubState) -> ScrubGauges {
-        let mut files = [0; FileStanding::ALL.len()];
-        for f in state.files.values() {
-            files[FileStanding::of(f) as usize] += 1;
-        }
-        let (_, bytes_at_risk, bytes_lost) = state.at_risk();
+        let standings = |records: &mut dyn Iterator<Item = &FileRecord>| {
+            let mut n = [0; FileStanding::ALL.len()];
+            for r in records {
+                n[FileStanding::of(r) as usize] += 1;
+            }
+            n
+        };
+        let (_, _, bytes_at_risk, bytes_lost) = state.at_risk();
         ScrubGauges {
             unreadable: false,
             last: state.last.clone(),
             unfinished: state.running.is_some(),
-            files,
+            files: standings(&mut state.files.values()),
+            volumes: standings(&mut state.volumes.values()),
             bytes_at_risk,
             bytes_lost,
         }
@@ -103,15 +109,22 @@ impl ScrubGauges {
         for (s, n) in FileStanding::ALL.iter().zip(self.files) {
             sample(out, name, &format!("result=\"{}\"", s.label()), n);
         }
-        let risk_help = "Plaintext bytes not fully redundant, by the files' last scrubs.";
+        let name = "bf_scrub_volumes";
+        let volumes_help =
+            "Block volumes by their result in the last complete scrub (at_risk: some stripe has only k good shards).";
+        family(out, name, "gauge", volumes_help);
+        for (s, n) in FileStanding::ALL.iter().zip(self.volumes) {
+            sample(out, name, &format!("result=\"{}\"", s.label()), n);
+        }
+        let risk_help = "Plaintext bytes not fully redundant, by the files' and volumes' last scrubs (a volume counts its whole stripes).";
         gauge(out, "bf_data_at_risk_bytes", risk_help, self.bytes_at_risk);
-        let lost_help = "Plaintext bytes beyond repair, by the files' last scrubs.";
+        let lost_help = "Plaintext bytes beyond repair, by the files' and volumes' last scrubs.";
         gauge(out, "bf_data_lost_bytes", lost_help, self.bytes_lost);
     }
 }
 
 /// The `bf_scrub_last_*` gauges of the last complete run (all 0 when there was none): name suffix, help, value.
-fn last_run_rows(last: &RunSummary) -> [(&'static str, &'static str, u64); 11] {
+fn last_run_rows(last: &RunSummary) -> [(&'static str, &'static str, u64); 12] {
     let took = last.finished_unix.saturating_sub(last.started_unix);
     [
         (
@@ -127,6 +140,7 @@ fn last_run_rows(last: &RunSummary) -> [(&'static str, &'static str, u64); 11] {
             health_value(last.health_after),
         ),
         ("files", "Files the last complete scrub checked.", last.files),
+        ("volumes", "Block volumes the last complete scrub checked.", last.volumes),
         ("bytes_verified", "Shard bytes the last complete scrub verified.", last.bytes_verified),
         ("shards_bad", "Bad or missing shards the last complete scrub found.", last.shards_bad),
         ("shards_repaired", "Shards the last complete scrub rebuilt.", last.shards_repaired),
@@ -220,12 +234,15 @@ mod tests {
         st.files.insert([3; 16], file(Health::Degraded, 0, 100, 0));
         st.files.insert([4; 16], file(Health::Degraded, 2, 200, 0));
         st.files.insert([5; 16], file(Health::Lost, 0, 0, 70));
+        st.volumes.insert("aa".into(), file(Health::Healthy, 0, 0, 0));
+        st.volumes.insert("bb".into(), file(Health::Degraded, 1, 4000, 0));
         st.last = Some(RunSummary {
             started_unix: 1_000,
             finished_unix: 1_060,
             repair: true,
             health_after: Health::Lost,
             files: 5,
+            volumes: 2,
             shards_bad: 9,
             shards_repaired: 6,
             orphans: 3,
@@ -233,6 +250,7 @@ mod tests {
         });
         let g = ScrubGauges::of(&st);
         assert_eq!(g.files, [2, 1, 1, 1]);
+        assert_eq!(g.volumes, [1, 0, 1, 0]);
         let mut text = String::new();
         g.render(&mut text);
         for line in [
@@ -247,7 +265,11 @@ mod tests {
             "bf_scrub_last_shards_bad 9",
             "bf_scrub_last_shards_repaired 6",
             "bf_scrub_last_orphans 3",
-            "bf_data_at_risk_bytes 300",
+            "bf_scrub_volumes{result=\"healthy\"} 1",
+            "bf_scrub_volumes{result=\"at_risk\"} 1",
+            "bf_scrub_volumes{result=\"lost\"} 0",
+            "bf_scrub_last_volumes 2",
+            "bf_data_at_risk_bytes 4300",
             "bf_data_lost_bytes 70",
             "bf_scrub_unfinished 0",
             "bf_scrub_state_unreadable 0",

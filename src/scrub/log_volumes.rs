@@ -36,6 +36,7 @@ pub fn scrub_log_volume(store: &Store, id: &[u8; 16], repair: bool) -> VolumeRep
     let span = tracing::info_span!("scrub_volume", volume = %r.label);
     let _enter = span.enter();
     r.generation = ckpt.generation;
+    r.stripe_bytes = ckpt.stripe_blocks as u64 * crate::format::log::BLOCK as u64;
     check_checkpoints(store, &ckpt, repair, &mut r);
     for (page, pref) in ckpt.pages.iter().enumerate() {
         if pref.gen != 0 {
@@ -275,12 +276,25 @@ mod tests {
         assert_eq!(r.shards.corrupt, 1, "{r:?}");
         assert_eq!((r.superblocks_bad, r.pages_bad), (1, 1), "{r:?}");
         assert_eq!(r.health(), Health::Degraded);
+        // A whole-store run records the volume's result, for `bf status` and the metrics.
+        let whole = |repair: bool| {
+            let opts = crate::scrub::ScrubOptions { repair, ..Default::default() };
+            let ctl = crate::scrub::RunControl { max_duration: None, total: None, progress: &|_| {} };
+            crate::scrub::run(&keyless, &opts, crate::scrub::Selection::All, &ctl).unwrap();
+            crate::scrub::state::ScrubState::load(keyless.dir(), &keyless.descriptor().store_id).unwrap().unwrap()
+        };
+        let rec = whole(false);
+        let last = rec.last.as_ref().unwrap();
+        assert_eq!((last.volumes, last.shards_bad), (1, shards0.len() as u64 + 1), "{last:?}");
+        assert_eq!(rec.volumes[&hex::encode(id)].health, Health::Degraded, "{rec:?}");
+        assert_eq!(rec.at_risk().1, 1, "the degraded volume counts among the unhealthy");
         let r = scrub_log_volume(&keyless, &id, true);
         assert_eq!(r.shards_repaired, shards0.len() as u64 + 1, "{r:?}");
         assert_eq!((r.superblocks_repaired, r.pages_repaired), (1, 1), "{r:?}");
         assert_eq!(r.health_after(), Health::Healthy, "{r:?}");
         let r = scrub_log_volume(&keyless, &id, false);
         assert_eq!((r.health(), r.shards.bad()), (Health::Healthy, 0), "{r:?}");
+        assert_eq!(whole(false).volumes[&hex::encode(id)].health, Health::Healthy);
         // Repaired shards are what they were: losing two other locations still reads back every byte.
         std::fs::remove_dir_all(locs.join("loc-03")).unwrap();
         std::fs::remove_dir_all(locs.join("loc-04")).unwrap();

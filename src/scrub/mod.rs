@@ -345,7 +345,9 @@ fn finish_full_run(
     report.volumes = volumes::scrub_volumes(scrubber.store, scrubber.opts.repair);
     let live: BTreeSet<[u8; 16]> = files.iter().map(|f| f.file_id).collect();
     rec.st.files.retain(|id, _| live.contains(id));
-    rec.running.summary.finish(report, crate::clock::unix_secs());
+    let now = crate::clock::unix_secs();
+    rec.st.volumes = report.volumes.iter().map(|v| (v.id.clone(), state::FileRecord::of_volume(v, now))).collect();
+    rec.running.summary.finish(report, now);
     rec.st.last = Some(std::mem::take(&mut rec.running.summary));
     rec.st.running = None;
     Ok(())

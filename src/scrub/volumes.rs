@@ -55,6 +55,8 @@ pub struct VolumeReport {
     pub errors: Vec<String>,
     /// Shard bytes verified.
     pub bytes_verified: u64,
+    /// Data bytes one full stripe holds (0 when the volume's layout could not be read).
+    pub stripe_bytes: u64,
 }
 
 impl VolumeReport {
@@ -71,6 +73,20 @@ impl VolumeReport {
 }
 
 impl VolumeReport {
+    /// Data bytes still without full redundancy after this run's repairs (at most: a stripe may be partly
+    /// full).
+    pub fn bytes_at_risk_after(&self) -> u64 {
+        match self.health_after() {
+            Health::Healthy => 0,
+            _ => self.stripes_at_risk.len() as u64 * self.stripe_bytes,
+        }
+    }
+
+    /// Data bytes in stripes beyond repair (at most: a stripe may be partly full).
+    pub fn bytes_lost(&self) -> u64 {
+        self.stripes_lost.len() as u64 * self.stripe_bytes
+    }
+
     /// Health after this run's repairs.
     pub fn health_after(&self) -> Health {
         if !self.stripes_lost.is_empty() || self.errors.iter().any(|e| e.contains("no valid")) {
@@ -116,6 +132,7 @@ pub fn scrub_volume(store: &Store, id: &[u8; 16], repair: bool) -> VolumeReport 
     let span = tracing::info_span!("scrub_volume", volume = %r.label);
     let _enter = span.enter();
     r.generation = sb.body.generation;
+    r.stripe_bytes = sb.body.stripe_size as u64;
     check_superblocks(store, &sb.body, repair, &mut r);
     let mut codec = match Codec::new(sb.body.k as usize, sb.body.m as usize) {
         Ok(c) => c,

@@ -26,6 +26,8 @@ struct StatusReport {
     last_scrub: Option<RunSummary>,
     interrupted_scrub: Option<RunSummary>,
     files_not_healthy: u64,
+    /// Block volumes whose last scrub found them degraded or lost.
+    volumes_not_healthy: u64,
     bytes_at_risk: u64,
     bytes_lost: u64,
     /// Files and volumes written short (a location was down), waiting for `bf scrub --repair`.
@@ -59,7 +61,7 @@ fn scrub_state(st: &Store) -> ScrubState {
 fn status_report(st: &Store) -> StatusReport {
     let d = st.descriptor();
     let state = scrub_state(st);
-    let (bad_files, at_risk, lost) = state.at_risk();
+    let (bad_files, bad_volumes, at_risk, lost) = state.at_risk();
     StatusReport {
         store: st.dir().display().to_string(),
         store_id: hex::encode(d.store_id),
@@ -71,6 +73,7 @@ fn status_report(st: &Store) -> StatusReport {
         last_scrub: state.last.clone(),
         interrupted_scrub: state.running.as_ref().map(|r| r.summary.clone()),
         files_not_healthy: bad_files,
+        volumes_not_healthy: bad_volumes,
         bytes_at_risk: at_risk,
         bytes_lost: lost,
         pending_repairs: blockframe::pending::list(st).len() as u64,
@@ -101,9 +104,10 @@ fn print_status(report: &StatusReport) -> std::io::Result<()> {
         )?;
     }
     out!(
-        "data at risk: {} bytes in {} files not healthy; data lost: {} bytes",
+        "data at risk: {} bytes in {} files and {} volumes not healthy; data lost: {} bytes",
         report.bytes_at_risk,
         report.files_not_healthy,
+        report.volumes_not_healthy,
         report.bytes_lost
     )?;
     Ok(())
