@@ -298,6 +298,10 @@ impl Feed<'_, '_, '_> {
     /// The next segment's bytes in a pooled buffer, or `None` after a failure (recorded in the pipeline).
     fn next_chunk(&mut self) -> Option<(Vec<u8>, usize)> {
         let mut buf = self.free.recv().ok()?;
+        if buf.capacity() == 0 {
+            // Zeroed by the allocator (fresh pages, untouched until read into), not written with zeros.
+            buf = vec![0; self.buf_cap];
+        }
         buf.resize(self.buf_cap, 0);
         match read_full(self.input, &mut buf[..self.seg_size]).ctx(|| "reading the input".into()) {
             Ok(len) => Some((buf, len)),
@@ -318,28 +322,36 @@ impl Feed<'_, '_, '_> {
         self.pipeline.abort.load(Ordering::SeqCst)
     }
 
-    /// Known size: a segment is last when it reaches the size; one more read confirms the end.
+    /// Known size: a segment is last when it reaches the size; one more read, of a single byte (a segment
+    /// buffer for it would be one more segment of memory), confirms the end.
     fn known_size(&mut self, size: u64) {
         let mut offset = 0u64;
-        let mut sent_last = false;
         while !self.aborted() {
             let Some((buf, len)) = self.next_chunk() else { break };
             let end = offset + len as u64;
-            let changed = if (sent_last && len > 0) || end > size {
+            let last = len < self.seg_size || end >= size;
+            let changed = if end > size {
                 Some("the input grew while it was being committed")
-            } else if !sent_last && len < self.seg_size && end < size {
+            } else if last && end < size {
                 Some("the input shrank while it was being committed")
             } else {
                 None
             };
             if let Some(why) = changed {
                 self.pipeline.fail(Error::InvalidArgument(why.into()));
-            }
-            if sent_last || changed.is_some() {
                 break;
             }
-            sent_last = len < self.seg_size || end >= size;
-            if !self.send(buf, len, sent_last) {
+            if !self.send(buf, len, last) {
+                break;
+            }
+            if last {
+                match read_full(self.input, &mut [0u8; 1]).ctx(|| "reading the input".into()) {
+                    Ok(0) => {}
+                    Ok(_) => {
+                        self.pipeline.fail(Error::InvalidArgument("the input grew while it was being committed".into()))
+                    }
+                    Err(e) => self.pipeline.fail(e),
+                }
                 break;
             }
             offset = end;

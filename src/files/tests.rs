@@ -298,3 +298,26 @@ fn compaction_moves_the_live_files_of_mostly_dead_packs_and_frees_them() {
     assert!(catalog::find(&store, "f0").is_err());
     assert_eq!(get(&store, "f6").unwrap(), contents[6]);
 }
+
+/// A commit told the input's size refuses an input that turns out longer or shorter (in the last segment, past
+/// a whole segment, or empty), and stores an exact one, also one of whole segments.
+#[test]
+fn an_input_that_is_not_the_size_it_was_said_to_be_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let store = mem(d.path(), 2, 1).store;
+    let seg = store.descriptor().segment_size as usize;
+    let commit = |name: &str, said: usize, real: usize| {
+        let bytes = data(real, 3);
+        let r = req(name, said);
+        crate::files::commit::commit(&store, &mut Cursor::new(&bytes), &r, &|_| {}).map(|_| bytes)
+    };
+    for (said, real) in [(seg, seg + 1), (2 * seg, 2 * seg + 7), (seg + 5, seg + 4), (2 * seg, seg), (3, 0), (0, 1)] {
+        let e = commit("bad", said, real).map(|b| b.len()).expect_err(&format!("said {said}, was {real}"));
+        assert!(matches!(e, crate::error::Error::InvalidArgument(_)), "said {said}, was {real}: {e}");
+    }
+    for len in [0, 5, seg, 2 * seg, 2 * seg + 9] {
+        let name = format!("ok{len}");
+        let bytes = commit(&name, len, len).unwrap();
+        assert_eq!(get(&store, &name).unwrap(), bytes, "{name}");
+    }
+}
