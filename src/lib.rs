@@ -39,6 +39,7 @@ pub(crate) mod stripe;
 pub mod testing;
 pub mod vfs;
 pub mod volume;
+pub mod zones;
 
 pub use codec::{crypto, erasure, merkle};
 pub use error::{Error, ErrorKind, Result};

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use crate::codec::crypto::MasterKey;
 use crate::error::{Error, Result};
 use crate::format::manifest::{parse_manifest_name, Manifest};
-use crate::format::{self, MAGIC_STORE};
 use crate::location::{open_location, Location, LocationExt};
 use crate::store::{canonical_spec, read_marker, write_marker, Store, StoreDescriptor};
 
@@ -169,6 +168,8 @@ pub fn recover(dir: &Path, locations: &[String], key: &MasterKey, fallback: &Fal
         key_check: key.check_value(),
         kdf: None,
         created_unix: crate::clock::unix_secs(),
+        // Zones live only in the descriptor: `bf location zone` sets them again.
+        zones: vec![],
     };
     write_descriptor(dir, &descriptor)?;
     let new_locations = blank.iter().map(|&g| given[g].spec.clone()).collect();
@@ -308,5 +309,5 @@ fn write_descriptor(dir: &Path, descriptor: &StoreDescriptor) -> Result<()> {
         tracing::warn!(path = %keep.display(), "kept the damaged descriptor");
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-    crate::store::write_atomic(&dir.join("store.bf"), &format::seal(MAGIC_STORE, descriptor), 0o644)
+    crate::store::write_atomic(&dir.join("store.bf"), &crate::store::seal_descriptor(descriptor), 0o644)
 }

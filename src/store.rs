@@ -52,6 +52,72 @@ pub struct StoreDescriptor {
     pub kdf: Option<KdfParams>,
     /// Creation time, seconds since the epoch.
     pub created_unix: u64,
+    /// The failure domain (machine, rack, site) of each location, by index; empty for none (see
+    /// [`crate::zones`]). As long as no location has one, the descriptor is written in format version 1.
+    pub zones: Vec<String>,
+}
+
+/// The descriptor as format version 1 has it (no zones).
+#[derive(Serialize, Deserialize)]
+struct DescriptorV1 {
+    store_id: [u8; 16],
+    k: u16,
+    m: u16,
+    segment_size: u64,
+    locations: Vec<String>,
+    key_check: [u8; 32],
+    kdf: Option<KdfParams>,
+    created_unix: u64,
+}
+
+/// Format version of a descriptor with zones.
+const DESCRIPTOR_ZONES_VERSION: u16 = 2;
+
+/// The bytes of `store.bf`: format version 1 while no location has a zone (older versions of bf still open it),
+/// else version 2.
+pub(crate) fn seal_descriptor(d: &StoreDescriptor) -> Vec<u8> {
+    if d.zones.iter().all(String::is_empty) {
+        let v1 = DescriptorV1 {
+            store_id: d.store_id,
+            k: d.k,
+            m: d.m,
+            segment_size: d.segment_size,
+            locations: d.locations.clone(),
+            key_check: d.key_check,
+            kdf: d.kdf.clone(),
+            created_unix: d.created_unix,
+        };
+        return format::seal(MAGIC_STORE, &v1);
+    }
+    let payload = postcard::to_allocvec(d).expect("the descriptor is postcard-serialisable");
+    format::seal_bytes_version(MAGIC_STORE, DESCRIPTOR_ZONES_VERSION, &payload)
+}
+
+/// Reads `store.bf` of either format version; `zones` has one entry per location.
+fn open_descriptor(bytes: &[u8], what: &str) -> Result<StoreDescriptor> {
+    let (version, payload) = format::open_bytes_version(MAGIC_STORE, what, bytes, 1..=DESCRIPTOR_ZONES_VERSION)?;
+    let undecodable = |e: postcard::Error| Error::corrupt(what, format!("undecodable payload: {e}"));
+    let mut d = if version == 1 {
+        let v1: DescriptorV1 = postcard::from_bytes(payload).map_err(undecodable)?;
+        StoreDescriptor {
+            store_id: v1.store_id,
+            k: v1.k,
+            m: v1.m,
+            segment_size: v1.segment_size,
+            locations: v1.locations,
+            key_check: v1.key_check,
+            kdf: v1.kdf,
+            created_unix: v1.created_unix,
+            zones: vec![],
+        }
+    } else {
+        postcard::from_bytes::<StoreDescriptor>(payload).map_err(undecodable)?
+    };
+    if d.zones.len() > d.locations.len() {
+        return Err(Error::corrupt(what, "more zones than locations"));
+    }
+    d.zones.resize(d.locations.len(), String::new());
+    Ok(d)
 }
 
 /// Marker stored at the root of each location.
@@ -203,6 +269,7 @@ impl Store {
             key_check: key.check_value(),
             kdf,
             created_unix: crate::clock::unix_secs(),
+            zones: vec![],
         };
         // Locations first (each with its marker), then the key, then the descriptor: a store is only seen as
         // existing once everything it needs is in place.
@@ -219,7 +286,7 @@ impl Store {
         if let KeySource::NewKeyFile(path) = &opts.key {
             write_key_file(path, &key)?;
         }
-        write_atomic(&dir.join(DESCRIPTOR), &format::seal(MAGIC_STORE, &desc), 0o644)?;
+        write_atomic(&dir.join(DESCRIPTOR), &seal_descriptor(&desc), 0o644)?;
         let mut store = Store::open(dir)?;
         store.key = Some(key);
         Ok(store)
@@ -235,7 +302,7 @@ impl Store {
             }
             Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
         };
-        let desc: StoreDescriptor = format::open(MAGIC_STORE, &format!("store descriptor {}", path.display()), &bytes)?;
+        let desc = open_descriptor(&bytes, &format!("store descriptor {}", path.display()))?;
         erasure::validate(desc.k as usize, desc.m as usize)?;
         if desc.locations.is_empty() {
             return Err(Error::corrupt("store descriptor", "no locations"));
@@ -339,6 +406,29 @@ impl Store {
         self.replace_location_locked(index, spec, loc)
     }
 
+    /// Puts location `index` into failure domain `zone` (empty: none), recorded in the descriptor.
+    pub fn set_zone(&mut self, index: usize, zone: &str) -> Result<()> {
+        if index >= self.desc.locations.len() {
+            return Err(Error::Config(format!("no location number {index}")));
+        }
+        if zone.len() > 64 || zone.chars().any(|c| c.is_control()) || zone.starts_with('#') {
+            return Err(Error::Config(format!(
+                "zone {zone:?}: at most 64 characters, no control characters, not starting with #"
+            )));
+        }
+        let _lock = self.lock_catalog()?;
+        let mut desc = self.desc.clone();
+        desc.zones[index] = zone.to_string();
+        write_atomic(&self.dir.join(DESCRIPTOR), &seal_descriptor(&desc), 0o644)?;
+        self.desc = desc;
+        Ok(())
+    }
+
+    /// How many failure domains the store's layout survives losing (see [`crate::zones`]).
+    pub fn zone_tolerance(&self) -> crate::zones::ZoneTolerance {
+        crate::zones::tolerance(&self.desc.zones, self.desc.k as usize, self.desc.m as usize)
+    }
+
     /// Refuses a replacement of a location number the store lacks, or by a location it has already.
     fn check_replacement(&self, index: usize, spec: &str) -> Result<()> {
         if index >= self.desc.locations.len() {
@@ -367,7 +457,7 @@ impl Store {
         write_marker(loc.as_ref(), &self.desc.store_id, index)?;
         let mut desc = self.desc.clone();
         desc.locations[index] = spec;
-        write_atomic(&self.dir.join(DESCRIPTOR), &format::seal(MAGIC_STORE, &desc), 0o644)?;
+        write_atomic(&self.dir.join(DESCRIPTOR), &seal_descriptor(&desc), 0o644)?;
         self.desc = desc;
         self.locations[index] = loc;
         self.forget_catalog();
@@ -577,6 +667,44 @@ mod tests {
                 assert_eq!(seen.len(), 6);
             }
         }
+    }
+
+    /// The descriptor's format version of `dir`.
+    fn descriptor_version(dir: &Path) -> u16 {
+        let b = fs::read(dir.join(DESCRIPTOR)).unwrap();
+        u16::from_le_bytes([b[8], b[9]])
+    }
+
+    #[test]
+    fn zones_are_kept_in_a_second_descriptor_format_written_only_once_one_is_set() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("s");
+        let opts = InitOptions {
+            k: 2,
+            m: 1,
+            segment_size: MIN_SEGMENT_SIZE,
+            locations: vec![],
+            key: KeySource::NewKeyFile(dir.join("master.key")),
+        };
+        let mut st = Store::init(&dir, opts).unwrap();
+        assert_eq!(descriptor_version(&dir), 1, "a store without zones stays readable by older versions");
+        assert_eq!(Store::open(&dir).unwrap().descriptor().zones, ["", "", ""]);
+        assert_eq!(st.zone_tolerance().tolerance, 1);
+        st.set_zone(0, "rack-a").unwrap();
+        st.set_zone(1, "rack-a").unwrap();
+        assert_eq!(descriptor_version(&dir), DESCRIPTOR_ZONES_VERSION);
+        let back = Store::open(&dir).unwrap();
+        assert_eq!(back.descriptor().zones, ["rack-a", "rack-a", ""]);
+        // Two of a 2+1 stripe's three shards share rack-a: losing it loses the stripe.
+        assert_eq!((back.zone_tolerance().domains, back.zone_tolerance().tolerance), (2, 0));
+        for bad in ["#x", "a\nb", &"z".repeat(65)] {
+            assert!(matches!(st.set_zone(2, bad), Err(Error::Config(_))), "{bad:?} accepted");
+        }
+        assert!(matches!(st.set_zone(3, "b"), Err(Error::Config(_))));
+        st.set_zone(0, "").unwrap();
+        st.set_zone(1, "").unwrap();
+        assert_eq!(descriptor_version(&dir), 1, "without zones again, format 1 again");
+        assert_eq!(Store::open(&dir).unwrap().descriptor(), st.descriptor());
     }
 
     #[test]

@@ -166,6 +166,14 @@ pub enum LocationCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Put a location into a failure domain (a machine, rack or site it shares with others), so that `bf status`
+    /// reports how many domains may be lost; an empty ZONE takes it out of any.
+    Zone {
+        /// The location: its spec as `bf location ls` shows it, or its number.
+        location: String,
+        /// The zone name (at most 64 characters).
+        zone: String,
+    },
     /// Replace a lost or retired location by a new, empty one and rebuild onto it everything the old one held
     /// (a repairing scrub; no key needed).
     Replace {

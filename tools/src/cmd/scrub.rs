@@ -171,6 +171,7 @@ fn print_report(st: &Store, r: &ScrubReport) -> std::io::Result<()> {
     for l in &r.locations {
         print_location(l)?;
     }
+    out!("{}", super::location::tolerance_line(&st.zone_tolerance()))?;
     for o in &r.orphans {
         let age = o.age_secs.map(|a| format!("{:.1} h old", a as f64 / 3600.0)).unwrap_or_else(|| "age unknown".into());
         let what = match (o.kind, o.deleted) {

@@ -12,7 +12,7 @@ use crate::cli::StatusArgs;
 use crate::open::open_keyless;
 use crate::settings::Settings;
 use crate::units::format_utc;
-use crate::EXIT_OK;
+use crate::{EXIT_DEGRADED, EXIT_OK};
 
 #[derive(serde::Serialize)]
 struct StatusReport {
@@ -23,6 +23,8 @@ struct StatusReport {
     segment_size: u64,
     files: usize,
     locations: Vec<(String, LocationState)>,
+    /// Failure domains and how many may be lost.
+    zones: blockframe::zones::ZoneTolerance,
     last_scrub: Option<RunSummary>,
     interrupted_scrub: Option<RunSummary>,
     files_not_healthy: u64,
@@ -38,12 +40,14 @@ struct StatusReport {
 pub(crate) fn status_cmd(a: &StatusArgs, s: &Settings) -> Result<u8> {
     let st = open_keyless(s)?;
     let report = status_report(&st);
+    // A layout that cannot survive the loss of one failure domain is degraded, whatever the data's state.
+    let code = if report.zones.tolerance == 0 { EXIT_DEGRADED } else { EXIT_OK };
     if a.json {
         out!("{}", serde_json::to_string_pretty(&report)?)?;
-        return Ok(EXIT_OK);
+        return Ok(code);
     }
     print_status(&report)?;
-    Ok(EXIT_OK)
+    Ok(code)
 }
 
 /// The scrub state record; an unreadable one is reported and treated as no history.
@@ -70,6 +74,7 @@ fn status_report(st: &Store) -> StatusReport {
         segment_size: d.segment_size,
         files: catalog::scan(st).map(|f| f.len()).unwrap_or(0),
         locations: st.locations().iter().map(|l| l.name().to_string()).zip(scrub::check_locations(st, false)).collect(),
+        zones: st.zone_tolerance(),
         last_scrub: state.last.clone(),
         interrupted_scrub: state.running.as_ref().map(|r| r.summary.clone()),
         files_not_healthy: bad_files,
@@ -86,6 +91,7 @@ fn print_status(report: &StatusReport) -> std::io::Result<()> {
     for (name, state) in &report.locations {
         out!("  location {name}: {}", location_word(state))?;
     }
+    out!("{}", super::location::tolerance_line(&report.zones))?;
     if report.pending_repairs > 0 {
         out!(
             "{} files or volumes were written with shards missing (a location was down): run `bf scrub --repair`",

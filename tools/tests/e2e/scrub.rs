@@ -295,3 +295,34 @@ fn files_whose_catalog_is_lost_everywhere_are_kept_and_restored_by_lost_found() 
     assert_eq!(env.ok(&["lost-found"]).trim(), "no lost files");
     env.fails(&["lost-found", "--discard", id], 1);
 }
+
+/// Zones: a layout whose every stripe has more than m shards in one zone is reported by `bf location zone`,
+/// `bf status` (exit 3) and scrub; spreading the zones again makes it tolerant, and the zones survive reopening.
+#[test]
+fn a_layout_that_cannot_lose_one_zone_is_reported_with_exit_3() {
+    let env = Env::new();
+    env.init(4, 2);
+    let st = env.ok(&["status"]);
+    assert!(st.contains("6 locations, each its own failure domain; any 2 of them may be lost"), "{st}");
+    // Three machines of two disks each: any one machine may go.
+    for (i, zone) in ["a", "a", "b", "b", "c", "c"].iter().enumerate() {
+        env.ok(&["location", "zone", &i.to_string(), zone]);
+    }
+    let st: Value = serde_json::from_str(&env.ok(&["status", "--json"])).unwrap();
+    assert_eq!((st["zones"]["domains"].as_u64(), st["zones"]["tolerance"].as_u64()), (Some(3), Some(1)), "{st}");
+    assert!(env.ok(&["location", "ls"]).contains("zone b"));
+    // A third disk into machine a: losing it loses three shards of every stripe.
+    let err = env.fails(&["location", "zone", "2", "a"], 3);
+    assert!(err.contains("NOT TOLERANT"), "{err}");
+    let o = env.run(&["status"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(3), "{out}");
+    assert!(out.contains("NOT TOLERANT") && out.contains("up to 3 shards"), "{out}");
+    env.write("f", &data(SEG, 1));
+    env.ok(&["commit", "f"]);
+    assert!(env.ok(&["scrub"]).contains("NOT TOLERANT"));
+    env.ok(&["location", "zone", "2", "b"]);
+    assert!(env
+        .ok(&["status"])
+        .contains("3 failure domains (zones, and locations without one); any 1 of them may be lost"));
+}
