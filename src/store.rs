@@ -57,6 +57,16 @@ pub struct StoreDescriptor {
     pub zones: Vec<String>,
 }
 
+/// Refuses a zone name that would not print or could be taken for a location without one.
+fn check_zone(zone: &str) -> Result<()> {
+    if zone.len() > 64 || zone.chars().any(|c| c.is_control()) || zone.starts_with('#') {
+        return Err(Error::Config(format!(
+            "zone {zone:?}: at most 64 characters, no control characters, not starting with #"
+        )));
+    }
+    Ok(())
+}
+
 /// The descriptor as format version 1 has it (no zones).
 #[derive(Serialize, Deserialize)]
 struct DescriptorV1 {
@@ -148,6 +158,10 @@ pub struct InitOptions {
     /// Location specs (paths, `file:///path` or `s3://bucket/prefix`); empty means k+m directories inside the
     /// store.
     pub locations: Vec<String>,
+    /// The failure domain (zone) of each location, in the same order; empty when none has one. The locations
+    /// are then ordered so that each stripe's shards fall into as many zones as possible (see
+    /// [`crate::zones::spread_order`]).
+    pub zones: Vec<String>,
     /// Key source.
     pub key: KeySource,
 }
@@ -253,6 +267,25 @@ impl Store {
                 return Err(Error::Config(format!("location {l} is listed twice")));
             }
         }
+        let (locations, zones) = if opts.zones.is_empty() {
+            (locations, vec![])
+        } else {
+            if opts.zones.len() != locations.len() {
+                return Err(Error::Config(format!(
+                    "{} zones for {} locations: give one zone per location, or none",
+                    opts.zones.len(),
+                    locations.len()
+                )));
+            }
+            for z in &opts.zones {
+                check_zone(z)?;
+            }
+            let order = crate::zones::spread_order(&opts.zones);
+            (
+                order.iter().map(|&i| locations[i].clone()).collect(),
+                order.iter().map(|&i| opts.zones[i].clone()).collect(),
+            )
+        };
         let (key, kdf) = match &opts.key {
             KeySource::NewKeyFile(_) => (MasterKey::generate()?, None),
             KeySource::Passphrase(p) => {
@@ -269,7 +302,7 @@ impl Store {
             key_check: key.check_value(),
             kdf,
             created_unix: crate::clock::unix_secs(),
-            zones: vec![],
+            zones,
         };
         // Locations first (each with its marker), then the key, then the descriptor: a store is only seen as
         // existing once everything it needs is in place.
@@ -411,11 +444,7 @@ impl Store {
         if index >= self.desc.locations.len() {
             return Err(Error::Config(format!("no location number {index}")));
         }
-        if zone.len() > 64 || zone.chars().any(|c| c.is_control()) || zone.starts_with('#') {
-            return Err(Error::Config(format!(
-                "zone {zone:?}: at most 64 characters, no control characters, not starting with #"
-            )));
-        }
+        check_zone(zone)?;
         let _lock = self.lock_catalog()?;
         let mut desc = self.desc.clone();
         desc.zones[index] = zone.to_string();
@@ -684,6 +713,7 @@ mod tests {
             m: 1,
             segment_size: MIN_SEGMENT_SIZE,
             locations: vec![],
+            zones: vec![],
             key: KeySource::NewKeyFile(dir.join("master.key")),
         };
         let mut st = Store::init(&dir, opts).unwrap();
@@ -717,6 +747,7 @@ mod tests {
             m: 1,
             segment_size: MIN_SEGMENT_SIZE,
             locations: vec![],
+            zones: vec![],
             key: KeySource::NewKeyFile(key_path.clone()),
         };
         let s = Store::init(&dir, opts).unwrap();
@@ -738,6 +769,7 @@ mod tests {
                     m: 1,
                     segment_size: MIN_SEGMENT_SIZE,
                     locations: vec![],
+                    zones: vec![],
                     key: KeySource::Passphrase(b"x".to_vec())
                 }
             ),

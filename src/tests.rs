@@ -16,6 +16,7 @@ pub(crate) fn new_store(dir: &std::path::Path, k: u16, m: u16) -> Store {
             m,
             segment_size: MIN_SEGMENT_SIZE,
             locations: vec![],
+            zones: vec![],
             key: KeySource::NewKeyFile(dir.join("store/master.key")),
         },
     )

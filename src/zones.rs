@@ -26,6 +26,35 @@ pub fn domains(zones: &[String]) -> Vec<String> {
     zones.iter().enumerate().map(|(i, z)| if z.is_empty() { format!("#location-{i}") } else { z.clone() }).collect()
 }
 
+/// An order of the locations (indices into `zones`) in which consecutive ones are in different domains as far
+/// as possible, so that each stripe's k+m consecutive locations span as many zones as they can: each next one
+/// is taken from the domain with the most locations left, other than the previous one's (ties: the domain seen
+/// first). Locations without a zone are domains of one. Without zones it is the identity.
+pub fn spread_order(zones: &[String]) -> Vec<usize> {
+    let of = domains(zones);
+    // Domains in order of first appearance, each with its locations in order.
+    let mut groups: Vec<(String, std::collections::VecDeque<usize>)> = Vec::new();
+    for (i, d) in of.iter().enumerate() {
+        match groups.iter_mut().find(|(g, _)| g == d) {
+            Some((_, members)) => members.push_back(i),
+            None => groups.push((d.clone(), [i].into())),
+        }
+    }
+    let mut order = Vec::with_capacity(zones.len());
+    let mut previous: Option<usize> = None;
+    while order.len() < zones.len() {
+        let pick = |avoid: Option<usize>| {
+            (0..groups.len())
+                .filter(|&g| Some(g) != avoid && !groups[g].1.is_empty())
+                .max_by(|&a, &b| groups[a].1.len().cmp(&groups[b].1.len()).then(b.cmp(&a)))
+        };
+        let Some(g) = pick(previous).or_else(|| pick(None)) else { break };
+        order.extend(groups[g].1.pop_front());
+        previous = Some(g);
+    }
+    order
+}
+
 /// The zone tolerance of `n = zones.len()` locations holding stripes of `k + m` shards.
 pub fn tolerance(zones: &[String], k: usize, m: usize) -> ZoneTolerance {
     let n = zones.len();
@@ -93,6 +122,33 @@ mod tests {
         // plus another: the worst case counts.
         let t = tolerance(&z(&["a", "a", "", "", "", ""]), 4, 2);
         assert_eq!((t.domains, t.tolerance), (5, 1));
+    }
+
+    /// Applies an order to zone names.
+    fn ordered(zones: &[String]) -> Vec<String> {
+        let order = spread_order(zones);
+        let mut seen = order.clone();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..zones.len()).collect::<Vec<_>>(), "not a permutation");
+        order.iter().map(|&i| zones[i].clone()).collect()
+    }
+
+    #[test]
+    fn the_spread_order_interleaves_zones_and_keeps_a_store_without_them_as_it_is() {
+        assert_eq!(spread_order(&z(&["", "", "", ""])), [0, 1, 2, 3]);
+        assert_eq!(ordered(&z(&["a", "a", "a", "b", "b", "b"])), z(&["a", "b", "a", "b", "a", "b"]));
+        assert_eq!(ordered(&z(&["a", "a", "b", "b", "c", "c"])), z(&["a", "b", "c", "a", "b", "c"]));
+        // Listed grouped, 2+1 over six locations in three zones: no longer a zone twice in a stripe.
+        let grouped = z(&["a", "a", "b", "b", "c", "c"]);
+        assert_eq!(tolerance(&grouped, 2, 1).tolerance, 0);
+        assert_eq!(tolerance(&ordered(&grouped), 2, 1).tolerance, 1);
+        // Uneven: the big zone is spread first, so its locations are never neighbours.
+        let uneven = ordered(&z(&["a", "a", "a", "b", "c", ""]));
+        assert!(uneven.windows(2).all(|w| w[0] != w[1] || w[0].is_empty()), "{uneven:?}");
+        // Half of six locations in one zone: with windows of three, some stripe has two shards there whatever
+        // the order, and the tolerance says so.
+        assert_eq!(tolerance(&uneven, 2, 1).tolerance, 0);
+        assert_eq!(tolerance(&uneven, 2, 1).most_in_one, 2);
     }
 
     #[test]

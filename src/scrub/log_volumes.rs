@@ -244,6 +244,7 @@ mod tests {
             m: 2,
             segment_size: MIN_SEGMENT_SIZE,
             locations: vec![],
+            zones: vec![],
             key: KeySource::NewKeyFile(d.path().join("store/master.key")),
         };
         let st = Arc::new(Store::init(&d.path().join("store"), opts).unwrap());

@@ -366,6 +366,7 @@ mod tests {
                 m: 2,
                 segment_size: MIN_SEGMENT_SIZE,
                 locations: vec![],
+                zones: vec![],
                 key: KeySource::NewKeyFile(dir.join("master.key")),
             },
         )
@@ -442,6 +443,7 @@ mod tests {
             m: 1,
             segment_size: MIN_SEGMENT_SIZE,
             locations: vec![],
+            zones: vec![],
             key: KeySource::NewKeyFile(dir.join("master.key")),
         };
         let st = Arc::new(Store::init(&dir, opts).unwrap());

@@ -180,6 +180,7 @@ pub fn mem_store(dir: &std::path::Path, k: u16, m: u16, n: usize, segment_size: 
         m,
         segment_size,
         locations: (0..n).map(|i| dir.join(format!("unused-{i}")).display().to_string()).collect(),
+        zones: vec![],
         key: KeySource::NewKeyFile(dir.join("master.key")),
     };
     let mut store = Store::init(dir, opts)?;

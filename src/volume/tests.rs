@@ -13,6 +13,7 @@ fn store(dir: &std::path::Path) -> Arc<Store> {
         m: 1,
         segment_size: MIN_SEGMENT_SIZE,
         locations: vec![],
+        zones: vec![],
         key: KeySource::NewKeyFile(dir.join("store/master.key")),
     };
     Arc::new(Store::init(&dir.join("store"), opts).unwrap())

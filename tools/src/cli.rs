@@ -297,6 +297,10 @@ pub struct InitArgs {
     /// least k+m for full protection) [config: locations; default: k+m directories inside the store]
     #[arg(long = "location", value_name = "LOCATION")]
     pub locations: Vec<String>,
+    /// The failure domain (machine, rack, site) of each --location, in the same order: one per location, or
+    /// none. The locations are then ordered so that each segment's shards fall into as many zones as possible.
+    #[arg(long = "zone", value_name = "ZONE")]
+    pub zones: Vec<String>,
     /// Derive the key from a passphrase (Argon2id) instead of writing a key file; read from BF_PASSPHRASE or
     /// asked for on the terminal.
     #[arg(long)]

@@ -15,6 +15,7 @@ fn store(dir: &std::path::Path) -> Arc<Store> {
             m: 2,
             segment_size: MIN_SEGMENT_SIZE,
             locations: vec![],
+            zones: vec![],
             key: KeySource::NewKeyFile(dir.join("store/master.key")),
         },
     )

@@ -144,6 +144,7 @@ pub(crate) fn commit_cmd(a: &CommitArgs, s: &Settings) -> Result<u8> {
             parity_shards: None,
             segment_size_mb: None,
             locations: vec![],
+            zones: vec![],
             passphrase: false,
         };
         init(&defaults, s)?

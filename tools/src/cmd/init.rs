@@ -22,6 +22,10 @@ pub(crate) fn init(a: &InitArgs, s: &Settings) -> Result<Store> {
     } else {
         a.locations.clone()
     };
+    let zones = a.zones.clone();
+    if !zones.is_empty() && zones.len() != locations.len() {
+        bail!("{} --zone for {} locations: give one zone per location, or none", zones.len(), locations.len());
+    }
     let width = k as usize + m as usize;
     if !locations.is_empty() && locations.len() < width {
         tracing::warn!(
@@ -39,7 +43,7 @@ pub(crate) fn init(a: &InitArgs, s: &Settings) -> Result<Store> {
     } else {
         KeySource::NewKeyFile(s.key_path())
     };
-    let mut st = Store::init(&s.store, InitOptions { k, m, segment_size, locations, key })?;
+    let mut st = Store::init(&s.store, InitOptions { k, m, segment_size, locations, zones, key })?;
     crate::open::apply_write_policy(&mut st, s)?;
     let d = st.descriptor();
     eprintln!(
@@ -50,6 +54,9 @@ pub(crate) fn init(a: &InitArgs, s: &Settings) -> Result<Store> {
         d.segment_size >> 10,
         d.locations.len()
     );
+    if !d.zones.iter().all(String::is_empty) {
+        eprintln!("bf: {}", super::location::tolerance_line(&st.zone_tolerance()));
+    }
     if !a.passphrase {
         eprintln!(
             "bf: master key written to {} — back it up: without it the data cannot be read",

@@ -326,3 +326,37 @@ fn a_layout_that_cannot_lose_one_zone_is_reported_with_exit_3() {
         .ok(&["status"])
         .contains("3 failure domains (zones, and locations without one); any 1 of them may be lost"));
 }
+
+/// `bf init --zone`: locations listed grouped by zone are stored interleaved, so that a 2+1 stripe over six
+/// locations in three zones never has two shards in one zone; a zone count that does not match is refused.
+#[test]
+fn init_with_zones_spreads_each_stripe_over_them() {
+    let env = Env::new();
+    let dirs: Vec<String> = (0..6).map(|i| env.path(&format!("disk{i}")).display().to_string()).collect();
+    let mut args = vec!["init", "-k", "2", "-m", "1", "--segment-size-mb", "0.0625"];
+    for d in &dirs {
+        args.extend(["--location", d.as_str()]);
+    }
+    let err = env.fails(&[args.clone(), vec!["--zone", "a"]].concat(), 1);
+    assert!(err.contains("1 --zone for 6 locations"), "{err}");
+    for z in ["a", "a", "b", "b", "c", "c"] {
+        args.extend(["--zone", z]);
+    }
+    let err = env.run(&args);
+    let said = String::from_utf8_lossy(&err.stderr);
+    assert!(err.status.success() && said.contains("any 1 of them may be lost"), "{said}");
+    let ls: Value = serde_json::from_str(&env.ok(&["location", "ls", "--json"])).unwrap();
+    let zones: Vec<&str> = ls.as_array().unwrap().iter().map(|r| r["zone"].as_str().unwrap()).collect();
+    assert_eq!(zones, ["a", "b", "c", "a", "b", "c"]);
+    // Each disk keeps its zone: disk0 and disk1 were both a.
+    let spec_of = |i: usize| ls[i]["spec"].as_str().unwrap().to_string();
+    assert!(spec_of(0).ends_with("disk0") && spec_of(3).ends_with("disk1"), "{ls}");
+    env.write("f", &data(5 * SEG, 1));
+    env.ok(&["commit", "f"]);
+    // Losing both disks of zone a: every segment still has two of its three shards.
+    for i in [0, 3] {
+        std::fs::remove_dir_all(spec_of(i)).unwrap();
+        std::fs::create_dir(spec_of(i)).unwrap();
+    }
+    assert_eq!(env.run(&["get", "f", "-o", "-"]).stdout, data(5 * SEG, 1));
+}
