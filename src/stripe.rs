@@ -147,6 +147,48 @@ pub fn fetch_shard(
     (Err(first_problem.unwrap_or(ShardProblem::Missing)), home)
 }
 
+/// Like [`fetch_shard`], for a remote store: reads shard `i`'s payload straight into `out` (its length) and its
+/// header apart, then verifies both against `leaf`. `out` holds the payload only on success.
+fn fetch_shard_into(
+    store: &Store,
+    addr: &StripeAddr<'_>,
+    i: usize,
+    leaf: &Hash,
+    out: &mut [u8],
+) -> std::result::Result<(), ShardProblem> {
+    let locations = store.locations();
+    let n = locations.len();
+    let home = addr.home(store, i);
+    let key = (addr.key_of)(i);
+    let want = Expected {
+        store_id: &store.descriptor().store_id,
+        file_id: addr.file_id,
+        segment: addr.segment,
+        shard: i as u16,
+        len: addr.shard_len as u32,
+        leaf,
+    };
+    let mut head = [0u8; shard::HEADER_LEN];
+    let mut first_problem = None;
+    for loc in (0..n).map(|j| (home + j) % n) {
+        let fault = match locations[loc].get_split_into(&key, &mut head, out) {
+            Ok(len) if len == (head.len() + out.len()) as u64 => match shard::verify_split(&head, out, &want) {
+                Ok(()) => return Ok(()),
+                Err(f) => f,
+            },
+            Ok(len) if len < head.len() as u64 => ShardFault::BadHeader("truncated".into()),
+            Ok(_) => ShardFault::BadLength,
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => {
+                first_problem.get_or_insert(ShardProblem::Unreadable(e.to_string()));
+                continue;
+            }
+        };
+        first_problem.get_or_insert(ShardProblem::Fault(fault));
+    }
+    Err(first_problem.unwrap_or(ShardProblem::Missing))
+}
+
 /// Why a shard could not be used.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ShardProblem {
@@ -186,8 +228,6 @@ pub struct StripeBuffers {
     pub data: Vec<u8>,
     io: Vec<u8>,
     parity: Vec<u8>,
-    /// One fetch buffer per data shard, for concurrent fetches from remote locations.
-    ios: Vec<Vec<u8>>,
 }
 
 /// Why a stripe could not be read.
@@ -207,8 +247,8 @@ pub enum StripeError {
 }
 
 /// Fetches and verifies the k data shards into `bufs.data` (sized k x shard length): one after another through
-/// `bufs.io` from local disks, or concurrently through `bufs.ios` (one buffer per shard) when a location is
-/// remote, so a stripe pays one network round trip instead of k.
+/// `bufs.io` from local disks, or concurrently and each straight into its place when a location is remote, so a
+/// stripe pays one network round trip instead of k and no buffer per shard.
 fn fetch_data_shards(
     store: &Store,
     addr: &StripeAddr<'_>,
@@ -216,9 +256,8 @@ fn fetch_data_shards(
     bufs: &mut StripeBuffers,
 ) -> Vec<std::result::Result<(), ShardProblem>> {
     let sl = addr.shard_len;
-    let StripeBuffers { data, io, ios, .. } = bufs;
+    let StripeBuffers { data, io, .. } = bufs;
     if !store.locations().iter().any(|l| l.remote()) {
-        ios.clear();
         return (0..leaves.len())
             .map(|i| {
                 let (r, _) = fetch_shard(store, addr, i, &leaves[i], io).0?;
@@ -227,20 +266,13 @@ fn fetch_data_shards(
             })
             .collect();
     }
-    ios.resize_with(leaves.len(), Vec::new);
+    // Remote: each shard's payload goes straight into its place in the stripe buffer as it arrives.
     std::thread::scope(|s| {
-        let handles: Vec<_> = ios
-            .iter_mut()
-            .zip(data.chunks_exact_mut(sl))
+        let handles: Vec<_> = data
+            .chunks_exact_mut(sl)
             .zip(leaves)
             .enumerate()
-            .map(|(i, ((io, out), leaf))| {
-                s.spawn(move || {
-                    let (r, _) = fetch_shard(store, addr, i, leaf, io).0?;
-                    out.copy_from_slice(&io[r]);
-                    Ok(())
-                })
-            })
+            .map(|(i, (out, leaf))| s.spawn(move || fetch_shard_into(store, addr, i, leaf, out)))
             .collect();
         handles
             .into_iter()

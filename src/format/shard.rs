@@ -160,14 +160,20 @@ pub struct Expected<'a> {
 /// Checks a whole shard file (header + payload) against what the manifest expects; returns the payload.
 /// Needs no key: this is what scrub runs on untrusted nodes.
 pub fn verify<'b>(bytes: &'b [u8], want: &Expected<'_>) -> std::result::Result<&'b [u8], ShardFault> {
-    let h = ShardHeader::decode(bytes).map_err(|e| ShardFault::BadHeader(e.to_string()))?;
+    let (head, payload) = bytes.split_at(HEADER_LEN.min(bytes.len()));
+    verify_split(head, payload, want)?;
+    Ok(payload)
+}
+
+/// [`verify`] of a shard read as its header and its payload apart.
+pub fn verify_split(head: &[u8], payload: &[u8], want: &Expected<'_>) -> std::result::Result<(), ShardFault> {
+    let h = ShardHeader::decode(head).map_err(|e| ShardFault::BadHeader(e.to_string()))?;
     if &h.store_id != want.store_id || &h.file_id != want.file_id {
         return Err(ShardFault::Misplaced("belongs to another store or file".into()));
     }
     if h.segment != want.segment || h.shard != want.shard {
         return Err(ShardFault::Misplaced(format!("holds segment {} shard {}", h.segment, h.shard)));
     }
-    let payload = &bytes[HEADER_LEN..];
     if h.payload_len != want.len || payload.len() != want.len as usize {
         return Err(ShardFault::BadLength);
     }
@@ -175,7 +181,7 @@ pub fn verify<'b>(bytes: &'b [u8], want: &Expected<'_>) -> std::result::Result<&
     if actual != h.payload_hash || leaf_hash(want.file_id, want.segment, want.shard, want.len, &actual) != *want.leaf {
         return Err(ShardFault::BadPayload);
     }
-    Ok(payload)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -38,6 +38,19 @@ pub trait Location: Send + Sync + std::fmt::Debug {
     }
     /// Reads the whole object into `buf` (cleared first).
     fn get_into(&self, key: &str, buf: &mut Vec<u8>) -> Result<()>;
+    /// Reads the whole object into `head` and then `body`, and returns its length. Both are filled only when the
+    /// object is exactly `head.len() + body.len()` bytes long; otherwise their contents are unspecified. Shards
+    /// are read so, their payload straight into the stripe buffer. The default reads into a temporary buffer.
+    fn get_split_into(&self, key: &str, head: &mut [u8], body: &mut [u8]) -> Result<u64> {
+        let mut buf = Vec::new();
+        self.get_into(key, &mut buf)?;
+        if buf.len() == head.len() + body.len() {
+            let (h, b) = buf.split_at(head.len());
+            head.copy_from_slice(h);
+            body.copy_from_slice(b);
+        }
+        Ok(buf.len() as u64)
+    }
     /// Reads `len` bytes at `offset` (fewer at the end of the object).
     fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>>;
     /// Names (not full keys) of the objects directly under the `prefix` directory; empty when it does not exist.

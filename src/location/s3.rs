@@ -222,6 +222,21 @@ enum Created {
 /// One conditional PUT (`If-None-Match: *`), retried on 409 conflicts. "Exists" is only reported for the answers
 /// that mean it (412 Precondition Failed, 304 Not Modified, which object_store turns into `AlreadyExists` with
 /// the precondition error as its source) or for a conflict that outlasts the retries.
+/// Copies `chunk`, found at offset `at` of an object, into the parts of `head` then `body` it covers; bytes
+/// past their end are dropped (the caller compares the length).
+fn fill_split(head: &mut [u8], body: &mut [u8], at: usize, chunk: &[u8]) {
+    let end = at + chunk.len();
+    let h = head.len();
+    if at < h {
+        let n = end.min(h) - at;
+        head[at..at + n].copy_from_slice(&chunk[..n]);
+    }
+    let (from, to) = (at.max(h), end.min(h + body.len()));
+    if from < to {
+        body[from - h..to - h].copy_from_slice(&chunk[from - at..to - at]);
+    }
+}
+
 async fn create_object(store: &AmazonS3, path: &Path, payload: PutPayload) -> object_store::Result<Created> {
     let mut conflicts = 0;
     loop {
@@ -297,6 +312,34 @@ impl Location for S3Location {
         })?;
         *buf = filled;
         Ok(())
+    }
+
+    /// Copies the body into `head` and `body` as it arrives (a few chunks in flight): no buffer of the whole
+    /// object. The request runs on a helper thread while this one copies.
+    fn get_split_into(&self, key: &str, head: &mut [u8], body: &mut [u8]) -> Result<u64> {
+        let path = self.path(key)?;
+        let store = self.store.clone();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+        std::thread::scope(|s| {
+            let fetch = s.spawn(move || {
+                self.run("reading", key, async move {
+                    let mut stream = store.get(&path).await?.into_stream();
+                    while let Some(chunk) = stream.next().await {
+                        if tx.send(chunk?).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(())
+                })
+            });
+            let mut at = 0usize;
+            while let Some(chunk) = rx.blocking_recv() {
+                fill_split(head, body, at, &chunk);
+                at += chunk.len();
+            }
+            fetch.join().map_err(|_| Error::internal("object reader panicked"))??;
+            Ok(at as u64)
+        })
     }
 
     fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
@@ -412,6 +455,24 @@ impl Location for S3Location {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunks_land_in_head_then_body_whatever_their_boundaries() {
+        let object: Vec<u8> = (0..50u8).collect();
+        for cut in [1, 3, 7, 10, 13, 49, 64] {
+            let (mut head, mut body) = ([0u8; 10], [0u8; 40]);
+            let mut at = 0;
+            for chunk in object.chunks(cut) {
+                fill_split(&mut head, &mut body, at, chunk);
+                at += chunk.len();
+            }
+            assert_eq!((&head[..], &body[..]), (&object[..10], &object[10..]), "chunks of {cut}");
+        }
+        // A longer object fills both and the rest is dropped.
+        let (mut head, mut body) = ([0u8; 4], [0u8; 4]);
+        fill_split(&mut head, &mut body, 0, &object[..20]);
+        assert_eq!((&head[..], &body[..]), (&object[..4], &object[4..8]));
+    }
 
     #[test]
     fn redacts_secrets() {
