@@ -13,7 +13,7 @@
 //! runtime and the caller waits on a channel, which is safe from any thread, inside another runtime or not.
 
 use std::future::Future;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -37,6 +37,46 @@ const MAX_SINGLE_PUT: usize = 5 << 30;
 /// How often a create-only put is retried when S3 answers 409 Conflict (another conditional write of the key
 /// in flight, or a delete racing it), which AWS documents as retryable.
 const CREATE_CONFLICT_RETRIES: u32 = 3;
+
+/// Most bytes of object data copied for uploads in flight at once, over all S3 locations of the process. An
+/// upload owns a copy of what it sends (the HTTP client may hold the body past a timeout, so the caller's buffer
+/// cannot be lent); without a bound, two commit workers putting k+m shards each held about 100 MiB of copies.
+const UPLOAD_BUDGET: usize = 64 << 20;
+
+static UPLOADING: Budget = Budget { used: Mutex::new(0), freed: Condvar::new(), max: UPLOAD_BUDGET };
+
+/// A byte budget shared by threads: [`Budget::take`] waits until its bytes fit (one taker at a time may exceed
+/// the budget, so an object larger than it still goes through).
+struct Budget {
+    used: Mutex<usize>,
+    freed: Condvar,
+    max: usize,
+}
+
+/// Bytes taken from a [`Budget`], given back on drop.
+struct Taken<'a> {
+    budget: &'a Budget,
+    bytes: usize,
+}
+
+impl Budget {
+    fn take(&self, bytes: usize) -> Taken<'_> {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        while *used > 0 && *used + bytes > self.max {
+            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+        }
+        *used += bytes;
+        Taken { budget: self, bytes }
+    }
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        let mut used = self.budget.used.lock().unwrap_or_else(|e| e.into_inner());
+        *used -= self.bytes;
+        self.budget.freed.notify_all();
+    }
+}
 
 fn runtime() -> Result<&'static tokio::runtime::Runtime> {
     static RT: OnceLock<std::result::Result<tokio::runtime::Runtime, String>> = OnceLock::new();
@@ -181,6 +221,7 @@ impl S3Location {
         let path = self.path(key)?;
         let total: usize = parts.iter().map(|p| p.len()).sum();
         let store = self.store.clone();
+        let _copy = UPLOADING.take(total);
         if total <= self.multipart_threshold {
             let payload: PutPayload = parts.iter().map(|p| Bytes::copy_from_slice(p)).collect();
             return self.run("writing", key, async move { store.put(&path, payload).await.map(|_| ()) });
@@ -285,6 +326,7 @@ impl Location for S3Location {
                 self.name
             )));
         }
+        let _copy = UPLOADING.take(total);
         let payload: PutPayload = parts.iter().map(|p| Bytes::copy_from_slice(p)).collect();
         let store = self.store.clone();
         match self.run("creating", key, async move { create_object(&store, &path, payload).await })? {
@@ -455,6 +497,30 @@ impl Location for S3Location {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_taker_past_the_budget_waits_for_bytes_given_back_and_an_oversized_one_goes_alone() {
+        let budget = Budget { used: Mutex::new(0), freed: Condvar::new(), max: 100 };
+        let order = Mutex::new(Vec::new());
+        let first = budget.take(60);
+        std::thread::scope(|s| {
+            let t = s.spawn(|| {
+                let _second = budget.take(60);
+                order.lock().unwrap().push("second taken");
+            });
+            std::thread::sleep(Duration::from_millis(50));
+            let _fits = budget.take(40); // 60 + 40 fit beside the first
+            order.lock().unwrap().push("first given back");
+            drop(_fits);
+            drop(first);
+            t.join().unwrap();
+        });
+        assert_eq!(*order.lock().unwrap(), ["first given back", "second taken"]);
+        let huge = budget.take(500);
+        assert_eq!(*budget.used.lock().unwrap(), 500, "an object larger than the budget still goes through");
+        drop(huge);
+        assert_eq!(*budget.used.lock().unwrap(), 0);
+    }
 
     #[test]
     fn chunks_land_in_head_then_body_whatever_their_boundaries() {
