@@ -33,6 +33,18 @@ impl StripeAddr<'_> {
     pub fn home(&self, store: &Store, i: usize) -> usize {
         placement(self.placement_start, self.segment, i, store.locations().len())
     }
+
+    /// What shard `i`'s header and payload must say, its Merkle leaf being `leaf`.
+    fn expected<'a>(&'a self, store: &'a Store, i: usize, leaf: &'a Hash) -> Expected<'a> {
+        Expected {
+            store_id: &store.descriptor().store_id,
+            file_id: self.file_id,
+            segment: self.segment,
+            shard: i as u16,
+            len: self.shard_len as u32,
+            leaf,
+        }
+    }
 }
 
 /// What [`write_stripe`] stored.
@@ -118,14 +130,7 @@ pub fn fetch_shard(
     let n = locations.len();
     let home = addr.home(store, i);
     let key = (addr.key_of)(i);
-    let want = Expected {
-        store_id: &store.descriptor().store_id,
-        file_id: addr.file_id,
-        segment: addr.segment,
-        shard: i as u16,
-        len: addr.shard_len as u32,
-        leaf,
-    };
+    let want = addr.expected(store, i, leaf);
     let mut first_problem = None;
     for loc in (0..n).map(|j| (home + j) % n) {
         match locations[loc].get_into(&key, io) {
@@ -160,14 +165,7 @@ fn fetch_shard_into(
     let n = locations.len();
     let home = addr.home(store, i);
     let key = (addr.key_of)(i);
-    let want = Expected {
-        store_id: &store.descriptor().store_id,
-        file_id: addr.file_id,
-        segment: addr.segment,
-        shard: i as u16,
-        len: addr.shard_len as u32,
-        leaf,
-    };
+    let want = addr.expected(store, i, leaf);
     let mut head = [0u8; shard::HEADER_LEN];
     let mut first_problem = None;
     for loc in (0..n).map(|j| (home + j) % n) {
