@@ -181,10 +181,11 @@ pub struct StoreMetrics {
 }
 
 impl StoreMetrics {
-    /// Appends the store's read counters and scrub gauges to `out`.
+    /// Appends the store's read counters, scrub gauges and failure-domain gauges to `out`.
     pub fn render(&self, store: &Store, out: &mut String) {
         store.read_stats().counts().render(out);
         self.scrub_gauges(store).render(out);
+        render_zones(&store.zone_tolerance(), out);
     }
 
     /// The gauges of the store's scrub record, read again when its file changed since the last call.
@@ -200,6 +201,14 @@ impl StoreMetrics {
             }
         }
     }
+}
+
+/// The failure domains of the layout (see [`crate::zones`]): how many, and how many may be lost.
+pub fn render_zones(t: &crate::zones::ZoneTolerance, out: &mut String) {
+    let help = "Failure domains of the store's locations (zones, and locations without one).";
+    single(out, "bf_failure_domains", "gauge", help, t.domains as u64);
+    let help = "Failure domains that may be lost, whichever they are, with every stripe still readable (0: the layout cannot lose one).";
+    single(out, "bf_failure_domains_tolerated", "gauge", help, t.tolerance as u64);
 }
 
 fn load_gauges(store: &Store) -> ScrubGauges {
@@ -277,6 +286,16 @@ mod tests {
         ] {
             has(&text, line);
         }
+    }
+
+    #[test]
+    fn failure_domains_and_their_tolerance_are_gauges() {
+        let zones: Vec<String> = ["a", "a", "a", "b", "c", "d"].iter().map(|z| z.to_string()).collect();
+        let mut text = String::new();
+        render_zones(&crate::zones::tolerance(&zones, 4, 2), &mut text);
+        has(&text, "bf_failure_domains 4");
+        has(&text, "bf_failure_domains_tolerated 0");
+        has(&text, "# TYPE bf_failure_domains_tolerated gauge");
     }
 
     #[test]
