@@ -260,9 +260,6 @@ enum Created {
     Exists,
 }
 
-/// One conditional PUT (`If-None-Match: *`), retried on 409 conflicts. "Exists" is only reported for the answers
-/// that mean it (412 Precondition Failed, 304 Not Modified, which object_store turns into `AlreadyExists` with
-/// the precondition error as its source) or for a conflict that outlasts the retries.
 /// Copies `chunk`, found at offset `at` of an object, into the parts of `head` then `body` it covers; bytes
 /// past their end are dropped (the caller compares the length).
 fn fill_split(head: &mut [u8], body: &mut [u8], at: usize, chunk: &[u8]) {
@@ -278,6 +275,9 @@ fn fill_split(head: &mut [u8], body: &mut [u8], at: usize, chunk: &[u8]) {
     }
 }
 
+/// One conditional PUT (`If-None-Match: *`), retried on 409 conflicts. "Exists" is only reported for the answers
+/// that mean it (412 Precondition Failed, 304 Not Modified, which object_store turns into `AlreadyExists` with
+/// the precondition error as its source) or for a conflict that outlasts the retries.
 async fn create_object(store: &AmazonS3, path: &Path, payload: PutPayload) -> object_store::Result<Created> {
     let mut conflicts = 0;
     loop {
