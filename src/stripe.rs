@@ -8,6 +8,7 @@ use crate::codec::erasure::Codec;
 use crate::codec::merkle::Hash;
 use crate::error::{Error, LocationFailure, Result};
 use crate::format::shard::{self, Expected, ShardFault, ShardHeader};
+use crate::location::Location;
 use crate::metrics::reads::ShardFailure;
 use crate::store::{placement, Store};
 
@@ -117,8 +118,7 @@ pub fn write_shard(store: &Store, addr: &StripeAddr<'_>, i: usize, payload: &[u8
 
 /// Reads shard `i` into `io` and verifies it against `leaf`; returns the payload range within `io` and the
 /// location that served it, plus the home location. Looks on the home location first, then on the others, where a
-/// repair may have put it (when the home location was gone or read-only, a damaged copy can stay behind at home).
-/// The first problem seen is reported when no good copy exists anywhere.
+/// repair may have put it (see [`find_shard`]).
 pub fn fetch_shard(
     store: &Store,
     addr: &StripeAddr<'_>,
@@ -126,30 +126,15 @@ pub fn fetch_shard(
     leaf: &Hash,
     io: &mut Vec<u8>,
 ) -> (std::result::Result<(Range<usize>, usize), ShardProblem>, usize) {
-    let locations = store.locations();
-    let n = locations.len();
-    let home = addr.home(store, i);
     let key = (addr.key_of)(i);
     let want = addr.expected(store, i, leaf);
-    let mut first_problem = None;
-    for loc in (0..n).map(|j| (home + j) % n) {
-        match locations[loc].get_into(&key, io) {
-            Ok(()) => match shard::verify(io, &want) {
-                Ok(p) => {
-                    let start = p.as_ptr() as usize - io.as_ptr() as usize;
-                    return (Ok((start..start + p.len(), loc)), home);
-                }
-                Err(f) => {
-                    first_problem.get_or_insert(ShardProblem::Fault(f));
-                }
-            },
-            Err(e) if e.is_not_found() => {}
-            Err(e) => {
-                first_problem.get_or_insert(ShardProblem::Unreadable(e.to_string()));
-            }
-        }
-    }
-    (Err(first_problem.unwrap_or(ShardProblem::Missing)), home)
+    find_shard(store, addr, i, |loc| {
+        loc.get_into(&key, io)?;
+        Ok(shard::verify(io, &want).map(|p| {
+            let start = p.as_ptr() as usize - io.as_ptr() as usize;
+            start..start + p.len()
+        }))
+    })
 }
 
 /// Like [`fetch_shard`], for a remote store: reads shard `i`'s payload straight into `out` (its length) and its
@@ -161,30 +146,49 @@ fn fetch_shard_into(
     leaf: &Hash,
     out: &mut [u8],
 ) -> std::result::Result<(), ShardProblem> {
-    let locations = store.locations();
-    let n = locations.len();
-    let home = addr.home(store, i);
     let key = (addr.key_of)(i);
     let want = addr.expected(store, i, leaf);
     let mut head = [0u8; shard::HEADER_LEN];
+    let found = find_shard(store, addr, i, |loc| {
+        let len = loc.get_split_into(&key, &mut head, out)?;
+        Ok(if len == (head.len() + out.len()) as u64 {
+            shard::verify_split(&head, out, &want)
+        } else if len < head.len() as u64 {
+            Err(ShardFault::BadHeader("truncated".into()))
+        } else {
+            Err(ShardFault::BadLength)
+        })
+    });
+    found.0.map(|_| ())
+}
+
+/// Tries shard `i`'s home location first, then every other one (a repair may have put it elsewhere when home was
+/// gone or read-only, and a damaged copy can stay behind at home), until `read` gets a copy that verifies;
+/// returns what `read` made of it and the location, plus the home location. A location without the object is
+/// skipped; the first problem seen is reported when no good copy exists anywhere.
+fn find_shard<T>(
+    store: &Store,
+    addr: &StripeAddr<'_>,
+    i: usize,
+    mut read: impl FnMut(&dyn Location) -> Result<std::result::Result<T, ShardFault>>,
+) -> (std::result::Result<(T, usize), ShardProblem>, usize) {
+    let locations = store.locations();
+    let n = locations.len();
+    let home = addr.home(store, i);
     let mut first_problem = None;
     for loc in (0..n).map(|j| (home + j) % n) {
-        let fault = match locations[loc].get_split_into(&key, &mut head, out) {
-            Ok(len) if len == (head.len() + out.len()) as u64 => match shard::verify_split(&head, out, &want) {
-                Ok(()) => return Ok(()),
-                Err(f) => f,
-            },
-            Ok(len) if len < head.len() as u64 => ShardFault::BadHeader("truncated".into()),
-            Ok(_) => ShardFault::BadLength,
-            Err(e) if e.is_not_found() => continue,
+        match read(locations[loc].as_ref()) {
+            Ok(Ok(v)) => return (Ok((v, loc)), home),
+            Ok(Err(f)) => {
+                first_problem.get_or_insert(ShardProblem::Fault(f));
+            }
+            Err(e) if e.is_not_found() => {}
             Err(e) => {
                 first_problem.get_or_insert(ShardProblem::Unreadable(e.to_string()));
-                continue;
             }
-        };
-        first_problem.get_or_insert(ShardProblem::Fault(fault));
+        }
     }
-    Err(first_problem.unwrap_or(ShardProblem::Missing))
+    (Err(first_problem.unwrap_or(ShardProblem::Missing)), home)
 }
 
 /// Why a shard could not be used.
