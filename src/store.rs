@@ -441,13 +441,24 @@ impl Store {
 
     /// Puts location `index` into failure domain `zone` (empty: none), recorded in the descriptor.
     pub fn set_zone(&mut self, index: usize, zone: &str) -> Result<()> {
-        if index >= self.desc.locations.len() {
-            return Err(Error::Config(format!("no location number {index}")));
-        }
+        self.check_location_number(index)?;
         check_zone(zone)?;
         let _lock = self.lock_catalog()?;
         let mut desc = self.desc.clone();
         desc.zones[index] = zone.to_string();
+        self.save_descriptor(desc)
+    }
+
+    /// Refuses a location number the store lacks.
+    fn check_location_number(&self, index: usize) -> Result<()> {
+        if index >= self.desc.locations.len() {
+            return Err(Error::Config(format!("no location number {index}")));
+        }
+        Ok(())
+    }
+
+    /// Writes `desc` as the store's descriptor (atomically) and takes it as the one in use.
+    fn save_descriptor(&mut self, desc: StoreDescriptor) -> Result<()> {
         write_atomic(&self.dir.join(DESCRIPTOR), &seal_descriptor(&desc), 0o644)?;
         self.desc = desc;
         Ok(())
@@ -460,9 +471,7 @@ impl Store {
 
     /// Refuses a replacement of a location number the store lacks, or by a location it has already.
     fn check_replacement(&self, index: usize, spec: &str) -> Result<()> {
-        if index >= self.desc.locations.len() {
-            return Err(Error::Config(format!("no location number {index}")));
-        }
+        self.check_location_number(index)?;
         if self.desc.locations.iter().any(|l| l == spec) {
             return Err(Error::Config(format!("location {spec} is already part of this store")));
         }
@@ -486,8 +495,7 @@ impl Store {
         write_marker(loc.as_ref(), &self.desc.store_id, index)?;
         let mut desc = self.desc.clone();
         desc.locations[index] = spec;
-        write_atomic(&self.dir.join(DESCRIPTOR), &seal_descriptor(&desc), 0o644)?;
-        self.desc = desc;
+        self.save_descriptor(desc)?;
         self.locations[index] = loc;
         self.forget_catalog();
         Ok(())
