@@ -31,6 +31,7 @@ pub mod location;
 pub mod log;
 pub mod metrics;
 pub mod pending;
+pub mod rebalance;
 pub mod recover;
 pub mod scrub;
 pub mod store;

@@ -54,11 +54,24 @@ fn open_given(specs: &[String]) -> Result<Vec<Given>> {
         .collect()
 }
 
-/// Orders the given locations (indices into `given`) by their markers' indexes, filling gaps with marker-less
-/// ones; returns the store id, the order and the marker-less ones.
-fn order_locations(given: &[Given]) -> Result<([u8; 16], Vec<usize>, Vec<usize>)> {
+/// How the given locations map onto the store's.
+struct Order {
+    store_id: [u8; 16],
+    /// Indices into `given`, in store order.
+    ordered: Vec<usize>,
+    /// The given locations without a marker (standing in for lost ones).
+    blank: Vec<usize>,
+    /// The location numbers, in store order.
+    ids: Vec<u32>,
+    /// The layout generation the newest marker names (0: the initial layout).
+    layout_gen: u64,
+}
+
+/// Orders the given locations by their markers: by the layout the newest marker records when the store's
+/// locations were ever added or removed, else by marker number; gaps are filled with marker-less ones.
+fn order_locations(given: &[Given]) -> Result<Order> {
     let mut store_id = None;
-    let mut placed: Vec<Option<usize>> = Vec::new();
+    let mut markers = Vec::new();
     let mut blank = Vec::new();
     for (g, d) in given.iter().enumerate() {
         let Some(m) = read_marker(d.loc.as_ref())? else {
@@ -68,31 +81,47 @@ fn order_locations(given: &[Given]) -> Result<([u8; 16], Vec<usize>, Vec<usize>)
         if *store_id.get_or_insert(m.store_id) != m.store_id {
             return Err(Error::Config(format!("{} belongs to another store", d.spec)));
         }
-        let i = m.index as usize;
-        if i >= 4096 {
+        if m.index >= 4096 {
             return Err(Error::corrupt(format!("location marker of {}", d.spec), "implausible index"));
         }
-        if placed.len() <= i {
-            placed.resize(i + 1, None);
-        }
-        if let Some(other) = placed[i] {
-            return Err(Error::Config(format!("{} and {} both claim location {i}", given[other].spec, d.spec)));
-        }
-        placed[i] = Some(g);
+        markers.push((g, m));
     }
     let store_id =
         store_id.ok_or_else(|| Error::Config("no location has a marker: cannot tell which store they hold".into()))?;
-    // Placement depends on the location count, which is not recorded anywhere but the descriptor: every
-    // location must be given (an empty one for each lost one).
-    let total = placed.iter().filter(|p| p.is_some()).count() + blank.len();
-    if placed.len() > total {
-        return Err(Error::Config(format!(
-            "a marker names location {} but only {total} locations were given: give every location (an empty \
-             directory or bucket for each lost one)",
-            placed.len() - 1
-        )));
+    let newest = markers.iter().map(|(_, m)| m).max_by_key(|m| m.layout_gen).filter(|m| m.layout_gen > 0);
+    let (ids, layout_gen): (Vec<u32>, u64) = match newest {
+        Some(m) => (m.layout.clone(), m.layout_gen),
+        // Placement depends on the location count, which only the descriptor records for a store whose layout
+        // never changed: every location must be given (an empty one for each lost one).
+        None => {
+            let highest = markers.iter().map(|(_, m)| m.index as usize + 1).max().unwrap_or(0);
+            let total = markers.len() + blank.len();
+            if highest > total {
+                return Err(Error::Config(format!(
+                    "a marker names location {} but only {total} locations were given: give every location (an \
+                     empty directory or bucket for each lost one)",
+                    highest - 1
+                )));
+            }
+            ((0..total as u32).collect(), 0)
+        }
+    };
+    let mut placed: Vec<Option<usize>> = vec![None; ids.len()];
+    for (g, m) in &markers {
+        let Some(i) = ids.iter().position(|id| *id == m.index) else {
+            return Err(Error::Config(format!(
+                "{} was removed from the store (its number is not in the newest layout): leave it out",
+                given[*g].spec
+            )));
+        };
+        if let Some(other) = placed[i] {
+            return Err(Error::Config(format!("{} and {} both claim location {i}", given[other].spec, given[*g].spec)));
+        }
+        placed[i] = Some(*g);
     }
-    placed.resize(total, None);
+    if markers.len() + blank.len() > ids.len() {
+        return Err(Error::Config(format!("{} locations given; the store has {}", given.len(), ids.len())));
+    }
     let mut spare = blank.clone().into_iter();
     let mut ordered = Vec::new();
     for (i, p) in placed.into_iter().enumerate() {
@@ -105,7 +134,7 @@ fn order_locations(given: &[Given]) -> Result<([u8; 16], Vec<usize>, Vec<usize>)
             }
         }
     }
-    Ok((store_id, ordered, blank))
+    Ok(Order { store_id, ordered, blank, ids, layout_gen })
 }
 
 /// Checks that the shards of a file sit where placement over this many locations puts them (a wrong location
@@ -123,7 +152,8 @@ fn check_placement(
             let key = crate::store::shard_key(&body.file_id, seg, i);
             for (l, g) in ordered.iter().enumerate().filter(|(_, g)| !blank.contains(g)) {
                 if given[*g].loc.get_range(&key, 0, 1).is_ok_and(|b| !b.is_empty()) {
-                    if l == crate::store::placement(body.placement_start, seg, i, n) {
+                    let start = crate::store::placement_start(&body.file_id, n);
+                    if l == crate::store::placement(start, seg, i, n) {
                         home += 1;
                     } else {
                         away += 1;
@@ -147,18 +177,14 @@ pub fn recover(dir: &Path, locations: &[String], key: &MasterKey, fallback: &Fal
         return Err(Error::StoreExists(dir.to_path_buf()));
     }
     let given = open_given(locations)?;
-    let (store_id, ordered, blank) = order_locations(&given)?;
+    let Order { store_id, ordered, blank, ids, layout_gen } = order_locations(&given)?;
     let (newest, checked) = newest_manifest(&given, &ordered, &store_id, key)?;
     let (k, m, segment_size) = geometry(newest.as_ref(), fallback)?;
     crate::codec::erasure::validate(k as usize, m as usize)?;
     if let Some(n) = &newest {
         check_placement(&n.body, &given, &ordered, &blank)?;
     }
-    for (i, g) in ordered.iter().enumerate() {
-        if blank.contains(g) {
-            write_marker(given[*g].loc.as_ref(), &store_id, i)?;
-        }
-    }
+    let n = ordered.len();
     let descriptor = StoreDescriptor {
         store_id,
         k,
@@ -169,8 +195,16 @@ pub fn recover(dir: &Path, locations: &[String], key: &MasterKey, fallback: &Fal
         kdf: None,
         created_unix: crate::clock::unix_secs(),
         // Zones live only in the descriptor: `bf location zone` sets them again.
-        zones: vec![],
+        zones: vec![String::new(); n],
+        ids,
+        draining: vec![false; n],
+        layout_gen,
     };
+    for (i, g) in ordered.iter().enumerate() {
+        if blank.contains(g) {
+            write_marker(given[*g].loc.as_ref(), &descriptor, i)?;
+        }
+    }
     write_descriptor(dir, &descriptor)?;
     let new_locations = blank.iter().map(|&g| given[g].spec.clone()).collect();
     Ok(Recovered { descriptor, manifests_checked: checked, new_locations })

@@ -55,6 +55,29 @@ pub struct StoreDescriptor {
     /// The failure domain (machine, rack, site) of each location, by index; empty for none (see
     /// [`crate::zones`]). As long as no location has one, the descriptor is written in format version 1.
     pub zones: Vec<String>,
+    /// The stable number of each location, by index: the number its marker carries. It is its index in a store
+    /// whose locations were never added or removed; `bf location add` gives the next unused number, and a
+    /// removed location's number is never given again.
+    pub ids: Vec<u32>,
+    /// True for a location being drained by `bf location remove`: it is read from, but it is no shard's home
+    /// and nothing new is written to it.
+    pub draining: Vec<bool>,
+    /// Layout generation: 0 at `bf init`, one more at each location added, drained or removed.
+    pub layout_gen: u64,
+}
+
+impl StoreDescriptor {
+    /// True when the layout is the one `bf init` made (no location added, drained or removed).
+    fn initial_layout(&self) -> bool {
+        self.layout_gen == 0
+            && !self.draining.contains(&true)
+            && self.ids.iter().enumerate().all(|(i, id)| *id as usize == i)
+    }
+
+    /// The indices of the locations that are shards' homes (all but draining ones), in order.
+    pub fn active(&self) -> Vec<usize> {
+        (0..self.locations.len()).filter(|&i| !self.draining[i]).collect()
+    }
 }
 
 /// Refuses a zone name that would not print or could be taken for a location without one.
@@ -80,12 +103,32 @@ struct DescriptorV1 {
     created_unix: u64,
 }
 
+/// The descriptor as format version 2 has it (zones, the initial layout).
+#[derive(Serialize, Deserialize)]
+struct DescriptorV2 {
+    store_id: [u8; 16],
+    k: u16,
+    m: u16,
+    segment_size: u64,
+    locations: Vec<String>,
+    key_check: [u8; 32],
+    kdf: Option<KdfParams>,
+    created_unix: u64,
+    zones: Vec<String>,
+}
+
 /// Format version of a descriptor with zones.
 const DESCRIPTOR_ZONES_VERSION: u16 = 2;
+/// Format version of a descriptor whose locations were added, drained or removed.
+const DESCRIPTOR_LAYOUT_VERSION: u16 = 3;
 
-/// The bytes of `store.bf`: format version 1 while no location has a zone (older versions of bf still open it),
-/// else version 2.
+/// The bytes of `store.bf`: the oldest format version that holds it (older versions of bf still open those):
+/// 1 while no location has a zone and the layout is the initial one, 2 with zones, else 3.
 pub(crate) fn seal_descriptor(d: &StoreDescriptor) -> Vec<u8> {
+    if !d.initial_layout() {
+        let payload = postcard::to_allocvec(d).expect("the descriptor is postcard-serialisable");
+        return format::seal_bytes_version(MAGIC_STORE, DESCRIPTOR_LAYOUT_VERSION, &payload);
+    }
     if d.zones.iter().all(String::is_empty) {
         let v1 = DescriptorV1 {
             store_id: d.store_id,
@@ -99,35 +142,72 @@ pub(crate) fn seal_descriptor(d: &StoreDescriptor) -> Vec<u8> {
         };
         return format::seal(MAGIC_STORE, &v1);
     }
-    let payload = postcard::to_allocvec(d).expect("the descriptor is postcard-serialisable");
+    let v2 = DescriptorV2 {
+        store_id: d.store_id,
+        k: d.k,
+        m: d.m,
+        segment_size: d.segment_size,
+        locations: d.locations.clone(),
+        key_check: d.key_check,
+        kdf: d.kdf.clone(),
+        created_unix: d.created_unix,
+        zones: d.zones.clone(),
+    };
+    let payload = postcard::to_allocvec(&v2).expect("the descriptor is postcard-serialisable");
     format::seal_bytes_version(MAGIC_STORE, DESCRIPTOR_ZONES_VERSION, &payload)
 }
 
-/// Reads `store.bf` of either format version; `zones` has one entry per location.
+/// Reads `store.bf` of any format version; `zones`, `ids` and `draining` have one entry per location.
 fn open_descriptor(bytes: &[u8], what: &str) -> Result<StoreDescriptor> {
-    let (version, payload) = format::open_bytes_version(MAGIC_STORE, what, bytes, 1..=DESCRIPTOR_ZONES_VERSION)?;
+    let (version, payload) = format::open_bytes_version(MAGIC_STORE, what, bytes, 1..=DESCRIPTOR_LAYOUT_VERSION)?;
     let undecodable = |e: postcard::Error| Error::corrupt(what, format!("undecodable payload: {e}"));
-    let mut d = if version == 1 {
-        let v1: DescriptorV1 = postcard::from_bytes(payload).map_err(undecodable)?;
-        StoreDescriptor {
-            store_id: v1.store_id,
-            k: v1.k,
-            m: v1.m,
-            segment_size: v1.segment_size,
-            locations: v1.locations,
-            key_check: v1.key_check,
-            kdf: v1.kdf,
-            created_unix: v1.created_unix,
-            zones: vec![],
+    let mut d = match version {
+        1 => {
+            let v1: DescriptorV1 = postcard::from_bytes(payload).map_err(undecodable)?;
+            let v2 = DescriptorV2 {
+                store_id: v1.store_id,
+                k: v1.k,
+                m: v1.m,
+                segment_size: v1.segment_size,
+                locations: v1.locations,
+                key_check: v1.key_check,
+                kdf: v1.kdf,
+                created_unix: v1.created_unix,
+                zones: vec![],
+            };
+            initial_descriptor(v2)
         }
-    } else {
-        postcard::from_bytes::<StoreDescriptor>(payload).map_err(undecodable)?
+        2 => initial_descriptor(postcard::from_bytes(payload).map_err(undecodable)?),
+        _ => postcard::from_bytes::<StoreDescriptor>(payload).map_err(undecodable)?,
     };
-    if d.zones.len() > d.locations.len() {
-        return Err(Error::corrupt(what, "more zones than locations"));
+    let n = d.locations.len();
+    if d.zones.len() > n || d.ids.len() != n || d.draining.len() != n {
+        return Err(Error::corrupt(what, "per-location lists of different lengths"));
     }
-    d.zones.resize(d.locations.len(), String::new());
+    if d.ids.iter().enumerate().any(|(i, id)| d.ids[..i].contains(id)) {
+        return Err(Error::corrupt(what, "two locations with one number"));
+    }
+    d.zones.resize(n, String::new());
     Ok(d)
+}
+
+/// A descriptor of format version 1 or 2: the layout `bf init` made.
+fn initial_descriptor(v2: DescriptorV2) -> StoreDescriptor {
+    let n = v2.locations.len();
+    StoreDescriptor {
+        store_id: v2.store_id,
+        k: v2.k,
+        m: v2.m,
+        segment_size: v2.segment_size,
+        locations: v2.locations,
+        key_check: v2.key_check,
+        kdf: v2.kdf,
+        created_unix: v2.created_unix,
+        zones: v2.zones,
+        ids: (0..n as u32).collect(),
+        draining: vec![false; n],
+        layout_gen: 0,
+    }
 }
 
 /// Marker stored at the root of each location.
@@ -135,9 +215,24 @@ fn open_descriptor(bytes: &[u8], what: &str) -> Result<StoreDescriptor> {
 pub struct LocationMarker {
     /// Store the location belongs to.
     pub store_id: [u8; 16],
-    /// Its index in the descriptor's list.
+    /// Its number ([`StoreDescriptor::ids`]; its index in a store whose locations never changed).
     pub index: u32,
+    /// The layout generation it was written at (0: the initial layout, format version 1).
+    pub layout_gen: u64,
+    /// The numbers of the store's locations in order at that generation (empty at generation 0), for
+    /// `bf recover`.
+    pub layout: Vec<u32>,
 }
+
+/// The marker as format version 1 has it.
+#[derive(Serialize, Deserialize)]
+struct MarkerV1 {
+    store_id: [u8; 16],
+    index: u32,
+}
+
+/// Format version of a marker that carries the layout.
+const MARKER_LAYOUT_VERSION: u16 = 2;
 
 /// How `bf init` obtains the master key.
 pub enum KeySource {
@@ -177,6 +272,11 @@ pub struct Store {
     catalog: Mutex<Option<Arc<CatalogState>>>,
     /// What this process's reads met (shards rebuilt on the fly, verification failures).
     read_stats: ReadStats,
+    /// The indices of the locations that are shards' homes ([`StoreDescriptor::active`]).
+    active: Vec<usize>,
+    /// A shared lock on `use.lock` while the store is open: a change of the locations' layout takes it
+    /// exclusively, so every process sees the same homes (see [`Store::exclusive`]).
+    in_use: Option<File>,
 }
 
 impl std::fmt::Debug for Store {
@@ -298,10 +398,13 @@ impl Store {
             k: opts.k,
             m: opts.m,
             segment_size: opts.segment_size,
-            locations,
             key_check: key.check_value(),
             kdf,
             created_unix: crate::clock::unix_secs(),
+            ids: (0..locations.len() as u32).collect(),
+            draining: vec![false; locations.len()],
+            layout_gen: 0,
+            locations,
             zones,
         };
         // Locations first (each with its marker), then the key, then the descriptor: a store is only seen as
@@ -314,7 +417,7 @@ impl Store {
             {
                 return Err(Error::Config(format!("location {} already holds a store's data", loc.name())));
             }
-            write_marker(loc.as_ref(), &desc.store_id, i)?;
+            write_marker(loc.as_ref(), &desc, i)?;
         }
         if let KeySource::NewKeyFile(path) = &opts.key {
             write_key_file(path, &key)?;
@@ -342,14 +445,19 @@ impl Store {
         }
         let locations = desc.locations.iter().map(|l| open_location(dir, l)).collect::<Result<_>>()?;
         let min_shards_written = default_min_shards_written(desc.k, desc.m);
+        // Best effort: a store directory this user cannot write (a read-only `bf get`) is opened without it.
+        let in_use =
+            lock_use(dir, false).map_err(|e| tracing::debug!(error = %e, "store opened without its use lock")).ok();
         Ok(Store {
             dir: dir.to_path_buf(),
+            active: desc.active(),
             desc,
             locations,
             key: None,
             min_shards_written,
             catalog: Mutex::new(None),
             read_stats: ReadStats::default(),
+            in_use,
         })
     }
 
@@ -391,9 +499,46 @@ impl Store {
         &self.desc
     }
 
-    /// Locations in descriptor order.
+    /// Locations in descriptor order (draining ones included: they are read from).
     pub fn locations(&self) -> &[Arc<dyn Location>] {
         &self.locations
+    }
+
+    /// The indices of the locations that are shards' homes and receive new writes (all but draining ones).
+    pub fn active(&self) -> &[usize] {
+        &self.active
+    }
+
+    /// The home location (an index into [`Store::locations`]) of shard `shard` of stripe `segment` of the file,
+    /// pack or log volume `id`: [`placement`] over the active locations, from [`placement_start`] of the id.
+    /// Computed from the current layout, not from what was recorded when the stripe was written, so that after
+    /// locations are added or removed a rebalance knows where every shard belongs from its name alone.
+    pub fn home(&self, id: &[u8; 16], segment: u64, shard: usize) -> usize {
+        let n = self.active.len();
+        self.active[placement(placement_start(id, n), segment, shard, n)]
+    }
+
+    /// Runs `read` on location `home`, then, while the object is not found there, on each other location in turn
+    /// (a repair may have put a shard elsewhere, or a layout change left it where it was until a rebalance moves
+    /// it home). Returns the first success, else the first error other than "not found", else "not found".
+    pub fn from_holders<T>(&self, home: usize, mut read: impl FnMut(&dyn Location) -> Result<T>) -> Result<T> {
+        let n = self.locations.len();
+        let mut missing = None;
+        for at in (0..n).map(|j| (home + j) % n) {
+            match read(self.locations[at].as_ref()) {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_not_found() => missing = missing.or(Some(e)),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(missing.unwrap_or_else(|| Error::NotFound("object on no location".into())))
+    }
+
+    /// [`Store::home`] of a shard of a copy-on-write volume (format of `crate::volume::cow`), whose placement
+    /// starts from the first byte of its id.
+    pub fn cow_home(&self, vol_id: &[u8; 16], stripe: u64, shard: usize) -> usize {
+        let n = self.active.len();
+        self.active[placement(cow_placement_start(vol_id, n), stripe, shard, n)]
     }
 
     /// The counters of what reads of this store met since it was opened: shards missing or failing verification,
@@ -449,6 +594,129 @@ impl Store {
         self.save_descriptor(desc)
     }
 
+    /// Adds a new, empty location (`bf location add`) at the end of the list, in failure domain `zone` (empty:
+    /// none), with the next unused location number; returns its index. Its marker is written first, then the
+    /// descriptor. Every shard's home is computed over the new layout from then on: a rebalance
+    /// ([`crate::rebalance`]) moves the shards there. Takes the store for this process alone ([`Store::exclusively`]).
+    pub fn add_location(&mut self, spec: &str, zone: &str) -> Result<usize> {
+        let spec = canonical_spec(spec)?;
+        check_zone(zone)?;
+        if self.desc.locations.contains(&spec) {
+            return Err(Error::Config(format!("location {spec} is already part of this store")));
+        }
+        let loc = create_location(&self.dir, &spec)?;
+        self.add_location_with(spec, zone, loc)
+    }
+
+    /// [`Store::add_location`] with the new location's backend already opened.
+    pub fn add_location_with(&mut self, spec: String, zone: &str, loc: Arc<dyn Location>) -> Result<usize> {
+        self.exclusively(|st| st.add_location_locked(spec, zone, loc))
+    }
+
+    fn add_location_locked(&mut self, spec: String, zone: &str, loc: Arc<dyn Location>) -> Result<usize> {
+        let _lock = self.lock_catalog()?;
+        if read_marker(loc.as_ref())?.is_some() || !loc.list("shards")?.is_empty() || !loc.list("catalog")?.is_empty() {
+            return Err(Error::Config(format!("{} is not empty", loc.name())));
+        }
+        let mut desc = self.desc.clone();
+        let id = desc.ids.iter().max().map_or(0, |m| m + 1).max(desc.locations.len() as u32);
+        desc.locations.push(spec);
+        desc.zones.push(zone.to_string());
+        desc.ids.push(id);
+        desc.draining.push(false);
+        desc.layout_gen += 1;
+        write_marker(loc.as_ref(), &desc, desc.locations.len() - 1)?;
+        self.locations.push(loc);
+        let desc = spread_by_zone(desc, &mut self.locations);
+        self.save_layout(desc)?;
+        Ok(self.desc.ids.iter().position(|i| *i == id).unwrap_or(self.locations.len() - 1))
+    }
+
+    /// Reorders the locations so that each stripe's shards fall into as many zones as possible
+    /// ([`crate::zones::spread_order`]; `bf rebalance --spread-zones`, after `bf location zone`): a new layout,
+    /// whose homes a rebalance then moves the shards to. Takes the store for this process alone. Returns whether
+    /// the order changed.
+    pub fn spread_zones(&mut self) -> Result<bool> {
+        self.exclusively(|st| {
+            let _lock = st.lock_catalog()?;
+            let mut desc = spread_by_zone(st.desc.clone(), &mut st.locations);
+            if desc.ids == st.desc.ids {
+                return Ok(false);
+            }
+            desc.layout_gen += 1;
+            st.save_layout(desc)?;
+            Ok(true)
+        })
+    }
+
+    /// Marks location `index` as draining (the first step of `bf location remove`): it stops being any shard's
+    /// home and receives nothing new, but is still read. Refuses when too few locations would remain for k+m
+    /// distinct homes. Takes the store for this process alone ([`Store::exclusively`]).
+    pub fn start_draining(&mut self, index: usize) -> Result<()> {
+        self.check_location_number(index)?;
+        if self.desc.draining[index] {
+            return Ok(());
+        }
+        let width = self.desc.k as usize + self.desc.m as usize;
+        if self.active.len() <= width {
+            return Err(Error::Config(format!(
+                "the store has {} active locations and needs {width} (k+m) for its stripes: add one first",
+                self.active.len()
+            )));
+        }
+        self.exclusively(|st| {
+            let _lock = st.lock_catalog()?;
+            let mut desc = st.desc.clone();
+            desc.draining[index] = true;
+            desc.layout_gen += 1;
+            st.save_layout(desc)
+        })
+    }
+
+    /// Forgets a drained location (the last step of `bf location remove`): drops it from the descriptor and
+    /// rewrites the other locations' markers with the new layout. The caller holds the store alone
+    /// ([`Store::exclusively`]) and has checked that the location holds nothing the store needs.
+    pub fn forget_location(&mut self, index: usize) -> Result<()> {
+        self.check_location_number(index)?;
+        if !self.desc.draining[index] {
+            return Err(Error::Config(format!("location {index} is not drained: run `bf location remove` on it")));
+        }
+        let _lock = self.lock_catalog()?;
+        let mut desc = self.desc.clone();
+        desc.locations.remove(index);
+        desc.zones.remove(index);
+        desc.ids.remove(index);
+        desc.draining.remove(index);
+        desc.layout_gen += 1;
+        self.locations.remove(index);
+        self.save_layout(desc)
+    }
+
+    /// Saves a descriptor with a new layout, then rewrites each location's marker with it (best effort: a
+    /// marker of an older generation still names its location; `bf recover` prefers the newest).
+    fn save_layout(&mut self, desc: StoreDescriptor) -> Result<()> {
+        self.save_descriptor(desc)?;
+        self.active = self.desc.active();
+        self.forget_catalog();
+        for (i, loc) in self.locations.iter().enumerate() {
+            if let Err(e) = write_marker(loc.as_ref(), &self.desc, i) {
+                tracing::warn!(location = loc.name(), error = %e, "could not update the location marker");
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `f` with the store held by this process alone, for a change of the locations' layout: every process
+    /// that has the store open holds `use.lock` shared, so none of them keeps placing shards by a layout that
+    /// changed under it. Fails with [`Error::InUse`] while another process has the store open.
+    pub fn exclusively<T>(&mut self, f: impl FnOnce(&mut Store) -> Result<T>) -> Result<T> {
+        self.in_use = None;
+        let only = lock_use(&self.dir, true);
+        let r = only.and_then(|_only| f(self));
+        self.in_use = lock_use(&self.dir, false).ok();
+        r
+    }
+
     /// Refuses a location number the store lacks.
     fn check_location_number(&self, index: usize) -> Result<()> {
         if index >= self.desc.locations.len() {
@@ -466,7 +734,8 @@ impl Store {
 
     /// How many failure domains the store's layout survives losing (see [`crate::zones`]).
     pub fn zone_tolerance(&self) -> crate::zones::ZoneTolerance {
-        crate::zones::tolerance(&self.desc.zones, self.desc.k as usize, self.desc.m as usize)
+        let zones: Vec<String> = self.active.iter().map(|&i| self.desc.zones[i].clone()).collect();
+        crate::zones::tolerance(&zones, self.desc.k as usize, self.desc.m as usize)
     }
 
     /// Refuses a replacement of a location number the store lacks, or by a location it has already.
@@ -482,7 +751,7 @@ impl Store {
     fn replace_location_locked(&mut self, index: usize, spec: String, loc: Arc<dyn Location>) -> Result<()> {
         match read_marker(loc.as_ref())? {
             Some(marker) => {
-                if marker.store_id != self.desc.store_id || marker.index as usize != index {
+                if !marker_matches(&marker, &self.desc, index) {
                     return Err(Error::Config(format!("{} already belongs to a store", loc.name())));
                 }
             }
@@ -492,7 +761,7 @@ impl Store {
                 }
             }
         }
-        write_marker(loc.as_ref(), &self.desc.store_id, index)?;
+        write_marker(loc.as_ref(), &self.desc, index)?;
         let mut desc = self.desc.clone();
         desc.locations[index] = spec;
         self.save_descriptor(desc)?;
@@ -520,8 +789,8 @@ impl Store {
             .map(|(i, l)| {
                 l.probe()?;
                 let what = format!("location marker of {}", l.name());
-                let marker: LocationMarker = format::open(MAGIC_LOCATION, &what, &l.get(LOCATION_MARKER)?)?;
-                if marker.store_id != self.desc.store_id || marker.index as usize != i {
+                let marker = read_marker(l.as_ref())?.ok_or_else(|| Error::corrupt(&what, "missing"))?;
+                if !marker_matches(&marker, &self.desc, i) {
                     return Err(Error::corrupt(what, "belongs to another store or position (swapped disks?)"));
                 }
                 Ok(())
@@ -536,10 +805,11 @@ impl Store {
         self.on_every_location(what, &|l| l.put(key, &[bytes]).and_then(|_| l.sync()))
     }
 
-    /// Runs `write` on every location in parallel. Fails with [`Error::WriteQuorum`] (naming `what`) unless at
-    /// least m+1 locations (all, when fewer) succeed; what the others did is left for the caller.
+    /// Runs `write` on every active location in parallel (a draining one receives nothing new). Fails with
+    /// [`Error::WriteQuorum`] (naming `what`) unless at least m+1 locations (all, when fewer) succeed; what the
+    /// others did is left for the caller.
     pub fn on_every_location(&self, what: &str, write: &(dyn Fn(&dyn Location) -> Result<()> + Sync)) -> Result<()> {
-        let locations = &self.locations;
+        let locations: Vec<&Arc<dyn Location>> = self.active.iter().map(|&i| &self.locations[i]).collect();
         let outcomes: Vec<Result<()>> = std::thread::scope(|s| {
             let hs: Vec<_> = locations.iter().map(|l| s.spawn(move || write(l.as_ref()))).collect();
             hs.into_iter()
@@ -551,7 +821,7 @@ impl Store {
         if ok < need {
             let failures = outcomes
                 .into_iter()
-                .zip(locations)
+                .zip(&locations)
                 .filter_map(|(o, l)| o.err().map(|e| LocationFailure::new(l.name(), e)))
                 .collect();
             return Err(Error::write_quorum(what, ok, need, failures));
@@ -609,6 +879,57 @@ pub struct CatalogLock {
     _file: File,
 }
 
+/// How long a layout change waits for other processes to close the store (short commands finish).
+const EXCLUSIVE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `desc` and its open `locations` put in [`crate::zones::spread_order`] when some location has a zone (else
+/// as they are).
+fn spread_by_zone(mut desc: StoreDescriptor, locations: &mut Vec<Arc<dyn Location>>) -> StoreDescriptor {
+    if desc.zones.iter().all(String::is_empty) {
+        return desc;
+    }
+    let order = crate::zones::spread_order(&desc.zones);
+    let pick = |v: &[String]| order.iter().map(|&i| v[i].clone()).collect::<Vec<_>>();
+    desc.locations = pick(&desc.locations);
+    desc.zones = pick(&desc.zones);
+    desc.ids = order.iter().map(|&i| desc.ids[i]).collect();
+    desc.draining = order.iter().map(|&i| desc.draining[i]).collect();
+    *locations = order.iter().map(|&i| locations[i].clone()).collect();
+    desc
+}
+
+/// Takes `use.lock` in `dir`: shared (waiting for a layout change to finish), or exclusive, waiting at most
+/// [`EXCLUSIVE_WAIT`] for the processes that have the store open to close it.
+fn lock_use(dir: &Path, exclusive: bool) -> Result<File> {
+    let path = dir.join("use.lock");
+    let f = open_lock_file(&path)?;
+    if !exclusive {
+        f.lock_shared().ctx(|| format!("locking {}", path.display()))?;
+        return Ok(f);
+    }
+    let until = std::time::Instant::now() + EXCLUSIVE_WAIT;
+    loop {
+        match f.try_lock() {
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < until => {
+                std::thread::sleep(std::time::Duration::from_millis(50))
+            }
+            r => break r.map(|()| f).map_err(|e| in_use_error(dir, &path, e)),
+        }
+    }
+}
+
+/// The error of a layout change that could not have the store to itself.
+fn in_use_error(dir: &Path, path: &Path, e: std::fs::TryLockError) -> Error {
+    match e {
+        std::fs::TryLockError::WouldBlock => Error::InUse(format!(
+            "the store {} (another bf process has it open: a mount, an NBD or HTTP server, or a running command; \
+             stop it and try again)",
+            dir.display()
+        )),
+        std::fs::TryLockError::Error(e) => Error::io(format!("locking {}", path.display()), e),
+    }
+}
+
 /// The default write policy: k+1 shards per stripe (k when there is no parity).
 fn default_min_shards_written(k: u16, m: u16) -> usize {
     k as usize + usize::from(m > 0)
@@ -637,20 +958,43 @@ fn create_location(dir: &Path, spec: &str) -> Result<Arc<dyn Location>> {
     Ok(loc)
 }
 
-/// Reads a location's marker: `Ok(None)` when it has none.
+/// Reads a location's marker (either format version): `Ok(None)` when it has none.
 pub(crate) fn read_marker(loc: &dyn Location) -> Result<Option<LocationMarker>> {
-    match loc.get(LOCATION_MARKER) {
-        Ok(b) => format::open(MAGIC_LOCATION, &format!("location marker of {}", loc.name()), &b).map(Some),
-        Err(e) if e.is_not_found() => Ok(None),
-        Err(e) => Err(e),
+    let bytes = match loc.get(LOCATION_MARKER) {
+        Ok(b) => b,
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let what = format!("location marker of {}", loc.name());
+    let (version, payload) = format::open_bytes_version(MAGIC_LOCATION, &what, &bytes, 1..=MARKER_LAYOUT_VERSION)?;
+    let undecodable = |e: postcard::Error| Error::corrupt(&what, format!("undecodable payload: {e}"));
+    if version == 1 {
+        let v1: MarkerV1 = postcard::from_bytes(payload).map_err(undecodable)?;
+        return Ok(Some(LocationMarker { store_id: v1.store_id, index: v1.index, layout_gen: 0, layout: vec![] }));
     }
+    postcard::from_bytes(payload).map(Some).map_err(undecodable)
 }
 
-/// Writes a location's marker (store id and position) and makes it durable.
-pub(crate) fn write_marker(loc: &dyn Location, store_id: &[u8; 16], index: usize) -> Result<()> {
-    let marker = LocationMarker { store_id: *store_id, index: index as u32 };
-    loc.put(LOCATION_MARKER, &[&format::seal(MAGIC_LOCATION, &marker)])?;
+/// Writes the marker of the location at `position` of `desc` (its number, and the layout when it is not the
+/// initial one) and makes it durable.
+pub(crate) fn write_marker(loc: &dyn Location, desc: &StoreDescriptor, position: usize) -> Result<()> {
+    let index = desc.ids[position];
+    let bytes = if desc.initial_layout() {
+        format::seal(MAGIC_LOCATION, &MarkerV1 { store_id: desc.store_id, index })
+    } else {
+        let marker =
+            LocationMarker { store_id: desc.store_id, index, layout_gen: desc.layout_gen, layout: desc.ids.clone() };
+        let payload = postcard::to_allocvec(&marker).expect("the marker is postcard-serialisable");
+        format::seal_bytes_version(MAGIC_LOCATION, MARKER_LAYOUT_VERSION, &payload)
+    };
+    loc.put(LOCATION_MARKER, &[&bytes])?;
     loc.sync()
+}
+
+/// True when `marker` is the one the location at `position` of `desc` must carry (its store and number; an
+/// older layout generation is still this location's).
+pub(crate) fn marker_matches(marker: &LocationMarker, desc: &StoreDescriptor, position: usize) -> bool {
+    marker.store_id == desc.store_id && desc.ids.get(position) == Some(&marker.index)
 }
 
 /// Location index of shard `shard` of segment `segment` for a file whose placement starts at `start`, over
@@ -660,9 +1004,15 @@ pub fn placement(start: u32, segment: u64, shard: usize, n: usize) -> usize {
     ((start as u64 + segment + shard as u64) % n as u64) as usize
 }
 
-/// The placement start of a file, pack or volume over `n` locations: from its (random) id, so starts spread.
+/// The placement start of a file, pack or log volume over `n` locations: from its (random) id, so starts
+/// spread.
 pub fn placement_start(id: &[u8; 16], n: usize) -> u32 {
     (u32::from_le_bytes([id[0], id[1], id[2], id[3]]) as usize % n.max(1)) as u32
+}
+
+/// The placement start of a copy-on-write volume over `n` locations (its format took it from the first byte).
+pub fn cow_placement_start(vol_id: &[u8; 16], n: usize) -> u32 {
+    (vol_id[0] as usize % n.max(1)) as u32
 }
 
 /// Directory under which every file's shards live, one subdirectory per file id.
@@ -743,6 +1093,48 @@ mod tests {
         st.set_zone(1, "").unwrap();
         assert_eq!(descriptor_version(&dir), 1, "without zones again, format 1 again");
         assert_eq!(Store::open(&dir).unwrap().descriptor(), st.descriptor());
+    }
+
+    #[test]
+    fn a_changed_layout_is_kept_in_a_third_format_and_in_the_markers_and_needs_the_store_alone() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("s");
+        let opts = InitOptions {
+            k: 2,
+            m: 1,
+            segment_size: MIN_SEGMENT_SIZE,
+            locations: vec![],
+            zones: vec![],
+            key: KeySource::NewKeyFile(dir.join("master.key")),
+        };
+        let mut st = Store::init(&dir, opts).unwrap();
+        assert_eq!(read_marker(st.locations()[0].as_ref()).unwrap().unwrap().layout_gen, 0);
+        // Another process with the store open: the layout stays as it is.
+        let other = Store::open(&dir).unwrap();
+        let extra = d.path().join("extra").display().to_string();
+        let busy = std::time::Instant::now();
+        assert!(matches!(st.add_location(&extra, "z"), Err(Error::InUse(_))));
+        assert!(busy.elapsed() >= EXCLUSIVE_WAIT, "gave up before waiting");
+        drop(other);
+        assert_eq!(st.add_location(&extra, "z").unwrap(), 3);
+        assert_eq!(descriptor_version(&dir), DESCRIPTOR_LAYOUT_VERSION);
+        assert!(matches!(st.add_location(&extra, ""), Err(Error::Config(_))), "added twice");
+        st.start_draining(0).unwrap();
+        assert_eq!(st.active(), [1, 2, 3]);
+        assert!(matches!(st.start_draining(1), Err(Error::Config(_))), "left fewer than k+m homes");
+        st.exclusively(|st| st.forget_location(0)).unwrap();
+        let back = Store::open(&dir).unwrap();
+        assert_eq!(back.descriptor(), st.descriptor());
+        assert_eq!((back.descriptor().ids.clone(), back.descriptor().layout_gen), (vec![1, 2, 3], 3));
+        assert!(back.probe_locations().iter().all(|p| p.is_ok()), "{:?}", back.probe_locations());
+        let marker = read_marker(back.locations()[2].as_ref()).unwrap().unwrap();
+        assert_eq!((marker.index, marker.layout_gen, marker.layout), (3, 3, vec![1, 2, 3]));
+        // Every shard's home is one of the active locations, distinct within a stripe.
+        for seg in 0..10 {
+            let homes: std::collections::BTreeSet<usize> =
+                (0..3).map(|i| back.home(&[seg as u8; 16], seg, i)).collect();
+            assert_eq!(homes.len(), 3);
+        }
     }
 
     #[test]

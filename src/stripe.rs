@@ -10,7 +10,7 @@ use crate::error::{Error, LocationFailure, Result};
 use crate::format::shard::{self, Expected, ShardFault, ShardHeader};
 use crate::location::Location;
 use crate::metrics::reads::ShardFailure;
-use crate::store::{placement, Store};
+use crate::store::Store;
 
 /// Where a stripe's shards live and how they are named.
 pub struct StripeAddr<'a> {
@@ -18,8 +18,8 @@ pub struct StripeAddr<'a> {
     pub file_id: &'a [u8; 16],
     /// Segment or stripe index.
     pub segment: u64,
-    /// Placement rotation start of the file or volume.
-    pub placement_start: u32,
+    /// Whose placement rule places the shards.
+    pub rule: HomeRule,
     /// Bytes per shard.
     pub shard_len: usize,
     /// Object key of shard `i`.
@@ -32,7 +32,10 @@ pub struct StripeAddr<'a> {
 impl StripeAddr<'_> {
     /// Home location index of shard `i`.
     pub fn home(&self, store: &Store, i: usize) -> usize {
-        placement(self.placement_start, self.segment, i, store.locations().len())
+        match self.rule {
+            HomeRule::ById => store.home(self.file_id, self.segment, i),
+            HomeRule::CowVolume => store.cow_home(self.file_id, self.segment, i),
+        }
     }
 
     /// What shard `i`'s header and payload must say, its Merkle leaf being `leaf`.
@@ -46,6 +49,15 @@ impl StripeAddr<'_> {
             leaf,
         }
     }
+}
+
+/// How the home of a stripe's shards follows from its id (see [`Store::home`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HomeRule {
+    /// Files, packs and log volumes.
+    ById,
+    /// Copy-on-write volumes.
+    CowVolume,
 }
 
 /// What [`write_stripe`] stored.

@@ -112,7 +112,7 @@ fn corrupt_shards_are_rebuilt_and_verify_reports_them() {
 fn reads_count_the_shards_they_could_not_use_and_the_segments_they_rebuilt() {
     use crate::location::LocationExt;
     use crate::metrics::reads::{ReadCounts, ShardFailure};
-    use crate::store::{placement, shard_key};
+    use crate::store::shard_key;
     let d = tempfile::tempdir().unwrap();
     let store = new_store(d.path(), 4, 2);
     let bytes = data(3 * MIN_SEGMENT_SIZE as usize, 5);
@@ -121,7 +121,7 @@ fn reads_count_the_shards_they_could_not_use_and_the_segments_they_rebuilt() {
     assert_eq!(store.read_stats().counts(), ReadCounts::default(), "an intact read counts nothing");
     let body = catalog::find(&store, "f").unwrap().manifest.body;
     let shard = |segment: u64, i: usize| {
-        let loc = &store.locations()[placement(body.placement_start, segment, i, store.locations().len())];
+        let loc = &store.locations()[store.home(&body.file_id, segment, i)];
         (loc.clone(), shard_key(&body.file_id, segment, i))
     };
     // Segment 0 loses data shard 1; segment 1's data shard 2 has a flipped payload byte; segment 2 is intact.

@@ -17,7 +17,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::files::session::{Session, SessionOptions};
 use crate::format::manifest::{EntryKind, FileMeta, Manifest, ManifestBody, SegmentEntry};
 use crate::store::{shard_key, Store};
-use crate::stripe::{write_stripe, StripeAddr};
+use crate::stripe::{write_stripe, HomeRule, StripeAddr};
 
 /// What to commit and how.
 #[derive(Clone, Debug, Default)]
@@ -157,7 +157,7 @@ impl Pipeline<'_> {
         let addr = StripeAddr {
             file_id: &self.file_id,
             segment,
-            placement_start: self.placement_start,
+            rule: HomeRule::ById,
             shard_len: sl,
             key_of: &key_of,
             deferred: self.deferred,

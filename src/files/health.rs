@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use serde::{Deserialize, Serialize};
 
 use crate::format::manifest::ManifestBody;
-use crate::store::{parse_shard_name, placement, shard_prefix, Store};
+use crate::store::{parse_shard_name, shard_prefix, Store};
 
 /// How healthy something is; ordered from best to worst.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -20,13 +20,13 @@ pub enum Health {
     Lost,
 }
 
-/// Health of a file from the presence of its shards on their home locations (cheap: no payload is read, so
-/// corrupt shards count as present; `bf verify` and `bf scrub` read them).
+/// Health of a file from the presence of its shards on the locations, at home or where a repair or a layout
+/// change left them (cheap: no payload is read, so corrupt shards count as present; `bf verify` and `bf scrub`
+/// read them).
 pub fn quick_health(store: &Store, body: &ManifestBody) -> Health {
     // A packed file is as healthy as its pack.
     let Ok(body) = crate::files::catalog::shards_body(store, body) else { return Health::Lost };
     let body = &body;
-    let n = store.locations().len();
     let listed: Vec<Option<HashSet<(u64, u16)>>> = store
         .locations()
         .iter()
@@ -37,12 +37,8 @@ pub fn quick_health(store: &Store, body: &ManifestBody) -> Health {
         .collect();
     let mut worst = Health::Healthy;
     for seg in 0..body.segments.len() as u64 {
-        let present = (0..body.width())
-            .filter(|&i| {
-                let home = placement(body.placement_start, seg, i, n);
-                listed[home].as_ref().is_some_and(|set| set.contains(&(seg, i as u16)))
-            })
-            .count();
+        let present =
+            (0..body.width()).filter(|&i| listed.iter().flatten().any(|set| set.contains(&(seg, i as u16)))).count();
         if present < body.k as usize {
             return Health::Lost;
         }

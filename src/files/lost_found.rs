@@ -29,7 +29,7 @@ use crate::format::pack_index::{self, IndexEntry};
 use crate::format::shard::{self, Expected, ShardHeader};
 use crate::location::LocationExt;
 use crate::scrub::{survey_orphans, OrphanKind, OrphanSurvey};
-use crate::store::{placement, placement_start, shard_key, Store};
+use crate::store::{placement_start, shard_key, Store};
 
 /// Folder of the store that restored files are published under.
 pub const LOST_FOUND_DIR: &str = "lost+found";
@@ -214,7 +214,7 @@ impl Stripe {
 fn read_shard(store: &Store, id: &[u8; 16], seg: u64, i: usize, holders: &[usize]) -> Option<Vec<u8>> {
     let d = store.descriptor();
     let locs = store.locations();
-    let home = placement(placement_start(id, locs.len()), seg, i, locs.len());
+    let home = store.home(id, seg, i);
     let order = std::iter::once(home).chain(holders.iter().copied().filter(|&h| h != home));
     let key = shard_key(id, seg, i);
     for l in order {
@@ -342,7 +342,7 @@ mod tests {
         let big = find(&store).unwrap().into_iter().find(|(_, s)| s.segments() == 4).map(|(id, _)| id);
         let big = big.expect("the four-segment file");
         for i in [0, 5] {
-            let home = placement(placement_start(&big, 6), 1, i, 6);
+            let home = store.home(&big, 1, i);
             ms.mem[home].delete(&shard_key(&big, 1, i)).unwrap();
         }
 

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::format::manifest::{packed_root, Data, FileMeta, Manifest, ManifestBody, SegmentEntry, PACK_NAME_TAG};
 use crate::format::pack_index::{self, IndexEntry};
 use crate::store::{shard_key, Store};
-use crate::stripe::{write_stripe, StripeAddr};
+use crate::stripe::{write_stripe, HomeRule, StripeAddr};
 
 /// Most bytes in one pack (4 MiB: 1 MiB shards at k = 4), or the segment size when smaller.
 pub const PACK_BYTES: u64 = 4 << 20;
@@ -207,8 +207,14 @@ fn store_pack(store: &Store, codec: &mut Codec, pack_id: &[u8; 16], data: &mut V
     let n = store.locations().len();
     let placement_start = crate::store::placement_start(pack_id, n);
     let key_of = |i: usize| shard_key(pack_id, 0, i);
-    let addr =
-        StripeAddr { file_id: pack_id, segment: 0, placement_start, shard_len: sl, key_of: &key_of, deferred: true };
+    let addr = StripeAddr {
+        file_id: pack_id,
+        segment: 0,
+        rule: HomeRule::ById,
+        shard_len: sl,
+        key_of: &key_of,
+        deferred: true,
+    };
     crate::files::intent::mark_commit(store, pack_id);
     let written = write_stripe(store, codec, &addr, data)?;
     let missing = written.missing.iter().map(|(i, _)| addr.home(store, *i)).collect();

@@ -12,12 +12,12 @@ use crate::error::{Error, Result};
 use crate::files::catalog::{self, Entry};
 use crate::format::manifest::{Data, FileMeta, ManifestBody};
 use crate::format::shard::HEADER_LEN;
-use crate::store::{placement, shard_key, Store};
+use crate::store::{shard_key, Store};
 pub use crate::stripe::ShardProblem;
 /// The buffers a [`SegmentReader`] decodes into; servers keep a bounded pool of them
 /// ([`SegmentReader::with_parts`]).
 pub use crate::stripe::StripeBuffers;
-use crate::stripe::{self, read_stripe, StripeAddr, StripeError};
+use crate::stripe::{self, read_stripe, HomeRule, StripeAddr, StripeError};
 
 /// Result of looking for one shard.
 #[derive(Clone, Debug)]
@@ -39,7 +39,7 @@ pub fn fetch_shard(
     shard: usize,
     io: &mut Vec<u8>,
 ) -> (std::result::Result<(Range<usize>, usize), ShardProblem>, usize) {
-    let home = placement(body.placement_start, segment, shard, store.locations().len());
+    let home = store.home(&body.file_id, segment, shard);
     let (Some(leaf), Some(entry)) = (body.leaf(segment, shard), body.segments.get(segment as usize)) else {
         return (Err(ShardProblem::Missing), home);
     };
@@ -54,14 +54,7 @@ fn segment_addr<'a>(
     shard_len: usize,
     key_of: &'a (dyn Fn(usize) -> String + Sync),
 ) -> StripeAddr<'a> {
-    StripeAddr {
-        file_id: &body.file_id,
-        segment,
-        placement_start: body.placement_start,
-        shard_len,
-        key_of,
-        deferred: false,
-    }
+    StripeAddr { file_id: &body.file_id, segment, rule: HomeRule::ById, shard_len, key_of, deferred: false }
 }
 
 /// A committed file opened for reading.
@@ -245,14 +238,14 @@ fn read_pack_range(store: &Store, pack: &ManifestBody, offset: u64, len: usize, 
         return Err(Error::corrupt("pack", "range outside the pack"));
     }
     out.clear();
-    let n = store.locations().len();
     let mut at = offset;
     while out.len() < len {
         let shard = (at / sl) as usize;
         let within = at % sl;
         let take = ((sl - within) as usize).min(len - out.len());
-        let loc = &store.locations()[placement(pack.placement_start, 0, shard, n)];
-        let bytes = loc.get_range(&shard_key(&pack.file_id, 0, shard), HEADER_LEN as u64 + within, take)?;
+        let key = shard_key(&pack.file_id, 0, shard);
+        let home = store.home(&pack.file_id, 0, shard);
+        let bytes = store.from_holders(home, |loc| loc.get_range(&key, HEADER_LEN as u64 + within, take))?;
         if bytes.len() != take {
             return Err(Error::corrupt("pack shard", "short read"));
         }

@@ -257,10 +257,12 @@ impl BlockLog {
         let header =
             JournalHeader { store_id: self.store.descriptor().store_id, vol_id: self.layout.vol_id, gen: gen + 1, len };
         let page = encode_journal_header(&header, self.store.key()?)?;
-        let n = self.store.locations().len();
+        let active = self.store.active();
+        let n = active.len();
         let want = (self.layout.m as usize + 1).min(n);
         let mut copies = Vec::new();
-        for i in (0..n).map(|i| (self.layout.placement_start as usize + i) % n) {
+        let first = crate::store::placement_start(&self.layout.vol_id, n) as usize;
+        for i in (0..n).map(|i| active[(first + i) % n]) {
             let loc = &self.store.locations()[i];
             if copies.len() < want {
                 match loc.preallocate(&key, len).and_then(|ok| {

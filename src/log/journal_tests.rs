@@ -391,7 +391,7 @@ fn a_shard_left_on_a_location_missing_at_open_is_never_taken_for_a_new_stripe() 
     let (locs, gate) = gated(&mem, Some(FIRST), false);
     let log = gated_log(dir.path(), locs);
     // The location of shard 0 (whose record replay reads first).
-    let a = ((log.layout.placement_start as u64 + FIRST) % 3) as usize;
+    let a = log.layout.home(&log.store, FIRST, 0);
     std::thread::scope(|s| {
         let filler = s.spawn(|| log.write(0, &test_bytes(16 * BLOCK, 1), false));
         until_sealing(&log);

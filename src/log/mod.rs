@@ -193,7 +193,7 @@ impl BlockLog {
     /// background checkpointer.
     pub fn open(store: Arc<Store>, vol_id: &[u8; 16], opts: LogOptions) -> Result<Arc<BlockLog>> {
         let ckpt = load_checkpoint(&store, vol_id)?;
-        let layout = Layout { vol_id: *vol_id, k: ckpt.k, m: ckpt.m, placement_start: ckpt.placement_start };
+        let layout = Layout { vol_id: *vol_id, k: ckpt.k, m: ckpt.m };
         let xts = store.key()?.volume_xts(vol_id);
         let opts = LogOptions { stripe_blocks: ckpt.stripe_blocks, ..opts };
         let state = State {

@@ -10,7 +10,7 @@ use crate::format::log::*;
 use crate::format::shard::{ShardHeader, HEADER_LEN};
 use crate::location::LocationExt;
 use crate::metrics::reads::ShardFailure;
-use crate::store::{placement, Store};
+use crate::store::Store;
 
 /// Where a volume's stripes live.
 #[derive(Clone, Copy, Debug)]
@@ -18,7 +18,6 @@ pub(crate) struct Layout {
     pub(crate) vol_id: [u8; 16],
     pub(crate) k: u16,
     pub(crate) m: u16,
-    pub(crate) placement_start: u32,
 }
 
 impl Layout {
@@ -28,7 +27,21 @@ impl Layout {
 
     /// Location index of shard `i` of stripe `seq`.
     pub(crate) fn home(&self, store: &Store, seq: u64, i: usize) -> usize {
-        placement(self.placement_start, seq, i, store.locations().len())
+        store.home(&self.vol_id, seq, i)
+    }
+
+    /// Runs `read` on shard `i` of stripe `seq` on its home location, then, while the shard is not found there,
+    /// on each other location (a repair may have put it elsewhere, or a layout change left it where it was, until
+    /// a rebalance moves it home). Returns the first success, else the first error other than "not found", else
+    /// "not found".
+    pub(crate) fn on_holders<T>(
+        &self,
+        store: &Store,
+        seq: u64,
+        i: usize,
+        read: impl FnMut(&dyn crate::location::Location) -> Result<T>,
+    ) -> Result<T> {
+        store.from_holders(self.home(store, seq, i), read)
     }
 }
 
@@ -163,9 +176,9 @@ pub(super) fn fetch_record(store: &Store, layout: &Layout, info: &StripeInfo) ->
     let what = format!("record of log stripe {}", info.seq);
     let mut first_err = None;
     for i in 0..layout.width() {
-        let loc = &store.locations()[layout.home(store, info.seq, i)];
-        let got = loc
-            .get_range(&stripe_key(&layout.vol_id, info.seq, i), range.start, info.record_len as usize)
+        let key = stripe_key(&layout.vol_id, info.seq, i);
+        let got = layout
+            .on_holders(store, info.seq, i, |loc| loc.get_range(&key, range.start, info.record_len as usize))
             .and_then(|b| decode_record(&b, Some(store.key()?), &what));
         match got {
             Ok(r) if r.seq == info.seq && r.vol_id == layout.vol_id && r.blocks == info.blocks => return Ok(r),
@@ -182,17 +195,22 @@ pub(super) fn fetch_record(store: &Store, layout: &Layout, info: &StripeInfo) ->
 pub(super) fn fetch_record_any(store: &Store, layout: &Layout, seq: u64) -> Option<(RecordBody, u32)> {
     let what = format!("record of log stripe {seq}");
     let key = store.key().ok()?;
+    let unusable = || Error::corrupt(&what, "no valid record");
     (0..layout.width()).find_map(|i| {
-        let loc = &store.locations()[layout.home(store, seq, i)];
         let name = stripe_key(&layout.vol_id, seq, i);
-        let header = ShardHeader::decode(&loc.get_range(&name, 0, HEADER_LEN).ok()?).ok()?;
-        let end = HEADER_LEN as u64 + header.payload_len as u64;
-        let len_bytes: [u8; 4] = loc.get_range(&name, end.checked_sub(4)?, 4).ok()?.try_into().ok()?;
-        let record_len = u32::from_le_bytes(len_bytes) as u64;
-        let start = end.checked_sub(4 + record_len).filter(|s| *s >= HEADER_LEN as u64)?;
-        let bytes = loc.get_range(&name, start, record_len as usize).ok()?;
-        let r = decode_record(&bytes, Some(key), &what).ok()?;
-        (r.seq == seq && r.vol_id == layout.vol_id).then_some((r, record_len as u32))
+        layout
+            .on_holders(store, seq, i, |loc| {
+                let header = ShardHeader::decode(&loc.get_range(&name, 0, HEADER_LEN)?)?;
+                let end = HEADER_LEN as u64 + header.payload_len as u64;
+                let len_at = end.checked_sub(4).ok_or_else(unusable)?;
+                let len_bytes: [u8; 4] = loc.get_range(&name, len_at, 4)?.try_into().map_err(|_| unusable())?;
+                let record_len = u32::from_le_bytes(len_bytes) as u64;
+                let start = end.checked_sub(4 + record_len).filter(|s| *s >= HEADER_LEN as u64).ok_or_else(unusable)?;
+                let r = decode_record(&loc.get_range(&name, start, record_len as usize)?, Some(key), &what)?;
+                Ok((r, record_len as u32))
+            })
+            .ok()
+            .filter(|(r, _)| r.seq == seq && r.vol_id == layout.vol_id)
     })
 }
 
@@ -224,9 +242,9 @@ fn ranged_read(store: &Store, layout: &Layout, rec: &RecordBody, first: u32, out
     for chunk in split_by_shard(first as usize, out.len() / BLOCK, bps) {
         let shard = slot / bps;
         let off = (HEADER_LEN + (slot % bps) * BLOCK) as u64;
-        let loc = &store.locations()[layout.home(store, rec.seq, shard)];
         let dst = &mut out[(slot - first as usize) * BLOCK..(slot - first as usize + chunk) * BLOCK];
-        let got = loc.get_range(&stripe_key(&layout.vol_id, rec.seq, shard), off, dst.len())?;
+        let key = stripe_key(&layout.vol_id, rec.seq, shard);
+        let got = layout.on_holders(store, rec.seq, shard, |loc| loc.get_range(&key, off, dst.len()))?;
         if got.len() != dst.len() {
             return Err(Error::corrupt(format!("log stripe {} shard {shard}", rec.seq), "short read"));
         }
@@ -312,8 +330,8 @@ fn failure_of(e: &Error) -> ShardFailure {
 /// The data part of shard `i`, verified against its header and the record.
 fn fetch_shard_data(store: &Store, layout: &Layout, rec: &RecordBody, i: usize) -> Result<Vec<u8>> {
     let what = format!("log stripe {} shard {i}", rec.seq);
-    let loc = &store.locations()[layout.home(store, rec.seq, i)];
-    let bytes = loc.get(&stripe_key(&layout.vol_id, rec.seq, i))?;
+    let key = stripe_key(&layout.vol_id, rec.seq, i);
+    let bytes = layout.on_holders(store, rec.seq, i, |loc| loc.get(&key))?;
     let header = ShardHeader::decode(&bytes)?;
     let payload = bytes.get(HEADER_LEN..).ok_or_else(|| Error::corrupt(&what, "truncated"))?;
     if header.payload_hash != *blake3::hash(payload).as_bytes() {
@@ -396,12 +414,17 @@ pub(super) fn restore(
     Ok(failed)
 }
 
-/// Deletes every shard object of stripe `seq` (best effort).
+/// Deletes every shard object of stripe `seq` (best effort), wherever it is: at home, or on another location
+/// where a repair or a layout change left it.
 pub(super) fn delete_stripe(store: &Store, layout: &Layout, seq: u64) {
     for i in 0..layout.width() {
-        let loc = &store.locations()[layout.home(store, seq, i)];
-        if let Err(e) = loc.delete(&stripe_key(&layout.vol_id, seq, i)) {
-            tracing::warn!(seq, shard = i, error = %e, "could not delete a dead log stripe shard");
+        let key = stripe_key(&layout.vol_id, seq, i);
+        for loc in store.locations() {
+            match loc.delete(&key) {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => tracing::warn!(seq, shard = i, error = %e, "could not delete a dead log stripe shard"),
+            }
         }
     }
 }

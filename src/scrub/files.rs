@@ -14,7 +14,7 @@ use crate::format::shard::HEADER_LEN;
 use crate::location::LocationExt;
 use crate::store::shard_key;
 use crate::stripe::fetch_shard;
-use crate::stripe::StripeAddr;
+use crate::stripe::{HomeRule, StripeAddr};
 
 use super::policy::repair_targets;
 use super::repair::write_rebuilt;
@@ -292,7 +292,7 @@ impl Scrubber<'_> {
         let addr = StripeAddr {
             file_id: &body.file_id,
             segment: seg,
-            placement_start: body.placement_start,
+            rule: HomeRule::ById,
             shard_len: sl,
             key_of: &key_of,
             deferred: false,

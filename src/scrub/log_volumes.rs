@@ -43,7 +43,7 @@ pub fn scrub_log_volume(store: &Store, id: &[u8; 16], repair: bool) -> VolumeRep
             check_page(store, &ckpt, page as u32, repair, &mut r);
         }
     }
-    let layout = Layout { vol_id: *id, k: ckpt.k, m: ckpt.m, placement_start: ckpt.placement_start };
+    let layout = Layout { vol_id: *id, k: ckpt.k, m: ckpt.m };
     let mut codec = match Codec::new(ckpt.k as usize, ckpt.m as usize) {
         Ok(c) => c,
         Err(e) => {
@@ -114,8 +114,8 @@ fn check_page(store: &Store, ckpt: &CheckpointBody, page: u32, repair: bool, r: 
 type Found = std::result::Result<(Vec<u8>, Vec<u8>), (ShardStatus, String)>;
 
 fn fetch(store: &Store, layout: &Layout, seq: u64, i: usize) -> Found {
-    let loc = &store.locations()[layout.home(store, seq, i)];
-    let bytes = match loc.get(&stripe_key(&layout.vol_id, seq, i)) {
+    let key = stripe_key(&layout.vol_id, seq, i);
+    let bytes = match layout.on_holders(store, seq, i, |loc| loc.get(&key)) {
         Ok(b) => b,
         Err(e) if e.is_not_found() => return Err((ShardStatus::Missing, "missing".into())),
         Err(e) => return Err((ShardStatus::Corrupt, e.to_string())),

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::files::catalog::{self, FileRef};
-use crate::store::{read_marker, write_marker, Store};
+use crate::store::{marker_matches, read_marker, write_marker, Store};
 
 pub use catalog_copies::CatalogReport;
 pub use orphans::{survey as survey_orphans, OrphanSurvey};
@@ -69,7 +69,7 @@ pub fn check_locations(store: &Store, repair: bool) -> Vec<LocationState> {
                 return LocationState::Gone(e.to_string());
             }
             let problem = match read_marker(loc.as_ref()) {
-                Ok(Some(m)) if m.store_id == d.store_id && m.index as usize == i => return LocationState::Ok,
+                Ok(Some(m)) if marker_matches(&m, d, i) => return LocationState::Ok,
                 Ok(Some(_)) => return LocationState::Foreign("marker names another store or position".into()),
                 Ok(None) => "marker missing".to_string(),
                 Err(e @ Error::Corrupt { .. }) => e.to_string(),
@@ -78,7 +78,7 @@ pub fn check_locations(store: &Store, repair: bool) -> Vec<LocationState> {
             if !repair {
                 return LocationState::MarkerMissing(problem);
             }
-            match write_marker(loc.as_ref(), &d.store_id, i) {
+            match write_marker(loc.as_ref(), d, i) {
                 Ok(()) => {
                     tracing::warn!(location = loc.name(), problem, "rewrote the location marker");
                     LocationState::MarkerRestored
@@ -104,7 +104,9 @@ impl<'a> Scrubber<'a> {
     /// Starts a scrub: checks the locations (rewriting markers when repairing).
     pub fn new(store: &'a Store, opts: ScrubOptions) -> Self {
         let states = check_locations(store, opts.repair);
-        let writable = states.iter().map(LocationState::writable).collect();
+        // A draining location is read but never written: it is about to be forgotten.
+        let draining = &store.descriptor().draining;
+        let writable = states.iter().zip(draining).map(|(s, d)| s.writable() && !d).collect();
         let n = states.len();
         Scrubber {
             store,

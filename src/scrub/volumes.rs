@@ -16,7 +16,7 @@ use crate::format::shard::{ShardHeader, HEADER_LEN};
 use crate::format::volume::{page_key, stripe_shard_key, superblock_key, MapPage, SuperBody, Superblock};
 use crate::location::LocationExt;
 use crate::store::Store;
-use crate::stripe::{fetch_shard, StripeAddr};
+use crate::stripe::{fetch_shard, HomeRule, StripeAddr};
 use crate::volume::cow::{load_superblock, scan_ids};
 use crate::volume::try_lock_volume;
 
@@ -221,7 +221,7 @@ fn check_stripe(
     let addr = StripeAddr {
         file_id: &id,
         segment: stripe,
-        placement_start: sb.placement_start,
+        rule: HomeRule::CowVolume,
         shard_len: sl,
         key_of: &key_of,
         deferred: false,

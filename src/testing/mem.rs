@@ -188,7 +188,7 @@ pub fn mem_store(dir: &std::path::Path, k: u16, m: u16, n: usize, segment_size: 
     let faulty: Vec<Arc<FaultyLocation>> =
         mem.iter().map(|m| Arc::new(FaultyLocation::new(m.clone() as Arc<dyn Location>))).collect();
     for (i, l) in faulty.iter().enumerate() {
-        crate::store::write_marker(l.as_ref(), &store.descriptor().store_id, i)?;
+        crate::store::write_marker(l.as_ref(), store.descriptor(), i)?;
     }
     store.set_locations(faulty.iter().map(|l| l.clone() as Arc<dyn Location>).collect())?;
     Ok(MemStore { store, faulty, mem })

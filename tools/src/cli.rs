@@ -74,6 +74,10 @@ pub enum Command {
     /// Show or replace the store's locations (directories and object stores).
     #[command(subcommand)]
     Location(LocationCommand),
+    /// Move every shard to its home location under the current list of locations (after `bf location add`,
+    /// or shards a repair put elsewhere while their home was away). No key needed; safe beside commits, the
+    /// mount and the NBD server; resumable. Exit status 3 when some shard could not be moved.
+    Rebalance(RebalanceArgs),
     /// Manage block volumes (virtual disks served over NBD).
     #[command(subcommand)]
     Volume(VolumeCommand),
@@ -174,6 +178,30 @@ pub enum LocationCommand {
         /// The zone name (at most 64 characters).
         zone: String,
     },
+    /// Add a new, empty location: shards are moved onto it by a rebalance, then a repairing scrub writes the
+    /// copies of replicated objects (manifests, catalog, volume metadata) it lacks. No other bf process may have
+    /// the store open while the location list changes; the rebalance and the scrub may run beside anything.
+    Add {
+        /// The new location: a directory, file:///path or s3://bucket/prefix.
+        location: String,
+        /// Its failure domain (machine, rack, site).
+        #[arg(long, value_name = "ZONE", default_value = "")]
+        zone: String,
+        /// Only add it; run `bf rebalance` and `bf scrub --repair` later.
+        #[arg(long)]
+        no_rebalance: bool,
+        #[command(flatten)]
+        moves: MoveArgs,
+    },
+    /// Remove a location after draining it: it stops receiving anything new, every shard it holds moves to its
+    /// home elsewhere, a repairing scrub restores every copy of replicated objects on the others, and only then
+    /// is it forgotten. Resumable: run it again after an interruption.
+    Remove {
+        /// The location: its spec as `bf location ls` shows it, or its number.
+        location: String,
+        #[command(flatten)]
+        moves: MoveArgs,
+    },
     /// Replace a lost or retired location by a new, empty one and rebuild onto it everything the old one held
     /// (a repairing scrub; no key needed).
     Replace {
@@ -188,6 +216,34 @@ pub enum LocationCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// How shards are moved (`bf rebalance`, `bf location add` and `remove`).
+#[derive(Args, Debug, Clone)]
+pub struct MoveArgs {
+    /// Move at most this many MB of shards per second
+    #[arg(long, value_name = "MB_PER_SEC")]
+    pub rate: Option<f64>,
+    /// Shards moved in parallel
+    #[arg(long = "movers", value_name = "N", default_value_t = 4)]
+    pub movers: usize,
+    /// Print the reports as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `bf rebalance`.
+#[derive(Args, Debug)]
+pub struct RebalanceArgs {
+    /// Only count the shards that are away from their home
+    #[arg(long)]
+    pub dry_run: bool,
+    /// First reorder the locations so each stripe's shards span as many zones as possible (after zones were
+    /// set with `bf location zone`; no other bf process may have the store open), then move shards to match
+    #[arg(long, conflicts_with = "dry_run")]
+    pub spread_zones: bool,
+    #[command(flatten)]
+    pub moves: MoveArgs,
 }
 
 /// `bf volume ...`.

@@ -4,7 +4,7 @@
 use crate::codec::xts::SECTOR;
 use crate::error::{Error, Result};
 use crate::format::volume::*;
-use crate::stripe::{read_stripe, write_stripe, StripeAddr, StripeError};
+use crate::stripe::{read_stripe, write_stripe, HomeRule, StripeAddr, StripeError};
 
 use super::*;
 
@@ -14,7 +14,7 @@ impl CowVolume {
         &self,
         stripe: u64,
         entry: &StripeEntry,
-        (sl, placement_start): (usize, u32),
+        sl: usize,
         stripe_size: usize,
         within: usize,
         out: &mut [u8],
@@ -30,7 +30,7 @@ impl CowVolume {
         let addr = StripeAddr {
             file_id: &self.id,
             segment: stripe,
-            placement_start,
+            rule: HomeRule::CowVolume,
             shard_len: sl,
             key_of: &key_of,
             deferred: true,
@@ -61,7 +61,7 @@ impl CowVolume {
         StripeAddr {
             file_id: &self.id,
             segment: stripe,
-            placement_start: st.sb.placement_start,
+            rule: HomeRule::CowVolume,
             shard_len: st.sb.shard_len(),
             key_of,
             deferred: true,

@@ -37,7 +37,7 @@ impl CowVolume {
         st.recycle.resize(n, Vec::new());
         for key in std::mem::take(&mut st.superseded) {
             let home = parse_shard_name(key.rsplit('/').next().unwrap_or(""))
-                .map(|(stripe, _, i)| crate::store::placement(st.sb.placement_start, stripe, i, n));
+                .map(|(stripe, _, i)| self.store.cow_home(&self.id, stripe, i));
             match home {
                 Some(h) if st.recycle[h].len() < RECYCLE_LIMIT && self.store.locations()[h].cheap_rename() => {
                     st.recycle[h].push(key)

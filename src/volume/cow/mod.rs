@@ -311,7 +311,7 @@ impl CowVolume {
                     out.fill(0);
                     continue;
                 }
-                (e, (st.sb.shard_len(), st.sb.placement_start))
+                (e, st.sb.shard_len())
             };
             if let Err(e) = self.read_partial(stripe, &entry, shape, ss as usize, within, out) {
                 tracing::debug!(stripe, error = %e, "direct shard read failed; rebuilding the stripe");

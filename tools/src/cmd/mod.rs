@@ -33,6 +33,7 @@ pub fn run(cmd: Command, s: &Settings) -> Result<u8> {
         Command::Recover(a) => recover::recover_cmd(&a, s),
         Command::LostFound(a) => lost_found::lost_found_cmd(&a, s),
         Command::Location(c) => location::location_cmd(&c, s),
+        Command::Rebalance(a) => location::rebalance_cmd(&a, s),
         Command::Volume(c) => volume::volume_cmd(&c, s),
         Command::Nbd(c) => volume::nbd_cmd(&c, s),
         Command::Serve(a) => serve::serve_cmd(&a, s),

@@ -93,6 +93,24 @@ pub(crate) fn scrub_once(
     max_duration: Option<Duration>,
     json: bool,
 ) -> Result<u8> {
+    scrub_reported(st, opts, selection, max_duration, json).map(|r| exit_code(r.health()))
+}
+
+/// A repairing scrub of the whole store after a change of its locations (`bf location add`, `remove`): prints
+/// the report; the exit status is the health after the repair (a new location lacks every copy until then).
+pub(crate) fn repair_after_layout_change(st: &Store, s: &Settings, json: bool) -> Result<u8> {
+    let opts = scrub_options(true, None, None, s)?;
+    scrub_reported(st, &opts, Selection::All, None, json).map(|r| exit_code(r.health_after()))
+}
+
+/// Runs one scrub with a progress bar on a terminal, prints its report and returns it.
+fn scrub_reported(
+    st: &Store,
+    opts: &ScrubOptions,
+    selection: Selection,
+    max_duration: Option<Duration>,
+    json: bool,
+) -> Result<ScrubReport> {
     let pb = (std::io::stderr().is_terminal() && !json).then(|| {
         let pb = ProgressBar::new(0);
         pb.set_style(
@@ -124,7 +142,7 @@ pub(crate) fn scrub_once(
     } else {
         print_report(st, &report)?;
     }
-    Ok(exit_code(report.health()))
+    Ok(report)
 }
 
 fn file_line(f: &FileReport) -> String {
