@@ -1,6 +1,7 @@
 //! End-to-end tests of the `bf` binary: real processes, real directories.
 
 mod files;
+mod garage;
 mod locations;
 mod mount;
 mod nbd;
