@@ -86,6 +86,18 @@ pub enum Error {
         /// The locations that failed, with their errors.
         failures: Vec<LocationFailure>,
     },
+    /// Too few locations could be read to be sure of having seen the newest copy of a replicated object.
+    #[error("only {readable} of the {need} locations needed could be read for {what}: {}", describe_failures(.failures))]
+    ReadQuorum {
+        /// What was read.
+        what: String,
+        /// Locations read.
+        readable: usize,
+        /// Locations needed.
+        need: usize,
+        /// The locations that could not be read, with their errors.
+        failures: Vec<LocationFailure>,
+    },
     /// A location cannot be reached or refuses requests (network, timeouts, server errors, access denied).
     #[error("location {location} is unavailable: {reason}")]
     Unavailable {
@@ -237,7 +249,7 @@ impl Error {
                     .find(|k| kinds.contains(k))
                     .unwrap_or(ErrorKind::Unavailable)
             }
-            Error::Unavailable { .. } => ErrorKind::Unavailable,
+            Error::Unavailable { .. } | Error::ReadQuorum { .. } => ErrorKind::Unavailable,
             Error::Config(_) => ErrorKind::Config,
             Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
             Error::OutOfRange { .. } => ErrorKind::OutOfRange,

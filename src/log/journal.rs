@@ -236,7 +236,7 @@ impl BlockLog {
     pub(super) fn recover_journal(&self, first_missing: u64) -> Result<(bool, OldJournal)> {
         // Whatever the options say now: a journal written by an earlier open may hold acknowledged writes.
         let key = journal_key(&self.layout.vol_id);
-        let (gen, holders) = self.journal_headers(&key);
+        let (gen, holders) = self.journal_headers(&key)?;
         let recovered = gen > 0 && self.recover(&key, gen, &holders, first_missing)?;
         Ok((recovered, OldJournal { gen, holders }))
     }
@@ -303,10 +303,12 @@ impl BlockLog {
         Some(align_up(len.max(2 * JOURNAL_ALIGN)))
     }
 
-    /// The newest journal generation on any location, and which locations hold a journal of this volume.
-    fn journal_headers(&self, key: &str) -> (u64, Vec<usize>) {
-        let (mut gen, mut holders) = (0, Vec::new());
-        let Ok(mkey) = self.store.key() else { return (0, holders) };
+    /// The newest journal generation on any location, and which locations hold a journal of this volume. Fails
+    /// when more than m locations cannot be read: every copy of the newest generation (m+1 of them) might be on
+    /// those, and replaying an older one (or none) would silently drop flushed writes.
+    fn journal_headers(&self, key: &str) -> Result<(u64, Vec<usize>)> {
+        let (mut gen, mut holders, mut unreadable) = (0, Vec::new(), Vec::new());
+        let mkey = self.store.key()?;
         for (i, loc) in self.store.locations().iter().enumerate() {
             let what = format!("journal header on {}", loc.name());
             match loc.get_range(key, 0, JOURNAL_ALIGN as usize).and_then(|p| decode_journal_header(&p, mkey, &what)) {
@@ -315,11 +317,16 @@ impl BlockLog {
                     holders.push(i);
                 }
                 Ok(_) => tracing::warn!(location = loc.name(), "a journal of another volume; ignored"),
-                Err(e) if e.is_not_found() => {}
-                Err(e) => tracing::warn!(location = loc.name(), error = %e, "unreadable journal header"),
+                Err(e) => {
+                    if let Some(f) = super::replay::unreadable_location(loc.as_ref(), e) {
+                        tracing::warn!(location = loc.name(), error = %f.error, "unreadable journal header");
+                        unreadable.push(f);
+                    }
+                }
             }
         }
-        (gen, holders)
+        super::replay::enough_readable(&self.store, unreadable, "the flush journal")?;
+        Ok((gen, holders))
     }
 
     /// Rebuilds, from the journal entries of generation `gen`, the stripes from `first` on that were not

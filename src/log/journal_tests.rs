@@ -441,3 +441,41 @@ fn a_full_open_stripe_is_sealed_before_the_next_append() {
     let log = open(dir.path(), as_locations(&mem));
     assert_reads(&log, &model);
 }
+
+/// More than m locations unreadable at open: the newest journal and checkpoint copies may be only there, so the
+/// open refuses (a clear error naming them) instead of serving an older state without the flushed writes.
+#[test]
+fn an_open_with_more_than_m_locations_unreadable_refuses_rather_than_serve_an_older_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = new_log(dir.path(), 2, 1, 3);
+    let log = open(dir.path(), as_locations(&mem));
+    let mut model = Model::new();
+    put(&log, &mut model, 7, &test_bytes(2 * BLOCK, 9));
+    log.flush().unwrap();
+    assert_eq!(stripe_shards(&mem), 0, "the flush went to the journal");
+    drop(log);
+    let with_gone = |gone: &[usize]| -> Vec<Arc<dyn Location>> {
+        mem.iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let f = crate::testing::fault::FaultyLocation::new(m.clone() as Arc<dyn Location>);
+                f.set_gone(gone.contains(&i));
+                Arc::new(f) as Arc<dyn Location>
+            })
+            .collect()
+    };
+    let err = BlockLog::open(store_over(dir.path(), with_gone(&[0, 1])), &[7; 16], opts()).map(|_| ()).unwrap_err();
+    assert!(matches!(err, Error::ReadQuorum { readable: 1, need: 2, .. }), "{err}");
+    // With m gone (a journal holder) the flushed writes are there: journal and checkpoint have m+1 copies.
+    let holder = mem.iter().position(|m| m.keys().unwrap().iter().any(|k| k.ends_with("/journal"))).unwrap();
+    {
+        let gone = holder;
+        // The open stores the journaled blocks as a stripe: k shards accepted, as with m locations down.
+        let mut st = Store::open(dir.path()).unwrap();
+        st.set_locations(with_gone(&[gone])).unwrap();
+        st.unlock(crate::store::read_key_file(&dir.path().join("master.key")).unwrap()).unwrap();
+        st.set_min_shards_written(2).unwrap();
+        let log = BlockLog::open(Arc::new(st), &[7; 16], opts()).unwrap();
+        assert_reads(&log, &model);
+    }
+}

@@ -2,6 +2,7 @@
 //! one that is not complete.
 
 use super::*;
+use crate::error::LocationFailure;
 
 impl BlockLog {
     /// Rebuilds the map from the stripes written after the checkpoint. Returns whether anything was found
@@ -83,6 +84,7 @@ pub fn load_checkpoint(store: &Store, id: &[u8; 16]) -> Result<CheckpointBody> {
     let key = checkpoint_key(id);
     let mut best: Option<CheckpointBody> = None;
     let mut problems = Vec::new();
+    let mut unreadable = Vec::new();
     for loc in store.locations() {
         let what = format!("checkpoint of volume {} on {}", hex::encode(id), loc.name());
         match loc.get(&key).and_then(|b| decode_checkpoint(&b, store.key_opt(), &what)) {
@@ -92,13 +94,43 @@ pub fn load_checkpoint(store: &Store, id: &[u8; 16]) -> Result<CheckpointBody> {
                 }
             }
             Ok(_) => problems.push(format!("{what}: belongs elsewhere")),
-            Err(e) if e.is_not_found() => {}
-            Err(e) => problems.push(e.to_string()),
+            Err(e @ Error::Corrupt { .. }) => problems.push(e.to_string()),
+            Err(e) => {
+                if let Some(f) = unreadable_location(loc.as_ref(), e) {
+                    problems.push(f.error.to_string());
+                    unreadable.push(f);
+                }
+            }
         }
     }
+    enough_readable(store, unreadable, &format!("the checkpoint of volume {}", hex::encode(id)))?;
     best.ok_or_else(|| {
         Error::corrupt(format!("volume {}", hex::encode(id)), format!("no valid checkpoint ({})", problems.join("; ")))
     })
+}
+
+/// Why `loc` counts as unreadable after a read of it failed with `e`: `None` when the object is simply absent
+/// there (a location that is itself missing, a directory gone or a bucket unreachable, answers "not found" to
+/// everything, so a not-found is believed only once the location answers a probe).
+pub(crate) fn unreadable_location(loc: &dyn crate::location::Location, e: Error) -> Option<LocationFailure> {
+    if !e.is_not_found() {
+        return Some(LocationFailure::new(loc.name(), e));
+    }
+    loc.probe().err().map(|p| LocationFailure::new(loc.name(), p))
+}
+
+/// Refuses to go on when more than m locations could not be read (`unreadable`) while looking for the newest
+/// copy of `what`: it is written to at least m+1 locations, so with at most m unreadable one copy was seen, and
+/// with more the newest might be on none of those read (using an older one would silently lose acknowledged
+/// writes).
+pub(crate) fn enough_readable(store: &Store, unreadable: Vec<LocationFailure>, what: &str) -> Result<()> {
+    let m = store.descriptor().m as usize;
+    if unreadable.len() <= m {
+        return Ok(());
+    }
+    let readable = store.locations().len() - unreadable.len();
+    let what = format!("{what} (its newest copy may be on the unreadable locations)");
+    Err(Error::ReadQuorum { what, readable, need: store.locations().len() - m, failures: unreadable })
 }
 
 /// Stripes above `after` on the locations, with how many of their shards exist.

@@ -38,6 +38,7 @@ struct Garage {
     bin: PathBuf,
     child: Option<Child>,
     config: PathBuf,
+    rpc: u16,
     s3_port: u16,
     bucket: String,
 }
@@ -45,31 +46,49 @@ struct Garage {
 impl Garage {
     /// Starts a new node in `root`, gives it a role, and creates `bucket` with the test key allowed on it.
     fn start(bin: &Path, root: PathBuf, bucket: &str) -> Garage {
-        std::fs::create_dir_all(&root).unwrap();
-        let (rpc, s3_port) = (free_port(), free_port());
-        let config = root.join("garage.toml");
+        let rpc = free_port();
         let secret: String = (0..32).map(|i| format!("{:02x}", (i * 37 + rpc as usize) % 256)).collect();
+        let g = Garage::node(bin, root, rpc, &secret, 1, bucket);
+        g.cli(&["layout", "assign", "-z", "z1", "-c", "1G", &g.id()]);
+        g.cli(&["layout", "apply", "--version", "1"]);
+        g.allow(bucket);
+        g
+    }
+
+    /// Starts a node of a cluster (`replication` copies of each object; nodes of one cluster share `secret`)
+    /// with its RPC on port `rpc`; `bucket` is the bucket its location uses.
+    fn node(bin: &Path, root: PathBuf, rpc: u16, secret: &str, replication: usize, bucket: &str) -> Garage {
+        std::fs::create_dir_all(&root).unwrap();
+        let s3_port = free_port();
+        let config = root.join("garage.toml");
         std::fs::write(
             &config,
             format!(
                 "metadata_dir = \"{root}/meta\"\ndata_dir = \"{root}/data\"\ndb_engine = \"lmdb\"\n\
-                 replication_factor = 1\nrpc_bind_addr = \"127.0.0.1:{rpc}\"\nrpc_public_addr = \
+                 replication_factor = {replication}\nrpc_bind_addr = \"127.0.0.1:{rpc}\"\nrpc_public_addr = \
                  \"127.0.0.1:{rpc}\"\nrpc_secret = \"{secret}\"\n\n[s3_api]\ns3_region = \"garage\"\n\
                  api_bind_addr = \"127.0.0.1:{s3_port}\"\n",
                 root = root.display()
             ),
         )
         .unwrap();
-        let mut g = Garage { bin: bin.into(), child: None, config, s3_port, bucket: bucket.into() };
+        let mut g = Garage { bin: bin.into(), child: None, config, rpc, s3_port, bucket: bucket.into() };
         g.spawn();
-        let id = g.cli(&["node", "id", "-q"]);
-        let id = id.trim().split('@').next().unwrap().to_string();
-        g.cli(&["layout", "assign", "-z", "z1", "-c", "1G", &id]);
-        g.cli(&["layout", "apply", "--version", "1"]);
-        g.cli(&["bucket", "create", bucket]);
-        g.cli(&["key", "import", "--yes", ACCESS, SECRET]);
-        g.cli(&["bucket", "allow", "--read", "--write", "--owner", bucket, "--key", ACCESS]);
         g
+    }
+
+    /// This node's id.
+    fn id(&self) -> String {
+        self.cli(&["node", "id", "-q"]).trim().split('@').next().unwrap().to_string()
+    }
+
+    /// Creates `bucket` and lets the test key read and write it (the key is imported first when needed).
+    fn allow(&self, bucket: &str) {
+        self.cli(&["bucket", "create", bucket]);
+        if !self.cli(&["key", "list"]).contains(ACCESS) {
+            self.cli(&["key", "import", "--yes", ACCESS, SECRET]);
+        }
+        self.cli(&["bucket", "allow", "--read", "--write", "--owner", bucket, "--key", ACCESS]);
     }
 
     /// Runs a garage admin command against this node; returns its stdout.
@@ -93,7 +112,7 @@ impl Garage {
             .arg("server")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(self.log())
             .spawn()
             .expect("starting garage");
         self.child = Some(child);
@@ -102,6 +121,20 @@ impl Garage {
             assert!(Instant::now() < deadline, "garage did not start on port {}", self.s3_port);
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The server's log (its stderr), appended to across restarts.
+    fn log(&self) -> std::fs::File {
+        let path = self.config.with_file_name("server.log");
+        std::fs::OpenOptions::new().create(true).append(true).open(path).expect("garage log")
+    }
+
+    /// The end of the server's log, for failure messages.
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.config.with_file_name("server.log")).unwrap_or_default();
+        let quiet =
+            |l: &&str| !l.contains("Sync error") && !l.contains("Failed to sync") && !l.contains("Error in worker");
+        log.lines().filter(quiet).take(30).collect::<Vec<_>>().join("\n")
     }
 
     fn kill(&mut self) {
@@ -250,5 +283,151 @@ fn six_garage_servers_commit_get_mount_and_nbd_with_two_down_then_repair() {
     }
     if nbd {
         read_volume(&env);
+    }
+}
+
+/// Three Garage nodes in one cluster, one per zone, each object on all three (replication factor 3, write and
+/// read quorums of 2); `buckets` are created in it. Returns the nodes, node `i` being the endpoint of bucket `i`.
+fn cluster(bin: &Path, env: &Env, buckets: &[&str]) -> Vec<Garage> {
+    let rpcs: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let secret: String = (0..32).map(|i| format!("{:02x}", (i * 53 + 7) % 256)).collect();
+    let nodes: Vec<Garage> =
+        (0..3).map(|i| Garage::node(bin, env.path(&format!("cluster/{i}")), rpcs[i], &secret, 3, buckets[i])).collect();
+    wait_healthy(&nodes);
+    let ids: Vec<String> = nodes.iter().map(Garage::id).collect();
+    for (i, id) in ids.iter().enumerate() {
+        nodes[0].cli(&["layout", "assign", "-z", &format!("zone-{i}"), "-c", "1G", id]);
+    }
+    nodes[0].cli(&["layout", "apply", "--version", "1"]);
+    // Every node must see the new layout before the buckets are made through node 0.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !nodes.iter().all(|n| n.cli(&["status"]).matches("zone-").count() == 3) {
+        assert!(Instant::now() < deadline, "the cluster did not settle");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for b in buckets {
+        nodes[0].allow(b);
+    }
+    nodes
+}
+
+/// Waits until node 0 sees all three nodes of the cluster healthy (a restarted node reconnects on its own, in a
+/// few seconds).
+fn wait_healthy(nodes: &[Garage]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let addrs: Vec<String> = nodes.iter().map(|n| format!("{}@127.0.0.1:{}", n.id(), n.rpc)).collect();
+    loop {
+        // A node that restarted reconnects to its peers by itself, but only after a while: ask it to now.
+        for a in &addrs[1..] {
+            let _ = Command::new(&nodes[0].bin).arg("-c").arg(&nodes[0].config).args(["node", "connect", a]).output();
+        }
+        let status = nodes[0].cli(&["status"]);
+        let healthy = status.split("==== FAILED NODES ====").next().unwrap_or("").matches("127.0.0.1:").count();
+        if healthy == nodes.len() {
+            return;
+        }
+        let logs: Vec<String> = nodes.iter().map(Garage::log_tail).collect();
+        assert!(Instant::now() < deadline, "the cluster did not heal: {status}\n{}", logs.join("\n---\n"));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn a_garage_cluster_node_killed_during_a_commit_and_a_volume_flush_loses_nothing_acknowledged() {
+    let Some(bin) = garage() else {
+        eprintln!("SKIP: garage is not built (scripts/test builds it into target/tools/garage)");
+        return;
+    };
+    let env = Env::new();
+    // Locations 0-2: three buckets of one three-node cluster, each reached through a different node; 3-5:
+    // directories.
+    let mut nodes = cluster(&bin, &env, &["loc0", "loc1", "loc2"]);
+    let cfg: String = nodes.iter().map(Garage::table).collect();
+    std::fs::write(env.path("config.toml"), cfg).unwrap();
+    env.set_var("BF_CONFIG", env.path("config.toml").to_str().unwrap());
+    let mut init = vec!["init", "-k", "4", "-m", "2", "--segment-size-mb", "0.0625"];
+    let dirs: Vec<String> = (0..3).map(|i| env.path(&format!("dir{i}")).display().to_string()).collect();
+    let urls: Vec<String> = (0..3).map(|i| format!("s3://loc{i}/store")).collect();
+    for l in urls.iter().chain(&dirs) {
+        init.extend(["--location", l]);
+    }
+    env.ok(&init);
+    let before = data(300_000, 1);
+    let p = env.write("before", &before);
+    env.ok(&["commit", p.to_str().unwrap(), "--name", "before"]);
+
+    // Node 1 killed while a 6 MB commit runs: the commit either fails (nothing published) or is acknowledged,
+    // and then reads back byte-exact.
+    let big = data(6 << 20, 2);
+    let p = env.write("big", &big);
+    let mut commit = env.bf().args(["commit", p.to_str().unwrap(), "--name", "big"]).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    nodes[1].kill();
+    let status = commit.wait().unwrap();
+    let acknowledged = status.success() || status.code() == Some(3);
+    get_eq(&env, "before", &before);
+    if acknowledged {
+        get_eq(&env, "big", &big);
+    } else {
+        assert!(!env.ok(&["ls"]).contains("big"), "a failed commit was published");
+    }
+
+    // Node 2 killed during a volume's flush: a flush that returned holds every byte it covered.
+    let nbd = crate::nbd::have("qemu-io");
+    if nbd {
+        nodes[1].restart();
+        wait_healthy(&nodes);
+        env.ok(&["volume", "create", "disk", "--size", "8M", "--stripe-size", "64K"]);
+        let srv = crate::nbd::Server::start(&env, &[]);
+        let uri = srv.uri("disk");
+        crate::nbd::ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x21 0 2M", "-c", "flush", &uri]));
+        let writer = Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write -P 0x42 2M 4M", "-c", "flush", &uri])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        nodes[2].kill();
+        let out = writer.wait_with_output().unwrap();
+        let flushed = out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("failed");
+        srv.stop();
+        let srv = crate::nbd::Server::start(&env, &["--read-only"]);
+        let mut check = vec!["-f", "raw", "-r", "-c", "read -P 0x21 0 2M"];
+        if flushed {
+            check.extend(["-c", "read -P 0x42 2M 4M"]);
+        }
+        let uri = srv.uri("disk");
+        check.push(&uri);
+        let out = Command::new("qemu-io").args(&check).output().unwrap();
+        let out = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(!out.contains("Pattern verification failed"), "flushed={flushed}: {out}\n{}", env.log_tail());
+        srv.stop();
+    }
+
+    // Every node back: one repairing scrub, then a clean one, and everything acknowledged reads back.
+    for n in nodes.iter_mut() {
+        n.restart();
+    }
+    wait_healthy(&nodes);
+    // The nodes answer S3 (503 until their tables have synced) before the repair, as an operator would wait.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !env.run(&["location", "ls"]).status.success() {
+        assert!(Instant::now() < deadline, "the cluster's buckets never answered again");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let r = env.run(&["scrub", "--repair"]);
+    assert!(matches!(r.status.code(), Some(0 | 3)), "{}", String::from_utf8_lossy(&r.stderr));
+    let again = env.run(&["scrub"]);
+    assert!(
+        again.status.success(),
+        "not clean after the repair:\n{}\n{}\nrepair:\n{}",
+        String::from_utf8_lossy(&again.stdout),
+        String::from_utf8_lossy(&again.stderr),
+        String::from_utf8_lossy(&r.stdout)
+    );
+    get_eq(&env, "before", &before);
+    if acknowledged {
+        get_eq(&env, "big", &big);
     }
 }
