@@ -94,7 +94,13 @@ pub fn list(store: &Store) -> Result<Listing> {
     let mut listing = Listing::default();
     let mut last_err = None;
     for (i, loc) in store.locations().iter().enumerate() {
-        match loc.list(CATALOG_DIR) {
+        // A location that is itself missing (a directory gone) lists as empty: it counts as answering only once
+        // it answers a probe, or appends could go on from a view missing the newest records.
+        let listed = loc.list(CATALOG_DIR).and_then(|names| match names.is_empty() {
+            true => loc.probe().map(|()| names),
+            false => Ok(names),
+        });
+        match listed {
             Ok(names) => {
                 listing.answered.push(i);
                 for n in names.iter().filter_map(|n| parse_name(n)) {

@@ -321,3 +321,23 @@ fn an_input_that_is_not_the_size_it_was_said_to_be_is_refused() {
         assert_eq!(get(&store, &name).unwrap(), bytes, "{name}");
     }
 }
+
+/// A location whose directory is gone lists its catalog as empty; it must not count as answering, or appends
+/// could go on from a view that misses the newest records.
+#[test]
+fn a_location_whose_directory_is_gone_does_not_answer_the_catalog_listing() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("s");
+    let opts = crate::store::InitOptions {
+        k: 2,
+        m: 1,
+        segment_size: MIN_SEGMENT_SIZE,
+        locations: vec![],
+        zones: vec![],
+        key: crate::store::KeySource::NewKeyFile(dir.join("master.key")),
+    };
+    let store = Store::init(&dir, opts).unwrap();
+    assert_eq!(catalog_log::list(&store).unwrap().answered, vec![0, 1, 2]);
+    std::fs::rename(dir.join("locations/loc-01"), d.path().join("aside")).unwrap();
+    assert_eq!(catalog_log::list(&store).unwrap().answered, vec![0, 2]);
+}
