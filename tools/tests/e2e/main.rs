@@ -6,6 +6,7 @@ mod locations;
 mod mount;
 mod nbd;
 mod nbd_tls;
+mod network;
 mod s3;
 mod scrub;
 mod serve;

@@ -18,7 +18,7 @@ const ACCESS: &str = "bfaccesskey";
 const SECRET: &str = "bf-secret-never-shown";
 
 /// The s3s-fs binary: $S3S_FS, else target/tools/s3s-fs/bin/s3s-fs (where scripts/test installs it), else PATH.
-fn s3s_fs() -> PathBuf {
+pub(crate) fn s3s_fs() -> PathBuf {
     if let Some(p) = std::env::var_os("S3S_FS") {
         return p.into();
     }
