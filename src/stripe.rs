@@ -295,6 +295,32 @@ fn fetch_data_shards(
     })
 }
 
+/// Fetches shards `k..k + leaves.len()` (parity) concurrently, each straight into its place in `out`.
+fn fetch_parity_shards(
+    store: &Store,
+    addr: &StripeAddr<'_>,
+    k: usize,
+    leaves: &[Hash],
+    out: &mut [u8],
+) -> Vec<std::result::Result<(), ShardProblem>> {
+    let sl = addr.shard_len;
+    if sl == 0 {
+        return leaves.iter().map(|_| Ok(())).collect();
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = out
+            .chunks_exact_mut(sl)
+            .zip(leaves)
+            .enumerate()
+            .map(|(j, (out, leaf))| s.spawn(move || fetch_shard_into(store, addr, k + j, leaf, out)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(ShardProblem::Unreadable("shard reader panicked".into()))))
+            .collect()
+    })
+}
+
 /// Fills `bufs.data` with the k verified data shards of a stripe, rebuilding missing ones from parity.
 /// `leaves` are the stripe's k+m Merkle leaves. Counts the shards it could not use, and the stripe when it was
 /// rebuilt or lost, in the store's [`Store::read_stats`].
@@ -331,9 +357,32 @@ pub fn read_stripe(
     }
     bufs.parity.resize(m * sl, 0);
     let mut parity_ok = Vec::new();
+    // From remote locations, the parity shards the stripe lacks are fetched at once, as its data shards were;
+    // any further one (one of those failed too) after them.
+    let mut tried = vec![false; m];
+    if store.locations().iter().any(|l| l.remote()) {
+        let want = (k - good).min(m);
+        let first = fetch_parity_shards(store, addr, k, &leaves[k..k + want], &mut bufs.parity[..want * sl]);
+        for (j, r) in first.into_iter().enumerate() {
+            tried[j] = true;
+            match r {
+                Ok(()) => {
+                    parity_ok.push(j);
+                    good += 1;
+                }
+                Err(p) => {
+                    stats.shard_failed(p.failure());
+                    bad.push(format!("{}@{}: {p}", k + j, name(k + j)));
+                }
+            }
+        }
+    }
     for j in 0..m {
         if good == k {
             break;
+        }
+        if tried[j] {
+            continue;
         }
         match fetch_shard(store, addr, k + j, &leaves[k + j], &mut bufs.io) {
             (Ok((r, _)), _) => {
