@@ -564,8 +564,16 @@ impl Mount {
     }
 
     /// Serves requests until the filesystem is unmounted (by [`Unmounter`], `bf umount` or `fusermount3 -u`).
+    /// A connection the kernel aborted (`ECONNABORTED`: how a lazily detached mount can end once its last file
+    /// closes, or an abort through `/sys/fs/fuse/connections`) is an end like any unmount, not an error.
     pub fn run(self) -> io::Result<()> {
-        self.session.run()
+        match self.session.run() {
+            Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {
+                tracing::info!("the kernel ended the FUSE connection");
+                Ok(())
+            }
+            r => r,
+        }
     }
 }
 

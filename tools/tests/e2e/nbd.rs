@@ -476,8 +476,19 @@ fn fsx_and_fsstress_on_ext4_over_a_volume() {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&loopdev)));
         let _ = Command::new("umount").arg(&mnt).status();
         let _ = Command::new("losetup").args(["-d", &loopdev]).status();
-        let _ = Command::new("fusermount3").arg("-u").arg(&fuse).status();
-        let _ = nbdfuse.wait();
+        // The loop device lets go of the nbdfuse file asynchronously: until it has, the unmount is refused
+        // (busy). Retry, then detach lazily; never wait on nbdfuse for ever.
+        let unmounted = (0..50).any(|_| {
+            let done = Command::new("fusermount3").arg("-u").arg(&fuse).status().is_ok_and(|s| s.success());
+            if !done {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            done
+        });
+        if !unmounted {
+            let _ = Command::new("fusermount3").args(["-u", "-z"]).arg(&fuse).status();
+        }
+        let _ = wait_within(&mut nbdfuse, Duration::from_secs(30));
         if let Err(p) = r {
             std::panic::resume_unwind(p);
         }
