@@ -518,20 +518,22 @@ impl Store {
         self.active[placement(placement_start(id, n), segment, shard, n)]
     }
 
-    /// Runs `read` on location `home`, then, while the object is not found there, on each other location in turn
-    /// (a repair may have put a shard elsewhere, or a layout change left it where it was until a rebalance moves
-    /// it home). Returns the first success, else the first error other than "not found", else "not found".
+    /// Runs `read` on location `home`, then, until one succeeds, on each other location in turn (a repair may have
+    /// put a shard elsewhere, or a layout change left it where it was until a rebalance moves it home), as
+    /// [`crate::stripe`]'s shard search does. Returns the first success, else the first error other than "not
+    /// found", else "not found".
     pub fn from_holders<T>(&self, home: usize, mut read: impl FnMut(&dyn Location) -> Result<T>) -> Result<T> {
         let n = self.locations.len();
-        let mut missing = None;
+        let (mut missing, mut problem) = (None, None);
         for at in (0..n).map(|j| (home + j) % n) {
             match read(self.locations[at].as_ref()) {
                 Ok(v) => return Ok(v),
                 Err(e) if e.is_not_found() => missing = missing.or(Some(e)),
-                Err(e) => return Err(e),
+                // Home unreachable or its copy bad is just when a repair put a good copy elsewhere: look on.
+                Err(e) => problem = problem.or(Some(e)),
             }
         }
-        Err(missing.unwrap_or_else(|| Error::NotFound("object on no location".into())))
+        Err(problem.or(missing).unwrap_or_else(|| Error::NotFound("object on no location".into())))
     }
 
     /// [`Store::home`] of a shard of a copy-on-write volume (format of `crate::volume::cow`), whose placement
