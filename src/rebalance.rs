@@ -18,13 +18,14 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::format::log::{log_prefix, parse_stripe_name};
 use crate::format::shard::{ShardHeader, HEADER_LEN};
 use crate::format::volume::{parse_shard_name as parse_cow_name, volume_prefix};
 use crate::location::LocationExt;
+use crate::scrub::Throttle;
 use crate::store::{parse_shard_dir, parse_shard_name, shard_prefix, Store, SHARDS_DIR};
 
 /// How a rebalance runs.
@@ -290,25 +291,6 @@ fn check_shard(store: &Store, f: &Found, bytes: &[u8]) -> Result<()> {
         return Err(Error::corrupt(what(), "payload does not match its header"));
     }
     Ok(())
-}
-
-/// Bytes moved so far, and the pause that keeps them under the rate.
-struct Throttle {
-    rate: Option<u64>,
-    start: Instant,
-    done: AtomicU64,
-}
-
-impl Throttle {
-    fn consume(&self, bytes: u64) {
-        let done = self.done.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        if let Some(rate) = self.rate {
-            let d = crate::scrub::throttle_delay(done, rate, self.start.elapsed());
-            if d > Duration::ZERO {
-                std::thread::sleep(d);
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -281,25 +281,15 @@ fn fetch_data_shards(
             .collect();
     }
     // Remote: each shard's payload goes straight into its place in the stripe buffer as it arrives.
-    std::thread::scope(|s| {
-        let handles: Vec<_> = data
-            .chunks_exact_mut(sl)
-            .zip(leaves)
-            .enumerate()
-            .map(|(i, (out, leaf))| s.spawn(move || fetch_shard_into(store, addr, i, leaf, out)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(ShardProblem::Unreadable("shard reader panicked".into()))))
-            .collect()
-    })
+    fetch_concurrently(store, addr, 0, leaves, data)
 }
 
-/// Fetches shards `k..k + leaves.len()` (parity) concurrently, each straight into its place in `out`.
-fn fetch_parity_shards(
+/// Fetches shards `first..first + leaves.len()` concurrently, each straight into its place in `out` (one shard
+/// length each).
+fn fetch_concurrently(
     store: &Store,
     addr: &StripeAddr<'_>,
-    k: usize,
+    first: usize,
     leaves: &[Hash],
     out: &mut [u8],
 ) -> Vec<std::result::Result<(), ShardProblem>> {
@@ -312,7 +302,7 @@ fn fetch_parity_shards(
             .chunks_exact_mut(sl)
             .zip(leaves)
             .enumerate()
-            .map(|(j, (out, leaf))| s.spawn(move || fetch_shard_into(store, addr, k + j, leaf, out)))
+            .map(|(j, (out, leaf))| s.spawn(move || fetch_shard_into(store, addr, first + j, leaf, out)))
             .collect();
         handles
             .into_iter()
@@ -362,7 +352,7 @@ pub fn read_stripe(
     let mut tried = vec![false; m];
     if store.locations().iter().any(|l| l.remote()) {
         let want = (k - good).min(m);
-        let first = fetch_parity_shards(store, addr, k, &leaves[k..k + want], &mut bufs.parity[..want * sl]);
+        let first = fetch_concurrently(store, addr, k, &leaves[k..k + want], &mut bufs.parity[..want * sl]);
         for (j, r) in first.into_iter().enumerate() {
             tried[j] = true;
             match r {

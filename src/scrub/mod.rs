@@ -34,7 +34,7 @@ use crate::store::{marker_matches, read_marker, write_marker, Store};
 
 pub use catalog_copies::CatalogReport;
 pub use orphans::{survey as survey_orphans, OrphanSurvey};
-use policy::Throttle;
+pub(crate) use policy::Throttle;
 pub use policy::{classify_orphan, orphan_due, repair_targets, throttle_delay, OrphanKind, DEFAULT_ORPHAN_GRACE};
 pub use report::*;
 

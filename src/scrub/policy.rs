@@ -16,14 +16,15 @@ pub fn throttle_delay(done: u64, rate: u64, elapsed: Duration) -> Duration {
 
 /// A shared byte-rate limiter.
 #[derive(Debug)]
-pub(super) struct Throttle {
-    pub(super) rate: Option<u64>,
-    pub(super) start: Instant,
-    pub(super) done: AtomicU64,
+pub(crate) struct Throttle {
+    pub(crate) rate: Option<u64>,
+    pub(crate) start: Instant,
+    pub(crate) done: AtomicU64,
 }
 
 impl Throttle {
-    pub(super) fn consume(&self, bytes: u64) -> u64 {
+    /// Counts `bytes` more done, sleeping as long as the rate needs; returns the bytes done so far.
+    pub(crate) fn consume(&self, bytes: u64) -> u64 {
         let done = self.done.fetch_add(bytes, Ordering::Relaxed) + bytes;
         if let Some(rate) = self.rate {
             let d = throttle_delay(done, rate, self.start.elapsed());

@@ -6,7 +6,7 @@ use blockframe::rebalance::{self, RebalanceOptions, RebalanceReport};
 use blockframe::scrub::{self, LocationState, Selection};
 use blockframe::store::Store;
 
-use super::scrub::{location_word, repair_after_layout_change, scrub_once, scrub_options};
+use super::scrub::{location_word, rate_bytes, repair_after_layout_change, scrub_once, scrub_options};
 use crate::cli::{LocationCommand, MoveArgs, RebalanceArgs};
 use crate::open::{open_keyless, open_optional_key};
 use crate::settings::Settings;
@@ -131,12 +131,7 @@ pub(crate) fn rebalance_cmd(a: &RebalanceArgs, s: &Settings) -> Result<u8> {
 
 /// Runs a rebalance with progress on stderr; prints its report (JSON with --json).
 fn run_rebalance(st: &Store, a: &MoveArgs, dry_run: bool) -> Result<RebalanceReport> {
-    let rate_bytes_per_sec = match a.rate {
-        Some(r) if r.is_finite() && r > 0.0 => Some((r * 1e6) as u64),
-        Some(0.0) => None,
-        Some(r) => bail!("invalid rate {r} MB/s"),
-        None => None,
-    };
+    let rate_bytes_per_sec = rate_bytes(a.rate, "rate")?;
     let opts = RebalanceOptions { workers: a.movers.max(1), rate_bytes_per_sec, dry_run };
     let last = std::sync::Mutex::new(std::time::Instant::now());
     let progress = |r: &RebalanceReport| {

@@ -34,19 +34,23 @@ fn options(a: &ScrubArgs, s: &Settings) -> Result<ScrubOptions> {
 }
 
 /// Scrub options from flags (when given) over the config file.
+/// A rate limit given in MB/s as bytes per second: `None` for none (or 0); an error naming `what` for a negative
+/// or non-finite one.
+pub(crate) fn rate_bytes(rate_mb: Option<f64>, what: &str) -> Result<Option<u64>> {
+    match rate_mb {
+        Some(r) if r.is_finite() && r > 0.0 => Ok(Some((r * 1e6) as u64)),
+        Some(0.0) | None => Ok(None),
+        Some(r) => bail!("invalid {what} {r} MB/s"),
+    }
+}
+
 pub(crate) fn scrub_options(
     repair: bool,
     rate: Option<f64>,
     grace_hours: Option<f64>,
     s: &Settings,
 ) -> Result<ScrubOptions> {
-    let rate_mb = rate.or(s.file.scrub_rate_mb);
-    let rate_bytes_per_sec = match rate_mb {
-        Some(r) if r.is_finite() && r > 0.0 => Some((r * 1e6) as u64),
-        Some(0.0) => None,
-        Some(r) => bail!("invalid scrub rate {r} MB/s"),
-        None => None,
-    };
+    let rate_bytes_per_sec = rate_bytes(rate.or(s.file.scrub_rate_mb), "scrub rate")?;
     let grace_h = grace_hours.or(s.file.orphan_grace_hours).unwrap_or(24.0);
     if !grace_h.is_finite() || grace_h < 0.0 {
         bail!("invalid orphan grace period {grace_h} hours");
