@@ -56,8 +56,7 @@ pub struct StoreDescriptor {
     /// [`crate::zones`]). As long as no location has one, the descriptor is written in format version 1.
     pub zones: Vec<String>,
     /// The stable number of each location, by index: the number its marker carries. It is its index in a store
-    /// whose locations were never added or removed; `bf location add` gives the next unused number, and a
-    /// removed location's number is never given again.
+    /// whose locations were never added or removed; `bf location add` gives one above the highest in use.
     pub ids: Vec<u32>,
     /// True for a location being drained by `bf location remove`: it is read from, but it is no shard's home
     /// and nothing new is written to it.
@@ -275,7 +274,7 @@ pub struct Store {
     /// The indices of the locations that are shards' homes ([`StoreDescriptor::active`]).
     active: Vec<usize>,
     /// A shared lock on `use.lock` while the store is open: a change of the locations' layout takes it
-    /// exclusively, so every process sees the same homes (see [`Store::exclusive`]).
+    /// exclusively, so every process sees the same homes (see [`Store::exclusively`]).
     in_use: Option<File>,
 }
 
@@ -597,7 +596,7 @@ impl Store {
     }
 
     /// Adds a new, empty location (`bf location add`) at the end of the list, in failure domain `zone` (empty:
-    /// none), with the next unused location number; returns its index. Its marker is written first, then the
+    /// none), with a location number no other location has; returns its index. Its marker is written first, then the
     /// descriptor. Every shard's home is computed over the new layout from then on: a rebalance
     /// ([`crate::rebalance`]) moves the shards there. Takes the store for this process alone ([`Store::exclusively`]).
     pub fn add_location(&mut self, spec: &str, zone: &str) -> Result<usize> {
@@ -628,9 +627,10 @@ impl Store {
         desc.draining.push(false);
         desc.layout_gen += 1;
         write_marker(loc.as_ref(), &desc, desc.locations.len() - 1)?;
-        self.locations.push(loc);
-        let desc = spread_by_zone(desc, &mut self.locations);
-        self.save_layout(desc)?;
+        let mut locations = self.locations.clone();
+        locations.push(loc);
+        let (desc, locations) = spread_by_zone(desc, locations);
+        self.save_layout(desc, locations)?;
         Ok(self.desc.ids.iter().position(|i| *i == id).unwrap_or(self.locations.len() - 1))
     }
 
@@ -641,12 +641,12 @@ impl Store {
     pub fn spread_zones(&mut self) -> Result<bool> {
         self.exclusively(|st| {
             let _lock = st.lock_catalog()?;
-            let mut desc = spread_by_zone(st.desc.clone(), &mut st.locations);
+            let (mut desc, locations) = spread_by_zone(st.desc.clone(), st.locations.clone());
             if desc.ids == st.desc.ids {
                 return Ok(false);
             }
             desc.layout_gen += 1;
-            st.save_layout(desc)?;
+            st.save_layout(desc, locations)?;
             Ok(true)
         })
     }
@@ -671,7 +671,8 @@ impl Store {
             let mut desc = st.desc.clone();
             desc.draining[index] = true;
             desc.layout_gen += 1;
-            st.save_layout(desc)
+            let locations = st.locations.clone();
+            st.save_layout(desc, locations)
         })
     }
 
@@ -690,14 +691,17 @@ impl Store {
         desc.ids.remove(index);
         desc.draining.remove(index);
         desc.layout_gen += 1;
-        self.locations.remove(index);
-        self.save_layout(desc)
+        let mut locations = self.locations.clone();
+        locations.remove(index);
+        self.save_layout(desc, locations)
     }
 
-    /// Saves a descriptor with a new layout, then rewrites each location's marker with it (best effort: a
-    /// marker of an older generation still names its location; `bf recover` prefers the newest).
-    fn save_layout(&mut self, desc: StoreDescriptor) -> Result<()> {
+    /// Saves a descriptor with a new layout and takes it, with `locations` (its open locations, in its order),
+    /// as the store's once it is written; then rewrites each location's marker with it (best effort: a marker of
+    /// an older generation still names its location; `bf recover` prefers the newest).
+    fn save_layout(&mut self, desc: StoreDescriptor, locations: Vec<Arc<dyn Location>>) -> Result<()> {
         self.save_descriptor(desc)?;
+        self.locations = locations;
         self.active = self.desc.active();
         self.forget_catalog();
         for (i, loc) in self.locations.iter().enumerate() {
@@ -886,9 +890,12 @@ const EXCLUSIVE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// `desc` and its open `locations` put in [`crate::zones::spread_order`] when some location has a zone (else
 /// as they are).
-fn spread_by_zone(mut desc: StoreDescriptor, locations: &mut Vec<Arc<dyn Location>>) -> StoreDescriptor {
+fn spread_by_zone(
+    mut desc: StoreDescriptor,
+    locations: Vec<Arc<dyn Location>>,
+) -> (StoreDescriptor, Vec<Arc<dyn Location>>) {
     if desc.zones.iter().all(String::is_empty) {
-        return desc;
+        return (desc, locations);
     }
     let order = crate::zones::spread_order(&desc.zones);
     let pick = |v: &[String]| order.iter().map(|&i| v[i].clone()).collect::<Vec<_>>();
@@ -896,8 +903,8 @@ fn spread_by_zone(mut desc: StoreDescriptor, locations: &mut Vec<Arc<dyn Locatio
     desc.zones = pick(&desc.zones);
     desc.ids = order.iter().map(|&i| desc.ids[i]).collect();
     desc.draining = order.iter().map(|&i| desc.draining[i]).collect();
-    *locations = order.iter().map(|&i| locations[i].clone()).collect();
-    desc
+    let locations = order.iter().map(|&i| locations[i].clone()).collect();
+    (desc, locations)
 }
 
 /// Takes `use.lock` in `dir`: shared (waiting for a layout change to finish), or exclusive, waiting at most
