@@ -503,6 +503,22 @@ impl Store {
         &self.locations
     }
 
+    /// Runs `f` on every location (draining ones too) and returns what it gave, in location order: concurrently
+    /// when some location is remote, so a listing costs one round trip (and a location that is down costs its
+    /// retries once, not once after another), else one location after another.
+    pub fn each_location<T: Send>(&self, f: impl Fn(usize, &dyn Location) -> T + Sync) -> Vec<T> {
+        let all = self.locations.iter().enumerate();
+        if !self.locations.iter().any(|l| l.remote()) {
+            return all.map(|(i, l)| f(i, l.as_ref())).collect();
+        }
+        let f = &f;
+        std::thread::scope(|s| {
+            let hs: Vec<_> = all.map(|(i, l)| s.spawn(move || f(i, l.as_ref()))).collect();
+            // A panic in `f` is the caller's bug, not a location's answer: it is passed on.
+            hs.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+        })
+    }
+
     /// The indices of the locations that are shards' homes and receive new writes (all but draining ones).
     pub fn active(&self) -> &[usize] {
         &self.active

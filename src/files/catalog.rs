@@ -85,8 +85,9 @@ fn scan_objects(store: &Store) -> Objects {
 fn scan_objects_checked(store: &Store) -> (Objects, bool) {
     let mut all = true;
     let mut files = Objects::new();
-    for (i, loc) in store.locations().iter().enumerate() {
-        match loc.list("manifests") {
+    let listed = store.each_location(|_, loc| loc.list("manifests"));
+    for ((i, loc), listed) in store.locations().iter().enumerate().zip(listed) {
+        match listed {
             Ok(names) => {
                 for n in names {
                     if let Some(key) = parse_manifest_name(&n) {

@@ -93,13 +93,15 @@ impl CatalogState {
 pub fn list(store: &Store) -> Result<Listing> {
     let mut listing = Listing::default();
     let mut last_err = None;
-    for (i, loc) in store.locations().iter().enumerate() {
-        // A location that is itself missing (a directory gone) lists as empty: it counts as answering only once
-        // it answers a probe, or appends could go on from a view missing the newest records.
-        let listed = loc.list(CATALOG_DIR).and_then(|names| match names.is_empty() {
+    // A location that is itself missing (a directory gone) lists as empty: it counts as answering only once it
+    // answers a probe, or appends could go on from a view missing the newest records.
+    let listed = store.each_location(|_, loc| {
+        loc.list(CATALOG_DIR).and_then(|names| match names.is_empty() {
             true => loc.probe().map(|()| names),
             false => Ok(names),
-        });
+        })
+    });
+    for ((i, loc), listed) in store.locations().iter().enumerate().zip(listed) {
         match listed {
             Ok(names) => {
                 listing.answered.push(i);
