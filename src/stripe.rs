@@ -149,22 +149,27 @@ pub fn fetch_shard(
     })
 }
 
-/// Like [`fetch_shard`], for a remote store: reads shard `i`'s payload straight into `out` (its length) and its
-/// header apart, then verifies both against `leaf`. `out` holds the payload only on success.
+/// Like [`fetch_shard`], but reads shard `i`'s payload straight into `out` (its length) and its header apart,
+/// then verifies both against `leaf` as far as `check` says. `out` holds the payload only on success.
 fn fetch_shard_into(
     store: &Store,
     addr: &StripeAddr<'_>,
     i: usize,
     leaf: &Hash,
     out: &mut [u8],
+    check: PayloadCheck,
+    search: Search,
 ) -> std::result::Result<(), ShardProblem> {
     let key = (addr.key_of)(i);
     let want = addr.expected(store, i, leaf);
     let mut head = [0u8; shard::HEADER_LEN];
-    let found = find_shard(store, addr, i, |loc| {
+    let found = find_shard_in(store, addr, i, search, |loc| {
         let len = loc.get_split_into(&key, &mut head, out)?;
         Ok(if len == (head.len() + out.len()) as u64 {
-            shard::verify_split(&head, out, &want)
+            match check {
+                PayloadCheck::Hashed => shard::verify_split(&head, out, &want),
+                PayloadCheck::HeaderOnly => shard::verify_header(&head, out.len(), &want).map(|_| ()),
+            }
         } else if len < head.len() as u64 {
             Err(ShardFault::BadHeader("truncated".into()))
         } else {
@@ -172,6 +177,19 @@ fn fetch_shard_into(
         })
     });
     found.0.map(|_| ())
+}
+
+/// How far a stripe read checks each shard before using it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PayloadCheck {
+    /// The payload is hashed and checked against its Merkle leaf: the stripe's bytes are right when the read
+    /// succeeds.
+    Hashed,
+    /// Only the header is checked against the leaf (it names the shard and records the payload's hash), and a
+    /// rebuilt shard is not hashed either: for a caller that authenticates the stripe's bytes itself (a file
+    /// segment's AES-GCM tag), and reads again with [`PayloadCheck::Hashed`] when that fails, to find the bad
+    /// shard and rebuild around it. Saves hashing every byte read a second time.
+    HeaderOnly,
 }
 
 /// Tries shard `i`'s home location first, then every other one (a repair may have put it elsewhere when home was
@@ -182,13 +200,40 @@ fn find_shard<T>(
     store: &Store,
     addr: &StripeAddr<'_>,
     i: usize,
+    read: impl FnMut(&dyn Location) -> Result<std::result::Result<T, ShardFault>>,
+) -> (std::result::Result<(T, usize), ShardProblem>, usize) {
+    find_shard_in(store, addr, i, Search::Everywhere, read)
+}
+
+/// Where [`find_shard_in`] looks for a shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Search {
+    /// Its home location only.
+    Home,
+    /// Every location but its home, after the home had no good copy.
+    Elsewhere,
+    /// Home first, then every other location.
+    Everywhere,
+}
+
+/// [`find_shard`] over the locations `search` names.
+fn find_shard_in<T>(
+    store: &Store,
+    addr: &StripeAddr<'_>,
+    i: usize,
+    search: Search,
     mut read: impl FnMut(&dyn Location) -> Result<std::result::Result<T, ShardFault>>,
 ) -> (std::result::Result<(T, usize), ShardProblem>, usize) {
     let locations = store.locations();
     let n = locations.len();
     let home = addr.home(store, i);
+    let (from, to) = match search {
+        Search::Home => (0, 1.min(n)),
+        Search::Elsewhere => (1, n),
+        Search::Everywhere => (0, n),
+    };
     let mut first_problem = None;
-    for loc in (0..n).map(|j| (home + j) % n) {
+    for loc in (from..to).map(|j| (home + j) % n) {
         match read(locations[loc].as_ref()) {
             Ok(Ok(v)) => return (Ok((v, loc)), home),
             Ok(Err(f)) => {
@@ -240,7 +285,6 @@ impl std::fmt::Display for ShardProblem {
 pub struct StripeBuffers {
     /// The k data shards, back to back, after a successful read.
     pub data: Vec<u8>,
-    io: Vec<u8>,
     parity: Vec<u8>,
 }
 
@@ -260,55 +304,181 @@ pub enum StripeError {
     Other(Error),
 }
 
-/// Fetches and verifies the k data shards into `bufs.data` (sized k x shard length): one after another through
-/// `bufs.io` from local disks, or concurrently and each straight into its place when a location is remote, so a
-/// stripe pays one network round trip instead of k and no buffer per shard.
-fn fetch_data_shards(
-    store: &Store,
-    addr: &StripeAddr<'_>,
-    leaves: &[Hash],
-    bufs: &mut StripeBuffers,
-) -> Vec<std::result::Result<(), ShardProblem>> {
-    let sl = addr.shard_len;
-    let StripeBuffers { data, io, .. } = bufs;
-    if !store.locations().iter().any(|l| l.remote()) {
-        return (0..leaves.len())
-            .map(|i| {
-                let (r, _) = fetch_shard(store, addr, i, &leaves[i], io).0?;
-                data[i * sl..(i + 1) * sl].copy_from_slice(&io[r]);
-                Ok(())
-            })
-            .collect();
-    }
-    // Remote: each shard's payload goes straight into its place in the stripe buffer as it arrives.
-    fetch_concurrently(store, addr, 0, leaves, data)
+/// The order a stripe read tries its shards in: the k data shards at home, then the parity shards at home,
+/// then, for each of those whose home had no good copy, the other locations (where a repair may have put it).
+/// Only as many tries run at once as can still be needed: a parity shard is tried only once a data shard
+/// failed, so a healthy stripe reads exactly its k data shards, and a degraded one reads at home what it needs
+/// before it searches the other locations one by one.
+struct Tries {
+    k: usize,
+    queue: std::collections::VecDeque<(usize, Search)>,
+    good: Vec<bool>,
+    problem: Vec<Option<ShardProblem>>,
+    running: usize,
 }
 
-/// Fetches shards `first..first + leaves.len()` concurrently, each straight into its place in `out` (one shard
-/// length each).
-fn fetch_concurrently(
+impl Tries {
+    fn new(k: usize, m: usize) -> Tries {
+        Tries {
+            k,
+            queue: (0..k + m).map(|i| (i, Search::Home)).collect(),
+            good: vec![false; k + m],
+            problem: vec![None; k + m],
+            running: 0,
+        }
+    }
+
+    fn good_count(&self) -> usize {
+        self.good.iter().filter(|g| **g).count()
+    }
+
+    /// The next try to start, if one could still be needed and at most `limit` are running.
+    fn next(&mut self, limit: usize) -> Option<(usize, Search)> {
+        if self.running >= limit || self.good_count() + self.running >= self.k {
+            return None;
+        }
+        let t = self.queue.pop_front()?;
+        self.running += 1;
+        Some(t)
+    }
+
+    fn done(&mut self, i: usize, search: Search, r: std::result::Result<(), ShardProblem>) {
+        self.running -= 1;
+        match r {
+            Ok(()) => {
+                self.good[i] = true;
+                self.problem[i] = None;
+            }
+            Err(p) => {
+                // The home's problem says most (found corrupt, unreadable); "missing" only if nowhere had it.
+                let first = self.problem[i].take();
+                self.problem[i] = Some(match first {
+                    Some(f) if f != ShardProblem::Missing => f,
+                    _ => p,
+                });
+                if search == Search::Home {
+                    self.queue.push_back((i, Search::Elsewhere));
+                }
+            }
+        }
+    }
+}
+
+/// Fetches and verifies shards of a stripe until k are good, each straight into its place: data shard i in
+/// `data`, parity shard j in `parity` (one shard length each), in the order of [`Tries`]. One try at a time from
+/// local disks; from remote locations, tries run concurrently and a failed one starts the next at once, so a
+/// stripe with a location down costs one round trip, not one for the data shards and one more for parity.
+fn gather_shards<'b>(
     store: &Store,
     addr: &StripeAddr<'_>,
-    first: usize,
     leaves: &[Hash],
-    out: &mut [u8],
-) -> Vec<std::result::Result<(), ShardProblem>> {
+    data: &'b mut [u8],
+    parity: &'b mut Vec<u8>,
+    k: usize,
+    check: PayloadCheck,
+) -> Tries {
     let sl = addr.shard_len;
+    let m = leaves.len() - k;
+    let mut tries = Tries::new(k, m);
     if sl == 0 {
-        return leaves.iter().map(|_| Ok(())).collect();
+        tries.good.iter_mut().take(k).for_each(|g| *g = true);
+        return tries;
+    }
+    let mut slots: Vec<Option<&'b mut [u8]>> = data.chunks_exact_mut(sl).map(Some).collect();
+    // The parity buffer is sized only once a parity shard is needed: a healthy read never holds one.
+    let mut parity = Some(parity);
+    let mut slot = |i: usize, slots: &mut Vec<Option<&'b mut [u8]>>| take_slot(i, k, m * sl, sl, &mut parity, slots);
+    let fetch =
+        |i: usize, search: Search, out: &mut [u8]| fetch_shard_into(store, addr, i, &leaves[i], out, check, search);
+    if !store.locations().iter().any(|l| l.remote()) {
+        while let Some((i, search)) = tries.next(1) {
+            let r = match slot(i, &mut slots) {
+                Some(out) => {
+                    let r = fetch(i, search, out);
+                    slots[i] = Some(out);
+                    r
+                }
+                None => Err(ShardProblem::Unreadable("no buffer for the shard".into())),
+            };
+            tries.done(i, search, r);
+        }
+        return tries;
     }
     std::thread::scope(|s| {
-        let handles: Vec<_> = out
-            .chunks_exact_mut(sl)
-            .zip(leaves)
-            .enumerate()
-            .map(|(j, (out, leaf))| s.spawn(move || fetch_shard_into(store, addr, first + j, leaf, out)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(ShardProblem::Unreadable("shard reader panicked".into()))))
-            .collect()
-    })
+        let (tx, rx) = std::sync::mpsc::channel();
+        let fetch = &fetch;
+        loop {
+            while let Some((i, search)) = tries.next(leaves.len()) {
+                let Some(out) = slot(i, &mut slots) else {
+                    tries.done(i, search, Err(ShardProblem::Unreadable("no buffer for the shard".into())));
+                    continue;
+                };
+                let tx = tx.clone();
+                s.spawn(move || {
+                    // Every try sends its answer, even one that panicked, or the loop would wait for ever.
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fetch(i, search, &mut *out)))
+                        .unwrap_or_else(|_| Err(ShardProblem::Unreadable("shard reader panicked".into())));
+                    let _ = tx.send((i, search, out, r));
+                });
+            }
+            if tries.running == 0 {
+                break;
+            }
+            match rx.recv() {
+                Ok((i, search, out, r)) => {
+                    slots[i] = Some(out);
+                    tries.done(i, search, r);
+                }
+                Err(_) => break,
+            }
+        }
+    });
+    tries
+}
+
+/// Takes shard `i`'s buffer out of `slots` (data shards first, then parity); the parity buffer is sized to
+/// `parity_len` and split into slots the first time a parity shard needs one.
+fn take_slot<'b>(
+    i: usize,
+    k: usize,
+    parity_len: usize,
+    sl: usize,
+    parity: &mut Option<&'b mut Vec<u8>>,
+    slots: &mut Vec<Option<&'b mut [u8]>>,
+) -> Option<&'b mut [u8]> {
+    if i >= k {
+        if let Some(p) = parity.take() {
+            p.resize(parity_len, 0);
+            slots.extend(p.chunks_exact_mut(sl).map(Some));
+        }
+    }
+    slots.get_mut(i).and_then(Option::take)
+}
+
+/// What one stripe read found, for the store's [`Store::read_stats`]; counted by [`ReadTally::count`] once the
+/// caller knows the read stands (a [`PayloadCheck::HeaderOnly`] read that is done again is not counted twice).
+#[derive(Debug, Default)]
+#[must_use]
+pub struct ReadTally {
+    failures: Vec<ShardFailure>,
+    rebuilt: bool,
+    lost: bool,
+}
+
+impl ReadTally {
+    /// Adds what the read found to the store's counters.
+    pub fn count(self, store: &Store) {
+        let stats = store.read_stats();
+        for f in self.failures {
+            stats.shard_failed(f);
+        }
+        if self.rebuilt {
+            stats.stripe_rebuilt();
+        }
+        if self.lost {
+            stats.stripe_lost();
+        }
+    }
 }
 
 /// Fills `bufs.data` with the k verified data shards of a stripe, rebuilding missing ones from parity.
@@ -321,95 +491,143 @@ pub fn read_stripe(
     leaves: &[Hash],
     bufs: &mut StripeBuffers,
 ) -> std::result::Result<(), StripeError> {
+    let (r, tally) = read_stripe_checked(store, codec, addr, leaves, bufs, PayloadCheck::Hashed);
+    tally.count(store);
+    r
+}
+
+/// [`read_stripe`] checking shards as far as `check` says; returns what it found for the caller to count.
+pub fn read_stripe_checked(
+    store: &Store,
+    codec: &mut Codec,
+    addr: &StripeAddr<'_>,
+    leaves: &[Hash],
+    bufs: &mut StripeBuffers,
+    check: PayloadCheck,
+) -> (std::result::Result<(), StripeError>, ReadTally) {
+    let mut tally = ReadTally::default();
+    let r = read_stripe_into(store, codec, addr, leaves, bufs, check, &mut tally);
+    (r, tally)
+}
+
+fn read_stripe_into(
+    store: &Store,
+    codec: &mut Codec,
+    addr: &StripeAddr<'_>,
+    leaves: &[Hash],
+    bufs: &mut StripeBuffers,
+    check: PayloadCheck,
+    tally: &mut ReadTally,
+) -> std::result::Result<(), StripeError> {
     let (k, m) = (codec.k(), codec.m());
     let sl = addr.shard_len;
     if leaves.len() != k + m {
         return Err(StripeError::Other(Error::corrupt("stripe", "leaf count differs from k+m")));
     }
     bufs.data.resize(k * sl, 0);
-    let mut have = vec![false; k];
-    let mut bad = Vec::new();
-    let stats = store.read_stats();
+    let tries = gather_shards(store, addr, leaves, &mut bufs.data, &mut bufs.parity, k, check);
     let name = |i: usize| store.locations()[addr.home(store, i)].name().to_string();
-    let fetched = fetch_data_shards(store, addr, &leaves[..k], bufs);
-    for (i, (slot, r)) in have.iter_mut().zip(fetched).enumerate() {
-        match r {
-            Ok(()) => *slot = true,
-            Err(p) => {
-                stats.shard_failed(p.failure());
-                bad.push(format!("{i}@{}: {p}", name(i)));
-            }
+    let mut bad = Vec::new();
+    for (i, p) in tries.problem.iter().enumerate() {
+        if let (Some(p), false) = (p, tries.good[i]) {
+            tally.failures.push(p.failure());
+            bad.push(format!("{i}@{}: {p}", name(i)));
         }
     }
-    let mut good = have.iter().filter(|h| **h).count();
-    if good == k {
+    let have = &tries.good[..k];
+    let good = tries.good_count();
+    if have.iter().all(|h| *h) {
         return Ok(());
     }
-    bufs.parity.resize(m * sl, 0);
-    let mut parity_ok = Vec::new();
-    // From remote locations, the parity shards the stripe lacks are fetched at once, as its data shards were;
-    // any further one (one of those failed too) after them.
-    let mut tried = vec![false; m];
-    if store.locations().iter().any(|l| l.remote()) {
-        let want = (k - good).min(m);
-        let first = fetch_concurrently(store, addr, k, &leaves[k..k + want], &mut bufs.parity[..want * sl]);
-        for (j, r) in first.into_iter().enumerate() {
-            tried[j] = true;
-            match r {
-                Ok(()) => {
-                    parity_ok.push(j);
-                    good += 1;
-                }
-                Err(p) => {
-                    stats.shard_failed(p.failure());
-                    bad.push(format!("{}@{}: {p}", k + j, name(k + j)));
-                }
-            }
-        }
-    }
-    for j in 0..m {
-        if good == k {
-            break;
-        }
-        if tried[j] {
-            continue;
-        }
-        match fetch_shard(store, addr, k + j, &leaves[k + j], &mut bufs.io) {
-            (Ok((r, _)), _) => {
-                bufs.parity[j * sl..(j + 1) * sl].copy_from_slice(&bufs.io[r]);
-                parity_ok.push(j);
-                good += 1;
-            }
-            (Err(p), _) => {
-                stats.shard_failed(p.failure());
-                bad.push(format!("{}@{}: {p}", k + j, name(k + j)));
-            }
-        }
-    }
     if good < k {
-        stats.stripe_lost();
+        tally.lost = true;
         return Err(StripeError::Lost { have: good, bad });
     }
+    let parity_ok: Vec<usize> = (0..m).filter(|&j| tries.good[k + j]).collect();
     tracing::debug!(segment = addr.segment, missing = %bad.join(", "), "rebuilding stripe from parity");
     let parity = &bufs.parity;
     codec
-        .reconstruct(&mut bufs.data, sl, &have, parity_ok.iter().map(|&j| (j, &parity[j * sl..(j + 1) * sl])))
+        .reconstruct(&mut bufs.data, sl, have, parity_ok.iter().map(|&j| (j, &parity[j * sl..(j + 1) * sl])))
         .map_err(StripeError::Other)?;
-    // Pair assertion: every rebuilt shard must match its Merkle leaf before it is trusted.
-    for (i, h) in have.iter().enumerate() {
-        let payload = &bufs.data[i * sl..(i + 1) * sl];
-        let leaf = crate::codec::merkle::leaf_hash(
-            addr.file_id,
-            addr.segment,
-            i as u16,
-            sl as u32,
-            blake3::hash(payload).as_bytes(),
-        );
-        if !*h && leaf != leaves[i] {
-            stats.stripe_lost();
-            return Err(StripeError::Mismatch);
+    if check == PayloadCheck::Hashed {
+        // Pair assertion: every rebuilt shard must match its Merkle leaf before it is trusted.
+        for (i, _) in have.iter().enumerate().filter(|(_, h)| !**h) {
+            let payload = &bufs.data[i * sl..(i + 1) * sl];
+            let hash = blake3::hash(payload);
+            let leaf =
+                crate::codec::merkle::leaf_hash(addr.file_id, addr.segment, i as u16, sl as u32, hash.as_bytes());
+            if leaf != leaves[i] {
+                tally.lost = true;
+                return Err(StripeError::Mismatch);
+            }
         }
     }
-    stats.stripe_rebuilt();
+    tally.rebuilt = true;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drain(t: &mut Tries, limit: usize) -> Vec<(usize, Search)> {
+        std::iter::from_fn(|| t.next(limit)).collect()
+    }
+
+    #[test]
+    fn a_healthy_stripe_tries_only_its_data_shards_at_home() {
+        let mut t = Tries::new(4, 2);
+        let first = drain(&mut t, 6);
+        assert_eq!(first, (0..4).map(|i| (i, Search::Home)).collect::<Vec<_>>());
+        for (i, s) in first {
+            t.done(i, s, Ok(()));
+        }
+        assert_eq!(t.next(6), None, "k good shards: nothing more to read");
+        assert_eq!(t.good_count(), 4);
+    }
+
+    #[test]
+    fn a_failed_home_read_starts_parity_at_home_before_any_search_elsewhere() {
+        let mut t = Tries::new(4, 2);
+        drain(&mut t, 6);
+        t.done(1, Search::Home, Err(ShardProblem::Missing));
+        // One data shard failed while three still run: exactly one parity shard starts, at once.
+        assert_eq!(drain(&mut t, 6), vec![(4, Search::Home)]);
+        t.done(4, Search::Home, Err(ShardProblem::Fault(ShardFault::BadPayload)));
+        assert_eq!(drain(&mut t, 6), vec![(5, Search::Home)]);
+        t.done(5, Search::Home, Err(ShardProblem::Unreadable("down".into())));
+        // Homes exhausted: now the failed shards are looked for on the other locations, in the order they failed.
+        assert_eq!(drain(&mut t, 6), vec![(1, Search::Elsewhere)]);
+        t.done(1, Search::Elsewhere, Err(ShardProblem::Missing));
+        assert_eq!(drain(&mut t, 6), vec![(4, Search::Elsewhere)]);
+        t.done(4, Search::Elsewhere, Ok(()));
+        for i in [0, 2, 3] {
+            t.done(i, Search::Home, Ok(()));
+        }
+        assert_eq!(t.next(6), None);
+        assert_eq!(t.good, vec![true, false, true, true, true, false]);
+        // A problem found at home is what is reported, not a later "missing" elsewhere; a shard found elsewhere
+        // has none.
+        assert_eq!(t.problem[1], Some(ShardProblem::Missing));
+        assert_eq!(t.problem[4], None);
+        assert_eq!(t.problem[5], Some(ShardProblem::Unreadable("down".into())));
+    }
+
+    #[test]
+    fn one_at_a_time_the_tries_come_in_the_same_order() {
+        let mut t = Tries::new(2, 1);
+        assert_eq!(t.next(1), Some((0, Search::Home)));
+        assert_eq!(t.next(1), None, "one running");
+        t.done(0, Search::Home, Err(ShardProblem::Missing));
+        assert_eq!(t.next(1), Some((1, Search::Home)));
+        t.done(1, Search::Home, Ok(()));
+        assert_eq!(t.next(1), Some((2, Search::Home)));
+        t.done(2, Search::Home, Err(ShardProblem::Missing));
+        assert_eq!(t.next(1), Some((0, Search::Elsewhere)));
+        t.done(0, Search::Elsewhere, Err(ShardProblem::Missing));
+        assert_eq!(t.next(1), Some((2, Search::Elsewhere)));
+        t.done(2, Search::Elsewhere, Err(ShardProblem::Missing));
+        assert_eq!(t.next(1), None, "nothing left to try");
+        assert_eq!(t.good_count(), 1);
+    }
 }

@@ -148,6 +148,68 @@ fn reads_count_the_shards_they_could_not_use_and_the_segments_they_rebuilt() {
 }
 
 #[test]
+fn a_degraded_read_uses_parity_at_home_before_it_searches_for_a_moved_shard() {
+    use crate::location::LocationExt;
+    use crate::store::shard_key;
+    let d = tempfile::tempdir().unwrap();
+    let store = new_store(d.path(), 4, 2);
+    let bytes = data(MIN_SEGMENT_SIZE as usize, 8);
+    commit(&store, &mut Cursor::new(&bytes), &req("f"), &|_| {}).unwrap();
+    let body = catalog::find(&store, "f").unwrap().manifest.body;
+    let home = |i: usize| store.locations()[store.home(&body.file_id, 0, i)].clone();
+    // Data shard 1 moved away from home (as a repair does when home is down): a copy on parity shard 4's home.
+    let key = shard_key(&body.file_id, 0, 1);
+    let moved = home(1).get(&key).unwrap();
+    home(4).put(&key, &[&moved]).unwrap();
+    home(1).delete(&key).unwrap();
+    assert_eq!(get(&store, "f").unwrap(), bytes);
+    let c = store.read_stats().counts();
+    assert_eq!(c.stripes_rebuilt, 1, "parity at home came first: {c:?}");
+    // With both parity shards gone from home too, the moved copy is found and read as it is.
+    for i in [4, 5] {
+        home(i).delete(&shard_key(&body.file_id, 0, i)).unwrap();
+    }
+    assert_eq!(get(&store, "f").unwrap(), bytes);
+    let c = store.read_stats().counts();
+    assert_eq!((c.stripes_rebuilt, c.stripes_lost), (1, 0), "read without a rebuild: {c:?}");
+}
+
+#[test]
+fn a_payload_damaged_under_an_intact_header_is_caught_by_the_tag_and_rebuilt_around() {
+    use crate::location::LocationExt;
+    use crate::metrics::reads::ShardFailure;
+    use crate::store::shard_key;
+    let d = tempfile::tempdir().unwrap();
+    let store = new_store(d.path(), 4, 2);
+    let bytes = data(2 * MIN_SEGMENT_SIZE as usize, 12);
+    commit(&store, &mut Cursor::new(&bytes), &req("f"), &|_| {}).unwrap();
+    let body = catalog::find(&store, "f").unwrap().manifest.body;
+    let shard = |seg: u64, i: usize| {
+        (store.locations()[store.home(&body.file_id, seg, i)].clone(), shard_key(&body.file_id, seg, i))
+    };
+    // Segment 0: data shard 0's first payload byte flipped (the header, and so the cheap check, still agree).
+    // Segment 1: data shard 3 missing and parity shard 4's payload flipped, so the first rebuild is wrong.
+    let flip = |seg: u64, i: usize| {
+        let (loc, key) = shard(seg, i);
+        let mut b = loc.get(&key).unwrap();
+        b[crate::format::shard::HEADER_LEN] ^= 0x01;
+        loc.put(&key, &[&b]).unwrap();
+    };
+    flip(0, 0);
+    let (loc, key) = shard(1, 3);
+    loc.delete(&key).unwrap();
+    flip(1, 4);
+    assert_eq!(get(&store, "f").unwrap(), bytes);
+    let c = store.read_stats().counts();
+    // Each problem counted once, though each segment was read twice.
+    assert_eq!((c.shards(ShardFailure::Corrupt), c.shards(ShardFailure::Missing)), (2, 1), "{c:?}");
+    assert_eq!((c.stripes_rebuilt, c.stripes_lost), (2, 0), "{c:?}");
+    // One more flip in segment 1 leaves 3 good shards of 6: an error naming the lost segment, not wrong bytes.
+    flip(1, 0);
+    assert!(matches!(get(&store, "f"), Err(Error::TooManyLost { segment: 1, .. })));
+}
+
+#[test]
 fn input_changing_size_during_commit_is_refused() {
     let d = tempfile::tempdir().unwrap();
     let store = new_store(d.path(), 2, 1);

@@ -1,6 +1,7 @@
 //! Reading files back: fetch and verify shards, rebuild missing ones from parity, authenticate and decrypt
-//! segments. Every segment is checked (each shard against its Merkle leaf, the segment against its AES-GCM tag)
-//! before a byte of it is returned.
+//! segments. Every segment is checked before a byte of it is returned: each shard's header against its Merkle
+//! leaf, and the segment's bytes against its AES-GCM tag; when the tag fails, every shard is read again and its
+//! payload hashed against its leaf, so the bad one is found and rebuilt around.
 
 use std::io::Write;
 use std::ops::Range;
@@ -17,7 +18,7 @@ pub use crate::stripe::ShardProblem;
 /// The buffers a [`SegmentReader`] decodes into; servers keep a bounded pool of them
 /// ([`SegmentReader::with_parts`]).
 pub use crate::stripe::StripeBuffers;
-use crate::stripe::{self, read_stripe, HomeRule, StripeAddr, StripeError};
+use crate::stripe::{self, read_stripe, read_stripe_checked, HomeRule, PayloadCheck, StripeAddr, StripeError};
 
 /// Result of looking for one shard.
 #[derive(Clone, Debug)]
@@ -156,26 +157,35 @@ impl<'a> SegmentReader<'a> {
         let key_of = |i: usize| shard_key(&body.file_id, segment, i);
         let addr = segment_addr(body, segment, entry.shard_len as usize, &key_of);
         let name = || self.file.meta.name.clone();
-        match read_stripe(self.store, &mut self.codec, &addr, leaves, &mut self.bufs) {
-            Ok(()) => {}
-            Err(StripeError::Lost { have, bad }) => {
-                return Err(Error::TooManyLost {
-                    file: name(),
-                    segment,
-                    have,
-                    need: body.k as usize,
-                    bad: bad.join(", "),
-                })
-            }
-            Err(StripeError::Mismatch) => return Err(Error::Authentication { file: name(), segment }),
-            Err(StripeError::Other(e)) => return Err(e),
-        }
         let plain = entry.plain_len as usize;
         let last = segment + 1 == self.file.segments();
-        if !self.file.cipher.open_segment(segment, last, &mut self.bufs.data[..plain + TAG_LEN], plain) {
-            return Err(Error::Authentication { file: name(), segment });
+        // First the cheap way: shards checked by their headers only, the bytes by the segment's tag. Only when
+        // the tag fails is every shard read again and hashed, to find the bad one and rebuild around it.
+        let mut check = PayloadCheck::HeaderOnly;
+        loop {
+            let (r, tally) = read_stripe_checked(self.store, &mut self.codec, &addr, leaves, &mut self.bufs, check);
+            let authentic = r.is_ok()
+                && self.file.cipher.open_segment(segment, last, &mut self.bufs.data[..plain + TAG_LEN], plain);
+            if authentic || r.is_err() || check == PayloadCheck::Hashed {
+                tally.count(self.store);
+            }
+            match r {
+                Ok(()) if authentic => return Ok(&self.bufs.data[..plain]),
+                Ok(()) if check == PayloadCheck::HeaderOnly => check = PayloadCheck::Hashed,
+                Ok(()) => return Err(Error::Authentication { file: name(), segment }),
+                Err(StripeError::Lost { have, bad }) => {
+                    return Err(Error::TooManyLost {
+                        file: name(),
+                        segment,
+                        have,
+                        need: body.k as usize,
+                        bad: bad.join(", "),
+                    })
+                }
+                Err(StripeError::Mismatch) => return Err(Error::Authentication { file: name(), segment }),
+                Err(StripeError::Other(e)) => return Err(e),
+            }
         }
-        Ok(&self.bufs.data[..plain])
     }
 }
 

@@ -163,6 +163,10 @@ impl Location for FaultyLocation {
         self.check_present()?;
         self.inner.get_into(key, buf)
     }
+    fn get_split_into(&self, key: &str, head: &mut [u8], body: &mut [u8]) -> Result<u64> {
+        self.check_present()?;
+        self.inner.get_split_into(key, head, body)
+    }
     fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
         self.check_present()?;
         self.inner.get_range(key, offset, len)
