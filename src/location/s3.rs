@@ -19,6 +19,9 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::client::{
+    HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse, HttpService, ReqwestConnector,
+};
 use object_store::path::Path;
 use object_store::{
     BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig,
@@ -92,6 +95,46 @@ fn runtime() -> Result<&'static tokio::runtime::Runtime> {
     .map_err(|e| Error::Config(format!("cannot start the S3 client runtime: {e}")))
 }
 
+/// The HTTP client of every S3 location: `object_store`'s own, except that a refused connection is not
+/// retried. Nothing listens at the address then (a server that is down); the retries with backoff meant for
+/// overloaded servers and dropped connections only cost each request to it about half a second before the
+/// location is marked unavailable. A server that answers, even with 503 while it starts, is retried as before.
+#[derive(Debug)]
+struct RefusedFails;
+
+impl HttpConnector for RefusedFails {
+    fn connect(&self, options: &ClientOptions) -> object_store::Result<HttpClient> {
+        Ok(HttpClient::new(RefusedFailsClient(ReqwestConnector::default().connect(options)?)))
+    }
+}
+
+#[derive(Debug)]
+struct RefusedFailsClient(HttpClient);
+
+#[async_trait::async_trait]
+impl HttpService for RefusedFailsClient {
+    async fn call(&self, req: HttpRequest) -> std::result::Result<HttpResponse, HttpError> {
+        match self.0.execute(req).await {
+            Err(e) if e.kind() == HttpErrorKind::Connect && refused(&e) => {
+                Err(HttpError::new(HttpErrorKind::Unknown, e))
+            }
+            r => r,
+        }
+    }
+}
+
+/// True when the cause of `e` is a refused TCP connection.
+fn refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused) {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 /// A bucket (and key prefix) on an S3-compatible object store.
 pub struct S3Location {
     name: String,
@@ -127,6 +170,7 @@ impl S3Location {
             .with_timeout(cfg.timeout)
             .with_connect_timeout(cfg.connect_timeout);
         let mut b = AmazonS3Builder::new()
+            .with_http_connector(RefusedFails)
             .with_bucket_name(&cfg.spec.bucket)
             .with_region(&cfg.region)
             .with_retry(retry.clone())
@@ -497,6 +541,31 @@ impl Location for S3Location {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request to an address where nothing listens comes back as an error the retry loop does not retry
+    /// (kind Unknown), its cause kept; the plain client's own error would have been retried (kind Connect).
+    #[test]
+    fn a_refused_connection_is_not_retried() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let options = ClientOptions::new().with_allow_http(true);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let request = || {
+            http::Request::get(format!("http://127.0.0.1:{port}/bucket/key"))
+                .body(object_store::client::HttpRequestBody::empty())
+                .unwrap()
+        };
+        let plain = ReqwestConnector::default().connect(&options).unwrap();
+        let e = rt.block_on(plain.execute(request())).unwrap_err();
+        assert_eq!(e.kind(), HttpErrorKind::Connect);
+        assert!(refused(&e), "{e:?}");
+        let ours = RefusedFails.connect(&options).unwrap();
+        let e = rt.block_on(ours.execute(request())).unwrap_err();
+        assert_eq!(e.kind(), HttpErrorKind::Unknown);
+        assert!(refused(&e), "the cause is kept: {e:?}");
+        // Any other failure to connect keeps its kind, and so its retries.
+        let other = HttpError::new(HttpErrorKind::Connect, std::io::Error::from(std::io::ErrorKind::TimedOut));
+        assert!(!refused(&other));
+    }
 
     #[test]
     fn a_taker_past_the_budget_waits_for_bytes_given_back_and_an_oversized_one_goes_alone() {
