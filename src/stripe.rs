@@ -365,8 +365,8 @@ impl Tries {
 }
 
 /// Fetches and verifies shards of a stripe until k are good, each straight into its place: data shard i in
-/// `data`, parity shard j in `parity` (one shard length each), in the order of [`Tries`]. One try at a time from
-/// local disks; from remote locations, tries run concurrently and a failed one starts the next at once, so a
+/// `data`, parity shard j in `parity` (one shard length each), in the order of [`Tries`]. Tries run concurrently
+/// (k reads in flight keep a disk's queue or a network busy) and a failed one starts the next at once, so a
 /// stripe with a location down costs one round trip, not one for the data shards and one more for parity.
 fn gather_shards<'b>(
     store: &Store,
@@ -390,20 +390,6 @@ fn gather_shards<'b>(
     let mut slot = |i: usize, slots: &mut Vec<Option<&'b mut [u8]>>| take_slot(i, k, m * sl, sl, &mut parity, slots);
     let fetch =
         |i: usize, search: Search, out: &mut [u8]| fetch_shard_into(store, addr, i, &leaves[i], out, check, search);
-    if !store.locations().iter().any(|l| l.remote()) {
-        while let Some((i, search)) = tries.next(1) {
-            let r = match slot(i, &mut slots) {
-                Some(out) => {
-                    let r = fetch(i, search, out);
-                    slots[i] = Some(out);
-                    r
-                }
-                None => Err(ShardProblem::Unreadable("no buffer for the shard".into())),
-            };
-            tries.done(i, search, r);
-        }
-        return tries;
-    }
     std::thread::scope(|s| {
         let (tx, rx) = std::sync::mpsc::channel();
         let fetch = &fetch;
