@@ -442,6 +442,50 @@ mod tests {
         ms.mem.clear();
     }
 
+    /// The indices of the locations in `zone`.
+    fn in_zone(store: &Store, zone: &str) -> Vec<usize> {
+        (0..store.locations().len()).filter(|&i| store.descriptor().zones[i] == zone).collect()
+    }
+
+    #[test]
+    fn with_zones_a_location_added_and_one_removed_leave_a_whole_zone_losable() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ms = mem_store(dir.path(), 4, 2, 6, crate::store::MIN_SEGMENT_SIZE).unwrap();
+        // Three zones of two locations: every stripe has 2 shards in each.
+        for (i, z) in ["a", "a", "b", "b", "c", "c"].into_iter().enumerate() {
+            ms.store.set_zone(i, z).unwrap();
+        }
+        assert_eq!(ms.store.zone_tolerance().tolerance, 1);
+        let files = fill(&ms.store);
+        let volume = write_volume(Arc::new(reopen(&ms.store)));
+
+        // A fourth zone's location added, then moved into the spread order and the shards to their homes.
+        let fresh = Arc::new(MemLocation::new("mem-06"));
+        ms.store.add_location_with("mem-06".into(), "d", fresh).unwrap();
+        // The spread order interleaves the zones (a, b, c, d, a, b, c): no two neighbours share one.
+        ms.store.spread_zones().unwrap();
+        let order: Vec<String> = ms.store.descriptor().zones.clone();
+        assert!(order.windows(2).all(|w| w[0] != w[1]), "{order:?}");
+        rebalance(&ms.store, &RebalanceOptions::default(), &|_| {}).unwrap();
+        scrub_repair(&ms.store);
+        assert!(all_home(&ms.store));
+        assert_eq!(ms.store.zone_tolerance().tolerance, 1);
+        check_all(&without(&ms.store, &in_zone(&ms.store, "b")), &files, &volume);
+        scrub_repair(&ms.store);
+
+        // One of zone a's locations removed: drained, moved, forgotten; zone c may still go whole.
+        let a = in_zone(&ms.store, "a")[0];
+        ms.store.start_draining(a).unwrap();
+        rebalance(&ms.store, &RebalanceOptions::default(), &|_| {}).unwrap();
+        scrub_repair(&ms.store);
+        ms.store.exclusively(|st| st.forget_location(a)).unwrap();
+        assert_eq!(ms.store.locations().len(), 6);
+        assert_eq!(ms.store.zone_tolerance().tolerance, 1, "{:?}", ms.store.descriptor().zones);
+        assert!(all_home(&ms.store));
+        check_all(&without(&ms.store, &in_zone(&ms.store, "c")), &files, &volume);
+        ms.mem.clear();
+    }
+
     #[test]
     fn object_names_parse_into_the_shards_they_hold() {
         let id = [7u8; 16];
