@@ -991,23 +991,34 @@ fn chromium_shows_the_listing_and_plays_and_seeks_a_served_video() {
     let colors: usize = state.rsplit('=').next().and_then(|c| c.parse().ok()).unwrap_or(0);
     assert!(colors > 100, "the frame drawn is a picture, not a blank: {state:?}");
 
-    // A screenshot of the player shows the frame at 5 s.
+    // A screenshot of the player shows the frame at 5 s. Headless chromium takes it when its virtual time
+    // budget runs out, which on a loaded machine can come before the seeked frame is painted (a CI run got the
+    // frame at 0 s once, the seek itself having landed above): up to three screenshots are taken.
     let shot = env.path("player.png");
-    browse(
-        &env,
-        chrome,
-        &[&format!("--screenshot={}", shot.display()), "--window-size=320,300"],
-        &srv.url("/player.html"),
-    );
-    let png = std::fs::read(&shot).expect("the screenshot");
-    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 5_000, "not a picture: {} bytes", png.len());
-    if have("ffmpeg") {
+    let video = env.write("local.webm", TEST_VIDEO);
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        browse(
+            &env,
+            chrome,
+            &[&format!("--screenshot={}", shot.display()), "--window-size=320,300"],
+            &srv.url("/player.html"),
+        );
+        let png = std::fs::read(&shot).expect("the screenshot");
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 5_000, "not a picture: {} bytes", png.len());
+        if !have("ffmpeg") {
+            break;
+        }
         let shown = rgb_320x240(&[], shot.to_str().unwrap(), "crop=320:240:0:0");
-        let video = env.write("local.webm", TEST_VIDEO);
         let at5 = rgb_320x240(&["-ss", "5"], video.to_str().unwrap(), "null");
         let at0 = rgb_320x240(&[], video.to_str().unwrap(), "null");
         let (d5, d0) = (mean_abs_diff(&shown, &at5), mean_abs_diff(&shown, &at0));
-        assert!(d5 < 8.0 && d5 < d0, "the screenshot differs from the frame at 5 s by {d5:.2}, at 0 s by {d0:.2}");
+        seen.push(format!("{d5:.2} from the frame at 5 s, {d0:.2} from the one at 0 s"));
+        if d5 < 8.0 && d5 < d0 {
+            seen.clear();
+            break;
+        }
     }
+    assert!(seen.is_empty(), "no screenshot showed the frame at 5 s: {seen:?}");
     srv.stop();
 }
